@@ -1,0 +1,134 @@
+"""POST /v1/chat/completions: OpenAI chat, streamed or not, over our workers.
+
+Our workers receive the `messages` and render them with the model's own template, and answer
+with delta frames; this module shapes those into OpenAI's chat objects and chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from llmrelay.api.errors import bad_param
+from llmrelay.api.generation import (
+    SSE_HEADERS,
+    merged,
+    open_all,
+    sse_stream,
+    until_disconnect,
+    usage_of,
+)
+from llmrelay.api.routing import WorkerTable, now
+from llmrelay.api.schemas import ChatCompletionRequest, normalize_messages
+
+DEFAULT_TEMPERATURE = 0.7
+
+
+def sampling_params(body: Any, request_id: str) -> dict[str, Any]:
+    """The worker params both endpoints share.
+
+    The default temperature is FastChat's 0.7 rather than OpenAI's 1.0: small local models
+    ramble at 1.0, and FastChat users expect 0.7.
+    """
+    return {
+        "model": body.model,
+        "temperature": DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "top_k": -1 if body.top_k is None else body.top_k,
+        "stop": body.stop,
+        "presence_penalty": body.presence_penalty or 0.0,
+        "frequency_penalty": body.frequency_penalty or 0.0,
+        "repetition_penalty": body.repetition_penalty or 1.0,
+        "seed": body.seed,
+        "delta": True,
+        "request_id": request_id,
+    }
+
+
+def per_choice(params: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """n copies; with a seed, each choice gets its own (seed, seed+1, ...) so they differ."""
+    out = []
+    for i in range(n):
+        p = dict(params)
+        if p.get("seed") is not None:
+            p["seed"] = p["seed"] + i
+        p["request_id"] = f"{params['request_id']}-{i}" if n > 1 else params["request_id"]
+        out.append(p)
+    return out
+
+
+async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
+    table: WorkerTable = request.app.state.table
+    request_id: str = request.state.request_id
+    body.refuse_unsupported()
+    table.check_model(body.model)
+    messages = normalize_messages(body.messages)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_param("top_logprobs", "top_logprobs requires logprobs to be true.")
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    params = sampling_params(body, request_id)
+    params.update(
+        messages=messages,
+        max_new_tokens=max_tokens,
+        echo=False,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+    )
+    n = body.n or 1
+    streams = await until_disconnect(request, open_all(table, body.model, per_choice(params, n)))
+    cid = f"chatcmpl-{request_id}"
+    created = now()
+    base = {"id": cid, "created": created, "model": body.model}
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def chunks() -> AsyncIterator[dict[str, Any]]:
+            last: dict[int, dict[str, Any]] = {}
+            for i in range(n):
+                yield {**base, "object": "chat.completion.chunk", "choices": [
+                    {"index": i, "delta": {"role": "assistant", "content": ""},
+                     "logprobs": None, "finish_reason": None}]}
+            async for i, f in merged(streams):
+                last[i] = f
+                lp = f.get("logprobs")
+                if f.get("text") or lp:
+                    yield {**base, "object": "chat.completion.chunk", "choices": [
+                        {"index": i, "delta": {"content": f.get("text", "")},
+                         "logprobs": lp if body.logprobs else None, "finish_reason": None}]}
+                if f.get("finish_reason"):
+                    yield {**base, "object": "chat.completion.chunk", "choices": [
+                        {"index": i, "delta": {}, "logprobs": None,
+                         "finish_reason": _finish(f["finish_reason"])}]}
+            if include_usage:
+                yield {**base, "object": "chat.completion.chunk", "choices": [],
+                       "usage": usage_of(last, lambda i: 0)}
+
+        return StreamingResponse(sse_stream(chunks), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+
+    async def collect() -> dict[str, Any]:
+        texts = [""] * n
+        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        last: dict[int, dict[str, Any]] = {}
+        async for i, f in merged(streams):
+            texts[i] += f.get("text", "")
+            if f.get("logprobs"):
+                logprobs[i].extend(f["logprobs"].get("content", []))
+            last[i] = f
+        choices = [{
+            "index": i,
+            "message": {"role": "assistant", "content": texts[i]},
+            "logprobs": {"content": logprobs[i]} if body.logprobs else None,
+            "finish_reason": _finish(last.get(i, {}).get("finish_reason")),
+        } for i in range(n)]
+        return {**base, "object": "chat.completion", "choices": choices,
+                "usage": usage_of(last, lambda i: 0)}
+
+    return JSONResponse(await until_disconnect(request, collect()))
+
+
+def _finish(reason: str | None) -> str:
+    return reason if reason in ("stop", "length") else "stop"

@@ -1,0 +1,128 @@
+"""POST /v1/completions: OpenAI's legacy text completions (prompt strings or token ids)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from llmrelay.api.chat import _finish, per_choice, sampling_params
+from llmrelay.api.errors import bad_param
+from llmrelay.api.generation import (
+    SSE_HEADERS,
+    merged,
+    open_all,
+    sse_stream,
+    until_disconnect,
+    usage_of,
+)
+from llmrelay.api.routing import WorkerTable, now
+from llmrelay.api.schemas import CompletionRequest
+
+
+def _prompts(prompt: Any) -> list[dict[str, Any]]:
+    """A prompt in any of OpenAI's four forms -> worker fields, one dict per prompt."""
+    if isinstance(prompt, str):
+        return [{"prompt": prompt}]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [{"prompt_token_ids": list(prompt)}]
+    if prompt and all(isinstance(p, list) for p in prompt):
+        return [{"prompt_token_ids": list(p)} for p in prompt]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return [{"prompt": p} for p in prompt]
+    raise bad_param("prompt", "prompt must be a string, a list of strings, or token ids, "
+                    "and must not be empty.")
+
+
+class _LegacyLogprobs:
+    """Accumulates OpenAI's legacy completion logprobs from delta entries."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, list[Any]] = {
+            "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def add(self, entries: list[dict[str, Any]], offset: int) -> dict[str, list[Any]]:
+        chunk: dict[str, list[Any]] = {k: [] for k in self.data}
+        for e in entries:
+            chunk["tokens"].append(e["token"])
+            chunk["token_logprobs"].append(e["logprob"])
+            chunk["top_logprobs"].append({t["token"]: t["logprob"] for t in e["top_logprobs"]})
+            chunk["text_offset"].append(offset)
+            offset += len(e["token"])
+        for k in self.data:
+            self.data[k].extend(chunk[k])
+        return chunk
+
+
+async def completions(request: Request, body: CompletionRequest) -> Any:
+    table: WorkerTable = request.app.state.table
+    request_id: str = request.state.request_id
+    body.refuse_unsupported()
+    table.check_model(body.model)
+    if body.suffix:
+        raise bad_param("suffix", "suffix (insertion) is not supported.", "unsupported_parameter")
+    n = body.n or 1
+    if body.best_of is not None and body.best_of != n:
+        raise bad_param("best_of", "best_of must equal n (no server-side ranking).",
+                        "unsupported_value")
+    prompts = _prompts(body.prompt)
+    params = sampling_params(body, request_id)
+    params.update(max_new_tokens=16 if body.max_tokens is None else body.max_tokens,
+                  echo=bool(body.echo), logprobs=body.logprobs)
+    all_params = []
+    for j, p in enumerate(prompts):
+        base_p = {**params, **p, "request_id": f"{request_id}-p{j}" if len(prompts) > 1
+                  else request_id}
+        all_params.extend(per_choice(base_p, n))
+    streams = await until_disconnect(request, open_all(table, body.model, all_params))
+    cid = f"cmpl-{request_id}"
+    base = {"id": cid, "object": "text_completion", "created": now(), "model": body.model}
+    total = len(all_params)
+
+    def prompt_of(i: int) -> int:
+        return i // n
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def chunks() -> AsyncIterator[dict[str, Any]]:
+            last: dict[int, dict[str, Any]] = {}
+            offsets = [0] * total
+            lps = [_LegacyLogprobs() for _ in range(total)]
+            async for i, f in merged(streams):
+                last[i] = f
+                text = f.get("text", "")
+                lp = None
+                if body.logprobs is not None and f.get("logprobs"):
+                    lp = lps[i].add(f["logprobs"]["content"], offsets[i])
+                offsets[i] += len(text)
+                if text or lp or f.get("finish_reason"):
+                    reason = f.get("finish_reason")
+                    yield {**base, "choices": [{
+                        "index": i, "text": text, "logprobs": lp,
+                        "finish_reason": _finish(reason) if reason else None}]}
+            if include_usage:
+                yield {**base, "choices": [], "usage": usage_of(last, prompt_of)}
+
+        return StreamingResponse(sse_stream(chunks), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+
+    async def collect() -> dict[str, Any]:
+        texts = [""] * total
+        lps = [_LegacyLogprobs() for _ in range(total)]
+        last: dict[int, dict[str, Any]] = {}
+        async for i, f in merged(streams):
+            if body.logprobs is not None and f.get("logprobs"):
+                lps[i].add(f["logprobs"]["content"], len(texts[i]))
+            texts[i] += f.get("text", "")
+            last[i] = f
+        choices = [{
+            "index": i, "text": texts[i],
+            "logprobs": lps[i].data if body.logprobs is not None else None,
+            "finish_reason": _finish(last.get(i, {}).get("finish_reason")),
+        } for i in range(total)]
+        return {**base, "choices": choices, "usage": usage_of(last, prompt_of)}
+
+    return JSONResponse(await until_disconnect(request, collect()))

@@ -1,0 +1,112 @@
+"""OpenAI-shaped errors: `{"error": {message, type, param, code}}` with the right HTTP status.
+
+Every failure the API server can meet ends here: validation, unknown model, auth, no worker,
+worker errors (FastChat error codes mapped to statuses), and anything unexpected (a generic 500
+with no traceback; the traceback goes to the log).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("llmrelay.api")
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_param(param: str, message: str, code: str | None = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def from_worker(error_code: int, text: str) -> APIError:
+    """A worker's FastChat error code -> an OpenAI error with the matching status."""
+    if error_code == 40303:
+        return APIError(400, text, param="messages", code="context_length_exceeded")
+    if error_code in (40001, 40302):
+        return APIError(400, text, code="invalid_value")
+    if error_code == 40301:
+        return APIError(404, text, param="model", code="model_not_found")
+    if error_code in (42901, 42903):
+        return APIError(429, text, type="rate_limit_exceeded", code="rate_limit_exceeded",
+                        headers={"Retry-After": "1"})
+    return APIError(500, f"the model worker failed: {text}", type="server_error")
+
+
+def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    # Drop pydantic's union-branch markers such as "str" or "list[str]".
+    parts = [p for p in parts if not any(c in p for c in "[]") and p not in ("str", "int")]
+    if not parts:
+        return None
+    out = parts[0]
+    for p in parts[1:]:
+        out += f"[{p}]" if p.isdigit() else f".{p}"
+    return out
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        param = _loc_to_param(tuple(first.get("loc", ())))
+        msg = str(first.get("msg", "invalid request"))
+        if first.get("type") == "json_invalid":
+            return bad_param("body", "The request body is not valid JSON.", None).response()
+        if first.get("type") == "missing":
+            message = f"Missing required parameter: '{param}'."
+        else:
+            message = f"Invalid value for '{param}': {msg}." if param else f"{msg}."
+        return APIError(400, message, param=param,
+                        code="invalid_value" if first.get("type") != "missing" else None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == 404:
+            message = f"Unknown path {request.url.path}."
+        elif e.status_code == 405:
+            message = f"Method {request.method} is not allowed on {request.url.path}."
+        else:
+            message = str(e.detail)
+        err_type = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return APIError(e.status_code, message, type=err_type).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return APIError(500, "The server had an error while processing your request.",
+                        type="server_error").response()

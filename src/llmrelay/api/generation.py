@@ -1,0 +1,134 @@
+"""What chat and completions share: n generations opened before answering, merged frames,
+SSE framing, mid-stream errors as OpenAI error events, and cancelling on client disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import httpx
+from fastapi import Request
+
+from llmrelay.api.errors import APIError, from_worker
+from llmrelay.api.routing import WorkerStream, WorkerTable, open_stream
+
+log = logging.getLogger("llmrelay.api")
+
+T = TypeVar("T")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+async def open_all(table: WorkerTable, model: str, params: list[dict[str, Any]]) -> list[WorkerStream]:
+    """Start every generation (one per choice) before answering; all or nothing."""
+    results = await asyncio.gather(*(open_stream(table, model, p) for p in params),
+                                   return_exceptions=True)
+    streams = [r for r in results if isinstance(r, WorkerStream)]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        for s in streams:
+            await s.aclose()
+        raise errors[0]
+    return streams
+
+
+async def merged(streams: list[WorkerStream]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """Frames of all streams as they come, tagged with the stream's index.
+
+    A worker error frame or a broken connection mid-stream raises APIError.
+    """
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int, s: WorkerStream) -> None:
+        try:
+            async for f in s.frames():
+                await queue.put((i, f))
+        except (httpx.HTTPError, ValueError) as e:
+            await queue.put((i, APIError(
+                502, f"The model worker stopped answering mid-generation ({type(e).__name__}).",
+                type="server_error")))
+        finally:
+            await queue.put((i, end))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is end:
+                remaining -= 1
+                continue
+            if isinstance(item, APIError):
+                raise item
+            if item.get("error_code"):
+                raise from_worker(int(item["error_code"]), str(item.get("text", "")))
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            with contextlib.suppress(Exception):
+                await s.aclose()
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client goes away (so the worker stops generating)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(0.25)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise APIError(499, "The client closed the request.")
+
+
+async def sse_stream(body: Callable[[], AsyncIterator[dict[str, Any]]]) -> AsyncIterator[bytes]:
+    """Serialize chunks as SSE; a failure mid-stream becomes an error event, then [DONE]."""
+    try:
+        async for chunk in body():
+            yield sse(chunk)
+    except APIError as e:
+        log.warning("stream ended with an error: %s", e.message)
+        yield sse(e.body())
+    except Exception:
+        log.exception("stream failed")
+        yield sse(APIError(500, "The server had an error while streaming.", "server_error").body())
+    yield SSE_DONE
+
+
+def usage_of(last: dict[int, dict[str, Any]], prompt_of: Callable[[int], int]) -> dict[str, int]:
+    """Usage over all choices: each distinct prompt counted once, completions summed."""
+    prompts: dict[int, int] = {}
+    completion = 0
+    for i, f in last.items():
+        u = f.get("usage") or {}
+        prompts[prompt_of(i)] = int(u.get("prompt_tokens", 0))
+        completion += int(u.get("completion_tokens", 0))
+    prompt = sum(prompts.values())
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}

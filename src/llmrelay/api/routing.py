@@ -1,0 +1,229 @@
+"""The API server's copy of the worker table, worker picking, and streams from workers.
+
+The table is read from the controller in the background (`/worker_table`), so a request never
+waits on the controller; when the controller is down the last table keeps serving. Picking
+uses the controller's dispatch method plus what this server knows that the table does not yet:
+its own requests in flight, and workers that just refused a connection (taken out of rotation
+until their next heartbeat). A worker that fails before its first frame is retried on another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import difflib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from llmrelay.api.errors import APIError, from_worker
+from llmrelay.controller.dispatch import pick
+from llmrelay.protocol import iter_frames, worker_extensions
+
+log = logging.getLogger("llmrelay.api")
+
+
+@dataclass
+class Worker:
+    name: str
+    model_names: list[str]
+    speed: float
+    queue_length: int
+    last_heart_beat: float
+    registered_at: float
+    status: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def extensions(self) -> set[str]:
+        return worker_extensions(self.status)
+
+
+class WorkerTable:
+    """What the API server knows about workers; refreshed from the controller(s)."""
+
+    def __init__(self, controllers: list[str], client: httpx.AsyncClient,
+                 refresh: float = 1.0) -> None:
+        self.controllers = [c.rstrip("/") for c in controllers]
+        self.client = client
+        self.refresh = refresh
+        self.workers: dict[str, Worker] = {}
+        self.dispatch_method = "shortest_queue"
+        self.loaded = False  # whether any table was ever received
+        self.controller_ok = False
+        self.inflight: dict[str, int] = {}
+        self.down: dict[str, float] = {}  # worker -> its last heartbeat when it failed us
+        self._task: asyncio.Task[None] | None = None
+
+    # -- refreshing ---------------------------------------------------------------------------
+    def apply(self, table: dict[str, Any]) -> None:
+        workers = {}
+        for w in table.get("workers", []):
+            workers[w["name"]] = Worker(
+                name=w["name"], model_names=list(w.get("model_names", [])),
+                speed=float(w.get("speed", 1)), queue_length=int(w.get("queue_length", 0)),
+                last_heart_beat=float(w.get("last_heart_beat", 0)),
+                registered_at=float(w.get("registered_at", 0)),
+                status=dict(w.get("status") or {}),
+            )
+        for name, beat in list(self.down.items()):
+            w = workers.get(name)
+            if w is None or w.last_heart_beat > beat:
+                del self.down[name]  # gone from the table, or alive again by its heartbeat
+        self.workers = workers
+        self.dispatch_method = table.get("dispatch_method", self.dispatch_method)
+        self.loaded = True
+
+    async def fetch_once(self) -> bool:
+        for c in self.controllers:
+            try:
+                r = await self.client.get(c + "/worker_table", timeout=2.0)
+                r.raise_for_status()
+                self.apply(r.json())
+                if not self.controller_ok:
+                    log.info("reading the worker table from controller %s (%d workers)",
+                             c, len(self.workers))
+                self.controller_ok = True
+                return True
+            except (httpx.HTTPError, ValueError, KeyError) as e:
+                last_error = e
+        if self.controller_ok or not self.loaded:
+            log.warning(
+                "controller %s not reachable (%s); serving from the last worker table "
+                "(%d workers), retrying every %.1f s",
+                ", ".join(self.controllers), type(last_error).__name__, len(self.workers),
+                self.refresh,
+            )
+        self.controller_ok = False
+        return False
+
+    async def run(self) -> None:
+        while True:
+            await self.fetch_once()
+            await asyncio.sleep(self.refresh)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # -- questions ------------------------------------------------------------------------------
+    def models(self) -> dict[str, float]:
+        """Served model names -> when first registered."""
+        out: dict[str, float] = {}
+        for w in self.workers.values():
+            for m in w.model_names:
+                out[m] = min(out.get(m, w.registered_at), w.registered_at)
+        return out
+
+    def check_model(self, model: str) -> None:
+        """404 for a model nobody serves (with the closest name); 503 if we know no workers."""
+        if any(model in w.model_names for w in self.workers.values()):
+            return
+        names = sorted(self.models())
+        if not names:
+            why = "" if self.controller_ok else (
+                f" The controller at {', '.join(self.controllers)} is not reachable.")
+            raise APIError(503, f"No model workers are available right now.{why}",
+                           type="server_error", headers={"Retry-After": "2"})
+        close = difflib.get_close_matches(model.lower(), [n.lower() for n in names], n=1,
+                                          cutoff=0.4)
+        hint = ""
+        if close:
+            hint = f" Did you mean '{next(n for n in names if n.lower() == close[0])}'?"
+        raise APIError(
+            404,
+            f"The model '{model[:100]}' does not exist. This server serves: "
+            f"{', '.join(names)}.{hint}",
+            param="model", code="model_not_found",
+        )
+
+    def pick(self, model: str, exclude: set[str] = frozenset()) -> Worker | None:
+        candidates = [w for w in self.workers.values()
+                      if model in w.model_names and w.name not in exclude
+                      and w.name not in self.down]
+        return pick(self.dispatch_method, candidates, extra_load=self.inflight)  # type: ignore[return-value]
+
+    def mark_down(self, worker: Worker) -> None:
+        self.down[worker.name] = worker.last_heart_beat
+        log.warning("worker %s refused the connection; out of rotation until its next heartbeat",
+                    worker.name)
+
+
+class WorkerStream:
+    """One generation on one worker: the first frame is read before anyone answers the client."""
+
+    def __init__(self, table: WorkerTable, worker: Worker, stack: contextlib.AsyncExitStack,
+                 frames: AsyncIterator[dict[str, Any]], first: dict[str, Any]) -> None:
+        self.table = table
+        self.worker = worker
+        self._stack = stack
+        self._frames = frames
+        self.first = first
+
+    async def frames(self) -> AsyncIterator[dict[str, Any]]:
+        yield self.first
+        async for f in self._frames:
+            yield f
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()
+
+
+async def open_stream(table: WorkerTable, model: str, params: dict[str, Any],
+                      attempts: int = 3) -> WorkerStream:
+    """Pick a worker and start a generation; on failure before the first frame, try another."""
+    tried: set[str] = set()
+    last_error = ""
+    for _ in range(attempts):
+        worker = table.pick(model, exclude=tried)
+        if worker is None:
+            break
+        tried.add(worker.name)
+        table.inflight[worker.name] = table.inflight.get(worker.name, 0) + 1
+        stack = contextlib.AsyncExitStack()
+        stack.callback(_release, table, worker.name)
+        try:
+            response = await stack.enter_async_context(table.client.stream(
+                "POST", worker.name + "/worker_generate_stream", json=params))
+            frames = iter_frames(response.aiter_raw())
+            first = await frames.__anext__()
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            await stack.aclose()
+            table.mark_down(worker)
+            last_error = f"{worker.name}: {type(e).__name__}"
+            continue
+        except (httpx.HTTPError, StopAsyncIteration, ValueError) as e:
+            await stack.aclose()
+            last_error = f"{worker.name}: {type(e).__name__} {e}"
+            log.warning("worker %s failed before its first token (%s); trying another",
+                        worker.name, last_error)
+            continue
+        if first.get("error_code"):
+            await stack.aclose()
+            raise from_worker(int(first["error_code"]), str(first.get("text", "")))
+        return WorkerStream(table, worker, stack, frames, first)
+    if last_error:
+        raise APIError(503, f"All workers for '{model}' failed ({last_error}). Try again.",
+                       type="server_error", headers={"Retry-After": "1"})
+    raise APIError(503, f"No worker for '{model}' is available right now.",
+                   type="server_error", headers={"Retry-After": "2"})
+
+
+def _release(table: WorkerTable, name: str) -> None:
+    n = table.inflight.get(name, 1) - 1
+    if n <= 0:
+        table.inflight.pop(name, None)
+    else:
+        table.inflight[name] = n
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,46 @@
+"""`llmrelay`: the project's own CLI (controller, worker, api, up). Nothing imports this module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llmrelay import __version__
+from llmrelay.config import add_api_args, add_controller_args, add_worker_args
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="llmrelay", description="Serve many local LLMs behind one OpenAI-compatible API.")
+    parser.add_argument("--version", action="version", version=f"llmrelay {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("controller", help="run the controller (worker registry)")
+    add_controller_args(p)
+    p = sub.add_parser("worker", help="run a model worker")
+    add_worker_args(p)
+    p = sub.add_parser("api", help="run the OpenAI-compatible API server")
+    add_api_args(p)
+    p = sub.add_parser("up", help="run a whole stack (controller, workers, API) from a stack file")
+    p.add_argument("stack", nargs="?", default=None,
+                   help="stack file (TOML); default: the bundled model on 127.0.0.1:8000")
+    p.add_argument("--log-dir", default=None, help="where to keep each process's log "
+                   "(default: the stack file's log_dir, else ./logs)")
+
+    args = parser.parse_args(argv)
+    if args.command == "controller":
+        from llmrelay.controller.app import run
+    elif args.command == "worker":
+        from llmrelay.worker.main import run
+    elif args.command == "api":
+        from llmrelay.api.app import run
+    elif args.command == "up":
+        from llmrelay.launcher import run
+    else:
+        parser.print_help()
+        sys.exit(2)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Command-line flags of the three processes, shared by `llmrelay ...` and the FastChat entry points.
+
+FastChat's flag names are kept (`--controller-address`, `--model-names`, ...) so a FastChat
+start script works after replacing `fastchat` with `llmrelay`. Defaults bind to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from llmrelay.controller.dispatch import METHODS
+from llmrelay.protocol import DEFAULT_HEARTBEAT_INTERVAL
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+    # httpx logs every request at INFO; heartbeats and table reads would drown the useful lines.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _common(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=port, help=f"port to listen on (default {port})")
+    p.add_argument("--log-level", default=os.environ.get("LLMRELAY_LOG_LEVEL", "info"))
+    p.add_argument("--ssl", action="store_true", help="serve HTTPS (SSL_KEYFILE, SSL_CERTFILE)")
+
+
+def add_controller_args(p: argparse.ArgumentParser) -> None:
+    _common(p, 21001)
+    p.add_argument(
+        "--dispatch-method",
+        choices=METHODS,
+        default="shortest_queue",
+        help="how a worker is picked among those serving a model",
+    )
+    p.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=DEFAULT_HEARTBEAT_INTERVAL,
+        help="seconds between worker heartbeats; silent for 3 intervals means dropped",
+    )
+
+
+def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) -> None:
+    _common(p, 21002)
+    p.add_argument(
+        "--worker-address",
+        default=None,
+        help="URL the controller and API servers use to reach this worker "
+        "(default: http://HOST:PORT, with the outward address when HOST is 0.0.0.0)",
+    )
+    p.add_argument(
+        "--controller-address",
+        default="http://127.0.0.1:21001",
+        help="controller URL; a comma-separated list registers with each (hot standby)",
+    )
+    p.add_argument(
+        "--model-path",
+        default="smollm2",
+        help="a GGUF file, an HF folder, or a bundled alias (smollm2, gemma3-270m)",
+    )
+    p.add_argument(
+        "--model-names",
+        default=None,
+        help="comma-separated public names (default: derived from the model path)",
+    )
+    p.add_argument(
+        "--engine", default="auto", choices=["auto", "llamacpp", "transformers", "openai"]
+    )
+    p.add_argument("--device", default=None, choices=["cpu", "cuda", "mps", "xpu", "npu"],
+                   help="default: the best device present")
+    p.add_argument("--num-gpus", type=int, default=None, help="GPUs to use (default: all / none)")
+    p.add_argument("--gpus", default=None, help="sets CUDA_VISIBLE_DEVICES, e.g. 0,1")
+    p.add_argument("--max-gpu-memory", default=None, help="per-GPU memory cap, e.g. 12GiB")
+    p.add_argument("--load-8bit", action="store_true", help="8-bit quantization (transformers)")
+    p.add_argument("--load-4bit", action="store_true", help="4-bit quantization (transformers)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--cpu-offloading", action="store_true")
+    p.add_argument("--conv-template", default=None, help="FastChat name; see --chat-template")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="a Jinja chat template file or a known name (chatml, gemma, llama3, plain); "
+        "default: the model's own, else a known one for its architecture",
+    )
+    p.add_argument("--context-length", type=int, default=None, help="context size (llama.cpp n_ctx)")
+    p.add_argument("--n-threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument(
+        "--limit-worker-concurrency",
+        type=int,
+        default=default_concurrency,
+        help="requests run at once; more wait in the queue",
+    )
+    p.add_argument("--stream-interval", type=int, default=1, help="tokens per stream frame")
+    p.add_argument("--no-register", action="store_true", help="do not register with a controller")
+    p.add_argument("--seed", type=int, default=None, help="default sampling seed")
+    p.add_argument("--heartbeat-interval", type=float, default=DEFAULT_HEARTBEAT_INTERVAL)
+    p.add_argument("--embed-in-truncate", action="store_true", help="accepted for FastChat scripts")
+    p.add_argument("--debug", action="store_true", help="accepted for FastChat scripts")
+
+
+def _json_or_csv(value: str) -> list[str]:
+    """FastChat passes CORS lists as JSON (`'["*"]'`); a comma list or a bare `*` works too."""
+    value = value.strip()
+    if value.startswith("["):
+        parsed = json.loads(value)
+        return [str(v) for v in parsed]
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_api_args(p: argparse.ArgumentParser) -> None:
+    _common(p, 8000)
+    p.add_argument(
+        "--controller-address",
+        default="http://127.0.0.1:21001",
+        help="controller URL; a comma-separated list reads from whichever answers",
+    )
+    p.add_argument(
+        "--api-keys",
+        default=os.environ.get("LLMRELAY_API_KEYS"),
+        help="comma-separated keys clients must send as Bearer (or env LLMRELAY_API_KEYS)",
+    )
+    p.add_argument("--allowed-origins", type=_json_or_csv, default=["*"])
+    p.add_argument("--allowed-methods", type=_json_or_csv, default=["*"])
+    p.add_argument("--allowed-headers", type=_json_or_csv, default=["*"])
+    p.add_argument("--allow-credentials", action="store_true")
+    p.add_argument(
+        "--table-refresh",
+        type=float,
+        default=1.0,
+        help="seconds between reads of the controller's worker table",
+    )
+
+
+def split_csv(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]

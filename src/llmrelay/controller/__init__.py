@@ -1,0 +1,1 @@
+"""The controller: registry of workers, dispatch policies, and FastChat's controller endpoints."""

@@ -1,0 +1,1 @@
+"""FastChat-compatible entry points (`python -m llmrelay.serve.controller`, ...)."""

@@ -1,0 +1,1 @@
+"""The model worker: one model behind FastChat's worker endpoints, registered with controllers."""

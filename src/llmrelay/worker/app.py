@@ -1,0 +1,423 @@
+"""The model worker's HTTP face: FastChat's worker endpoints over one engine.
+
+Model work runs in its own thread per request, never on the event loop, so status, heartbeats
+and token counts answer while a long generation runs. `--limit-worker-concurrency` bounds the
+requests admitted at once; the rest wait (queue length = running + waiting). A client that
+disconnects cancels its generation, in the queue or running.
+
+Frames follow FastChat (`text` cumulative) unless the request asks for `delta: true` (our
+addition), where `text` is only the new text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from llmrelay import __version__
+from llmrelay.protocol import OUR_EXTENSIONS, ErrorCode, frame
+from llmrelay.worker.engines.base import Chunk, Engine, EngineError, GenerationRequest
+from llmrelay.worker.lifecycle import ControllerLink
+from llmrelay.worker.templates import ChatTemplateError
+
+log = logging.getLogger("llmrelay.worker")
+
+
+@dataclass
+class WorkerSettings:
+    worker_address: str
+    model_names: list[str]
+    controller_addresses: list[str] = field(default_factory=list)
+    limit_worker_concurrency: int = 5
+    stream_interval: int = 1
+    heartbeat_interval: float = 3.0
+    register: bool = True
+
+
+class WorkerState:
+    """Admission and counters; plain Python."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.semaphore = asyncio.Semaphore(self.limit)
+        self.running = 0
+        self.waiting = 0
+        self.served = 0
+
+    @property
+    def queue_length(self) -> int:
+        return self.running + self.waiting
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        self.waiting += 1
+        try:
+            await self.semaphore.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self.served += 1
+            self.semaphore.release()
+
+
+def _num(body: dict[str, Any], key: str, default: Any, kind: type) -> Any:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EngineError(f"{key} must be a number", int(ErrorCode.VALIDATION_TYPE_ERROR))
+    return kind(value)
+
+
+def _str_list(value: Any, key: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise EngineError(f"{key} must be a string or a list of strings",
+                      int(ErrorCode.VALIDATION_TYPE_ERROR))
+
+
+def parse_params(body: dict[str, Any], engine: Engine) -> tuple[GenerationRequest, bool]:
+    """FastChat's generation params (+ our optional fields) -> (request, delta mode)."""
+    messages = body.get("messages")
+    prompt = body.get("prompt")
+    token_ids = body.get("prompt_token_ids")
+    stop = _str_list(body.get("stop"), "stop")
+    if messages is not None:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise EngineError("messages must be a list of objects", 40001)
+        stop += [s for s in engine.template_stops() if s not in stop]
+    elif token_ids is not None:
+        if not isinstance(token_ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in token_ids
+        ):
+            raise EngineError("prompt_token_ids must be a list of integers", 40001)
+    elif not isinstance(prompt, str):
+        raise EngineError("prompt must be a string", 40001)
+    max_new = body.get("max_new_tokens", 256)
+    if max_new is not None:
+        max_new = _num(body, "max_new_tokens", 256, int)
+        if max_new < 0:
+            raise EngineError("max_new_tokens must not be negative", 40302)
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        logprobs = _num(body, "logprobs", 0, int)
+        if not 0 <= logprobs <= 20:
+            raise EngineError("logprobs must be between 0 and 20", 40302)
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
+        raise EngineError("stop_token_ids must be a list of integers", 40001)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise EngineError("seed must be an integer", 40001)
+    req = GenerationRequest(
+        prompt=prompt if isinstance(prompt, str) else None,
+        prompt_token_ids=token_ids if messages is None else None,
+        messages=messages,
+        temperature=_num(body, "temperature", 1.0, float),
+        top_p=_num(body, "top_p", 1.0, float),
+        top_k=_num(body, "top_k", -1, int),
+        max_new_tokens=max_new,
+        stop=stop,
+        stop_token_ids=stop_ids,
+        presence_penalty=_num(body, "presence_penalty", 0.0, float),
+        frequency_penalty=_num(body, "frequency_penalty", 0.0, float),
+        repetition_penalty=_num(body, "repetition_penalty", 1.0, float),
+        seed=seed,
+        logprobs=logprobs,
+        echo=bool(body.get("echo", True)),  # FastChat's worker echoes unless told not to
+        request_id=str(body.get("request_id") or uuid.uuid4().hex[:12]),
+    )
+    return req, bool(body.get("delta", False))
+
+
+class Framer:
+    """Turns engine chunks into FastChat frames (cumulative text) or delta frames."""
+
+    def __init__(self, delta: bool) -> None:
+        self.delta = delta
+        self.text = ""
+        self.tokens: list[dict[str, Any]] = []  # OpenAI-shaped logprob entries so far
+        self.offsets: list[int] = []
+
+    def make(self, chunk: Chunk) -> dict[str, Any]:
+        start = len(self.text)
+        self.text += chunk.text
+        new = []
+        for lp in chunk.logprobs:
+            entry = {
+                "token": lp.token,
+                "logprob": lp.logprob,
+                "bytes": lp.bytes,
+                "top_logprobs": [
+                    {"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in lp.top
+                ],
+            }
+            new.append(entry)
+            self.offsets.append(start)
+            start += len(lp.token)
+        self.tokens.extend(new)
+        out: dict[str, Any] = {
+            "text": chunk.text if self.delta else self.text,
+            "error_code": 0,
+            "usage": {
+                "prompt_tokens": chunk.prompt_tokens,
+                "completion_tokens": chunk.completion_tokens,
+                "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
+            },
+            "finish_reason": chunk.finish_reason,
+        }
+        if self.delta:
+            out["logprobs"] = {"content": new} if new else None
+        elif self.tokens:
+            # FastChat's cumulative shape.
+            out["logprobs"] = {
+                "text_offset": list(self.offsets),
+                "tokens": [t["token"] for t in self.tokens],
+                "token_logprobs": [t["logprob"] for t in self.tokens],
+                "top_logprobs": [
+                    {a["token"]: a["logprob"] for a in t["top_logprobs"]} for t in self.tokens
+                ],
+            }
+        else:
+            out["logprobs"] = None
+        return out
+
+
+def error_frame(e: Exception) -> dict[str, Any]:
+    if isinstance(e, EngineError):
+        return {"text": str(e), "error_code": e.code}
+    if isinstance(e, ChatTemplateError):
+        return {"text": str(e), "error_code": int(ErrorCode.VALIDATION_TYPE_ERROR)}
+    return {"text": f"internal error in the worker: {type(e).__name__}",
+            "error_code": int(ErrorCode.INTERNAL_ERROR)}
+
+
+_DONE = object()
+
+
+async def run_in_thread(engine: Engine, req: GenerationRequest,
+                        cancel: threading.Event) -> AsyncIterator[Chunk]:
+    """Run `engine.generate` in a dedicated thread and yield its chunks here."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(item: Any) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def work() -> None:
+        try:
+            for chunk in engine.generate(req, cancel):
+                put(chunk)
+        except Exception as e:  # handed to the event loop, which turns it into an error frame
+            if not isinstance(e, (EngineError, ChatTemplateError)):
+                log.exception("request %s failed in the engine", req.request_id)
+            put(e)
+        finally:
+            put(_DONE)
+
+    threading.Thread(target=work, name=f"gen-{req.request_id}", daemon=True).start()
+    try:
+        while True:
+            item = await queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        cancel.set()  # no-op when finished; stops the engine when the consumer went away
+
+
+def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
+    state = WorkerState(settings.limit_worker_concurrency)
+    client = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+    links = [
+        ControllerLink(client, c, settings.worker_address, lambda: status(),
+                       settings.heartbeat_interval)
+        for c in settings.controller_addresses
+    ] if settings.register else []
+
+    def status() -> dict[str, Any]:
+        return {
+            "model_names": settings.model_names,
+            "speed": 1,
+            "queue_length": state.queue_length,
+            "llmrelay": {
+                "version": __version__,
+                "extensions": OUR_EXTENSIONS,
+                "engine": engine.name,
+                "context_length": engine.context_length(),
+                "embeddings": engine.supports_embeddings(),
+                "limit_worker_concurrency": state.limit,
+                "running": state.running,
+                "served": state.served,
+            },
+        }
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(link.run()) for link in links]
+        log.info("worker %s serving %s", settings.worker_address, ", ".join(settings.model_names))
+        yield
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*(link.deregister() for link in links if link.registered))
+        await client.aclose()
+
+    app = FastAPI(title="llmrelay model worker", lifespan=lifespan)
+    app.state.status = status
+    app.state.worker_state = state
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        try:
+            data = await request.json()
+        except ValueError as e:
+            raise EngineError(f"the body is not valid JSON: {e}", 40001) from e
+        if not isinstance(data, dict):
+            raise EngineError("the body must be a JSON object", 40001)
+        return data
+
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, e: EngineError) -> JSONResponse:
+        return JSONResponse(error_frame(e), status_code=400)
+
+    async def generate_frames(req: GenerationRequest, delta: bool) -> AsyncIterator[dict]:
+        cancel = threading.Event()
+        framer = Framer(delta)
+        started = time.monotonic()
+        last: dict[str, Any] | None = None
+        pending_tokens = 0
+        try:
+            async with state.slot():
+                async for chunk in run_in_thread(engine, req, cancel):
+                    pending_tokens += 1
+                    f = framer.make(chunk)
+                    last = f
+                    if (chunk.finish_reason is None and delta is False
+                            and pending_tokens < settings.stream_interval):
+                        continue
+                    pending_tokens = 0
+                    yield f
+        except (EngineError, ChatTemplateError) as e:
+            log.info("request %s refused: %s", req.request_id, e)
+            yield error_frame(e)
+            return
+        except Exception as e:  # never a silent cut: the client gets an error frame
+            log.exception("request %s failed", req.request_id)
+            yield error_frame(e)
+            return
+        finally:
+            cancel.set()
+        if last is not None:
+            u = last["usage"]
+            log.info(
+                "request %s: %d prompt + %d completion tokens, %s, %.2f s",
+                req.request_id, u["prompt_tokens"], u["completion_tokens"],
+                last["finish_reason"], time.monotonic() - started,
+            )
+
+    @app.post("/worker_generate_stream")
+    async def worker_generate_stream(request: Request) -> Any:
+        req, delta = parse_params(await body_of(request), engine)
+
+        async def body() -> AsyncIterator[bytes]:
+            async for f in generate_frames(req, delta):
+                yield frame(f)
+
+        return StreamingResponse(body(), media_type="application/octet-stream")
+
+    @app.post("/worker_generate")
+    async def worker_generate(request: Request) -> Any:
+        req, delta = parse_params(await body_of(request), engine)
+        cancel_watch = asyncio.Event()
+
+        async def collect() -> dict[str, Any]:
+            final: dict[str, Any] = {}
+            text = ""
+            async for f in generate_frames(req, delta=False):
+                final = f
+                text = f.get("text", text)
+            final["text"] = text
+            return final
+
+        async def watch() -> None:
+            while not cancel_watch.is_set():
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(0.2)
+
+        task = asyncio.create_task(collect())
+        watcher = asyncio.create_task(watch())
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:  # the client left: cancelling the task stops the engine thread
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return JSONResponse({"text": "client disconnected", "error_code": 50001}, 499)
+        cancel_watch.set()
+        watcher.cancel()
+        return task.result()
+
+    @app.api_route("/worker_get_status", methods=["GET", "POST"])
+    async def worker_get_status() -> Any:
+        return status()
+
+    @app.post("/count_token")
+    async def count_token(request: Request) -> Any:
+        body = await body_of(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list):  # our API server may count chat messages
+            prompt = await asyncio.to_thread(engine.render_chat, prompt)
+        if not isinstance(prompt, str):
+            raise EngineError("prompt must be a string", 40001)
+        return {"count": await asyncio.to_thread(engine.count_tokens, prompt), "error_code": 0}
+
+    @app.post("/model_details")
+    async def model_details() -> Any:
+        return {"context_length": engine.context_length()}
+
+    @app.post("/worker_get_conv_template")
+    async def worker_get_conv_template() -> Any:
+        # FastChat's API server renders prompts with this. We describe the model's template as a
+        # ChatML-style conversation (sep_style 7 = CHATML in FastChat), which is what SmolLM2 uses.
+        stops = engine.template_stops() or ["<|im_end|>"]
+        return {"conv": {
+            "name": engine.chat_template.name if engine.chat_template else "raw",
+            "system_template": "<|im_start|>system\n{system_message}",
+            "system_message": "", "roles": ["<|im_start|>user", "<|im_start|>assistant"],
+            "messages": [], "offset": 0, "sep_style": 7, "sep": "<|im_end|>\n", "sep2": None,
+            "stop_str": stops, "stop_token_ids": None,
+        }}
+
+    @app.post("/worker_get_embeddings")
+    async def worker_get_embeddings(request: Request) -> Any:
+        body = await body_of(request)
+        texts = body.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise EngineError("input must be a string or a list of strings", 40001)
+        async with state.slot():
+            vectors, n = await asyncio.to_thread(engine.embed, texts)
+        return {"embedding": vectors, "token_num": n}
+
+    return app

