@@ -69,6 +69,11 @@ class WorkerTable:
                 registered_at=float(w.get("registered_at", 0)),
                 status=dict(w.get("status") or {}),
             )
+        if table.get("warming_up"):
+            # A controller that just (re)started has not heard every worker yet: keep the ones
+            # we knew until it has been up for a whole expiration period.
+            for name, w in self.workers.items():
+                workers.setdefault(name, w)
         for name, beat in list(self.down.items()):
             w = workers.get(name)
             if w is None or w.last_heart_beat > beat:

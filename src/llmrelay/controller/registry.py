@@ -45,6 +45,7 @@ class Registry:
         self.expiration = heartbeat_interval * EXPIRY_BEATS
         self.clock = clock
         self.workers: dict[str, WorkerInfo] = {}
+        self.started = clock()
         # Bumped on every change of membership, so API servers can tell a new table from an old one.
         self.version = 0
 
@@ -118,5 +119,7 @@ class Registry:
             "heartbeat_interval": self.heartbeat_interval,
             "expiration": self.expiration,
             "now": now,
+            # Younger than one expiration period: workers may still be re-registering.
+            "warming_up": now - self.started < self.expiration,
             "workers": [w.to_dict() for w in self.workers.values()],
         }

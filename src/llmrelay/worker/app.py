@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -270,6 +271,7 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
                 "limit_worker_concurrency": state.limit,
                 "running": state.running,
                 "served": state.served,
+                "pid": os.getpid(),
             },
         }
 
