@@ -30,7 +30,7 @@ up: install
 	$(BIN)/llmrelay up $(STACK)
 
 test: install-dev
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks)
 	$(BIN)/pytest
 
 clean:

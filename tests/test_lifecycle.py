@@ -77,6 +77,18 @@ def test_dead_worker_expires_and_api_fails_over(procs: Procs) -> None:
     assert time.monotonic() - t0 < 6  # 3 missed heartbeats of 1 s, plus the sweep period
 
 
+def test_known_model_without_live_worker_is_503(procs: Procs) -> None:
+    _, controller = procs.controller()
+    w, url = procs.worker(controller, "smol")
+    _, api = procs.api(controller)
+    wait_for(lambda: "smol" in api_models(api), 15)
+    w.kill()  # still in the table until it misses 3 heartbeats
+    r = httpx.post(api + "/v1/chat/completions", json={"model": "smol", "messages": Q})
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["type"] == "server_error"
+    assert "Retry-After" in r.headers
+
+
 def test_client_disconnect_cancels_generation(stack: Stack) -> None:
     def running() -> int:
         return sum(httpx.post(w + "/worker_get_status").json()["llmrelay"]["running"]

@@ -116,6 +116,24 @@ def test_stop_string_is_not_included(client: openai.OpenAI) -> None:
     assert streamed == cut.choices[0].text
 
 
+def test_sampling_parameters_take_effect(client: openai.OpenAI) -> None:
+    def complete(**kw: object) -> str:
+        return client.completions.create(model="smol", prompt="1, 2, 3, 4, 5,", max_tokens=16,
+                                         **kw).choices[0].text  # type: ignore[arg-type]
+
+    greedy = complete(temperature=0)
+    # top_k=1 and a tiny top_p leave only the most likely token: sampling becomes greedy
+    assert complete(temperature=1.0, extra_body={"top_k": 1}, seed=1) == greedy
+    assert complete(temperature=1.0, top_p=0.001, seed=2) == greedy
+    # penalties on repeated tokens change a repetitive continuation
+    assert complete(temperature=0, frequency_penalty=2.0) != greedy
+    assert complete(temperature=0, presence_penalty=2.0) != greedy
+    # max_tokens bounds the answer
+    short = client.completions.create(model="smol", prompt="1, 2, 3, 4, 5,", max_tokens=3,
+                                      temperature=0)
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+
+
 def test_chat_logprobs(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model="smol", messages=Q, max_tokens=5, temperature=0,
                                        logprobs=True, top_logprobs=3)
