@@ -22,6 +22,8 @@ import openai
 import pytest
 
 HEARTBEAT = "1"  # seconds; tests use a short interval so expiry and rejoin are quick
+# Workers run one llama.cpp thread each: several workers spinning two threads each on a 2-core
+# machine slow every one of them down many times over.
 
 
 def free_port() -> int:
@@ -106,7 +108,7 @@ class Procs:
         p = self._start(f"worker-{names}-{port}", [
             "worker", "--port", str(port), "--controller-address", controller,
             "--model-path", model, "--model-names", names, "--heartbeat-interval", HEARTBEAT,
-            "--context-length", "2048", *extra])
+            "--context-length", "2048", "--n-threads", "1", *extra])
         url = f"http://127.0.0.1:{port}"
         if wait:
             wait_for(lambda: httpx.post(url + "/worker_get_status").status_code == 200, 60,

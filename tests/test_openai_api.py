@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -185,11 +186,12 @@ def test_two_workers_share_the_load(stack: Stack, client: openai.OpenAI) -> None
                 for w in stack.smol_workers]
 
     before = served()
-    for _ in range(12):
-        client.chat.completions.create(model="smol", messages=Q, max_tokens=1)
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda _: client.chat.completions.create(
+            model="smol", messages=Q, max_tokens=24, temperature=0), range(12)))
     delta = [a - b for a, b in zip(served(), before, strict=True)]
     assert sum(delta) == 12
-    assert min(delta) >= 2, f"one worker got almost everything: {delta}"
+    assert min(delta) >= 3, f"one worker got almost everything: {delta}"
 
 
 # -- errors ------------------------------------------------------------------------------------

@@ -139,6 +139,9 @@ def load_stack(path: str | None, log_dir: str | None) -> tuple[Stack, Path]:
             w["port"] = next_port
         w.setdefault("controller_address", controller_url)
         w.setdefault("heartbeat_interval", c_args.heartbeat_interval)
+        # Share the cores: llama.cpp threads spin while waiting, so workers that together ask
+        # for more threads than there are cores slow each other down many times over.
+        w.setdefault("n_threads", max(1, (os.cpu_count() or 1) // len(workers)))
         w_argv = _argv(w, where)
         w_args = _parse(add_worker_args, w_argv, where)
         if w_args.port in used_ports:

@@ -64,7 +64,11 @@ class WorkerTable:
         for w in table.get("workers", []):
             workers[w["name"]] = Worker(
                 name=w["name"], model_names=list(w.get("model_names", [])),
-                speed=float(w.get("speed", 1)), queue_length=int(w.get("queue_length", 0)),
+                speed=float(w.get("speed", 1)),
+                # The reported queue includes our own requests in flight, which `pick` adds
+                # exactly; keep only the load from elsewhere.
+                queue_length=max(0, int(w.get("queue_length", 0))
+                                 - self.inflight.get(w["name"], 0)),
                 last_heart_beat=float(w.get("last_heart_beat", 0)),
                 registered_at=float(w.get("registered_at", 0)),
                 status=dict(w.get("status") or {}),
