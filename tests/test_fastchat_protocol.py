@@ -7,6 +7,7 @@ import threading
 import time
 
 import httpx
+
 from conftest import Procs, Stack, free_port, registered, wait_for
 
 PROMPT = ("<|im_start|>user\nTell me a story about a dragon.<|im_end|>\n"

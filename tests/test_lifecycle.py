@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
 from conftest import Procs, Stack, api_models, free_port, registered, wait_for
 
 Q = [{"role": "user", "content": "Say hello."}]
@@ -189,6 +190,8 @@ def test_llmrelay_up_with_a_stack_file(tmp_path: Path) -> None:
     cport, aport, w1, w2 = free_port(), free_port(), free_port(), free_port()
     stack = tmp_path / "stack.toml"
     stack.write_text(f"""
+registration_token = "stack-secret"
+
 [controller]
 port = {cport}
 dispatch_method = "lottery"
@@ -220,15 +223,18 @@ context_length = 2048
         assert f"{api}/v1" in text and "curl" in text
         assert api_models(api) == {"smol", "smollm2", "gemma"}
         assert chat(api)
-        table = httpx.get(f"http://127.0.0.1:{cport}/worker_table").json()
+        auth = {"Authorization": "Bearer stack-secret"}
+        assert httpx.get(f"http://127.0.0.1:{cport}/worker_table").status_code == 401
+        table = httpx.get(f"http://127.0.0.1:{cport}/worker_table", headers=auth).json()
         assert table["dispatch_method"] == "lottery"
         assert (tmp_path / "logs" / "controller.log").exists()
         # a crashed child is restarted
-        pid = httpx.post(f"http://127.0.0.1:{w1}/worker_get_status").json()["llmrelay"]["pid"]
+        pid = httpx.post(f"http://127.0.0.1:{w1}/worker_get_status",
+                         headers=auth).json()["llmrelay"]["pid"]
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: "restarting" in out.read_text(), 10, "the launcher to notice")
-        wait_for(lambda: httpx.post(f"http://127.0.0.1:{w1}/worker_get_status").json()
-                 ["llmrelay"]["pid"] != pid, 30, "the worker to come back")
+        wait_for(lambda: httpx.post(f"http://127.0.0.1:{w1}/worker_get_status", headers=auth)
+                 .json()["llmrelay"]["pid"] != pid, 30, "the worker to come back")
         assert chat(api)
     finally:
         p.send_signal(signal.SIGINT)

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+
 from conftest import Stack
 
 Q = [{"role": "user", "content": "What is the capital of France?"}]

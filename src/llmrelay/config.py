@@ -29,6 +29,12 @@ def _common(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--port", type=int, default=port, help=f"port to listen on (default {port})")
     p.add_argument("--log-level", default=os.environ.get("LLMRELAY_LOG_LEVEL", "info"))
     p.add_argument("--ssl", action="store_true", help="serve HTTPS (SSL_KEYFILE, SSL_CERTFILE)")
+    p.add_argument(
+        "--registration-token",
+        default=None,
+        help="cluster secret required between controller, workers and API servers "
+        "(default: env LLMRELAY_REGISTRATION_TOKEN; none: no check)",
+    )
 
 
 def add_controller_args(p: argparse.ArgumentParser) -> None:
@@ -125,6 +131,11 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
         "--api-keys",
         default=os.environ.get("LLMRELAY_API_KEYS"),
         help="comma-separated keys clients must send as Bearer (or env LLMRELAY_API_KEYS)",
+    )
+    p.add_argument(
+        "--api-keys-file",
+        default=os.environ.get("LLMRELAY_API_KEYS_FILE"),
+        help="file with one API key per line (keeps keys out of the process list)",
     )
     p.add_argument("--allowed-origins", type=_json_or_csv, default=["*"])
     p.add_argument("--allowed-methods", type=_json_or_csv, default=["*"])

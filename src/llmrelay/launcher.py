@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from typing import Any, TextIO
 import httpx
 
 from llmrelay.config import add_api_args, add_controller_args, add_worker_args
+from llmrelay.security import TOKEN_ENV, auth_headers
 
 try:
     import tomllib
@@ -82,6 +84,7 @@ class Child:
     started_at: float = 0.0
     stopping: bool = False
     tail: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # secrets travel here, never in argv
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Stack:
     controller_url: str
     api_url: str
     worker_urls: list[str]
+    token: str | None = None
 
 
 def load_stack(path: str | None, log_dir: str | None) -> tuple[Stack, Path]:
@@ -108,7 +112,8 @@ def load_stack(path: str | None, log_dir: str | None) -> tuple[Stack, Path]:
         except tomllib.TOMLDecodeError as e:
             raise StackError(f"{path} is not valid TOML: {e}") from e
         base = p.parent
-    unknown = set(data) - {"controller", "api", "worker", "workers", "log_dir"}
+    unknown = set(data) - {"controller", "api", "worker", "workers", "log_dir",
+                           "registration_token"}
     if unknown:
         raise StackError(f"unknown section {sorted(unknown)[0]!r}; expected [controller], [api], "
                          "[[worker]] and log_dir")
@@ -119,12 +124,17 @@ def load_stack(path: str | None, log_dir: str | None) -> tuple[Stack, Path]:
     if not workers:
         raise StackError("the stack has no [[worker]]")
 
+    # The cluster secret: from the file or the environment, else a fresh one for this run.
+    token = data.get("registration_token", os.environ.get(TOKEN_ENV)) or secrets.token_urlsafe(24)
+    if not isinstance(token, str):
+        raise StackError("registration_token must be a string")
+    secret_env = {TOKEN_ENV: token}
     c_argv = _argv(dict(data.get("controller", {})), "[controller]")
     c_args = _parse(add_controller_args, c_argv, "[controller]")
     controller_url = f"http://{_client_host(c_args.host)}:{c_args.port}"
     py = [sys.executable, "-m", "llmrelay.cli"]
     controller = Child("controller", py + ["controller"] + c_argv, controller_url,
-                       logs / "controller.log")
+                       logs / "controller.log", env=secret_env)
 
     children: list[Child] = []
     used_ports = {c_args.port}
@@ -154,17 +164,23 @@ def load_stack(path: str | None, log_dir: str | None) -> tuple[Stack, Path]:
             name += "-2"
         names.add(name)
         url = w_args.worker_address or f"http://{_client_host(w_args.host)}:{w_args.port}"
-        children.append(Child(name, py + ["worker"] + w_argv, url, logs / f"{name}.log"))
+        children.append(Child(name, py + ["worker"] + w_argv, url, logs / f"{name}.log",
+                              env=secret_env))
 
     a = dict(data.get("api", {}))
     a.setdefault("controller_address", controller_url)
+    keys = a.pop("api_keys", None)
+    api_env = dict(secret_env)
+    if keys:
+        api_env["LLMRELAY_API_KEYS"] = ",".join(keys) if isinstance(keys, list) else str(keys)
     a_argv = _argv(a, "[api]")
     a_args = _parse(add_api_args, a_argv, "[api]")
     if a_args.port in used_ports:
         raise StackError(f"[api]: port {a_args.port} is already used by another process of the stack")
     api_url = f"http://{_client_host(a_args.host)}:{a_args.port}"
-    api = Child("api", py + ["api"] + a_argv, api_url, logs / "api.log")
-    stack = Stack(controller, children, api, controller_url, api_url, [c.url for c in children])
+    api = Child("api", py + ["api"] + a_argv, api_url, logs / "api.log", env=api_env)
+    stack = Stack(controller, children, api, controller_url, api_url, [c.url for c in children],
+                  token)
     for child, host, port in [(controller, c_args.host, c_args.port), (api, a_args.host, a_args.port)]:
         _check_port(child.name, host, port)
     for child in children:
@@ -201,7 +217,7 @@ class Launcher:
 
     def start(self, child: Child) -> None:
         child.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **child.env)
         child.proc = subprocess.Popen(
             child.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             errors="replace", env=env, start_new_session=True,
@@ -253,8 +269,10 @@ class Launcher:
             self.say(f"[{i + 2}/{n}] starting {w.name} on {w.url} (loading the model)")
             self.start(w)
 
+        auth = auth_headers(s.token)
+
         def registered() -> set[str]:
-            table = httpx.get(s.controller_url + "/worker_table", timeout=1).json()
+            table = httpx.get(s.controller_url + "/worker_table", headers=auth, timeout=1).json()
             return {w["name"] for w in table["workers"]}
 
         for w in s.workers:
@@ -264,7 +282,7 @@ class Launcher:
         self.start(s.api)
         want = set()
         for w in s.workers:
-            st = httpx.post(w.url + "/worker_get_status", timeout=2).json()
+            st = httpx.post(w.url + "/worker_get_status", headers=auth, timeout=2).json()
             want.update(st["model_names"])
 
         def api_ready() -> bool:

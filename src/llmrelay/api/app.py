@@ -20,6 +20,7 @@ from llmrelay.api import chat, completions, embeddings, errors, models
 from llmrelay.api.auth import KeyChecker
 from llmrelay.api.routing import WorkerTable
 from llmrelay.config import split_csv
+from llmrelay.security import auth_headers, token_from
 
 log = logging.getLogger("llmrelay.api")
 
@@ -58,10 +59,12 @@ def create_app(
     allowed_headers: list[str] | None = None,
     allow_credentials: bool = False,
     table_refresh: float = 1.0,
+    registration_token: str | None = None,
 ) -> FastAPI:
     client = httpx.AsyncClient(
         timeout=httpx.Timeout(connect=3.0, read=600.0, write=30.0, pool=30.0),
         limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        headers=auth_headers(registration_token),
     )
     table = WorkerTable(controllers, client, refresh=table_refresh)
     keys = KeyChecker(api_keys or [])
@@ -116,10 +119,20 @@ def run(args: argparse.Namespace) -> None:
 
     setup_logging(args.log_level)
     keys = split_csv(args.api_keys)
+    if args.api_keys_file:
+        try:
+            with open(args.api_keys_file, encoding="utf-8") as f:
+                keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        except OSError as e:
+            raise SystemExit(f"error: cannot read --api-keys-file {args.api_keys_file}: "
+                             f"{e.strerror}") from e
+        if not keys:
+            raise SystemExit(f"error: --api-keys-file {args.api_keys_file} holds no key")
     warn_public_bind(args.host, "the API server", protected=bool(keys))
     app = create_app(
         split_csv(args.controller_address), keys, args.allowed_origins, args.allowed_methods,
         args.allowed_headers, args.allow_credentials, args.table_refresh,
+        token_from(args.registration_token),
     )
     log.info("OpenAI-compatible API on http://%s:%d/v1 (%s)", args.host, args.port,
              "API keys required" if keys else "no API keys")

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from llmrelay.controller.dispatch import pick
 from llmrelay.controller.registry import Registry
 from llmrelay.protocol import ErrorCode, frame
+from llmrelay.security import TokenGuard, auth_headers, token_from
 
 log = logging.getLogger("llmrelay.controller")
 
@@ -51,9 +52,11 @@ async def _body(request: Request) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def create_app(dispatch_method: str = "shortest_queue", heartbeat_interval: float = 3.0) -> FastAPI:
+def create_app(dispatch_method: str = "shortest_queue", heartbeat_interval: float = 3.0,
+               token: str | None = None) -> FastAPI:
     registry = Registry(heartbeat_interval=heartbeat_interval)
-    client = httpx.AsyncClient(timeout=httpx.Timeout(5.0), limits=httpx.Limits(max_connections=200))
+    client = httpx.AsyncClient(timeout=httpx.Timeout(5.0), limits=httpx.Limits(max_connections=200),
+                               headers=auth_headers(token))
 
     async def sweep() -> None:
         while True:
@@ -79,6 +82,7 @@ def create_app(dispatch_method: str = "shortest_queue", heartbeat_interval: floa
         await client.aclose()
 
     app = FastAPI(title="llmrelay controller", lifespan=lifespan)
+    app.add_middleware(TokenGuard, token=token, open_paths=frozenset({"/test_connection"}))
     app.state.registry = registry
     app.state.dispatch_method = dispatch_method
 
@@ -231,6 +235,7 @@ def run(args: argparse.Namespace) -> None:
     from llmrelay.runtime import serve, warn_public_bind
 
     setup_logging(args.log_level)
-    warn_public_bind(args.host, "the controller", protected=False)
-    app = create_app(args.dispatch_method, args.heartbeat_interval)
+    token = token_from(args.registration_token)
+    warn_public_bind(args.host, "the controller", protected=bool(token))
+    app = create_app(args.dispatch_method, args.heartbeat_interval, token)
     serve(app, args.host, args.port, args.log_level, args.ssl)

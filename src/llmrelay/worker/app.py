@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from llmrelay import __version__
 from llmrelay.protocol import OUR_EXTENSIONS, ErrorCode, frame
+from llmrelay.security import TokenGuard, auth_headers
 from llmrelay.worker.engines.base import Chunk, Engine, EngineError, GenerationRequest
 from llmrelay.worker.lifecycle import ControllerLink
 from llmrelay.worker.templates import ChatTemplateError
@@ -44,6 +45,7 @@ class WorkerSettings:
     stream_interval: int = 1
     heartbeat_interval: float = 3.0
     register: bool = True
+    token: str | None = None  # the cluster's registration token (security.py)
 
 
 class WorkerState:
@@ -250,7 +252,7 @@ async def run_in_thread(engine: Engine, req: GenerationRequest,
 
 def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
     state = WorkerState(settings.limit_worker_concurrency)
-    client = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+    client = httpx.AsyncClient(timeout=httpx.Timeout(5.0), headers=auth_headers(settings.token))
     links = [
         ControllerLink(client, c, settings.worker_address, lambda: status(),
                        settings.heartbeat_interval)
@@ -286,6 +288,7 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
         await client.aclose()
 
     app = FastAPI(title="llmrelay model worker", lifespan=lifespan)
+    app.add_middleware(TokenGuard, token=settings.token)
     app.state.status = status
     app.state.worker_state = state
 

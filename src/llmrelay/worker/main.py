@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 from llmrelay.config import split_csv
 from llmrelay.runtime import PUBLIC_HOSTS
+from llmrelay.security import token_from
 from llmrelay.worker.engines.base import Engine, EngineError
 from llmrelay.worker.models import ModelNotFound, ResolvedModel, resolve
 from llmrelay.worker.templates import KNOWN
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> None:
         log.error("cannot start the worker: %s", e)
         sys.exit(2)
     log.info("model ready in %.1f s", time.monotonic() - started)
-    warn_public_bind(args.host, "the worker", protected=False)
+    warn_public_bind(args.host, "the worker", protected=bool(token_from(args.registration_token)))
     settings = WorkerSettings(
         worker_address=address,
         model_names=names,
@@ -134,6 +135,7 @@ def run(args: argparse.Namespace) -> None:
         stream_interval=max(1, args.stream_interval),
         heartbeat_interval=args.heartbeat_interval,
         register=not args.no_register,
+        token=token_from(args.registration_token),
     )
     try:
         serve(create_app(engine, settings), args.host, args.port, args.log_level, args.ssl)
