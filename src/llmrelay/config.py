@@ -35,6 +35,12 @@ def _common(p: argparse.ArgumentParser, port: int) -> None:
         help="cluster secret required between controller, workers and API servers "
         "(default: env LLMRELAY_REGISTRATION_TOKEN; none: no check)",
     )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to let open requests finish before ending them",
+    )
 
 
 def add_controller_args(p: argparse.ArgumentParser) -> None:
@@ -103,6 +109,13 @@ def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) ->
         default=default_concurrency,
         help="requests run at once; more wait in the queue",
     )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=32,
+        help="requests that may wait beyond those running; more are refused (the API answers "
+        "429 when every worker of a model is full)",
+    )
     p.add_argument("--stream-interval", type=int, default=1, help="tokens per stream frame")
     p.add_argument("--no-register", action="store_true", help="do not register with a controller")
     p.add_argument("--seed", type=int, default=None, help="default sampling seed")
@@ -141,6 +154,25 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-methods", type=_json_or_csv, default=["*"])
     p.add_argument("--allowed-headers", type=_json_or_csv, default=["*"])
     p.add_argument("--allow-credentials", action="store_true")
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="larger request bodies get 413 (default 4 MiB)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a request may take in all; then it is ended with a 504 or an error event",
+    )
+    p.add_argument(
+        "--sse-keepalive",
+        type=float,
+        default=10.0,
+        help="while a streamed request waits for a busy worker, send an SSE comment this "
+        "often so proxies do not time the connection out",
+    )
     p.add_argument(
         "--table-refresh",
         type=float,

@@ -24,18 +24,35 @@ def warn_public_bind(host: str, what: str, protected: bool) -> None:
         )
 
 
-def serve(app: Any, host: str, port: int, log_level: str = "info", ssl: bool = False) -> None:
-    """Run `app` until SIGINT/SIGTERM (uvicorn handles both, running the app's shutdown)."""
+def serve(app: Any, host: str, port: int, log_level: str = "info", ssl: bool = False,
+          shutdown_timeout: float = 30.0) -> None:
+    """Run `app` until SIGINT/SIGTERM; then finish open requests for up to `shutdown_timeout`.
+
+    If the app sets `app.state.on_exit_signal` (a callable), it runs as soon as the signal
+    arrives, before uvicorn waits for open requests: a worker deregisters there, so no new
+    work is routed to it while it finishes what it has.
+    """
     kwargs: dict[str, Any] = {}
     if ssl:
         kwargs["ssl_keyfile"] = os.environ["SSL_KEYFILE"]
         kwargs["ssl_certfile"] = os.environ["SSL_CERTFILE"]
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level.lower(),
         access_log=log_level.lower() == "debug",
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=int(shutdown_timeout),
         **kwargs,
     )
+    server = uvicorn.Server(config)
+    original = server.handle_exit
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        hook = getattr(getattr(app, "state", None), "on_exit_signal", None)
+        if hook is not None and not server.should_exit:
+            hook()
+        original(sig, frame)
+
+    server.handle_exit = handle_exit  # type: ignore[method-assign]
+    server.run()

@@ -22,7 +22,7 @@ import httpx
 
 from llmrelay.api.errors import APIError, from_worker
 from llmrelay.controller.dispatch import pick
-from llmrelay.protocol import iter_frames, worker_extensions
+from llmrelay.protocol import ErrorCode, iter_frames, worker_extensions
 
 log = logging.getLogger("llmrelay.api")
 
@@ -186,12 +186,16 @@ class WorkerStream:
         await self._stack.aclose()
 
 
-async def open_stream(table: WorkerTable, model: str, params: dict[str, Any],
-                      attempts: int = 3) -> WorkerStream:
-    """Pick a worker and start a generation; on failure before the first frame, try another."""
+async def open_stream(table: WorkerTable, model: str, params: dict[str, Any]) -> WorkerStream:
+    """Pick a worker and start a generation; on failure before the first frame, try another.
+
+    Every worker of the model is tried at most once. Workers that are full (or shutting down)
+    are skipped; when all of them are, the answer is 429 with Retry-After.
+    """
     tried: set[str] = set()
     last_error = ""
-    for _ in range(attempts):
+    full = 0
+    while True:
         worker = table.pick(model, exclude=tried)
         if worker is None:
             break
@@ -215,10 +219,24 @@ async def open_stream(table: WorkerTable, model: str, params: dict[str, Any],
             log.warning("worker %s failed before its first token (%s); trying another",
                         worker.name, last_error)
             continue
-        if first.get("error_code"):
+        code = int(first.get("error_code") or 0)
+        if code:
             await stack.aclose()
-            raise from_worker(int(first["error_code"]), str(first.get("text", "")))
+            if code == ErrorCode.ENGINE_OVERLOADED:
+                full += 1
+                last_error = f"{worker.name}: {first.get('text', 'full')}"
+                continue
+            if code >= 50000:  # the worker broke before answering: another may not
+                last_error = f"{worker.name}: {first.get('text', '')}"
+                log.warning("worker %s failed before its first token (%s); trying another",
+                            worker.name, last_error)
+                continue
+            raise from_worker(code, str(first.get("text", "")))
         return WorkerStream(table, worker, stack, frames, first)
+    if full and full == len(tried):
+        raise APIError(429, f"Every worker serving '{model}' is busy; retry shortly.",
+                       type="rate_limit_exceeded", code="rate_limit_exceeded",
+                       headers={"Retry-After": "1"})
     if last_error:
         raise APIError(503, f"All workers for '{model}' failed ({last_error}). Try again.",
                        type="server_error", headers={"Retry-After": "1"})

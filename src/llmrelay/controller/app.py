@@ -238,4 +238,4 @@ def run(args: argparse.Namespace) -> None:
     token = token_from(args.registration_token)
     warn_public_bind(args.host, "the controller", protected=bool(token))
     app = create_app(args.dispatch_method, args.heartbeat_interval, token)
-    serve(app, args.host, args.port, args.log_level, args.ssl)
+    serve(app, args.host, args.port, args.log_level, args.ssl, args.shutdown_timeout)

@@ -46,24 +46,40 @@ class WorkerSettings:
     heartbeat_interval: float = 3.0
     register: bool = True
     token: str | None = None  # the cluster's registration token (security.py)
+    max_queue: int = 32  # requests that may wait beyond the running ones
 
 
 class WorkerState:
-    """Admission and counters; plain Python."""
+    """Admission and counters; plain Python. The queue is bounded: past `max_queue` waiting
+    requests, and while draining for shutdown, new requests are refused (EngineError 42903),
+    which the API server answers by trying another worker, then with 429."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_queue: int = 32) -> None:
         self.limit = max(1, limit)
+        self.max_queue = max(0, max_queue)
         self.semaphore = asyncio.Semaphore(self.limit)
         self.running = 0
         self.waiting = 0
         self.served = 0
+        self.draining = False
 
     @property
     def queue_length(self) -> int:
         return self.running + self.waiting
 
+    def admit(self) -> None:
+        """Refuse at once when this worker cannot take the request (full or shutting down)."""
+        if self.draining:
+            raise EngineError("this worker is shutting down", int(ErrorCode.ENGINE_OVERLOADED))
+        if self.semaphore.locked() and self.waiting >= self.max_queue:
+            raise EngineError(
+                f"this worker is full ({self.running} running, {self.waiting} waiting)",
+                int(ErrorCode.ENGINE_OVERLOADED),
+            )
+
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
+        self.admit()
         self.waiting += 1
         try:
             await self.semaphore.acquire()
@@ -251,7 +267,7 @@ async def run_in_thread(engine: Engine, req: GenerationRequest,
 
 
 def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
-    state = WorkerState(settings.limit_worker_concurrency)
+    state = WorkerState(settings.limit_worker_concurrency, settings.max_queue)
     client = httpx.AsyncClient(timeout=httpx.Timeout(5.0), headers=auth_headers(settings.token))
     links = [
         ControllerLink(client, c, settings.worker_address, lambda: status(),
@@ -277,14 +293,31 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
             },
         }
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(link.run()) for link in links]
-        log.info("worker %s serving %s", settings.worker_address, ", ".join(settings.model_names))
-        yield
+    async def leave() -> None:
+        """Stop heartbeats and deregister, so no new work is routed here."""
         for t in tasks:
             t.cancel()
         await asyncio.gather(*(link.deregister() for link in links if link.registered))
+        for link in links:
+            link.registered = False
+
+    tasks: list[asyncio.Task[None]] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+
+        def on_exit_signal() -> None:  # runs in the signal handler, before requests drain
+            state.draining = True
+            log.info("shutting down: deregistering, refusing new requests, finishing %d running",
+                     state.queue_length)
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(leave()))
+
+        app.state.on_exit_signal = on_exit_signal
+        tasks.extend(asyncio.create_task(link.run()) for link in links)
+        log.info("worker %s serving %s", settings.worker_address, ", ".join(settings.model_names))
+        yield
+        await leave()
         await client.aclose()
 
     app = FastAPI(title="llmrelay model worker", lifespan=lifespan)

@@ -136,8 +136,10 @@ def run(args: argparse.Namespace) -> None:
         heartbeat_interval=args.heartbeat_interval,
         register=not args.no_register,
         token=token_from(args.registration_token),
+        max_queue=args.max_queue,
     )
     try:
-        serve(create_app(engine, settings), args.host, args.port, args.log_level, args.ssl)
+        serve(create_app(engine, settings), args.host, args.port, args.log_level, args.ssl,
+              args.shutdown_timeout)
     finally:
         engine.close()
