@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -51,6 +51,42 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"The request body is larger than this server accepts "
+                              f"({limit} bytes; see --max-request-bytes).")
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit: by Content-Length up front, else while reading."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await errors.APIError(413, BodyTooLarge(self.max_bytes).detail).response()(
+                scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)  # FastAPI re-raises HTTPExceptions as is
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def create_app(
     controllers: list[str],
     api_keys: list[str] | None = None,
@@ -60,6 +96,9 @@ def create_app(
     allow_credentials: bool = False,
     table_refresh: float = 1.0,
     registration_token: str | None = None,
+    max_request_bytes: int = 4 * 1024 * 1024,
+    request_timeout: float = 600.0,
+    sse_keepalive: float = 10.0,
 ) -> FastAPI:
     client = httpx.AsyncClient(
         timeout=httpx.Timeout(connect=3.0, read=600.0, write=30.0, pool=30.0),
@@ -79,6 +118,8 @@ def create_app(
 
     app = FastAPI(title="llmrelay OpenAI-compatible API", lifespan=lifespan)
     app.state.table = table
+    app.state.request_timeout = request_timeout
+    app.state.sse_keepalive = sse_keepalive
     errors.install(app)
     app.add_middleware(
         CORSMiddleware,
@@ -89,6 +130,7 @@ def create_app(
         expose_headers=["X-Request-ID"],
     )
 
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
     app.add_middleware(RequestIdMiddleware)
 
     def authorized(request: Request) -> None:
@@ -132,8 +174,9 @@ def run(args: argparse.Namespace) -> None:
     app = create_app(
         split_csv(args.controller_address), keys, args.allowed_origins, args.allowed_methods,
         args.allowed_headers, args.allow_credentials, args.table_refresh,
-        token_from(args.registration_token),
+        token_from(args.registration_token), args.max_request_bytes, args.request_timeout,
+        args.sse_keepalive,
     )
     log.info("OpenAI-compatible API on http://%s:%d/v1 (%s)", args.host, args.port,
              "API keys required" if keys else "no API keys")
-    serve(app, args.host, args.port, args.log_level, args.ssl)
+    serve(app, args.host, args.port, args.log_level, args.ssl, args.shutdown_timeout)

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from llmrelay.api.errors import bad_param
 from llmrelay.api.generation import (
     SSE_HEADERS,
+    Opening,
     merged,
     open_all,
     sse_stream,
@@ -77,12 +78,13 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
     n = body.n or 1
-    streams = await until_disconnect(request, open_all(table, body.model, per_choice(params, n)))
+    opening = Opening(request, open_all(table, body.model, per_choice(params, n)))
     cid = f"chatcmpl-{request_id}"
     created = now()
     base = {"id": cid, "created": created, "model": body.model}
 
     if body.stream:
+        await opening.wait_briefly()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def chunks() -> AsyncIterator[dict[str, Any]]:
@@ -91,7 +93,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
                 yield {**base, "object": "chat.completion.chunk", "choices": [
                     {"index": i, "delta": {"role": "assistant", "content": ""},
                      "logprobs": None, "finish_reason": None}]}
-            async for i, f in merged(streams):
+            async for i, f in merged(opening.streams, opening.deadline):
                 last[i] = f
                 lp = f.get("logprobs")
                 if f.get("text") or lp:
@@ -106,14 +108,16 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
                 yield {**base, "object": "chat.completion.chunk", "choices": [],
                        "usage": usage_of(last, lambda i: 0)}
 
-        return StreamingResponse(sse_stream(chunks), media_type="text/event-stream",
+        return StreamingResponse(sse_stream(chunks, opening), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
+
+    streams = await opening.wait()
 
     async def collect() -> dict[str, Any]:
         texts = [""] * n
         logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         last: dict[int, dict[str, Any]] = {}
-        async for i, f in merged(streams):
+        async for i, f in merged(streams, opening.deadline):
             texts[i] += f.get("text", "")
             if f.get("logprobs"):
                 logprobs[i].extend(f["logprobs"].get("content", []))

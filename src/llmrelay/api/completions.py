@@ -12,6 +12,7 @@ from llmrelay.api.chat import _finish, per_choice, sampling_params
 from llmrelay.api.errors import bad_param
 from llmrelay.api.generation import (
     SSE_HEADERS,
+    Opening,
     merged,
     open_all,
     sse_stream,
@@ -76,7 +77,7 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
         base_p = {**params, **p, "request_id": f"{request_id}-p{j}" if len(prompts) > 1
                   else request_id}
         all_params.extend(per_choice(base_p, n))
-    streams = await until_disconnect(request, open_all(table, body.model, all_params))
+    opening = Opening(request, open_all(table, body.model, all_params))
     cid = f"cmpl-{request_id}"
     base = {"id": cid, "object": "text_completion", "created": now(), "model": body.model}
     total = len(all_params)
@@ -85,13 +86,14 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
         return i // n
 
     if body.stream:
+        await opening.wait_briefly()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def chunks() -> AsyncIterator[dict[str, Any]]:
             last: dict[int, dict[str, Any]] = {}
             offsets = [0] * total
             lps = [_LegacyLogprobs() for _ in range(total)]
-            async for i, f in merged(streams):
+            async for i, f in merged(opening.streams, opening.deadline):
                 last[i] = f
                 text = f.get("text", "")
                 lp = None
@@ -106,14 +108,16 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
             if include_usage:
                 yield {**base, "choices": [], "usage": usage_of(last, prompt_of)}
 
-        return StreamingResponse(sse_stream(chunks), media_type="text/event-stream",
+        return StreamingResponse(sse_stream(chunks, opening), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
+
+    streams = await opening.wait()
 
     async def collect() -> dict[str, Any]:
         texts = [""] * total
         lps = [_LegacyLogprobs() for _ in range(total)]
         last: dict[int, dict[str, Any]] = {}
-        async for i, f in merged(streams):
+        async for i, f in merged(streams, opening.deadline):
             if body.logprobs is not None and f.get("logprobs"):
                 lps[i].add(f["logprobs"]["content"], len(texts[i]))
             texts[i] += f.get("text", "")

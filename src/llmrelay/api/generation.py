@@ -44,10 +44,12 @@ async def open_all(table: WorkerTable, model: str, params: list[dict[str, Any]])
     return streams
 
 
-async def merged(streams: list[WorkerStream]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+async def merged(streams: list[WorkerStream], deadline: float | None = None
+                 ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
     """Frames of all streams as they come, tagged with the stream's index.
 
-    A worker error frame or a broken connection mid-stream raises APIError.
+    A worker error frame, a broken connection mid-stream, or passing `deadline` (event-loop
+    time) raises APIError; the streams are closed either way, which stops the workers.
     """
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
     end = object()
@@ -66,8 +68,13 @@ async def merged(streams: list[WorkerStream]) -> AsyncIterator[tuple[int, dict[s
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     remaining = len(tasks)
     try:
+        loop = asyncio.get_running_loop()
         while remaining:
-            i, item = await queue.get()
+            try:
+                i, item = await asyncio.wait_for(
+                    queue.get(), None if deadline is None else max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise timeout_error() from None
             if item is end:
                 remaining -= 1
                 continue
@@ -107,9 +114,17 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     raise APIError(499, "The client closed the request.")
 
 
-async def sse_stream(body: Callable[[], AsyncIterator[dict[str, Any]]]) -> AsyncIterator[bytes]:
-    """Serialize chunks as SSE; a failure mid-stream becomes an error event, then [DONE]."""
+async def sse_stream(body: Callable[[], AsyncIterator[dict[str, Any]]],
+                     opening: Opening | None = None) -> AsyncIterator[bytes]:
+    """Serialize chunks as SSE; a failure mid-stream becomes an error event, then [DONE].
+
+    With an `opening` still waiting for busy workers, SSE comments keep the connection alive
+    (so a proxy's read timeout does not cut it) until the generations start.
+    """
     try:
+        if opening is not None:
+            async for comment in opening.keepalives():
+                yield comment
         async for chunk in body():
             yield sse(chunk)
     except APIError as e:
@@ -118,7 +133,81 @@ async def sse_stream(body: Callable[[], AsyncIterator[dict[str, Any]]]) -> Async
     except Exception:
         log.exception("stream failed")
         yield sse(APIError(500, "The server had an error while streaming.", "server_error").body())
+    finally:
+        if opening is not None:
+            await opening.close_if_unused()
     yield SSE_DONE
+
+
+def timeout_error() -> APIError:
+    return APIError(504, "The request took longer than the server's request timeout.",
+                    type="server_error", code="timeout")
+
+
+class Opening:
+    """The generations being opened for one request, one per choice.
+
+    Non-streamed requests wait for them (`wait`). Streamed ones wait briefly
+    (`wait_briefly`): if the workers answer in time, errors can still be proper HTTP errors;
+    otherwise the response starts and `keepalives` covers the wait.
+    """
+
+    def __init__(self, request: Request, work: Awaitable[list[WorkerStream]]) -> None:
+        state = request.app.state
+        loop = asyncio.get_running_loop()
+        self.request = request
+        self.keepalive = float(getattr(state, "sse_keepalive", 10.0))
+        self.deadline = loop.time() + float(getattr(state, "request_timeout", 600.0))
+        self.task: asyncio.Future[list[WorkerStream]] = asyncio.ensure_future(work)
+        self.used = False
+
+    @property
+    def streams(self) -> list[WorkerStream]:
+        self.used = True
+        return self.task.result()
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - asyncio.get_running_loop().time())
+
+    async def wait(self) -> list[WorkerStream]:
+        try:
+            await until_disconnect(self.request, asyncio.wait_for(asyncio.shield(self.task),
+                                                                  self.remaining()))
+        except asyncio.TimeoutError:
+            self.task.cancel()
+            raise timeout_error() from None
+        except BaseException:
+            await self.close_if_unused()
+            raise
+        return self.streams
+
+    async def wait_briefly(self) -> None:
+        """Wait up to one keep-alive period; raises what opening raised if it failed by then."""
+        await asyncio.wait({self.task}, timeout=min(self.keepalive, self.remaining()))
+        if self.task.done():
+            self.task.result()
+
+    async def keepalives(self) -> AsyncIterator[bytes]:
+        while not self.task.done():
+            timeout = min(self.keepalive, self.remaining())
+            if timeout <= 0:
+                self.task.cancel()
+                raise timeout_error()
+            await asyncio.wait({self.task}, timeout=timeout)
+            if not self.task.done():
+                yield b": keep-alive\n\n"
+        self.task.result()
+
+    async def close_if_unused(self) -> None:
+        """The client left (or we failed) before using the streams: stop the workers."""
+        if not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+            return
+        if not self.used and not self.task.cancelled() and self.task.exception() is None:
+            for s in self.task.result():
+                await s.aclose()
 
 
 def usage_of(last: dict[int, dict[str, Any]], prompt_of: Callable[[int], int]) -> dict[str, int]:
