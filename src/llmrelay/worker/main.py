@@ -96,6 +96,7 @@ def build_engine(args: argparse.Namespace, model: ResolvedModel) -> Engine:
             n_threads=args.n_threads,
             chat_template=template,
             seed=args.seed,
+            parallel=args.limit_worker_concurrency,  # every admitted request decodes together
         )
     raise FlagError(
         f"the {engine} engine is not available in this version of llmrelay; serve a .gguf "

@@ -1,0 +1,152 @@
+"""Continuous batching in the llama.cpp engine: requests decoded together stay correct.
+
+Each request in a batch keeps its own sampling, stop strings, logprobs and length; a greedy or
+seeded request gives the same answer alone and inside a batch of different requests.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from conftest import Stack
+
+CHAT = ("<|im_start|>user\nTell me a story about a dragon.<|im_end|>\n"
+        "<|im_start|>assistant\n")
+COUNT = "1, 2, 3, 4, 5,"
+
+REQUESTS: dict[str, dict[str, Any]] = {
+    "greedy_chat": {"prompt": CHAT, "max_new_tokens": 40, "temperature": 0,
+                    "stop": ["<|im_end|>"]},
+    "seeded": {"prompt": CHAT, "max_new_tokens": 24, "temperature": 1.0, "top_p": 0.9,
+               "top_k": 40, "seed": 42},
+    "stop": {"prompt": COUNT, "max_new_tokens": 20, "temperature": 0, "stop": [" 7"]},
+    "logprobs": {"prompt": COUNT, "max_new_tokens": 6, "temperature": 0, "logprobs": 3},
+    "penalty": {"prompt": COUNT, "max_new_tokens": 16, "temperature": 0,
+                "frequency_penalty": 2.0},
+    "short": {"prompt": "Once upon a time", "max_new_tokens": 3, "temperature": 0},
+}
+LONG = {"prompt": COUNT, "max_new_tokens": 200, "temperature": 0, "stop_token_ids": []}
+
+
+def final_frame(worker: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Stream one generation from the worker and return its last frame (cumulative text)."""
+    last: dict[str, Any] = {}
+    with httpx.stream("POST", worker + "/worker_generate_stream",
+                      json={**body, "echo": False}, timeout=120) as r:
+        buf = b""
+        for raw in r.iter_raw():
+            buf += raw
+            *done, buf = buf.split(b"\0")
+            for part in done:
+                if part:
+                    last = json.loads(part)
+    assert last.get("error_code") == 0, last
+    return last
+
+
+def summary(f: dict[str, Any]) -> tuple[str, str, int, list[str] | None]:
+    lp = f.get("logprobs")
+    return (f["text"], f["finish_reason"], f["usage"]["completion_tokens"],
+            lp["tokens"] if lp else None)
+
+
+def test_batch_gives_each_request_its_solo_answer(stack: Stack) -> None:
+    worker = stack.smol_workers[0]
+    solo = {name: summary(final_frame(worker, body)) for name, body in REQUESTS.items()}
+    long_solo = summary(final_frame(worker, LONG))
+    # each parameter did what it should, so the batched comparison below means something
+    assert solo["stop"][0] == " 6," and solo["stop"][1] == "stop"
+    assert solo["short"][1:3] == ("length", 3)
+    assert solo["logprobs"][3] is not None and len(solo["logprobs"][3]) == 6
+    assert solo["penalty"][0] != final_frame(worker, {**REQUESTS["penalty"],
+                                                      "frequency_penalty": 0})["text"]
+
+    # A long greedy generation runs; the others join it mid-way, all at once.
+    running_peak = 0
+    first_frame = threading.Event()
+    long_result: dict[str, Any] = {}
+
+    def long_generation() -> None:
+        last: dict[str, Any] = {}
+        with httpx.stream("POST", worker + "/worker_generate_stream",
+                          json={**LONG, "echo": False}, timeout=120) as r:
+            buf = b""
+            for raw in r.iter_raw():
+                first_frame.set()
+                buf += raw
+                *done, buf = buf.split(b"\0")
+                for part in done:
+                    if part:
+                        last = json.loads(part)
+        long_result.update(last)
+
+    t = threading.Thread(target=long_generation)
+    t.start()
+    assert first_frame.wait(60)
+    with ThreadPoolExecutor(len(REQUESTS)) as pool:
+        futures = {name: pool.submit(final_frame, worker, body)
+                   for name, body in REQUESTS.items()}
+        while not all(f.done() for f in futures.values()):
+            status = httpx.post(worker + "/worker_get_status").json()
+            running_peak = max(running_peak, status["llmrelay"]["running"])
+            time.sleep(0.02)
+        batched = {name: summary(f.result()) for name, f in futures.items()}
+    t.join(120)
+    assert running_peak >= 3, "the requests should have run at the same time"
+    for name in REQUESTS:
+        assert batched[name] == solo[name], name
+    assert summary(long_result) == long_solo
+
+
+def test_concurrent_sdk_requests_with_different_parameters(stack: Stack) -> None:
+    client = stack.client()
+    q = [{"role": "user", "content": "Name three colours."}]
+
+    def greedy_stream() -> str:
+        chunks = client.chat.completions.create(model="smol", messages=q, max_tokens=30,
+                                                temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    def greedy() -> str:
+        return client.chat.completions.create(model="smol", messages=q, max_tokens=30,
+                                              temperature=0).choices[0].message.content or ""
+
+    def seeded() -> str:
+        return client.chat.completions.create(model="smol", messages=q, max_tokens=20,
+                                              temperature=1.0, seed=7).choices[0].message.content
+
+    def stopped() -> Any:
+        return client.completions.create(model="smol", prompt=COUNT, max_tokens=20,
+                                         temperature=0, stop=[" 8"]).choices[0]
+
+    def logprobs() -> Any:
+        return client.chat.completions.create(model="smol", messages=q, max_tokens=5,
+                                              temperature=0, logprobs=True, top_logprobs=2)
+
+    def n_two() -> Any:
+        return client.chat.completions.create(model="smol", messages=q, max_tokens=8, n=2,
+                                              temperature=1.0, seed=3)
+
+    alone = {"greedy": greedy(), "seeded": seeded()}
+    with ThreadPoolExecutor(8) as pool:
+        jobs = {name: pool.submit(fn) for name, fn in [
+            ("stream", greedy_stream), ("greedy", greedy), ("seeded", seeded),
+            ("stopped", stopped), ("logprobs", logprobs), ("n_two", n_two),
+            ("greedy2", greedy), ("seeded2", seeded)]}
+        out = {name: j.result(timeout=120) for name, j in jobs.items()}
+    assert out["stream"] == out["greedy"] == out["greedy2"] == alone["greedy"]
+    assert out["seeded"] == out["seeded2"] == alone["seeded"]
+    assert out["stopped"].text == " 6, 7," and out["stopped"].finish_reason == "stop"
+    lp = out["logprobs"]
+    content = lp.choices[0].logprobs.content
+    assert len(content) == lp.usage.completion_tokens
+    assert all(t.top_logprobs[0].token == t.token for t in content)
+    assert [c.index for c in out["n_two"].choices] == [0, 1]
+    assert all(c.message.content for c in out["n_two"].choices)
+    assert isinstance(out["stream"], str) and out["stream"]
