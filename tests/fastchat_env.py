@@ -92,7 +92,9 @@ def _run(argv: list[str], log: Path, timeout: float) -> None:
         out.write(f"\n$ {' '.join(argv)}\n")
         out.flush()
         try:
-            r = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+            # FastChat's modules open log files in $LOGDIR (default: the working directory).
+            r = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
+                               cwd=cache_dir(), env=dict(os.environ, LOGDIR=str(cache_dir())))
         except subprocess.TimeoutExpired as e:
             raise FastChatUnavailable(f"`{' '.join(argv[:4])} ...` took over {timeout:.0f} s "
                                       f"(log: {log})") from e
@@ -219,7 +221,8 @@ json.dump(out, open(sys.argv[1], "w"), indent=1, ensure_ascii=False)
 def make_conv_cases(target: Path) -> None:
     """Write FastChat's own renderings of its built-in templates to `target` (JSON)."""
     py = build_fastchat_env()
-    subprocess.run([str(py), "-c", _CONV_CASES, str(target)], check=True)
+    subprocess.run([str(py), "-c", _CONV_CASES, str(target.resolve())], check=True, cwd=cache_dir(),
+                   env=dict(os.environ, LOGDIR=str(cache_dir())))
 
 
 def require_fastchat() -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llmrelay.api.fastchat_conv import STYLES_0_2_36, Conversation, ConvTemplateError
+from llmrelay.fastchat_conv import STYLES_0_2_36, Conversation, ConvTemplateError
 
 CASES = json.loads((Path(__file__).parent / "data" / "fastchat_conv_cases.json").read_text())
 

@@ -342,3 +342,116 @@ RENDERERS: dict[str, Callable[[Conversation], str]] = {
     "METAMATH": _metamath,
     "YUAN2": _yuan2,
 }
+
+
+# -- the other direction: describe a model's chat template as a FastChat conversation ------------
+
+# Probe contents: control characters no template writes itself.
+_S, _U1, _A1, _U2 = "\x10", "\x11", "\x12", "\x13"
+PROBES: list[list[dict[str, Any]]] = [
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
+    [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi! How can I help?"},
+     {"role": "user", "content": "A joke\nabout cats, please. "}],
+    [{"role": "system", "content": "You answer in French."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Bonjour"}, {"role": "user", "content": "Thanks"}],
+]
+
+
+@dataclass
+class Description:
+    """A FastChat conversation describing a chat template, and how faithful it is."""
+
+    conv: dict[str, Any]
+    exact: bool  # renders exactly as the model's template on every probe
+    note: str  # why not, when not exact
+
+
+def _wire(name: str, style: str, system_template: str, system_message: str, roles: tuple[str, str],
+          sep: str, sep2: str | None, stops: list[str]) -> dict[str, Any]:
+    return {
+        "name": name, "system_template": system_template, "system_message": system_message,
+        "roles": list(roles), "messages": [], "offset": 0, "sep_style": STYLE_NUMBER[style],
+        "sep": sep, "sep2": sep2, "stop_str": stops[0] if len(stops) == 1 else (stops or None),
+        "stop_token_ids": None,
+    }
+
+
+def _candidates(render: Callable[[list[dict[str, Any]]], str], name: str,
+                stops: list[str]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    u = render([{"role": "user", "content": _U1}])
+    if "<|im_start|>" in u:  # ChatML, with the default system prompt the template adds, if any
+        default = ""
+        if u.startswith("<|im_start|>system\n") and "<|im_end|>" in u:
+            default = u[len("<|im_start|>system\n"):u.index("<|im_end|>")]
+        out.append(_wire(name, "CHATML", "<|im_start|>system\n{system_message}", default,
+                         ("<|im_start|>user", "<|im_start|>assistant"), "<|im_end|>", None,
+                         stops))
+    # Any template of the shape  system_block + (role_prefix + content + sep)*  + open role_prefix
+    # is FastChat's NO_COLON_SINGLE; read the pieces off probe renderings.
+    ua = render([{"role": "user", "content": _U1}, {"role": "assistant", "content": _A1},
+                 {"role": "user", "content": _U2}])
+    if _U1 in u and all(c in ua for c in (_U1, _A1, _U2)):
+        head_u, gen = u.split(_U1, 1)
+        x = ua[ua.index(_U1) + 1:ua.index(_A1)]  # sep + assistant prefix
+        y = ua[ua.index(_A1) + 1:ua.index(_U2)]  # sep + user prefix
+        n = 0
+        while n < min(len(x), len(y)) and x[n] == y[n]:
+            n += 1
+        # The assistant prefix is what the generation prompt opens with after the sep.
+        sep = x[: len(x) - len(gen)] if x.endswith(gen) and len(x) >= len(gen) else x[:n]
+        role_a, role_u = x[len(sep):], y[len(sep):] if y.startswith(sep) else y
+        sys_default = head_u[: len(head_u) - len(role_u)] if head_u.endswith(role_u) else head_u
+        system_template, system_message = sys_default + "{system_message}", ""
+        s = render([{"role": "system", "content": _S}, {"role": "user", "content": _U1}])
+        if _S in s and _U1 in s:
+            head_s = s.split(_U1, 1)[0]
+            if head_s.endswith(role_u):
+                system_template = head_s[: len(head_s) - len(role_u)].replace(_S, "{system_message}")
+                a, _, b = system_template.partition("{system_message}")
+                if sys_default.startswith(a) and sys_default.endswith(b) and len(sys_default) >= len(a + b):
+                    system_message = sys_default[len(a): len(sys_default) - len(b)]
+        out.append(_wire(name, "NO_COLON_SINGLE", system_template, system_message,
+                         (role_u, role_a), sep, None, stops))
+    return out
+
+
+def describe(render: Callable[[list[dict[str, Any]]], str], name: str,
+             stops: list[str]) -> Description:
+    """The FastChat conversation that renders like `render` (a model's chat template).
+
+    Tries ChatML, then FastChat's NO_COLON_SINGLE with the pieces read off probe renderings, and
+    checks each against the template on PROBES. When none is exact, the closest (most probes
+    equal) is returned with `exact` false and a note saying where they differ.
+    """
+    best: tuple[int, dict[str, Any], str] | None = None
+    try:
+        candidates = _candidates(render, name, stops)
+    except Exception:  # no chat template at all, or one that refuses the probes
+        candidates = []
+    for cand in candidates:
+        conv = Conversation.from_wire(cand)
+        ok, diff = 0, ""
+        for probe in PROBES:
+            try:
+                want = render(probe)
+            except Exception as e:  # a template that refuses a probe (e.g. no system role)
+                diff = diff or f"the model's template refuses {[m['role'] for m in probe]}: {e}"
+                continue
+            got = conv.render(probe)
+            if got == want:
+                ok += 1
+            elif not diff:
+                diff = f"for roles {[m['role'] for m in probe]} the template gives {want!r}, " \
+                       f"the conversation {got!r}"
+        if ok == len(PROBES):
+            return Description(cand, True, "")
+        if best is None or ok > best[0]:
+            best = (ok, cand, diff)
+    if best is None:
+        plain = _wire(name, "ADD_COLON_SINGLE", "{system_message}", "", ("USER", "ASSISTANT"),
+                      "\n", None, stops)
+        return Description(plain, False, "the template's turns could not be recognised; "
+                           "described as plain 'USER: ... ASSISTANT:' turns")
+    return Description(best[1], False, best[2])

@@ -1,7 +1,9 @@
 """POST /v1/chat/completions: OpenAI chat, streamed or not, over our workers.
 
 Our workers receive the `messages` and render them with the model's own template, and answer
-with delta frames; this module shapes those into OpenAI's chat objects and chunks.
+with delta frames; FastChat's workers get a prompt rendered with their conversation template
+and their cumulative frames are turned into deltas (fastchat_workers.py). This module shapes
+the frames into OpenAI's chat objects and chunks.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from llmrelay.api.errors import bad_param
+from llmrelay.api.fastchat_workers import param_builder
 from llmrelay.api.generation import (
     SSE_HEADERS,
     Opening,
@@ -78,7 +81,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
     n = body.n or 1
-    opening = Opening(request, open_all(table, body.model, per_choice(params, n)))
+    # Each choice's params are made for the worker picked: FastChat workers get a prompt.
+    builders = [param_builder(table, p) for p in per_choice(params, n)]
+    opening = Opening(request, open_all(table, body.model, builders))
     cid = f"chatcmpl-{request_id}"
     created = now()
     base = {"id": cid, "created": created, "model": body.model}

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from llmrelay.api.chat import _finish, per_choice, sampling_params
 from llmrelay.api.errors import bad_param
+from llmrelay.api.fastchat_workers import param_builder
 from llmrelay.api.generation import (
     SSE_HEADERS,
     Opening,
@@ -77,7 +78,8 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
         base_p = {**params, **p, "request_id": f"{request_id}-p{j}" if len(prompts) > 1
                   else request_id}
         all_params.extend(per_choice(base_p, n))
-    opening = Opening(request, open_all(table, body.model, all_params))
+    opening = Opening(request, open_all(table, body.model,
+                                        [param_builder(table, p) for p in all_params]))
     cid = f"cmpl-{request_id}"
     base = {"id": cid, "object": "text_completion", "created": now(), "model": body.model}
     total = len(all_params)

@@ -14,13 +14,14 @@ import contextlib
 import difflib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from llmrelay.api.errors import APIError, from_worker
+from llmrelay.api.fastchat_workers import CumulativeToDelta, FastChatInfo, WorkerUnsuitable
 from llmrelay.controller.dispatch import pick
 from llmrelay.protocol import ErrorCode, iter_frames, worker_extensions
 
@@ -57,6 +58,7 @@ class WorkerTable:
         self.inflight: dict[str, int] = {}
         self.down: dict[str, float] = {}  # worker -> its last heartbeat when it failed us
         self._task: asyncio.Task[None] | None = None
+        self.fastchat_info = FastChatInfo()  # templates of FastChat workers (fastchat_workers.py)
 
     # -- refreshing ---------------------------------------------------------------------------
     def apply(self, table: dict[str, Any]) -> None:
@@ -170,30 +172,42 @@ class WorkerStream:
     """One generation on one worker: the first frame is read before anyone answers the client."""
 
     def __init__(self, table: WorkerTable, worker: Worker, stack: contextlib.AsyncExitStack,
-                 frames: AsyncIterator[dict[str, Any]], first: dict[str, Any]) -> None:
+                 frames: AsyncIterator[dict[str, Any]], first: dict[str, Any],
+                 cumulative: bool = False) -> None:
         self.table = table
         self.worker = worker
         self._stack = stack
         self._frames = frames
-        self.first = first
+        # A worker answering FastChat's cumulative frames: turned into deltas here.
+        self._convert = CumulativeToDelta() if cumulative else None
+        self.first = self._convert(first) if self._convert else first
 
     async def frames(self) -> AsyncIterator[dict[str, Any]]:
         yield self.first
         async for f in self._frames:
-            yield f
+            yield self._convert(f) if self._convert else f
 
     async def aclose(self) -> None:
         await self._stack.aclose()
 
 
-async def open_stream(table: WorkerTable, model: str, params: dict[str, Any]) -> WorkerStream:
+# The params for a generation, given the worker picked (ours and FastChat's take different ones).
+ParamsFor = Callable[[Worker], Awaitable[dict[str, Any]]]
+
+
+async def open_stream(table: WorkerTable, model: str,
+                      params: dict[str, Any] | ParamsFor) -> WorkerStream:
     """Pick a worker and start a generation; on failure before the first frame, try another.
+
+    `params` is the request body, or a function of the picked worker that builds it (it may
+    raise WorkerUnsuitable to move on to another worker).
 
     Every worker of the model is tried at most once. Workers that are full (or shutting down)
     are skipped; when all of them are, the answer is 429 with Retry-After.
     """
     tried: set[str] = set()
     last_error = ""
+    unsuitable = ""
     full = 0
     while True:
         worker = table.pick(model, exclude=tried)
@@ -204,8 +218,9 @@ async def open_stream(table: WorkerTable, model: str, params: dict[str, Any]) ->
         stack = contextlib.AsyncExitStack()
         stack.callback(_release, table, worker.name)
         try:
+            body = params if isinstance(params, dict) else await params(worker)
             response = await stack.enter_async_context(table.client.stream(
-                "POST", worker.name + "/worker_generate_stream", json=params))
+                "POST", worker.name + "/worker_generate_stream", json=body))
             frames = iter_frames(response.aiter_raw())
             first = await frames.__anext__()
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:
@@ -213,6 +228,13 @@ async def open_stream(table: WorkerTable, model: str, params: dict[str, Any]) ->
             table.mark_down(worker)
             last_error = f"{worker.name}: {type(e).__name__}"
             continue
+        except WorkerUnsuitable as e:
+            await stack.aclose()
+            unsuitable = str(e)
+            continue
+        except APIError:
+            await stack.aclose()
+            raise
         except (httpx.HTTPError, StopAsyncIteration, ValueError) as e:
             await stack.aclose()
             last_error = f"{worker.name}: {type(e).__name__} {e}"
@@ -232,11 +254,13 @@ async def open_stream(table: WorkerTable, model: str, params: dict[str, Any]) ->
                             worker.name, last_error)
                 continue
             raise from_worker(code, str(first.get("text", "")))
-        return WorkerStream(table, worker, stack, frames, first)
+        return WorkerStream(table, worker, stack, frames, first, cumulative=not body.get("delta"))
     if full and full == len(tried):
         raise APIError(429, f"Every worker serving '{model}' is busy; retry shortly.",
                        type="rate_limit_exceeded", code="rate_limit_exceeded",
                        headers={"Retry-After": "1"})
+    if unsuitable and not last_error and not full:
+        raise APIError(400, f"No worker of '{model}' can serve this request: {unsuitable}.")
     if last_error:
         raise APIError(503, f"All workers for '{model}' failed ({last_error}). Try again.",
                        type="server_error", headers={"Retry-After": "1"})

@@ -6,12 +6,18 @@ restarted controller rebuilds it from the workers' heartbeats (they re-register 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from llmrelay.protocol import DEFAULT_HEARTBEAT_INTERVAL, EXPIRY_BEATS
+from llmrelay.protocol import DEFAULT_HEARTBEAT_INTERVAL, EXPIRY_BEATS, worker_extensions
+
+# FastChat's workers heartbeat every 45 s (FASTCHAT_WORKER_HEART_BEAT_INTERVAL); its controller
+# expires them after 90 s. A FastChat worker (no llmrelay section in its status) keeps FastChat's
+# expiry here, or it would be dropped between two of its heartbeats.
+FASTCHAT_EXPIRATION = float(os.environ.get("FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION", "90"))
 
 
 @dataclass
@@ -31,6 +37,11 @@ class WorkerInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def is_fastchat(self) -> bool:
+        """A worker that speaks none of our extensions (FastChat's own workers)."""
+        return not worker_extensions(self.status)
 
 
 class Registry:
@@ -92,9 +103,10 @@ class Registry:
 
     def expire(self) -> list[str]:
         """Drop workers silent for longer than the expiration; returns their names."""
-        deadline = self.clock() - self.expiration
+        now = self.clock()
         dead = [
-            n for n, w in self.workers.items() if w.check_heart_beat and w.last_heart_beat < deadline
+            n for n, w in self.workers.items() if w.check_heart_beat and w.last_heart_beat < now - (
+                max(self.expiration, FASTCHAT_EXPIRATION) if w.is_fastchat else self.expiration)
         ]
         for name in dead:
             self.remove(name)

@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from llmrelay import __version__
+from llmrelay.fastchat_conv import STYLES_0_2_36, describe
 from llmrelay.protocol import OUR_EXTENSIONS, ErrorCode, frame
 from llmrelay.security import TokenGuard, auth_headers
 from llmrelay.worker.engines.base import Chunk, Engine, EngineError, GenerationRequest
@@ -433,18 +434,29 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
     async def model_details() -> Any:
         return {"context_length": engine.context_length()}
 
+    conv_cache: list[dict[str, Any]] = []
+
+    def describe_template() -> dict[str, Any]:
+        """The model's chat template as a FastChat conversation (made once)."""
+        tpl = engine.chat_template
+        name = f"llmrelay-{tpl.name if tpl else 'none'}"
+        d = describe(engine.render_chat, name, engine.template_stops())
+        if not d.exact:
+            log.warning(
+                "the chat template of %s cannot be expressed exactly as a FastChat conversation: "
+                "/worker_get_conv_template describes the closest one (%s style), so prompts "
+                "rendered by FastChat's API server differ from the model's template (%s). Our "
+                "API server is not affected: it sends chat messages and the worker renders them.",
+                ", ".join(settings.model_names), STYLES_0_2_36[d.conv["sep_style"] - 1], d.note)
+        return {**d.conv, "llmrelay_exact": d.exact}
+
     @app.post("/worker_get_conv_template")
     async def worker_get_conv_template() -> Any:
-        # FastChat's API server renders prompts with this. We describe the model's template as a
-        # ChatML-style conversation (sep_style 7 = CHATML in FastChat), which is what SmolLM2 uses.
-        stops = engine.template_stops() or ["<|im_end|>"]
-        return {"conv": {
-            "name": engine.chat_template.name if engine.chat_template else "raw",
-            "system_template": "<|im_start|>system\n{system_message}",
-            "system_message": "", "roles": ["<|im_start|>user", "<|im_start|>assistant"],
-            "messages": [], "offset": 0, "sep_style": 7, "sep": "<|im_end|>\n", "sep2": None,
-            "stop_str": stops, "stop_token_ids": None,
-        }}
+        # FastChat's API server renders prompts with this; it is read off the model's own chat
+        # template (fastchat_conv.describe), not hand-written per model as FastChat does.
+        if not conv_cache:
+            conv_cache.append(await asyncio.to_thread(describe_template))
+        return {"conv": conv_cache[0]}
 
     @app.post("/worker_get_embeddings")
     async def worker_get_embeddings(request: Request) -> Any:
