@@ -208,3 +208,22 @@ def test_controller_restart_under_load(procs: Procs) -> None:
         assert seen["events"][-1] == "[DONE]"
         assert "error" not in json.loads(seen["events"][-2])
     wait_for(lambda: registered(controller, w), 10)
+
+
+def test_sigterm_on_api_server_drains_streams(procs: Procs) -> None:
+    _, controller = procs.controller()
+    _, worker = procs.worker(controller, "smol")
+    aproc, api = procs.api(controller)
+    wait_for(lambda: "smol" in api_models(api), 15)
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(long_stream, api, 150) for _ in range(2)]
+        time.sleep(0.8)
+        assert aproc.proc is not None
+        aproc.proc.send_signal(signal.SIGTERM)
+        results = [f.result(timeout=120) for f in futures]
+    for seen in results:
+        assert seen["events"][-1] == "[DONE]"
+        assert json.loads(seen["events"][-2])["choices"][0]["finish_reason"] == "length"
+    assert aproc.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(api + "/health")
