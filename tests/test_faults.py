@@ -151,10 +151,20 @@ def test_frozen_worker_is_dropped(procs: Procs) -> None:
     _, controller = procs.controller()
     w1, url1 = procs.worker(controller, "smol")
     _, url2 = procs.worker(controller, "smol")
-    _, api = procs.api(controller, extra=("--request-timeout", "20"))
+    _, api = procs.api(controller, extra=("--request-timeout", "6"))
     wait_for(lambda: registered(controller, url1) and registered(controller, url2), 15)
     assert w1.proc is not None
-    w1.proc.send_signal(signal.SIGSTOP)
+    # a stream in flight on the worker when it freezes ends with a timeout error, not a hang
+    with ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(long_stream, api, 1500) for _ in range(4)]
+        time.sleep(1.0)
+        w1.proc.send_signal(signal.SIGSTOP)
+        results = [f.result(timeout=60) for f in streams]
+    timeouts = [r for r in results if "error" in json.loads(r["events"][-2])]
+    assert timeouts, "the streams on the frozen worker must end with an error"
+    for r in timeouts:
+        assert json.loads(r["events"][-2])["error"]["code"] == "timeout"
+        assert r["events"][-1] == "[DONE]"
     try:
         wait_for(lambda: not registered(controller, url1), 10, "the frozen worker to expire")
         time.sleep(1.0)  # one API table refresh
@@ -208,6 +218,28 @@ def test_controller_restart_under_load(procs: Procs) -> None:
         assert seen["events"][-1] == "[DONE]"
         assert "error" not in json.loads(seen["events"][-2])
     wait_for(lambda: registered(controller, w), 10)
+
+
+def test_refused_worker_leaves_rotation_and_returns(procs: Procs) -> None:
+    """Passive health: a worker that refuses connections is skipped at once, and is used again
+    after it comes back and heartbeats."""
+    _, controller = procs.controller()
+    w1, url1 = procs.worker(controller, "smol")
+    _, url2 = procs.worker(controller, "smol")
+    aproc, api = procs.api(controller)
+    wait_for(lambda: registered(controller, url1) and registered(controller, url2), 15)
+    w1.kill()
+    for _ in range(3):
+        assert "error" not in json.loads(long_stream(api, 2)["events"][-2])
+    assert "out of rotation" in aproc.log()
+    port = url1.rsplit(":", 1)[1]
+    procs.worker(controller, "smol", port=int(port))
+
+    def served_by_w1() -> bool:
+        long_stream(api, 2)
+        return httpx.post(url1 + "/worker_get_status").json()["llmrelay"]["served"] > 0
+
+    wait_for(served_by_w1, 20, "the restarted worker to get traffic again")
 
 
 def test_sigterm_on_api_server_drains_streams(procs: Procs) -> None:
