@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from llmrelay import fastchat_flags
 from llmrelay.controller.dispatch import METHODS
 from llmrelay.protocol import DEFAULT_HEARTBEAT_INTERVAL
 
@@ -122,6 +123,7 @@ def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) ->
     p.add_argument("--heartbeat-interval", type=float, default=DEFAULT_HEARTBEAT_INTERVAL)
     p.add_argument("--embed-in-truncate", action="store_true", help="accepted for FastChat scripts")
     p.add_argument("--debug", action="store_true", help="accepted for FastChat scripts")
+    fastchat_flags.add_args(p)  # FastChat flags we refuse with a clear message
 
 
 def _json_or_csv(value: str) -> list[str]:

@@ -15,6 +15,7 @@ import sys
 import time
 from urllib.parse import urlparse
 
+from llmrelay import fastchat_flags
 from llmrelay.config import split_csv
 from llmrelay.runtime import PUBLIC_HOSTS
 from llmrelay.security import token_from
@@ -117,6 +118,13 @@ def run(args: argparse.Namespace) -> None:
         args.host, args.port, controllers[0] if controllers else "")
     if args.limit_worker_concurrency < 1:
         sys.exit("error: --limit-worker-concurrency must be at least 1")
+    errors, warnings = fastchat_flags.check(args)  # GPTQ/AWQ/exllama/xft, --revision
+    for w in warnings:
+        log.warning("%s", w)
+    if errors:
+        for e in errors:
+            log.error("cannot start the worker: %s", e)
+        sys.exit(2)
     try:
         model = resolve(args.model_path)
         names = split_csv(args.model_names) or [model.default_name]
