@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STACK ?=
 
-.PHONY: up test install install-dev lint clean
+.PHONY: up test install install-dev lint clean fastchat-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ install-dev: $(VENV)/.installed-dev
 up: install
 	$(BIN)/llmrelay up $(STACK)
 
-test: install-dev
+# FastChat 0.2.36 in its own cached venv (~/.cache/llmrelay) for the interop tests; built once
+# (a few minutes), then reused. If it cannot be built, those tests are skipped with the reason.
+fastchat-env: install-dev
+	-$(BIN)/python tests/fastchat_env.py
+
+test: install-dev fastchat-env
 	$(BIN)/ruff check src tests $(wildcard benchmarks)
 	$(BIN)/pytest
 
