@@ -1,0 +1,171 @@
+"""Continuous batching through the full stack against raw llama-cpp-python, in one run.
+
+Starts a controller, one SmolLM2 worker (llamacpp engine, batching up to 8 sequences) and the
+API server on free loopback ports, then runs 1, 4 and 8 concurrent streaming `openai`-SDK
+clients; each client sends `--rounds` chat requests one after another. Raw llama-cpp-python
+(`Llama.create_chat_completion`, streaming, same model, prompt and threads) generates alone in
+the same run. Prints total completion tokens/s, time to first token and latency (p50/p95), and
+ratios against 1 client and against raw.
+
+    .venv/bin/python benchmarks/bench_batching.py [--rounds 3] [--repeat 3] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import openai
+from _stack import Stack
+
+TOPICS = ["a dragon", "a lighthouse", "the sea", "a robot", "a garden", "a city at night",
+          "a lost key", "a mountain", "a violin", "a storm", "a fox", "a library"]
+
+
+def messages(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Tell me a long story about {TOPICS[i % len(TOPICS)]}."}]
+
+
+@dataclass
+class Result:
+    ttft: float
+    latency: float
+    tokens: int
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))]
+
+
+def one_request(client: openai.OpenAI, i: int, max_tokens: int) -> Result:
+    t0 = time.perf_counter()
+    ttft = None
+    tokens = 0
+    stream = client.chat.completions.create(
+        model="smol", messages=messages(i), max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True})  # type: ignore[arg-type]
+    for chunk in stream:
+        if ttft is None and chunk.choices and chunk.choices[0].delta.content:
+            ttft = time.perf_counter() - t0
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    end = time.perf_counter() - t0
+    return Result(ttft if ttft is not None else end, end, tokens)
+
+
+def run_clients(api: str, n: int, rounds: int, max_tokens: int) -> tuple[list[Result], float]:
+    results: list[Result] = []
+    lock = threading.Lock()
+
+    def client_loop(c: int) -> None:
+        client = openai.OpenAI(base_url=api + "/v1", api_key="none", max_retries=0, timeout=300)
+        for r in range(rounds):
+            res = one_request(client, c * rounds + r, max_tokens)
+            with lock:
+                results.append(res)
+
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - t0
+
+
+def run_raw(llm: object, n: int, max_tokens: int) -> tuple[list[Result], float]:
+    """`n` streaming chat completions one after another on a plain `Llama` object."""
+    results = []
+    t_all = time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter()
+        ttft = None
+        tokens = 0
+        for chunk in llm.create_chat_completion(  # type: ignore[attr-defined]
+                messages=messages(i), max_tokens=max_tokens, temperature=0, stream=True):
+            delta = chunk["choices"][0]["delta"]
+            if delta.get("content"):
+                tokens += 1  # one chunk per token in llama-cpp-python's stream
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+        end = time.perf_counter() - t0
+        results.append(Result(ttft or end, end, tokens))
+    return results, time.perf_counter() - t_all
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3, help="requests per client, one at a time")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--clients", default="1,4,8")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating repeats of every side")
+    ap.add_argument("--n-threads", type=int, default=2, help="llama.cpp threads (both sides)")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.clients.split(",")]
+
+    from llama_cpp import Llama  # only the benchmark's own baseline imports the library
+
+    from llmrelay.worker.models import resolve
+
+    llm = Llama(model_path=str(resolve("smollm2").path), n_ctx=2048, n_threads=args.n_threads,
+                verbose=False)
+    llm.create_chat_completion(messages=messages(0), max_tokens=4, temperature=0)  # warm-up
+    names = ["raw llama-cpp-python, alone"] + [
+        f"llmrelay, {n} client{'s' if n > 1 else ''}" for n in levels]
+    trials: dict[str, list[tuple[list[Result], float]]] = {name: [] for name in names}
+    cpu_notes: list[str] = []
+    stack = Stack()
+    try:
+        stack.start_controller()
+        stack.start_worker(extra=("--limit-worker-concurrency", str(max(levels)),
+                                  "--context-length", "2048",
+                                  "--n-threads", str(args.n_threads)))
+        api = stack.start_api()
+        stack.wait_models(1)
+        run_clients(api, 1, 1, 8)  # warm-up
+        # Sides alternate within each repeat, so a noisy neighbour hits them alike.
+        for rep in range(args.repeat):
+            trials[names[0]].append(run_raw(llm, max(3, args.rounds), args.max_tokens))
+            for name, n in zip(names[1:], levels, strict=True):
+                cpu0, own0 = stack.cpu_seconds(), time.process_time()
+                res, wall = run_clients(api, n, args.rounds, args.max_tokens)
+                cpu1, own1 = stack.cpu_seconds(), time.process_time()
+                trials[name].append((res, wall))
+                if rep == 0:
+                    cpu_notes.append(f"{n} clients, {wall:.1f} s: " + ", ".join(
+                        f"{k.split()[0]} {cpu1[k] - cpu0.get(k, 0):.1f}" for k in cpu1)
+                        + f", benchmark clients {own1 - own0:.1f}")
+    finally:
+        stack.stop()
+        llm.close()
+
+    def tps(name: str) -> float:  # median over repeats of total completion tokens / wall
+        return statistics.median(sum(r.tokens for r in res) / wall for res, wall in trials[name])
+
+    raw_tps = tps(names[0])
+    one = tps(names[1]) if levels and levels[0] == 1 else raw_tps
+    print(f"\nSmolLM2-135M Q4_1, {args.max_tokens} max tokens, {args.rounds} requests per client, "
+          f"{args.repeat} repeats (tok/s: median of repeats; times: all requests), "
+          f"{args.n_threads} llama.cpp threads, temperature 0, streaming\n")
+    print("| run | requests | tok/s total | vs 1 client | vs raw | TTFT p50 ms | TTFT p95 ms "
+          "| latency p50 ms | latency p95 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in names:
+        res = [r for rs, _ in trials[name] for r in rs]
+        t = tps(name)
+        ttft = [r.ttft * 1000 for r in res]
+        lat = [r.latency * 1000 for r in res]
+        print(f"| {name} | {len(res)} | {t:.1f} | {t / one:.2f} | {t / raw_tps:.2f} | "
+              f"{statistics.median(ttft):.0f} | {pct(ttft, 95):.0f} | "
+              f"{statistics.median(lat):.0f} | {pct(lat, 95):.0f} |")
+    print("\nCPU seconds used per process during each run:")
+    for note in cpu_notes:
+        print("  " + note)
+
+
+if __name__ == "__main__":
+    main()
