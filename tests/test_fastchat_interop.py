@@ -329,3 +329,14 @@ def test_our_worker_answers_fastchat_cumulative_stream(stack: Stack) -> None:
     texts = [f["text"] for f in frames]
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
     assert frames[-1]["finish_reason"] in ("stop", "length")
+
+
+def test_inexpressible_template_is_described_honestly(stack: Stack) -> None:
+    """Gemma folds the system message into the first user turn: no FastChat conversation can."""
+    conv = httpx.post(stack.gemma_worker + "/worker_get_conv_template", json={}).json()["conv"]
+    assert conv["llmrelay_exact"] is False
+    # Still the closest usable description: the user turn renders as the model's template does.
+    rendered = Conversation.from_wire(conv).render([{"role": "user", "content": "Hi"}])
+    assert "<start_of_turn>user\nHi<end_of_turn>" in rendered
+    log = next(p for p in stack.procs.all if p.name.startswith("worker-gemma")).log()
+    assert "cannot be expressed exactly as a FastChat conversation" in log

@@ -393,17 +393,19 @@ def _candidates(render: Callable[[list[dict[str, Any]]], str], name: str,
     ua = render([{"role": "user", "content": _U1}, {"role": "assistant", "content": _A1},
                  {"role": "user", "content": _U2}])
     if _U1 in u and all(c in ua for c in (_U1, _A1, _U2)):
-        head_u, gen = u.split(_U1, 1)
+        head_u = u.split(_U1, 1)[0]
         x = ua[ua.index(_U1) + 1:ua.index(_A1)]  # sep + assistant prefix
         y = ua[ua.index(_A1) + 1:ua.index(_U2)]  # sep + user prefix
         n = 0
         while n < min(len(x), len(y)) and x[n] == y[n]:
             n += 1
-        # The assistant prefix is what the generation prompt opens with after the sep.
-        sep = x[: len(x) - len(gen)] if x.endswith(gen) and len(x) >= len(gen) else x[:n]
-        role_a, role_u = x[len(sep):], y[len(sep):] if y.startswith(sep) else y
+        # Where the separator ends and a role prefix begins does not change the rendering; the
+        # common prefix of the two in-between pieces is taken as the separator.
+        sep = x[:n]
+        role_a, role_u = x[n:], y[n:]
         sys_default = head_u[: len(head_u) - len(role_u)] if head_u.endswith(role_u) else head_u
-        system_template, system_message = sys_default + "{system_message}", ""
+        # Until a place for the system message is found: before everything (closest, not exact).
+        system_template, system_message = "{system_message}" + sys_default, ""
         s = render([{"role": "system", "content": _S}, {"role": "user", "content": _U1}])
         if _S in s and _U1 in s:
             head_s = s.split(_U1, 1)[0]
