@@ -5,6 +5,8 @@ cannot live in our own environment, so it gets a virtual environment of its own 
 repository: ``$LLMRELAY_CACHE`` (default ``~/.cache/llmrelay``) ``/fastchat-venv-<key>``, where
 the key is a hash of the pins and the Python version. Building it takes a few minutes on first
 use (torch's CPU wheel first, so no CUDA build is downloaded); later uses are instant.
+Measured on the 2-core machine: the venv in 63 s with an empty pip cache (39 s with a warm
+one), the SmolLM2 HF folder in 15 s; `make test` builds both before pytest starts.
 
 SmolLM2 is made into an HF folder once (FastChat's model_worker loads only HF folders): the
 bundled GGUF is loaded with transformers in that environment (dequantized), the GGUF

@@ -233,7 +233,10 @@ def test_mixed_workers_share_the_load(interop: Interop) -> None:
     results: list[str] = []
     errors: list[BaseException] = []
 
+    barrier = threading.Barrier(4)
+
     def one() -> None:
+        barrier.wait()  # all four open at once
         try:
             r = client.chat.completions.create(
                 model=SHARED, messages=[{"role": "user", "content": "Count to twenty."}],
