@@ -27,6 +27,7 @@ from llmrelay.api.generation import (
 )
 from llmrelay.api.routing import WorkerTable, now
 from llmrelay.api.schemas import ChatCompletionRequest, normalize_messages
+from llmrelay.controller.dispatch import conversation_keys
 
 DEFAULT_TEMPERATURE = 0.7
 
@@ -83,7 +84,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
     n = body.n or 1
     # Each choice's params are made for the worker picked: FastChat workers get a prompt.
     builders = [param_builder(table, p) for p in per_choice(params, n)]
-    opening = Opening(request, open_all(table, body.model, builders))
+    # `prefix` dispatch: the next turn goes where the conversation's KV cache is.
+    keys = conversation_keys(messages) if table.dispatch_method == "prefix" else None
+    opening = Opening(request, open_all(table, body.model, builders, keys))
     cid = f"chatcmpl-{request_id}"
     created = now()
     base = {"id": cid, "created": created, "model": body.model}

@@ -31,9 +31,12 @@ def sse(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-async def open_all(table: WorkerTable, model: str, params: list[dict[str, Any]]) -> list[WorkerStream]:
-    """Start every generation (one per choice) before answering; all or nothing."""
-    results = await asyncio.gather(*(open_stream(table, model, p) for p in params),
+async def open_all(table: WorkerTable, model: str, params: list[dict[str, Any]],
+                   keys: list[str] | None = None) -> list[WorkerStream]:
+    """Start every generation (one per choice) before answering; all or nothing.
+
+    `keys`: the conversation's prefix keys, for the `prefix` dispatch method."""
+    results = await asyncio.gather(*(open_stream(table, model, p, keys) for p in params),
                                    return_exceptions=True)
     streams = [r for r in results if isinstance(r, WorkerStream)]
     errors = [r for r in results if isinstance(r, BaseException)]

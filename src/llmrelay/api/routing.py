@@ -22,7 +22,7 @@ import httpx
 
 from llmrelay.api.errors import APIError, from_worker
 from llmrelay.api.fastchat_workers import CumulativeToDelta, FastChatInfo, WorkerUnsuitable
-from llmrelay.controller.dispatch import pick
+from llmrelay.controller.dispatch import Affinity, pick
 from llmrelay.protocol import ErrorCode, iter_frames, worker_extensions
 
 log = logging.getLogger("llmrelay.api")
@@ -57,6 +57,7 @@ class WorkerTable:
         self.controller_ok = False
         self.inflight: dict[str, int] = {}
         self.down: dict[str, float] = {}  # worker -> its last heartbeat when it failed us
+        self.affinity = Affinity()  # conversation prefix -> worker, for the `prefix` method
         self._task: asyncio.Task[None] | None = None
         self.fastchat_info = FastChatInfo()  # templates of FastChat workers (fastchat_workers.py)
 
@@ -156,11 +157,15 @@ class WorkerTable:
             param="model", code="model_not_found",
         )
 
-    def pick(self, model: str, exclude: set[str] = frozenset()) -> Worker | None:
+    def pick(self, model: str, exclude: set[str] = frozenset(),
+             keys: list[str] | None = None) -> Worker | None:
+        """`keys`: the conversation's prefix keys (`dispatch.conversation_keys`), for `prefix`."""
         candidates = [w for w in self.workers.values()
                       if model in w.model_names and w.name not in exclude
                       and w.name not in self.down]
-        return pick(self.dispatch_method, candidates, extra_load=self.inflight)  # type: ignore[return-value]
+        preferred = self.affinity.lookup(keys) if keys else None
+        return pick(self.dispatch_method, candidates, extra_load=self.inflight,  # type: ignore[return-value]
+                    preferred=preferred)
 
     def mark_down(self, worker: Worker) -> None:
         self.down[worker.name] = worker.last_heart_beat
@@ -196,7 +201,8 @@ ParamsFor = Callable[[Worker], Awaitable[dict[str, Any]]]
 
 
 async def open_stream(table: WorkerTable, model: str,
-                      params: dict[str, Any] | ParamsFor) -> WorkerStream:
+                      params: dict[str, Any] | ParamsFor,
+                      keys: list[str] | None = None) -> WorkerStream:
     """Pick a worker and start a generation; on failure before the first frame, try another.
 
     `params` is the request body, or a function of the picked worker that builds it (it may
@@ -210,7 +216,7 @@ async def open_stream(table: WorkerTable, model: str,
     unsuitable = ""
     full = 0
     while True:
-        worker = table.pick(model, exclude=tried)
+        worker = table.pick(model, exclude=tried, keys=keys)
         if worker is None:
             break
         tried.add(worker.name)
@@ -254,6 +260,8 @@ async def open_stream(table: WorkerTable, model: str,
                             worker.name, last_error)
                 continue
             raise from_worker(code, str(first.get("text", "")))
+        if keys:
+            table.affinity.remember(keys, worker.name)
         return WorkerStream(table, worker, stack, frames, first, cumulative=not body.get("delta"))
     if full and full == len(tried):
         raise APIError(429, f"Every worker serving '{model}' is busy; retry shortly.",

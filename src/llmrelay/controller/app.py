@@ -160,7 +160,7 @@ def create_app(dispatch_method: str = "shortest_queue", heartbeat_interval: floa
         chosen = pick(dispatch_method, registry.workers_for(model))
         if chosen is None:
             return ""
-        if dispatch_method == "shortest_queue":
+        if dispatch_method in ("shortest_queue", "prefix"):
             # Count the request until the worker's next heartbeat says otherwise (as FastChat does).
             chosen.queue_length += 1
         return chosen.name

@@ -1,0 +1,91 @@
+"""Cache-aware `prefix` dispatch against `shortest_queue`: TTFT on a late turn of many chats.
+
+For each method, starts a controller with that dispatch method, two SmolLM2 workers and the
+API server on free loopback ports, then runs `--conversations` multi-turn conversations in
+parallel (one thread each, streaming `openai`-SDK calls). Each conversation starts with a long
+system prompt, so re-evaluating a conversation's history on a worker that does not hold it costs
+time. Prints time to first token per turn (median, p95) and the ratio prefix / shortest_queue.
+
+    .venv/bin/python benchmarks/bench_prefix.py [--conversations 20] [--turns 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+
+import openai
+from _stack import Stack
+
+SYSTEM = ("You are a helpful assistant for a travel agency. " * 12).strip()
+
+
+def conversation(api: str, c: int, turns: int, ttft: dict[int, list[float]],
+                 lock: threading.Lock, start: threading.Barrier) -> None:
+    client = openai.OpenAI(base_url=api + "/v1", api_key="none", max_retries=0, timeout=300)
+    messages = [{"role": "system", "content": f"{SYSTEM} Customer number {c}."}]
+    start.wait()
+    for turn in range(1, turns + 1):
+        messages.append({"role": "user", "content": f"Suggest city number {turn} to visit."})
+        t0 = time.perf_counter()
+        first = None
+        text = ""
+        for chunk in client.chat.completions.create(model="smol", messages=messages,  # type: ignore[arg-type]
+                                                    max_tokens=24, temperature=0, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                if first is None:
+                    first = time.perf_counter() - t0
+                text += chunk.choices[0].delta.content
+        with lock:
+            ttft[turn].append(first if first is not None else time.perf_counter() - t0)
+        messages.append({"role": "assistant", "content": text})
+
+
+def run(method: str, conversations: int, turns: int, threads: int) -> dict[int, list[float]]:
+    stack = Stack()
+    try:
+        stack.start_controller(("--dispatch-method", method))
+        for _ in range(2):
+            stack.start_worker(extra=("--limit-worker-concurrency", str(conversations),
+                                      "--context-length", "2048", "--n-threads", str(threads)))
+        api = stack.start_api()
+        stack.wait_models(2)
+        ttft: dict[int, list[float]] = {t: [] for t in range(1, turns + 1)}
+        lock = threading.Lock()
+        barrier = threading.Barrier(conversations)
+        ts = [threading.Thread(target=conversation, args=(api, c, turns, ttft, lock, barrier))
+              for c in range(conversations)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        return ttft
+    finally:
+        stack.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--conversations", type=int, default=20)
+    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--n-threads", type=int, default=1, help="llama.cpp threads per worker")
+    args = ap.parse_args()
+    results = {m: run(m, args.conversations, args.turns, args.n_threads)
+               for m in ("shortest_queue", "prefix")}
+    print(f"\n{args.conversations} parallel conversations, {args.turns} turns, 2 SmolLM2 workers "
+          f"({args.n_threads} llama.cpp thread each), time to first token in ms\n")
+    print("| turn | shortest_queue p50 | shortest_queue p95 | prefix p50 | prefix p95 | "
+          "prefix / shortest_queue (p50) |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for turn in range(1, args.turns + 1):
+        sq = sorted(x * 1000 for x in results["shortest_queue"][turn])
+        px = sorted(x * 1000 for x in results["prefix"][turn])
+        print(f"| {turn} | {statistics.median(sq):.0f} | {sq[int(0.95 * (len(sq) - 1))]:.0f} | "
+              f"{statistics.median(px):.0f} | {px[int(0.95 * (len(px) - 1))]:.0f} | "
+              f"{statistics.median(px) / statistics.median(sq):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
