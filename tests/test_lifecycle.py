@@ -104,13 +104,13 @@ def test_client_disconnect_cancels_generation(stack: Stack) -> None:
             next(lines)
         assert running() == 1
     t0 = time.monotonic()
-    wait_for(lambda: running() == 0, 5, "the worker to stop after a streaming client left")
+    wait_for(lambda: running() == 0, 10, "the worker to stop after a streaming client left")
     stream_cancel = time.monotonic() - t0
     # non-streaming: the client gives up after 1 s
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(stack.api + "/v1/completions", json=long, timeout=1.0)
-    wait_for(lambda: running() == 0, 5, "the worker to stop after a non-streaming client left")
-    assert stream_cancel < 5
+    wait_for(lambda: running() == 0, 10, "the worker to stop after a non-streaming client left")
+    assert stream_cancel < 10
 
 
 def test_api_keys(stack: Stack, procs: Procs) -> None:
