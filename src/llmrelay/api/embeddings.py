@@ -14,27 +14,41 @@ from llmrelay.api.generation import until_disconnect
 from llmrelay.api.routing import WorkerTable
 from llmrelay.api.schemas import EmbeddingRequest
 
+MAX_INPUTS = 2048  # OpenAI's limit per request
+
 
 async def embeddings(request: Request, body: EmbeddingRequest) -> Any:
     table: WorkerTable = request.app.state.table
     table.check_model(body.model)
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise bad_param("input", "input must be a non-empty string or list of strings.")
-    if body.dimensions is not None:
-        raise bad_param("dimensions", "This model does not support 'dimensions'.",
-                        "unsupported_parameter")
+    inputs = body.input
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    elif inputs and all(isinstance(t, int) for t in inputs):
+        inputs = [inputs]  # one input as token ids
+    if not inputs or not all(isinstance(t, str) or (isinstance(t, list) and t) for t in inputs):
+        raise bad_param("input", "input must be a non-empty string, a list of strings, or a "
+                        "list of non-empty token id arrays.")
+    if len(inputs) > MAX_INPUTS:
+        raise bad_param("input", f"At most {MAX_INPUTS} inputs per request; got {len(inputs)}.")
     worker = table.pick(body.model)
     if worker is None:
         raise APIError(503, f"No worker for '{body.model}' is available right now.",
                        type="server_error", headers={"Retry-After": "2"})
-    if not (worker.status.get("llmrelay") or {}).get("embeddings", True):
+    ours = worker.status.get("llmrelay") or {}
+    if not ours.get("embeddings", True):
         raise bad_param("model", f"The model '{body.model}' does not serve embeddings.",
                         "model_not_supported")
+    if body.dimensions is not None:
+        allowed = ours.get("embedding_dimensions") or []
+        if body.dimensions not in allowed:
+            sizes = ", ".join(map(str, allowed)) or "unknown"
+            raise bad_param("dimensions", f"The model '{body.model}' does not support "
+                            f"dimensions={body.dimensions}; it produces embeddings of "
+                            f"{sizes} dimensions.", "unsupported_parameter")
     try:
         r = await until_disconnect(request, table.client.post(
             worker.name + "/worker_get_embeddings",
-            json={"model": body.model, "input": texts}))
+            json={"model": body.model, "input": inputs}))
         data = r.json()
     except (httpx.HTTPError, ValueError) as e:
         raise APIError(502, f"The embedding worker failed ({type(e).__name__}).",

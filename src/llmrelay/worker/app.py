@@ -287,6 +287,7 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
                 "engine": engine.name,
                 "context_length": engine.context_length(),
                 "embeddings": engine.supports_embeddings(),
+                "embedding_dimensions": getattr(engine, "dimensions", list)(),
                 "limit_worker_concurrency": state.limit,
                 "running": state.running,
                 "served": state.served,
@@ -464,8 +465,15 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
         texts = body.get("input")
         if isinstance(texts, str):
             texts = [texts]
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise EngineError("input must be a string or a list of strings", 40001)
+        if isinstance(texts, list) and texts and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in texts):
+            texts = [texts]  # one input given as token ids
+        if not isinstance(texts, list) or not all(
+            isinstance(t, str) or (isinstance(t, list) and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in t))
+            for t in texts
+        ):
+            raise EngineError("input must be a string, a list of strings, or token id arrays", 40001)
         async with state.slot():
             vectors, n = await asyncio.to_thread(engine.embed, texts)
         return {"embedding": vectors, "token_num": n}

