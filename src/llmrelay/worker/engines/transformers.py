@@ -205,7 +205,11 @@ def available_memory(device: str, num_gpus: int, max_gpu_memory: str | None) -> 
 
 def check_memory(path: Path, device: str, opts: LoadOptions, default_bytes: int) -> None:
     """Refuse, before loading, a model whose weights would not fit (with 20% headroom)."""
-    n, _ = count_parameters(path)
+    try:
+        n, _ = count_parameters(path)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise EngineError(f"transformers could not load {path}: its weight files are unreadable "
+                          f"({type(e).__name__}: {e})") from e
     per = 0.5 if opts.load_4bit else 1.0 if opts.load_8bit else DTYPES[opts.dtype].itemsize \
         if opts.dtype else default_bytes
     need = int(n * per * 1.2)
