@@ -1,20 +1,90 @@
 """Start a real llmrelay stack (controller, workers, API server) on free loopback ports.
 
 Shared by the benchmark scripts; each process's output goes to a log file in a temporary folder.
+
+Every child starts in its own session (so a Ctrl-C in the terminal reaches only the script) and
+is remembered here; they are all stopped when the script exits, normally or by an exception
+(atexit), and on SIGINT, SIGTERM and SIGHUP (the handler stops them, then exits with 128 + the
+signal). A stopped child gets SIGTERM on its whole process group, then SIGKILL after 10 s.
+`spawn()` starts any other child (a FastChat process) under the same guard.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+_children: list[subprocess.Popen[bytes]] = []
+_lock = threading.RLock()  # the signal handler may run while the main thread holds it
+
+
+def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None,
+          cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start a child in its own session, output to `log`, stopped when this script ends."""
+    install_guards()
+    with open(log, "ab") as out:
+        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                             cwd=cwd, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+    with _lock:
+        _children.append(p)
+    return p
+
+
+def stop_children(procs: list[subprocess.Popen[bytes]] | None = None, grace: float = 10.0) -> None:
+    """SIGTERM to each child's process group, then SIGKILL to those still alive after `grace`."""
+    with _lock:
+        targets = list(_children if procs is None else procs)
+    for p in reversed(targets):
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in targets:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    with _lock:
+        for p in targets:
+            if p in _children:
+                _children.remove(p)
+
+
+_installed = False
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+    print(f"\n{signal.Signals(signum).name}: stopping {len(_children)} child processes",
+          file=sys.stderr)
+    stop_children()
+    os._exit(128 + signum)
+
+
+def install_guards() -> None:
+    """atexit + SIGINT/SIGTERM/SIGHUP handlers that stop every child (once per process)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    atexit.register(stop_children)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _on_signal)
 
 
 def free_port() -> int:
@@ -46,11 +116,8 @@ class Stack:
         self.workers: list[str] = []
 
     def _start(self, name: str, argv: list[str]) -> None:
-        with open(self.logs / f"{name}.log", "ab") as log:
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "llmrelay.cli", *argv], stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
-                env=dict(os.environ, PYTHONUNBUFFERED="1")))
+        self.procs.append(spawn([sys.executable, "-m", "llmrelay.cli", *argv],
+                                self.logs / f"{name}.log"))
 
     def start_controller(self, extra: tuple[str, ...] = ()) -> str:
         port = free_port()
@@ -104,11 +171,4 @@ class Stack:
         return out
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_children(self.procs)
