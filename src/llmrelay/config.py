@@ -84,7 +84,9 @@ def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) ->
         help="comma-separated public names (default: derived from the model path)",
     )
     p.add_argument(
-        "--engine", default="auto", choices=["auto", "llamacpp", "transformers", "openai"]
+        "--engine", default="auto",
+        choices=["auto", "llamacpp", "transformers", "openai", "synthetic"],
+        help="synthetic: fixed text and no model, for router benchmarks and fault tests only",
     )
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "mps", "xpu", "npu"],
                    help="default: the best device present")

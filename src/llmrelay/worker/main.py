@@ -72,8 +72,15 @@ def check_llamacpp_flags(args: argparse.Namespace, gpu: bool) -> str:
     return device
 
 
-def build_engine(args: argparse.Namespace, model: ResolvedModel) -> Engine:
+def build_engine(args: argparse.Namespace, model: ResolvedModel | None) -> Engine:
     engine = args.engine
+    if engine == "synthetic":  # fixed text, no model: router benchmarks and fault tests only
+        from llmrelay.worker.engines.synthetic import SyntheticEngine
+
+        log.warning("--engine synthetic: this worker serves NO model and answers fixed text; "
+                    "it exists for router benchmarks and fault tests only")
+        return SyntheticEngine(args.chat_template)
+    assert model is not None
     if engine == "auto":
         engine = "llamacpp" if model.kind == "gguf" else "transformers"
     if engine == "llamacpp":
@@ -142,9 +149,9 @@ def run(args: argparse.Namespace) -> None:
             log.error("cannot start the worker: %s", e)
         sys.exit(2)
     try:
-        model = resolve(args.model_path)
-        names = split_csv(args.model_names) or [model.default_name]
-        log.info("loading %s from %s ...", ", ".join(names), model.path)
+        model = None if args.engine == "synthetic" else resolve(args.model_path)
+        names = split_csv(args.model_names) or [model.default_name if model else "synthetic"]
+        log.info("loading %s from %s ...", ", ".join(names), model.path if model else "nothing")
         started = time.monotonic()
         engine = build_engine(args, model)
     except (ModelNotFound, FlagError, EngineError, ValueError) as e:
