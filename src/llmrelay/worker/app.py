@@ -165,6 +165,7 @@ def parse_params(body: dict[str, Any], engine: Engine) -> tuple[GenerationReques
         logprobs=logprobs,
         echo=bool(body.get("echo", True)),  # FastChat's worker echoes unless told not to
         request_id=str(body.get("request_id") or uuid.uuid4().hex[:12]),
+        model=body["model"] if isinstance(body.get("model"), str) else None,
     )
     return req, bool(body.get("delta", False))
 
@@ -235,8 +236,10 @@ _DONE = object()
 
 
 async def run_in_thread(engine: Engine, req: GenerationRequest,
-                        cancel: threading.Event) -> AsyncIterator[Chunk]:
-    """Run `engine.generate` in a dedicated thread and yield its chunks here."""
+                        cancel: threading.Event) -> AsyncIterator[list[Chunk]]:
+    """Run `engine.generate` in a dedicated thread and yield its chunks here, as lists of the
+    chunks ready at once: when the event loop falls behind the engine (many streams, a fast
+    model), they go out in one write instead of one write (and one wake-up of the reader) each."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -257,12 +260,21 @@ async def run_in_thread(engine: Engine, req: GenerationRequest,
     threading.Thread(target=work, name=f"gen-{req.request_id}", daemon=True).start()
     try:
         while True:
+            batch: list[Chunk] = []
             item = await queue.get()
+            while True:
+                if item is _DONE or isinstance(item, Exception):
+                    break
+                batch.append(item)
+                if queue.empty():
+                    break
+                item = queue.get_nowait()
+            if batch:
+                yield batch
             if item is _DONE:
                 return
             if isinstance(item, Exception):
                 raise item
-            yield item
     finally:
         cancel.set()  # no-op when finished; stops the engine when the consumer went away
 
@@ -292,6 +304,7 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
                 "running": state.running,
                 "served": state.served,
                 "pid": os.getpid(),
+                **engine.status(),  # e.g. `ready`, and an upstream server's health
             },
         }
 
@@ -340,7 +353,8 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
     async def engine_error(request: Request, e: EngineError) -> JSONResponse:
         return JSONResponse(error_frame(e), status_code=400)
 
-    async def generate_frames(req: GenerationRequest, delta: bool) -> AsyncIterator[dict]:
+    async def generate_frames(req: GenerationRequest, delta: bool) -> AsyncIterator[list[dict]]:
+        """Lists of frames ready at once (see run_in_thread)."""
         cancel = threading.Event()
         framer = Framer(delta)
         started = time.monotonic()
@@ -348,22 +362,26 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
         pending_tokens = 0
         try:
             async with state.slot():
-                async for chunk in run_in_thread(engine, req, cancel):
-                    pending_tokens += 1
-                    f = framer.make(chunk)
-                    last = f
-                    if (chunk.finish_reason is None and delta is False
-                            and pending_tokens < settings.stream_interval):
-                        continue
-                    pending_tokens = 0
-                    yield f
+                async for chunks in run_in_thread(engine, req, cancel):
+                    out = []
+                    for chunk in chunks:
+                        pending_tokens += 1
+                        f = framer.make(chunk)
+                        last = f
+                        if (chunk.finish_reason is None and delta is False
+                                and pending_tokens < settings.stream_interval):
+                            continue
+                        pending_tokens = 0
+                        out.append(f)
+                    if out:
+                        yield out
         except (EngineError, ChatTemplateError) as e:
             log.info("request %s refused: %s", req.request_id, e)
-            yield error_frame(e)
+            yield [error_frame(e)]
             return
         except Exception as e:  # never a silent cut: the client gets an error frame
             log.exception("request %s failed", req.request_id)
-            yield error_frame(e)
+            yield [error_frame(e)]
             return
         finally:
             cancel.set()
@@ -380,8 +398,8 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
         req, delta = parse_params(await body_of(request), engine)
 
         async def body() -> AsyncIterator[bytes]:
-            async for f in generate_frames(req, delta):
-                yield frame(f)
+            async for frames in generate_frames(req, delta):
+                yield b"".join(frame(f) for f in frames)
 
         return StreamingResponse(body(), media_type="application/octet-stream")
 
@@ -393,9 +411,10 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
         async def collect() -> dict[str, Any]:
             final: dict[str, Any] = {}
             text = ""
-            async for f in generate_frames(req, delta=False):
-                final = f
-                text = f.get("text", text)
+            async for frames in generate_frames(req, delta=False):
+                for f in frames:
+                    final = f
+                    text = f.get("text", text)
             final["text"] = text
             return final
 
