@@ -126,6 +126,38 @@ def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) ->
     p.add_argument("--embed-in-truncate", action="store_true", help="accepted for FastChat scripts")
     p.add_argument("--debug", action="store_true", help="accepted for FastChat scripts")
     fastchat_flags.add_args(p)  # FastChat flags we refuse with a clear message
+    add_upstream_args(p)
+
+
+def add_upstream_args(p: argparse.ArgumentParser) -> None:
+    """The `openai` engine: a running OpenAI-compatible server, or one started as a child."""
+    g = p.add_argument_group("upstream server (--engine openai)")
+    g.add_argument("--upstream", default=None,
+                   help="base URL of a running OpenAI-compatible server, e.g. "
+                   "http://host:8000/v1 (implies --engine openai)")
+    g.add_argument("--upstream-key", default=None,
+                   help="API key sent to the upstream (default: env LLMRELAY_UPSTREAM_KEY)")
+    g.add_argument("--upstream-model", default=None,
+                   help="model id to ask the upstream for (default: the requested name if the "
+                   "upstream serves it, else its first model)")
+    g.add_argument("--upstream-timeout", type=float, default=600.0,
+                   help="seconds an upstream request may wait for data")
+    g.add_argument("--upstream-check-interval", type=float, default=2.0,
+                   help="seconds between health checks (GET /models) of the upstream")
+    g.add_argument("--managed", default=None, choices=["llama-cpp-server", "vllm"],
+                   help="start this server as a child process and front it (implies "
+                   "--engine openai); --model-path and the flags below are mapped to its flags")
+    g.add_argument("--managed-args", default=None,
+                   help="extra arguments for the managed server, passed as they are "
+                   "(one shell-quoted string)")
+    g.add_argument("--managed-port", type=int, default=None,
+                   help="port of the managed server (default: a free one)")
+    g.add_argument("--managed-start-timeout", type=float, default=900.0,
+                   help="seconds the managed server may take to load")
+    g.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="vLLM: GPUs one model is split over (default: --num-gpus)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM: fraction of GPU memory it may use (vLLM's default 0.9)")
 
 
 def _json_or_csv(value: str) -> list[str]:

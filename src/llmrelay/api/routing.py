@@ -162,7 +162,9 @@ class WorkerTable:
         """`keys`: the conversation's prefix keys (`dispatch.conversation_keys`), for `prefix`."""
         candidates = [w for w in self.workers.values()
                       if model in w.model_names and w.name not in exclude
-                      and w.name not in self.down]
+                      and w.name not in self.down
+                      # a worker whose upstream server is down says so (engines/openai.py)
+                      and (w.status.get("llmrelay") or {}).get("ready", True) is not False]
         preferred = self.affinity.lookup(keys) if keys else None
         return pick(self.dispatch_method, candidates, extra_load=self.inflight,  # type: ignore[return-value]
                     preferred=preferred)

@@ -80,6 +80,10 @@ def build_engine(args: argparse.Namespace, model: ResolvedModel | None) -> Engin
         log.warning("--engine synthetic: this worker serves NO model and answers fixed text; "
                     "it exists for router benchmarks and fault tests only")
         return SyntheticEngine(args.chat_template)
+    if engine == "openai":  # any OpenAI-compatible server, running or started here (managed)
+        from llmrelay.worker.engines import openai as upstream
+
+        return upstream.build(args, split_csv(args.model_names))
     assert model is not None
     if engine == "auto":
         engine = "llamacpp" if model.kind == "gguf" else "transformers"
@@ -148,12 +152,17 @@ def run(args: argparse.Namespace) -> None:
         for e in errors:
             log.error("cannot start the worker: %s", e)
         sys.exit(2)
+    if args.engine == "auto" and (args.upstream or args.managed):
+        args.engine = "openai"
     try:
-        model = None if args.engine == "synthetic" else resolve(args.model_path)
-        names = split_csv(args.model_names) or [model.default_name if model else "synthetic"]
-        log.info("loading %s from %s ...", ", ".join(names), model.path if model else "nothing")
+        model = None if args.engine in ("synthetic", "openai") else resolve(args.model_path)
+        names = split_csv(args.model_names) or [model.default_name if model else args.engine]
+        log.info("loading %s from %s ...", ", ".join(names), model.path if model else (
+            args.upstream or args.managed or "nothing"))
         started = time.monotonic()
         engine = build_engine(args, model)
+        if args.engine == "openai":
+            names = engine.public_names()  # type: ignore[attr-defined]
     except (ModelNotFound, FlagError, EngineError, ValueError) as e:
         log.error("cannot start the worker: %s", e)
         sys.exit(2)

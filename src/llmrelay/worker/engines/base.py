@@ -42,6 +42,7 @@ class GenerationRequest:
     logprobs: int | None = None  # None: no logprobs; k: the chosen token plus k alternatives
     echo: bool = False
     request_id: str = ""
+    model: str | None = None  # the public name asked for (an upstream server may serve several)
 
 
 @dataclass
@@ -132,6 +133,11 @@ class Engine(ABC):
 
     def supports_embeddings(self) -> bool:
         return False
+
+    def status(self) -> dict[str, Any]:
+        """Fields added to the worker's status (`llmrelay` section). `ready: False` (e.g. an
+        upstream server that is down) keeps our API servers from routing requests here."""
+        return {"ready": True}
 
     def close(self) -> None:
         """Free the model (called at shutdown)."""
