@@ -172,3 +172,9 @@ class Stack:
 
     def stop(self) -> None:
         stop_children(self.procs)
+
+
+def load_average() -> str:
+    """The machine's 1/5/15-minute load averages, to print with a result (shared machine)."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} on {os.cpu_count()} cores"

@@ -1,25 +1,38 @@
 """Continuous batching through the full stack against raw llama-cpp-python, in one run.
 
 Starts a controller, one SmolLM2 worker (llamacpp engine, batching up to 8 sequences) and the
-API server on free loopback ports, then runs 1, 4 and 8 concurrent streaming `openai`-SDK
-clients; each client sends `--rounds` chat requests one after another. Raw llama-cpp-python
+API server on free loopback ports, then runs 1, 4 and 8 concurrent streaming clients; each
+client sends `--rounds` chat requests one after another. Raw llama-cpp-python
 (`Llama.create_chat_completion`, streaming, same model, prompt and threads) generates alone in
 the same run. Prints total completion tokens/s, time to first token and latency (p50/p95), and
 ratios against 1 client and against raw.
 
+The clients run in a separate process (`--clients-in process`, the default; as a real client
+would, it does not share this script's interpreter and GIL) and are either plain httpx reading
+the SSE lines (`--client httpx`, the default: the least CPU taken from the two cores being
+measured) or the official `openai` SDK (`--client sdk`, which parses every chunk into pydantic
+objects). `--clients-in thread` runs them as threads of this script, as the first version did.
+
     .venv/bin/python benchmarks/bench_batching.py [--rounds 3] [--repeat 3] [--max-tokens 64]
+        [--client httpx|sdk] [--clients-in process|thread] [--n-threads 2]
+        [--worker-args "--stream-interval 2"]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import statistics
+import subprocess
+import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+import httpx
 import openai
-from _stack import Stack
+from _stack import Stack, load_average
 
 TOPICS = ["a dragon", "a lighthouse", "the sea", "a robot", "a garden", "a city at night",
           "a lost key", "a mountain", "a violin", "a storm", "a fox", "a library"]
@@ -41,6 +54,26 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))]
 
 
+def one_request_httpx(client: httpx.Client, i: int, max_tokens: int) -> Result:
+    """The same request with httpx, reading SSE lines and parsing only what it needs."""
+    t0 = time.perf_counter()
+    ttft = None
+    tokens = 0
+    body = {"model": "smol", "messages": messages(i), "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if ttft is None and '"content":"' in line and '"content":""' not in line:
+                ttft = time.perf_counter() - t0
+            if '"usage":{' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    end = time.perf_counter() - t0
+    return Result(ttft if ttft is not None else end, end, tokens)
+
+
 def one_request(client: openai.OpenAI, i: int, max_tokens: int) -> Result:
     t0 = time.perf_counter()
     ttft = None
@@ -57,14 +90,22 @@ def one_request(client: openai.OpenAI, i: int, max_tokens: int) -> Result:
     return Result(ttft if ttft is not None else end, end, tokens)
 
 
-def run_clients(api: str, n: int, rounds: int, max_tokens: int) -> tuple[list[Result], float]:
+def run_clients(api: str, n: int, rounds: int, max_tokens: int, kind: str = "sdk"
+                ) -> tuple[list[Result], float]:
+    """`n` client threads in this process, each sending `rounds` requests one at a time."""
     results: list[Result] = []
     lock = threading.Lock()
 
     def client_loop(c: int) -> None:
-        client = openai.OpenAI(base_url=api + "/v1", api_key="none", max_retries=0, timeout=300)
+        if kind == "sdk":
+            client = openai.OpenAI(base_url=api + "/v1", api_key="none", max_retries=0,
+                                   timeout=300)
+            one = one_request
+        else:
+            client = httpx.Client(base_url=api, timeout=300)  # type: ignore[assignment]
+            one = one_request_httpx  # type: ignore[assignment]
         for r in range(rounds):
-            res = one_request(client, c * rounds + r, max_tokens)
+            res = one(client, c * rounds + r, max_tokens)  # type: ignore[arg-type]
             with lock:
                 results.append(res)
 
@@ -75,6 +116,25 @@ def run_clients(api: str, n: int, rounds: int, max_tokens: int) -> tuple[list[Re
     for t in threads:
         t.join()
     return results, time.perf_counter() - t0
+
+
+def run_clients_process(api: str, n: int, rounds: int, max_tokens: int, kind: str
+                        ) -> tuple[list[Result], float, float]:
+    """`run_clients` in a child process; also returns the CPU seconds that process used."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--load", api, "--clients", str(n), "--rounds", str(rounds),
+         "--max-tokens", str(max_tokens), "--client", kind],
+        check=True, capture_output=True, text=True, timeout=900)
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    return [Result(**r) for r in data["results"]], data["wall"], data["cpu"]
+
+
+def load_main(args: argparse.Namespace) -> None:
+    """The child side of `run_clients_process`: run the clients, print the results as JSON."""
+    res, wall = run_clients(args.load, int(args.clients), args.rounds, args.max_tokens,
+                            args.client)
+    print(json.dumps({"results": [asdict(r) for r in res], "wall": wall,
+                      "cpu": time.process_time()}))
 
 
 def run_raw(llm: object, n: int, max_tokens: int) -> tuple[list[Result], float]:
@@ -104,7 +164,14 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,8")
     ap.add_argument("--repeat", type=int, default=3, help="alternating repeats of every side")
     ap.add_argument("--n-threads", type=int, default=2, help="llama.cpp threads (both sides)")
+    ap.add_argument("--client", choices=["httpx", "sdk"], default="httpx")
+    ap.add_argument("--clients-in", choices=["process", "thread"], default="process")
+    ap.add_argument("--worker-args", default="", help="extra worker flags, one string")
+    ap.add_argument("--load", help=argparse.SUPPRESS)  # internal: be the client process
     args = ap.parse_args()
+    if args.load:
+        load_main(args)
+        return
     levels = [int(x) for x in args.clients.split(",")]
 
     from llama_cpp import Llama  # only the benchmark's own baseline imports the library
@@ -118,27 +185,34 @@ def main() -> None:
         f"llmrelay, {n} client{'s' if n > 1 else ''}" for n in levels]
     trials: dict[str, list[tuple[list[Result], float]]] = {name: [] for name in names}
     cpu_notes: list[str] = []
+    load_before = load_average()
     stack = Stack()
     try:
         stack.start_controller()
         stack.start_worker(extra=("--limit-worker-concurrency", str(max(levels)),
                                   "--context-length", "2048",
-                                  "--n-threads", str(args.n_threads)))
+                                  "--n-threads", str(args.n_threads),
+                                  *shlex.split(args.worker_args)))
         api = stack.start_api()
         stack.wait_models(1)
-        run_clients(api, 1, 1, 8)  # warm-up
+        run_clients(api, 1, 1, 8, args.client)  # warm-up
         # Sides alternate within each repeat, so a noisy neighbour hits them alike.
         for rep in range(args.repeat):
             trials[names[0]].append(run_raw(llm, max(3, args.rounds), args.max_tokens))
             for name, n in zip(names[1:], levels, strict=True):
                 cpu0, own0 = stack.cpu_seconds(), time.process_time()
-                res, wall = run_clients(api, n, args.rounds, args.max_tokens)
-                cpu1, own1 = stack.cpu_seconds(), time.process_time()
+                if args.clients_in == "process":
+                    res, wall, client_cpu = run_clients_process(api, n, args.rounds,
+                                                                args.max_tokens, args.client)
+                else:
+                    res, wall = run_clients(api, n, args.rounds, args.max_tokens, args.client)
+                    client_cpu = time.process_time() - own0
+                cpu1 = stack.cpu_seconds()
                 trials[name].append((res, wall))
                 if rep == 0:
                     cpu_notes.append(f"{n} clients, {wall:.1f} s: " + ", ".join(
                         f"{k.split()[0]} {cpu1[k] - cpu0.get(k, 0):.1f}" for k in cpu1)
-                        + f", benchmark clients {own1 - own0:.1f}")
+                        + f", clients {client_cpu:.1f}")
     finally:
         stack.stop()
         llm.close()
@@ -150,7 +224,9 @@ def main() -> None:
     one = tps(names[1]) if levels and levels[0] == 1 else raw_tps
     print(f"\nSmolLM2-135M Q4_1, {args.max_tokens} max tokens, {args.rounds} requests per client, "
           f"{args.repeat} repeats (tok/s: median of repeats; times: all requests), "
-          f"{args.n_threads} llama.cpp threads, temperature 0, streaming\n")
+          f"{args.n_threads} llama.cpp threads, temperature 0, streaming, {args.client} "
+          f"clients in a {args.clients_in}"
+          f"{', worker ' + args.worker_args if args.worker_args else ''}\n")
     print("| run | requests | tok/s total | vs 1 client | vs raw | TTFT p50 ms | TTFT p95 ms "
           "| latency p50 ms | latency p95 ms |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -162,6 +238,7 @@ def main() -> None:
         print(f"| {name} | {len(res)} | {t:.1f} | {t / one:.2f} | {t / raw_tps:.2f} | "
               f"{statistics.median(ttft):.0f} | {pct(ttft, 95):.0f} | "
               f"{statistics.median(lat):.0f} | {pct(lat, 95):.0f} |")
+    print(f"\nbefore: {load_before}; after: {load_average()}")
     print("\nCPU seconds used per process during each run:")
     for note in cpu_notes:
         print("  " + note)

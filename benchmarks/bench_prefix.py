@@ -6,7 +6,10 @@ parallel (one thread each, streaming `openai`-SDK calls). Each conversation star
 system prompt, so re-evaluating a conversation's history on a worker that does not hold it costs
 time. Prints time to first token per turn (median, p95) and the ratio prefix / shortest_queue.
 
-    .venv/bin/python benchmarks/bench_prefix.py [--conversations 20] [--turns 5]
+    .venv/bin/python benchmarks/bench_prefix.py [--conversations 20] [--turns 5] [--timeout 120]
+
+Bounded in time: every request has `--timeout` seconds; a conversation whose request fails or
+times out stops there, and the table says how many turns were measured.
 """
 
 from __future__ import annotations
@@ -17,27 +20,39 @@ import threading
 import time
 
 import openai
-from _stack import Stack
+from _stack import Stack, load_average
 
+TIMEOUT = 120.0  # seconds per request (--timeout)
+SHARED = False  # --shared-system
 SYSTEM = ("You are a helpful assistant for a travel agency. " * 12).strip()
 
 
 def conversation(api: str, c: int, turns: int, ttft: dict[int, list[float]],
                  lock: threading.Lock, start: threading.Barrier) -> None:
-    client = openai.OpenAI(base_url=api + "/v1", api_key="none", max_retries=0, timeout=300)
-    messages = [{"role": "system", "content": f"{SYSTEM} Customer number {c}."}]
+    client = openai.OpenAI(base_url=api + "/v1", api_key="none", max_retries=0,
+                           timeout=TIMEOUT)
+    # By default each conversation's own text comes first, so a worker that has not served it
+    # holds no useful prefix; with --shared-system every conversation starts with the same long
+    # system prompt, which every slot of every worker soon holds (only the rest differs).
+    messages = [{"role": "system", "content": f"{SYSTEM} Customer number {c}." if SHARED else
+                 f"Customer number {c}. {SYSTEM}"}]
     start.wait()
     for turn in range(1, turns + 1):
         messages.append({"role": "user", "content": f"Suggest city number {turn} to visit."})
         t0 = time.perf_counter()
         first = None
         text = ""
-        for chunk in client.chat.completions.create(model="smol", messages=messages,  # type: ignore[arg-type]
-                                                    max_tokens=24, temperature=0, stream=True):
-            if chunk.choices and chunk.choices[0].delta.content:
-                if first is None:
-                    first = time.perf_counter() - t0
-                text += chunk.choices[0].delta.content
+        try:
+            for chunk in client.chat.completions.create(
+                    model="smol", messages=messages,  # type: ignore[arg-type]
+                    max_tokens=24, temperature=0, stream=True):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    if first is None:
+                        first = time.perf_counter() - t0
+                    text += chunk.choices[0].delta.content
+        except openai.OpenAIError as e:
+            print(f"conversation {c}, turn {turn}: {type(e).__name__}: {e}; stopping it")
+            return
         with lock:
             ttft[turn].append(first if first is not None else time.perf_counter() - t0)
         messages.append({"role": "assistant", "content": text})
@@ -71,20 +86,33 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=20)
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--n-threads", type=int, default=1, help="llama.cpp threads per worker")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    ap.add_argument("--shared-system", action="store_true",
+                    help="the same system prompt first in every conversation (see conversation)")
     args = ap.parse_args()
+    global TIMEOUT, SHARED
+    TIMEOUT, SHARED = args.timeout, args.shared_system
+    print(f"before: {load_average()}")
     results = {m: run(m, args.conversations, args.turns, args.n_threads)
                for m in ("shortest_queue", "prefix")}
     print(f"\n{args.conversations} parallel conversations, {args.turns} turns, 2 SmolLM2 workers "
-          f"({args.n_threads} llama.cpp thread each), time to first token in ms\n")
-    print("| turn | shortest_queue p50 | shortest_queue p95 | prefix p50 | prefix p95 | "
-          "prefix / shortest_queue (p50) |")
-    print("|---:|---:|---:|---:|---:|---:|")
+          f"({args.n_threads} llama.cpp thread each), "
+          f"{'shared system prompt first' if SHARED else 'per-conversation text first'}, "
+          f"time to first token in ms\n")
+    print("| turn | measured (sq / prefix) | shortest_queue p50 | shortest_queue p95 | "
+          "prefix p50 | prefix p95 | prefix / shortest_queue (p50) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for turn in range(1, args.turns + 1):
         sq = sorted(x * 1000 for x in results["shortest_queue"][turn])
         px = sorted(x * 1000 for x in results["prefix"][turn])
-        print(f"| {turn} | {statistics.median(sq):.0f} | {sq[int(0.95 * (len(sq) - 1))]:.0f} | "
-              f"{statistics.median(px):.0f} | {px[int(0.95 * (len(px) - 1))]:.0f} | "
+        if not sq or not px:
+            print(f"| {turn} | {len(sq)} / {len(px)} | | | | | |")
+            continue
+        print(f"| {turn} | {len(sq)} / {len(px)} | {statistics.median(sq):.0f} | "
+              f"{sq[int(0.95 * (len(sq) - 1))]:.0f} | {statistics.median(px):.0f} | "
+              f"{px[int(0.95 * (len(px) - 1))]:.0f} | "
               f"{statistics.median(px) / statistics.median(sq):.2f} |")
+    print(f"\nafter: {load_average()}")
 
 
 if __name__ == "__main__":
