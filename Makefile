@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STACK ?=
 
-.PHONY: up test install install-dev lint clean fastchat-env
+.PHONY: up test install install-dev lint clean fastchat-env browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,16 @@ up: install
 fastchat-env: install-dev
 	-$(BIN)/python tests/fastchat_env.py
 
-test: install-dev fastchat-env
+# The web chat's tests drive a real headless Chromium: Debian's chromium and chromium-driver,
+# installed once (skipped when present). If they cannot be installed, those tests are skipped
+# with the reason.
+browser:
+	-@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+test: install-dev fastchat-env browser
 	$(BIN)/ruff check src tests $(wildcard benchmarks)
 	$(BIN)/pytest
 

@@ -26,6 +26,16 @@ def main(argv: list[str] | None = None) -> None:
                    help="stack file (TOML); default: the bundled model on 127.0.0.1:8000")
     p.add_argument("--log-dir", default=None, help="where to keep each process's log "
                    "(default: the stack file's log_dir, else ./logs)")
+    p = sub.add_parser("chat", help="chat in the terminal with any OpenAI-compatible server")
+    from llmrelay.chat_cli import add_args as add_chat_args
+    add_chat_args(p)
+    p = sub.add_parser("status", help="show the controller's workers: models, addresses, queues, "
+                       "health")
+    p.add_argument("--controller-address", default="http://127.0.0.1:21001",
+                   help="controller URL (the first of a comma-separated list)")
+    p.add_argument("--registration-token", default=None,
+                   help="the cluster's registration token, if it has one "
+                   "(default: env LLMRELAY_REGISTRATION_TOKEN)")
 
     args = parser.parse_args(argv)
     if args.command == "controller":
@@ -36,6 +46,10 @@ def main(argv: list[str] | None = None) -> None:
         from llmrelay.api.app import run
     elif args.command == "up":
         from llmrelay.launcher import run
+    elif args.command == "chat":
+        from llmrelay.chat_cli import run
+    elif args.command == "status":
+        from llmrelay.status import run
     else:
         parser.print_help()
         sys.exit(2)

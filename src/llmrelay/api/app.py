@@ -6,21 +6,38 @@ import argparse
 import contextlib
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmrelay.api import chat, completions, embeddings, errors, models
 from llmrelay.api.auth import KeyChecker
+from llmrelay.api.observe import ObserveMiddleware
 from llmrelay.api.routing import WorkerTable
 from llmrelay.config import split_csv
+from llmrelay.metrics import ApiMetrics, metrics_response
 from llmrelay.security import auth_headers, token_from
+from llmrelay.status import rows as status_rows
+
+WEBUI = Path(__file__).parent / "webui"
+# The chat page loads only its own files; model text is escaped before rendering, and this
+# policy forbids inline scripts and handlers even if something slipped through.
+WEBUI_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' data:; connect-src 'self'; object-src 'none'; "
+                               "base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
 
 log = logging.getLogger("llmrelay.api")
 
@@ -131,6 +148,8 @@ def create_app(
     )
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
+    metrics = ApiMetrics(table)
+    app.add_middleware(ObserveMiddleware, metrics=metrics)  # inside RequestIdMiddleware
     app.add_middleware(RequestIdMiddleware)
 
     async def authorized(request: Request) -> None:  # async: a sync one costs a thread hop
@@ -146,6 +165,44 @@ def create_app(
                       dependencies=guarded)
     app.add_api_route("/v1/embeddings", embeddings.embeddings, methods=["POST"],
                       dependencies=guarded)
+
+    @app.get("/metrics", dependencies=guarded)
+    async def get_metrics() -> Any:
+        return metrics_response(metrics.registry)
+
+    @app.get("/api/workers", dependencies=guarded)
+    async def api_workers() -> Any:
+        """The worker table for the web page's operator view (as `llmrelay status` shows it):
+        read from the controller now, else this server's last copy. Guarded by the API keys,
+        since it shows internal addresses."""
+        for c in table.controllers:
+            try:
+                r = await client.get(c + "/worker_table", timeout=2.0)
+                r.raise_for_status()
+                raw = r.json()
+                source = c
+                break
+            except (httpx.HTTPError, ValueError):
+                continue
+        else:
+            source = "last copy (no controller reachable)"
+            raw = {"now": time.time(), "dispatch_method": table.dispatch_method, "workers": [
+                {"name": w.name, "model_names": w.model_names, "speed": w.speed,
+                 "queue_length": w.queue_length, "last_heart_beat": w.last_heart_beat,
+                 "status": w.status} for w in table.workers.values()]}
+        out = status_rows(raw)
+        for row in out:
+            row["in_flight_here"] = table.inflight.get(row["address"], 0)
+            if row["address"] in table.down:
+                row["health"] = "refused connection"
+        return {"source": source, "dispatch_method": raw.get("dispatch_method"),
+                "heartbeat_interval": raw.get("heartbeat_interval"), "workers": out}
+
+    @app.get("/", include_in_schema=False)
+    async def webui_index() -> Any:
+        return FileResponse(WEBUI / "index.html", headers=WEBUI_HEADERS)
+
+    app.mount("/webui", StaticFiles(directory=WEBUI), name="webui")
 
     @app.get("/health")
     async def health() -> Any:

@@ -15,6 +15,7 @@ import httpx
 from fastapi import Request
 
 from llmrelay.api.errors import APIError, from_worker
+from llmrelay.api.observe import note_cancelled, note_first_token, note_usage
 from llmrelay.api.routing import WorkerStream, WorkerTable, open_stream
 
 log = logging.getLogger("llmrelay.api")
@@ -70,6 +71,7 @@ async def merged(streams: list[WorkerStream], deadline: float | None = None
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     remaining = len(tasks)
+    usage: dict[int, dict[str, Any]] = {}  # each stream's last usage, for the metrics
     try:
         loop = asyncio.get_running_loop()
         while remaining:
@@ -85,8 +87,17 @@ async def merged(streams: list[WorkerStream], deadline: float | None = None
                 raise item
             if item.get("error_code"):
                 raise from_worker(int(item["error_code"]), str(item.get("text", "")))
+            if item.get("text"):
+                note_first_token()
+            if item.get("usage"):
+                usage[i] = item["usage"]
             yield i, item
+    except (asyncio.CancelledError, GeneratorExit):
+        note_cancelled()  # the client went away (or the answer was abandoned)
+        raise
     finally:
+        note_usage(sum(int(u.get("prompt_tokens") or 0) for u in usage.values()),
+                   sum(int(u.get("completion_tokens") or 0) for u in usage.values()))
         for t in tasks:
             t.cancel()
         for s in streams:

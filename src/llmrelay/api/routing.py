@@ -22,6 +22,7 @@ import httpx
 
 from llmrelay.api.errors import APIError, from_worker
 from llmrelay.api.fastchat_workers import CumulativeToDelta, FastChatInfo, WorkerUnsuitable
+from llmrelay.api.observe import note_failover, note_model
 from llmrelay.controller.dispatch import Affinity, pick
 from llmrelay.protocol import ErrorCode, iter_frames, worker_extensions
 
@@ -138,6 +139,7 @@ class WorkerTable:
     def check_model(self, model: str) -> None:
         """404 for a model nobody serves (with the closest name); 503 if we know no workers."""
         if any(model in w.model_names for w in self.workers.values()):
+            note_model(model)
             return
         names = sorted(self.models())
         if not names:
@@ -235,6 +237,7 @@ async def open_stream(table: WorkerTable, model: str,
             await stack.aclose()
             table.mark_down(worker)
             last_error = f"{worker.name}: {type(e).__name__}"
+            note_failover()
             continue
         except WorkerUnsuitable as e:
             await stack.aclose()
@@ -248,6 +251,7 @@ async def open_stream(table: WorkerTable, model: str,
             last_error = f"{worker.name}: {type(e).__name__} {e}"
             log.warning("worker %s failed before its first token (%s); trying another",
                         worker.name, last_error)
+            note_failover()
             continue
         code = int(first.get("error_code") or 0)
         if code:
@@ -255,11 +259,13 @@ async def open_stream(table: WorkerTable, model: str,
             if code == ErrorCode.ENGINE_OVERLOADED:
                 full += 1
                 last_error = f"{worker.name}: {first.get('text', 'full')}"
+                note_failover()
                 continue
             if code >= 50000:  # the worker broke before answering: another may not
                 last_error = f"{worker.name}: {first.get('text', '')}"
                 log.warning("worker %s failed before its first token (%s); trying another",
                             worker.name, last_error)
+                note_failover()
                 continue
             raise from_worker(code, str(first.get("text", "")))
         if keys:

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from llmrelay.controller.dispatch import pick
 from llmrelay.controller.registry import Registry
+from llmrelay.metrics import ControllerMetrics, metrics_response
 from llmrelay.protocol import ErrorCode, frame
 from llmrelay.security import TokenGuard, auth_headers, token_from
 
@@ -55,6 +56,7 @@ async def _body(request: Request) -> dict[str, Any]:
 def create_app(dispatch_method: str = "shortest_queue", heartbeat_interval: float = 3.0,
                token: str | None = None) -> FastAPI:
     registry = Registry(heartbeat_interval=heartbeat_interval)
+    metrics = ControllerMetrics(registry)
     client = httpx.AsyncClient(timeout=httpx.Timeout(5.0), limits=httpx.Limits(max_connections=200),
                                headers=auth_headers(token))
 
@@ -62,6 +64,7 @@ def create_app(dispatch_method: str = "shortest_queue", heartbeat_interval: floa
         while True:
             await asyncio.sleep(max(registry.heartbeat_interval / 2, 0.2))
             for name in registry.expire():
+                metrics.expirations.inc()
                 log.warning(
                     "worker %s missed %d heartbeats; removed from the table",
                     name,
@@ -111,6 +114,7 @@ def create_app(dispatch_method: str = "shortest_queue", heartbeat_interval: floa
         if not isinstance(status.get("model_names"), list):
             return _error(400, "worker_status.model_names must be a list of names")
         known = name in registry.workers
+        metrics.registrations.labels("again" if known else "new").inc()
         registry.register(
             name,
             status,
@@ -130,6 +134,7 @@ def create_app(dispatch_method: str = "shortest_queue", heartbeat_interval: floa
         body = await _body(request)
         name = body.get("worker_name")
         if registry.remove(str(name)):
+            metrics.deregistrations.inc()
             log.info("worker %s deregistered", name)
         return {"removed": True}
 
@@ -142,6 +147,7 @@ def create_app(dispatch_method: str = "shortest_queue", heartbeat_interval: floa
             return _error(400, "queue_length must be an integer")
         extra = body.get("worker_status") if isinstance(body.get("worker_status"), dict) else None
         exist = registry.heartbeat(str(body.get("worker_name")), queue_length, extra)
+        metrics.heartbeats.labels(str(exist).lower()).inc()
         return {"exist": exist}
 
     @app.api_route("/list_models", methods=["GET", "POST"])
@@ -215,6 +221,10 @@ def create_app(dispatch_method: str = "shortest_queue", heartbeat_interval: floa
                              "error_code": int(ErrorCode.CONTROLLER_WORKER_TIMEOUT)})
 
         return StreamingResponse(relay(), media_type="application/octet-stream")
+
+    @app.get("/metrics")
+    async def get_metrics() -> Any:
+        return metrics_response(metrics.registry)
 
     @app.get("/test_connection")
     async def test_connection() -> Any:

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from llmrelay import __version__
 from llmrelay.fastchat_conv import STYLES_0_2_36, describe
+from llmrelay.metrics import WorkerMetrics, metrics_response
 from llmrelay.protocol import OUR_EXTENSIONS, ErrorCode, frame
 from llmrelay.security import TokenGuard, auth_headers
 from llmrelay.worker.engines.base import Chunk, Engine, EngineError, GenerationRequest
@@ -360,10 +361,14 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
         started = time.monotonic()
         last: dict[str, Any] | None = None
         pending_tokens = 0
+        outcome = "cancelled"  # unless it ends otherwise: the consumer went away
+        first_at: float | None = None
         try:
             async with state.slot():
                 async for chunks in run_in_thread(engine, req, cancel):
                     out = []
+                    if first_at is None:
+                        first_at = time.monotonic()
                     for chunk in chunks:
                         pending_tokens += 1
                         f = framer.make(chunk)
@@ -375,16 +380,20 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
                         out.append(f)
                     if out:
                         yield out
+            outcome = "ok"
         except (EngineError, ChatTemplateError) as e:
+            outcome = "refused" if getattr(e, "code", 0) == ErrorCode.ENGINE_OVERLOADED else "invalid"
             log.info("request %s refused: %s", req.request_id, e)
             yield [error_frame(e)]
             return
         except Exception as e:  # never a silent cut: the client gets an error frame
+            outcome = "error"
             log.exception("request %s failed", req.request_id)
             yield [error_frame(e)]
             return
         finally:
             cancel.set()
+            observe(req, outcome, started, first_at, last)
         if last is not None:
             u = last["usage"]
             log.info(
@@ -392,6 +401,27 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
                 req.request_id, u["prompt_tokens"], u["completion_tokens"],
                 last["finish_reason"], time.monotonic() - started,
             )
+
+    metrics = WorkerMetrics(state)
+
+    def observe(req: GenerationRequest, outcome: str, started: float, first_at: float | None,
+                last: dict[str, Any] | None) -> None:
+        model = req.model if req.model in settings.model_names else settings.model_names[0]
+        metrics.requests.labels(model, outcome).inc()
+        metrics.latency.labels(model).observe(time.monotonic() - started)
+        if first_at is not None:
+            metrics.ttft.labels(model).observe(first_at - started)
+        u = (last or {}).get("usage") or {}
+        metrics.prompt_tokens.labels(model).inc(int(u.get("prompt_tokens") or 0))
+        metrics.completion_tokens.labels(model).inc(int(u.get("completion_tokens") or 0))
+        if outcome == "cancelled":
+            log.info("request %s cancelled by the client after %d completion tokens, %.2f s",
+                     req.request_id, int(u.get("completion_tokens") or 0),
+                     time.monotonic() - started)
+
+    @app.get("/metrics")
+    async def get_metrics() -> Any:
+        return metrics_response(metrics.registry)
 
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request) -> Any:

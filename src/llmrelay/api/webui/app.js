@@ -1,0 +1,353 @@
+// llmrelay's web chat: plain JavaScript, no build step, no external files.
+// Talks to this server's OpenAI API (/v1/models, /v1/chat/completions, streamed) and, for the
+// operator view, /api/workers. Model and user text is always escaped before any markup is added.
+"use strict";
+
+// ---- safe markdown: escape everything first, then add a small fixed set of tags ----------
+const Markdown = (() => {
+  function escapeHtml(s) {
+    return String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;")
+      .replace(/"/g, "&quot;").replace(/'/g, "&#39;");
+  }
+  // `escaped` is already escaped: the patterns only wrap it in our own tags.
+  function inline(escaped) {
+    return escaped.split(/(`[^`\n]+`)/).map((part) => {
+      if (part.length > 1 && part.startsWith("`") && part.endsWith("`")) {
+        return "<code>" + part.slice(1, -1) + "</code>";
+      }
+      return part
+        .replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>")
+        .replace(/(^|[^*\w])\*([^*\n]+)\*(?!\w)/g, "$1<em>$2</em>")
+        .replace(/\[([^\]\n]+)\]\((https?:\/\/[^\s()<>"']+)\)/g,
+          '<a href="$2" target="_blank" rel="noopener noreferrer nofollow">$1</a>');
+    }).join("");
+  }
+  function render(text) {
+    const lines = escapeHtml(text).split("\n");
+    const out = [];
+    let para = [];
+    let list = null; // "ul" | "ol"
+    const flushPara = () => {
+      if (para.length) out.push("<p>" + para.map(inline).join("<br>") + "</p>");
+      para = [];
+    };
+    const closeList = () => {
+      if (list) out.push("</" + list + ">");
+      list = null;
+    };
+    for (let i = 0; i < lines.length; i++) {
+      const line = lines[i];
+      const fence = line.match(/^\s*```\s*([\w+#.-]*)\s*$/);
+      if (fence) {
+        flushPara(); closeList();
+        const code = [];
+        i++;
+        while (i < lines.length && !/^\s*```\s*$/.test(lines[i])) code.push(lines[i++]);
+        const lang = fence[1] ? ' data-lang="' + fence[1] + '"' : "";
+        out.push("<pre><code" + lang + ">" + code.join("\n") + "</code></pre>");
+        continue;
+      }
+      const heading = line.match(/^(#{1,6})\s+(.*)$/);
+      const bullet = line.match(/^\s*[-*+]\s+(.*)$/);
+      const numbered = line.match(/^\s*\d+[.)]\s+(.*)$/);
+      if (heading) {
+        flushPara(); closeList();
+        const level = Math.min(6, heading[1].length + 2);
+        out.push("<h" + level + ">" + inline(heading[2]) + "</h" + level + ">");
+      } else if (bullet || numbered) {
+        flushPara();
+        const kind = bullet ? "ul" : "ol";
+        if (list !== kind) { closeList(); out.push("<" + kind + ">"); list = kind; }
+        out.push("<li>" + inline((bullet || numbered)[1]) + "</li>");
+      } else if (!line.trim()) {
+        flushPara(); closeList();
+      } else {
+        closeList();
+        para.push(line);
+      }
+    }
+    flushPara(); closeList();
+    return out.join("");
+  }
+  return { render, escapeHtml };
+})();
+window.LLMRelayMarkdown = Markdown;
+
+// ---- state -------------------------------------------------------------------------------
+const $ = (id) => document.getElementById(id);
+const chat = {
+  messages: [],      // {role, content} of this conversation, without the system prompt
+  abort: null,       // AbortController of the running answer
+  apiKey: sessionStorage.getItem("llmrelay.apiKey") || "",
+  afterKey: null,    // what to retry once a key is entered
+};
+
+function authHeaders() {
+  const h = { "Content-Type": "application/json" };
+  if (chat.apiKey) h.Authorization = "Bearer " + chat.apiKey;
+  return h;
+}
+
+function setStatus(text) { $("status-line").textContent = text; }
+
+async function errorMessage(resp) {
+  try {
+    const body = await resp.json();
+    if (body && body.error && body.error.message) return body.error.message;
+  } catch (e) { /* not JSON */ }
+  return "HTTP " + resp.status;
+}
+
+function askForKey(reason, retry) {
+  chat.afterKey = retry;
+  $("api-key-reason").textContent = reason;
+  $("api-key").value = "";
+  const dialog = $("api-key-dialog");
+  if (!dialog.open) dialog.showModal();
+  $("api-key").focus();
+}
+
+// ---- models ------------------------------------------------------------------------------
+async function loadModels() {
+  setStatus("loading models…");
+  let resp;
+  try {
+    resp = await fetch("/v1/models", { headers: authHeaders() });
+  } catch (e) {
+    setStatus("server not reachable: " + e.message);
+    return;
+  }
+  if (resp.status === 401) {
+    setStatus("API key needed");
+    askForKey(await errorMessage(resp), loadModels);
+    return;
+  }
+  if (!resp.ok) { setStatus("could not list models: " + await errorMessage(resp)); return; }
+  const data = await resp.json();
+  const select = $("model");
+  const previous = select.value || sessionStorage.getItem("llmrelay.model");
+  select.replaceChildren();
+  for (const m of data.data) {
+    const opt = document.createElement("option");
+    opt.value = m.id;
+    opt.textContent = m.id;
+    select.append(opt);
+  }
+  if (previous && data.data.some((m) => m.id === previous)) select.value = previous;
+  setStatus(data.data.length ? data.data.length + " model(s)" : "no models served right now");
+}
+
+// ---- messages ----------------------------------------------------------------------------
+function addBubble(role, text, model) {
+  const div = document.createElement("div");
+  div.className = "msg " + role;
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  meta.textContent = role === "user" ? "you" : (model || role);
+  const body = document.createElement("div");
+  body.className = "body";
+  div.append(meta, body);
+  setBody(div, text, role);
+  $("messages").append(div);
+  div.scrollIntoView({ block: "end" });
+  return div;
+}
+
+function setBody(div, text, role) {
+  const body = div.querySelector(".body");
+  if (role === "user") body.textContent = text;          // the user's words, as typed
+  else body.innerHTML = Markdown.render(text);           // escaped first, then markdown
+}
+
+function note(div, text) {
+  let n = div.querySelector(".note");
+  if (!n) { n = document.createElement("div"); n.className = "note"; div.append(n); }
+  n.textContent = text;
+}
+
+function busy(on) {
+  $("send").disabled = on;
+  $("stop").disabled = !on;
+  $("model").disabled = on;
+}
+
+async function send(text) {
+  const model = $("model").value;
+  if (!model) { setStatus("no model to talk to"); return; }
+  const userDiv = addBubble("user", text);
+  chat.messages.push({ role: "user", content: text });
+  const answer = addBubble("assistant", "", model);
+  answer.dataset.state = "waiting";
+  const system = $("system").value.trim();
+  const messages = (system ? [{ role: "system", content: system }] : []).concat(chat.messages);
+  const body = {
+    model, messages, stream: true, stream_options: { include_usage: true },
+    temperature: parseFloat($("temperature").value),
+    max_tokens: parseInt($("max-tokens").value, 10) || undefined,
+  };
+  const ctrl = new AbortController();
+  chat.abort = ctrl;
+  busy(true);
+  let text_ = "";
+  let usage = null;
+  let finish = null;
+  try {
+    const resp = await fetch("/v1/chat/completions", {
+      method: "POST", headers: authHeaders(), body: JSON.stringify(body), signal: ctrl.signal,
+    });
+    if (!resp.ok) {
+      const msg = await errorMessage(resp);
+      if (resp.status === 401) {
+        chat.messages.pop();
+        userDiv.remove(); answer.remove();
+        askForKey(msg, () => send(text));
+        return;
+      }
+      throw new Error(msg);
+    }
+    answer.dataset.state = "streaming";
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const event = buf.slice(0, cut);
+        buf = buf.slice(cut + 2);
+        for (const line of event.split("\n")) {
+          if (!line.startsWith("data:")) continue;   // ": keep-alive" comments
+          const data = line.slice(5).trim();
+          if (data === "[DONE]") continue;
+          const obj = JSON.parse(data);
+          if (obj.error) throw new Error(obj.error.message || "the server reported an error");
+          if (obj.usage) usage = obj.usage;
+          const choice = obj.choices && obj.choices[0];
+          if (choice && choice.delta && choice.delta.content) {
+            text_ += choice.delta.content;
+            setBody(answer, text_, "assistant");
+            answer.scrollIntoView({ block: "end" });
+          }
+          if (choice && choice.finish_reason) finish = choice.finish_reason;
+        }
+      }
+    }
+    chat.messages.push({ role: "assistant", content: text_ });
+    answer.dataset.state = "done";
+    const parts = [];
+    if (usage) parts.push(usage.prompt_tokens + " prompt + " + usage.completion_tokens + " tokens");
+    if (finish === "length") parts.push("cut at max tokens");
+    if (parts.length) note(answer, parts.join(" · "));
+  } catch (e) {
+    if (e.name === "AbortError") {
+      // Keep what was said: the next turn continues from the partial answer.
+      chat.messages.push({ role: "assistant", content: text_ });
+      answer.dataset.state = "stopped";
+      note(answer, "stopped");
+    } else {
+      // The request failed: take the unanswered message out of the conversation.
+      chat.messages.pop();
+      answer.dataset.state = "error";
+      userDiv.classList.add("failed");
+      note(answer, "error: " + e.message + " (this message was not added to the conversation)");
+    }
+  } finally {
+    chat.abort = null;
+    busy(false);
+  }
+}
+
+function newChat() {
+  if (chat.abort) chat.abort.abort();
+  chat.messages = [];
+  $("messages").replaceChildren();
+  $("input").focus();
+}
+
+// ---- operator view -----------------------------------------------------------------------
+let opsTimer = null;
+
+async function loadWorkers() {
+  let resp;
+  try {
+    resp = await fetch("/api/workers", { headers: authHeaders() });
+  } catch (e) { $("ops-summary").textContent = "server not reachable: " + e.message; return; }
+  if (resp.status === 401) {
+    stopOps();
+    askForKey(await errorMessage(resp), () => { showOps(); });
+    return;
+  }
+  if (!resp.ok) { $("ops-summary").textContent = await errorMessage(resp); return; }
+  const data = await resp.json();
+  $("ops-summary").textContent = data.workers.length + " worker(s) · source: " + data.source +
+    " · dispatch: " + (data.dispatch_method || "?") +
+    (data.heartbeat_interval ? " · heartbeat every " + data.heartbeat_interval + " s" : "");
+  const rows = data.workers.map((w) => {
+    const tr = document.createElement("tr");
+    const cells = [w.models, w.address, w.engine, w.queue_length, w.running, w.served, w.speed,
+      w.heartbeat_age == null ? "-" : w.heartbeat_age.toFixed(1) + " s ago", w.health,
+      w.in_flight_here];
+    for (const c of cells) {
+      const td = document.createElement("td");
+      td.textContent = c == null ? "-" : String(c);
+      tr.append(td);
+    }
+    tr.dataset.health = w.health;
+    return tr;
+  });
+  document.querySelector("#ops-table tbody").replaceChildren(...rows);
+}
+
+function stopOps() { if (opsTimer) clearInterval(opsTimer); opsTimer = null; }
+
+function showOps() {
+  $("chat-view").hidden = true;
+  $("ops-view").hidden = false;
+  $("tab-ops").classList.add("active");
+  $("tab-chat").classList.remove("active");
+  loadWorkers();
+  stopOps();
+  opsTimer = setInterval(loadWorkers, 2000);
+}
+
+function showChat() {
+  stopOps();
+  $("ops-view").hidden = true;
+  $("chat-view").hidden = false;
+  $("tab-chat").classList.add("active");
+  $("tab-ops").classList.remove("active");
+}
+
+// ---- wiring ------------------------------------------------------------------------------
+document.addEventListener("DOMContentLoaded", () => {
+  $("composer").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const text = $("input").value;
+    if (!text.trim() || chat.abort) return;
+    $("input").value = "";
+    send(text);
+  });
+  $("input").addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
+  });
+  $("stop").addEventListener("click", () => { if (chat.abort) chat.abort.abort(); });
+  $("new-chat").addEventListener("click", newChat);
+  $("model").addEventListener("change", () => sessionStorage.setItem("llmrelay.model", $("model").value));
+  $("temperature").addEventListener("input", () => {
+    $("temperature-value").textContent = $("temperature").value;
+  });
+  $("tab-ops").addEventListener("click", showOps);
+  $("tab-chat").addEventListener("click", showChat);
+  $("change-key").addEventListener("click", () => askForKey("Enter the API key for this server.", loadModels));
+  $("api-key-form").addEventListener("submit", () => {
+    chat.apiKey = $("api-key").value.trim();
+    sessionStorage.setItem("llmrelay.apiKey", chat.apiKey);
+    const retry = chat.afterKey;
+    chat.afterKey = null;
+    if (retry) retry();
+  });
+  $("api-key-cancel").addEventListener("click", () => $("api-key-dialog").close());
+  loadModels();
+});

@@ -1,0 +1,168 @@
+"""`llmrelay chat`: a multi-turn terminal chat with any OpenAI-compatible server (the seed's client).
+
+Answers stream as they are generated. The history keeps the last `--max-turns` exchanges (the
+system prompt always stays). Commands: `reset` (forget the conversation), `history` (show it),
+`quit` (or `exit`, Ctrl-D). A failed request takes the unanswered message back out of the
+history and says what went wrong; Ctrl-C during an answer stops it and keeps what was said.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:  # imported when the chat starts: every other subcommand starts faster
+    import openai
+
+COMMANDS = "commands: reset, history, quit"
+
+
+class Conversation:
+    """The messages sent with each request: system prompt + the last `max_turns` exchanges."""
+
+    def __init__(self, system: str | None = None, max_turns: int = 10) -> None:
+        self.system = system
+        self.max_turns = max(1, max_turns)
+        self.turns: list[dict[str, str]] = []  # user/assistant messages, oldest first
+
+    def add_user(self, text: str) -> None:
+        self.turns.append({"role": "user", "content": text})
+
+    def add_assistant(self, text: str) -> None:
+        self.turns.append({"role": "assistant", "content": text})
+        self.truncate()
+
+    def drop_unanswered(self) -> None:
+        if self.turns and self.turns[-1]["role"] == "user":
+            self.turns.pop()
+
+    def truncate(self) -> None:
+        users = [i for i, m in enumerate(self.turns) if m["role"] == "user"]
+        if len(users) > self.max_turns:
+            self.turns = self.turns[users[-self.max_turns]:]
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def messages(self) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.turns
+
+
+def describe_error(e: Exception) -> str:
+    import openai
+
+    if isinstance(e, openai.APIStatusError):
+        message = e.message
+        try:
+            body: Any = e.response.json()
+            message = body["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        return f"the server answered {e.status_code}: {message}"
+    if isinstance(e, openai.APIConnectionError):
+        return f"could not reach the server ({e.__cause__ or e})"
+    return f"{type(e).__name__}: {e}"
+
+
+def pick_model(client: openai.OpenAI, wanted: str | None) -> str:
+    if wanted:
+        return wanted
+    models = [m.id for m in client.models.list().data]
+    if not models:
+        raise SystemExit("error: the server serves no model right now; try again or pass --model")
+    return models[0]
+
+
+def stream_answer(client: openai.OpenAI, model: str, conv: Conversation, args: argparse.Namespace,
+                  out: TextIO, parts: list[str]) -> None:
+    """Print the answer as it streams, collecting its pieces in `parts` (kept if interrupted)."""
+    kwargs: dict[str, Any] = {}
+    if args.temperature is not None:
+        kwargs["temperature"] = args.temperature
+    if args.max_tokens is not None:
+        kwargs["max_tokens"] = args.max_tokens
+    stream = client.chat.completions.create(model=model, messages=conv.messages(),  # type: ignore[arg-type]
+                                            stream=True, **kwargs)
+    try:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                piece = chunk.choices[0].delta.content
+                parts.append(piece)
+                out.write(piece)
+                out.flush()
+    finally:
+        stream.close()  # on Ctrl-C this closes the connection: the server stops generating
+
+
+def run(args: argparse.Namespace) -> None:
+    import openai
+
+    out = sys.stdout
+    client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key or "none",
+                           max_retries=0, timeout=args.timeout)
+    try:
+        model = pick_model(client, args.model)
+    except openai.OpenAIError as e:
+        raise SystemExit(f"error: cannot list models at {args.base_url}: {describe_error(e)}") from e
+    conv = Conversation(args.system, args.max_turns)
+    print(f"chatting with {model} at {args.base_url} ({COMMANDS})", file=out, flush=True)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=out)
+            return
+        except KeyboardInterrupt:
+            print(file=out)
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("quit", "exit"):
+            return
+        if text == "reset":
+            conv.reset()
+            print("(conversation cleared)", file=out, flush=True)
+            continue
+        if text == "history":
+            for m in conv.messages():
+                print(f"[{m['role']}] {m['content']}", file=out)
+            if not conv.turns:
+                print("(no messages yet)", file=out)
+            out.flush()
+            continue
+        conv.add_user(line)
+        out.write(f"{model}> ")
+        out.flush()
+        parts: list[str] = []
+        try:
+            stream_answer(client, model, conv, args, out, parts)
+        except KeyboardInterrupt:
+            print("\n(stopped)", file=out, flush=True)
+            conv.add_assistant("".join(parts))  # what was said so far stays in the history
+            continue
+        except openai.OpenAIError as e:
+            conv.drop_unanswered()
+            print(f"\nerror: {describe_error(e)} (your message was not added to the history)",
+                  file=out, flush=True)
+            continue
+        conv.add_assistant("".join(parts))
+        print(file=out, flush=True)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"),
+                   help="any OpenAI-compatible API (default: env OPENAI_BASE_URL, else "
+                   "http://127.0.0.1:8000/v1)")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="API key (default: env OPENAI_API_KEY)")
+    p.add_argument("--model", default=None, help="model name (default: the server's first)")
+    p.add_argument("--system", default=None, help="system prompt, kept through truncation")
+    p.add_argument("--max-turns", type=int, default=10,
+                   help="exchanges kept in the history sent with each request (default 10)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
