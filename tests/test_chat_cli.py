@@ -1,0 +1,126 @@
+"""`llmrelay chat` through a pseudo-terminal (pexpect): streamed answers, truncated history with
+the system prompt kept, reset/history/quit, Ctrl-C stopping an answer, and a failed request
+taken back out of the history with the reason shown."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import Stack, free_port
+from llmrelay.chat_cli import Conversation
+
+pexpect = pytest.importorskip("pexpect")
+
+TIMEOUT = 180  # a hang guard for CPU models on a loaded machine, not a measure
+
+
+def chat(stack_api: str, *args: str):  # type: ignore[no-untyped-def]
+    child = pexpect.spawn(sys.executable, ["-m", "llmrelay.cli", "chat", "--base-url",
+                                           stack_api + "/v1", *args],
+                          encoding="utf-8", timeout=TIMEOUT, dimensions=(50, 200))
+    return child
+
+
+def ask(child, text: str, model: str = "smol") -> str:  # type: ignore[no-untyped-def]
+    child.sendline(text)
+    child.expect_exact(f"{model}> ")
+    child.expect_exact("you> ")
+    return child.before.strip()
+
+
+def history(child) -> list[str]:  # type: ignore[no-untyped-def]
+    child.sendline("history")
+    child.expect_exact("you> ")
+    return [line.strip() for line in child.before.splitlines()[1:] if line.strip()]
+
+
+def test_conversation_history_reset_quit(stack: Stack) -> None:
+    child = chat(stack.api, "--model", "smol", "--system", "You are terse.", "--max-turns", "1",
+                 "--max-tokens", "12", "--temperature", "0")
+    child.expect_exact("chatting with smol")
+    child.expect_exact("you> ")
+    first = ask(child, "Name a colour.")
+    assert first
+    h = history(child)
+    assert h[0] == "[system] You are terse."
+    assert h[1] == "[user] Name a colour."
+    assert h[2].startswith("[assistant]") and h[2].split(" ", 1)[1] in first
+    ask(child, "Name a fruit.")
+    h = history(child)
+    # One turn kept (--max-turns 1), the system prompt always.
+    assert h[0] == "[system] You are terse."
+    assert h[1] == "[user] Name a fruit." and h[2].startswith("[assistant]")
+    assert not any("colour" in line for line in h)
+    child.sendline("reset")
+    child.expect_exact("(conversation cleared)")
+    child.expect_exact("you> ")
+    assert history(child) == ["[system] You are terse.", "(no messages yet)"]
+    child.sendline("quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_failed_request_is_taken_out_and_explained(stack: Stack) -> None:
+    child = chat(stack.api, "--model", "smoll")
+    child.expect_exact("you> ")
+    child.sendline("hello?")
+    child.expect_exact("error: the server answered 404: The model 'smoll' does not exist")
+    child.expect_exact("Did you mean 'smol'?")
+    child.expect_exact("your message was not added to the history")
+    child.expect_exact("you> ")
+    assert history(child) == ["(no messages yet)"]
+    child.sendeof()
+    child.expect(pexpect.EOF)
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_chat(stack: Stack) -> None:
+    child = chat(stack.api, "--model", "smol", "--max-tokens", "1500", "--temperature", "1")
+    child.expect_exact("you> ")
+    child.sendline("Write a very long story about a dragon.")
+    child.expect_exact("smol> ")
+    child.expect(r"\w+ \w+ \w+")  # some of the answer has streamed in
+    child.sendintr()
+    child.expect_exact("(stopped)")
+    child.expect_exact("you> ")
+    h = history(child)
+    assert h[0] == "[user] Write a very long story about a dragon."
+    assert h[1].startswith("[assistant] ")  # the partial answer stays
+    child.sendline("quit")
+    child.expect(pexpect.EOF)
+
+
+def test_unreachable_server_is_a_clear_error() -> None:
+    child = pexpect.spawn(sys.executable, ["-m", "llmrelay.cli", "chat", "--base-url",
+                                           f"http://127.0.0.1:{free_port()}/v1"],
+                          encoding="utf-8", timeout=60)
+    child.expect_exact("cannot list models")
+    child.expect_exact("could not reach the server")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1
+
+
+def test_default_model_is_the_servers_first(stack: Stack) -> None:
+    child = chat(stack.api)
+    child.expect(r"chatting with (\w+) at ")
+    assert child.match.group(1) in ("gemma", "smol")
+    child.sendline("quit")
+    child.expect(pexpect.EOF)
+
+
+def test_truncation_keeps_the_last_turns() -> None:
+    conv = Conversation("sys", max_turns=2)
+    for i in range(4):
+        conv.add_user(f"q{i}")
+        conv.add_assistant(f"a{i}")
+    assert conv.messages() == [{"role": "system", "content": "sys"},
+                               {"role": "user", "content": "q2"},
+                               {"role": "assistant", "content": "a2"},
+                               {"role": "user", "content": "q3"},
+                               {"role": "assistant", "content": "a3"}]
+    conv.add_user("q4")
+    conv.drop_unanswered()
+    assert conv.messages()[-1] == {"role": "assistant", "content": "a3"}
