@@ -237,6 +237,9 @@ def test_api_key_prompt_and_operator_view(stack: Stack, procs: Procs, tmp_path: 
         cells = [td.text for td in shown[stack.gemma_worker].find_elements(By.TAG_NAME, "td")]
         assert cells[0] == "gemma" and cells[2] == "llamacpp"
         assert re.fullmatch(r"\d+\.\d s ago", cells[7]) and cells[8] == "ok"
+        if os.environ.get("LLMRELAY_WEBUI_SCREENSHOT"):  # beside the chat's picture
+            d.save_screenshot(str(Path(os.environ["LLMRELAY_WEBUI_SCREENSHOT"]).with_name(
+                "webui-workers.png")))
     finally:
         d.quit()
 
