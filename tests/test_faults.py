@@ -198,6 +198,7 @@ def test_sigterm_on_worker_during_streams(procs: Procs) -> None:
         assert last["choices"][0]["finish_reason"] == "length"
     w1.proc.wait(30)
     assert "deregistered" in w1.log()
+    assert "engine llamacpp closed" in w1.log(), "the engine is freed before the process exits"
     assert "error" not in json.loads(long_stream(api, 4)["events"][-2])
 
 

@@ -62,7 +62,8 @@ def _argv(section: dict[str, Any], where: str) -> list[str]:
 
 
 def _parse(add: Any, argv: list[str], where: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=where, add_help=False, exit_on_error=False)
+    parser = argparse.ArgumentParser(prog=where, add_help=False, exit_on_error=False,
+                                     allow_abbrev=False)
     add(parser)
     try:
         args, unknown = parser.parse_known_args(argv)

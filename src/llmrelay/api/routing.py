@@ -253,6 +253,9 @@ async def open_stream(table: WorkerTable, model: str,
                         worker.name, last_error)
             note_failover()
             continue
+        except BaseException:  # cancelled (the client left) before the first frame
+            await stack.aclose()
+            raise
         code = int(first.get("error_code") or 0)
         if code:
             await stack.aclose()

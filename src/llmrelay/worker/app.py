@@ -335,6 +335,10 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
         yield
         await leave()
         await client.aclose()
+        # Here, not after uvicorn returns: on SIGTERM uvicorn re-raises the signal once it has
+        # shut down, which ends the process before any code after serve() runs.
+        await asyncio.to_thread(engine.close)
+        log.info("engine %s closed", engine.name)
 
     app = FastAPI(title="llmrelay model worker", lifespan=lifespan)
     app.add_middleware(TokenGuard, token=settings.token)
