@@ -1,7 +1,8 @@
 """The model worker's HTTP face: FastChat's worker endpoints over one engine.
 
-Model work runs in its own thread per request, never on the event loop, so status, heartbeats
-and token counts answer while a long generation runs. `--limit-worker-concurrency` bounds the
+Model work never runs on the event loop: the engine's own thread (or, for an engine without one,
+a thread per request) hands chunks to it, so status, heartbeats and token counts answer while
+a long generation runs. `--limit-worker-concurrency` bounds the
 requests admitted at once; the rest wait (queue length = running + waiting). A client that
 disconnects cancels its generation, in the queue or running.
 
@@ -18,6 +19,7 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -233,48 +235,59 @@ def error_frame(e: Exception) -> dict[str, Any]:
             "error_code": int(ErrorCode.INTERNAL_ERROR)}
 
 
-_DONE = object()
+class Mailbox:
+    """Hands items from engine threads to queues on the event loop, waking the loop once for
+    everything posted before it runs (a batch step's chunks of every stream), not once per item."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: deque[tuple[asyncio.Queue[Any], Any]] = deque()
+        self.scheduled = False
+
+    def post(self, queue: asyncio.Queue[Any], item: Any) -> None:  # any thread
+        self.items.append((queue, item))
+        if not self.scheduled:
+            self.scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the event loop is closed: nobody reads this any more
+                pass
+
+    def _drain(self) -> None:  # the event loop
+        self.scheduled = False  # before draining: an item posted from now on schedules again
+        while self.items:
+            queue, item = self.items.popleft()
+            queue.put_nowait(item)
 
 
-async def run_in_thread(engine: Engine, req: GenerationRequest,
-                        cancel: threading.Event) -> AsyncIterator[list[Chunk]]:
-    """Run `engine.generate` in a dedicated thread and yield its chunks here, as lists of the
-    chunks ready at once: when the event loop falls behind the engine (many streams, a fast
-    model), they go out in one write instead of one write (and one wake-up of the reader) each."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
+async def run_engine(engine: Engine, req: GenerationRequest, cancel: threading.Event,
+                     mailbox: Mailbox) -> AsyncIterator[list[Chunk]]:
+    """Start a generation and yield its chunks here, as lists of the chunks ready at once: when
+    the event loop falls behind the engine (many streams, a fast model), they go out in one
+    write instead of one write (and one wake-up of the reader) each. The engine's thread posts
+    chunks straight to this event loop (`Engine.start`)."""
+    queue: asyncio.Queue[Chunk | Exception | None] = asyncio.Queue()
 
-    def put(item: Any) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
+    def emit(item: Chunk | Exception | None) -> None:
+        mailbox.post(queue, item)
 
-    def work() -> None:
-        try:
-            for chunk in engine.generate(req, cancel):
-                put(chunk)
-        except Exception as e:  # handed to the event loop, which turns it into an error frame
-            if not isinstance(e, (EngineError, ChatTemplateError)):
-                log.exception("request %s failed in the engine", req.request_id)
-            put(e)
-        finally:
-            put(_DONE)
-
-    threading.Thread(target=work, name=f"gen-{req.request_id}", daemon=True).start()
     try:
+        await asyncio.to_thread(engine.start, req, cancel, emit)  # renders and tokenizes
         while True:
             batch: list[Chunk] = []
             item = await queue.get()
-            while True:
-                if item is _DONE or isinstance(item, Exception):
-                    break
+            while isinstance(item, Chunk):
                 batch.append(item)
                 if queue.empty():
                     break
                 item = queue.get_nowait()
             if batch:
                 yield batch
-            if item is _DONE:
+            if item is None:
                 return
             if isinstance(item, Exception):
+                if not isinstance(item, (EngineError, ChatTemplateError)):
+                    log.error("request %s failed in the engine", req.request_id, exc_info=item)
                 raise item
     finally:
         cancel.set()  # no-op when finished; stops the engine when the consumer went away
@@ -358,8 +371,15 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
     async def engine_error(request: Request, e: EngineError) -> JSONResponse:
         return JSONResponse(error_frame(e), status_code=400)
 
+    mailboxes: list[Mailbox] = []
+
+    def mailbox() -> Mailbox:
+        if not mailboxes:
+            mailboxes.append(Mailbox(asyncio.get_running_loop()))
+        return mailboxes[0]
+
     async def generate_frames(req: GenerationRequest, delta: bool) -> AsyncIterator[list[dict]]:
-        """Lists of frames ready at once (see run_in_thread)."""
+        """Lists of frames ready at once (see run_engine)."""
         cancel = threading.Event()
         framer = Framer(delta)
         started = time.monotonic()
@@ -369,7 +389,7 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
         first_at: float | None = None
         try:
             async with state.slot():
-                async for chunks in run_in_thread(engine, req, cancel):
+                async for chunks in run_engine(engine, req, cancel, mailbox()):
                     out = []
                     if first_at is None:
                         first_at = time.monotonic()

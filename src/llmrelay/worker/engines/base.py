@@ -1,15 +1,18 @@
 """The engine interface: the only code that knows a model library implements it.
 
-An engine loads one model and, synchronously (the worker runs it off the event loop), streams a
-generation as `Chunk`s of new text. What every engine shares lives here: the request type,
-stop-string handling that never leaks a partial stop string, and chat rendering.
+An engine loads one model and streams a generation as `Chunk`s of new text, either as an iterator
+(`generate`, run off the event loop) or pushed to a callback (`start`: engines with a scheduler
+thread of their own hand chunks straight to the worker's event loop, no thread per request).
+What every engine shares lives here: the request type, stop-string handling that never leaks a
+partial stop string, and chat rendering.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +65,10 @@ class Chunk:
     completion_tokens: int
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+Emit = Callable[["Chunk | Exception | None"], None]
+"""Where `Engine.start` delivers a generation: chunks, then None; or an Exception, which ends it."""
 
 
 class StopMatcher:
@@ -119,6 +126,37 @@ class Engine(ABC):
     @abstractmethod
     def generate(self, req: GenerationRequest, cancel: threading.Event) -> Iterator[Chunk]:
         """Stream a generation; stop soon after `cancel` is set (finish_reason "abort")."""
+
+    def start(self, req: GenerationRequest, cancel: threading.Event, emit: Emit) -> None:
+        """Begin a generation and return at once; its chunks go to `emit` (called from any
+        thread), then None; an Exception passed to `emit` ends it instead. A request the engine
+        refuses before it starts may raise here. This default runs `generate` in a thread of
+        its own; engines with a scheduler thread override it (and implement `generate` with
+        `generate_from_start`)."""
+
+        def work() -> None:
+            try:
+                for chunk in self.generate(req, cancel):
+                    emit(chunk)
+            except Exception as e:
+                emit(e)
+                return
+            emit(None)
+
+        threading.Thread(target=work, name=f"gen-{req.request_id}", daemon=True).start()
+
+    def generate_from_start(self, req: GenerationRequest,
+                            cancel: threading.Event) -> Iterator[Chunk]:
+        """`generate` for an engine that implements `start`."""
+        q: queue.SimpleQueue[Chunk | Exception | None] = queue.SimpleQueue()
+        self.start(req, cancel, q.put)
+        try:
+            while (item := q.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            cancel.set()  # no-op when finished; stops the generation when the reader left
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         if self.chat_template is None:

@@ -5,7 +5,8 @@ generated), and a single scheduler thread owns it. Each step it builds one `llam
 the next token of every generating sequence plus a chunk of any prompt still being evaluated,
 runs one `llama_decode`, and samples every sequence from its own logits with its own llama.cpp
 sampler chain (temperature, top_p, top_k, penalties, seed). Requests join and leave between
-steps. `generate()` only submits a request and reads its chunks from a queue.
+steps. `start()` only submits a request; the scheduler hands its chunks to the request's `emit`
+callback (in the worker: straight to the event loop, no thread per request).
 
 The KV cache is split per sequence (llama.cpp's non-unified cache): each slot has a stream of
 `context_length` cells. A finished request leaves its tokens in its slot; the next request whose
@@ -19,7 +20,6 @@ from __future__ import annotations
 import codecs
 import logging
 import os
-import queue
 import random
 import threading
 import time
@@ -36,6 +36,7 @@ from llama_cpp import Llama
 from llmrelay.worker import templates
 from llmrelay.worker.engines.base import (
     Chunk,
+    Emit,
     Engine,
     EngineError,
     GenerationRequest,
@@ -83,8 +84,7 @@ class _Seq:
     tokens: list[int]  # the prompt
     max_new: int
     cancel: threading.Event
-    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    abandoned: bool = False  # the reader of generate() went away
+    emit: Emit
     slot: _Slot | None = None
     n_past: int = 0  # prompt tokens already in the KV cache
     next_token: int = -1  # sampled, not yet decoded
@@ -97,7 +97,7 @@ class _Seq:
 
     @property
     def gone(self) -> bool:
-        return self.abandoned or self.cancel.is_set()
+        return self.cancel.is_set()
 
 
 class LlamaCppEngine(Engine):
@@ -148,6 +148,7 @@ class LlamaCppEngine(Engine):
         self.batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
         self.slots = [_Slot(i) for i in range(self.parallel)]
         self.inbox: deque[_Seq] = deque()
+        self.outbox: list[tuple[Emit, Chunk | Exception | None]] = []  # delivered once per step
         self.cond = threading.Condition()
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
@@ -208,6 +209,9 @@ class LlamaCppEngine(Engine):
     # ---- the caller's side -------------------------------------------------------------------
 
     def generate(self, req: GenerationRequest, cancel: threading.Event) -> Iterator[Chunk]:
+        return self.generate_from_start(req, cancel)
+
+    def start(self, req: GenerationRequest, cancel: threading.Event, emit: Emit) -> None:
         tokens = self._prompt_tokens(req)
         n_prompt = len(tokens)
         n_ctx = self.context_length()
@@ -221,34 +225,30 @@ class LlamaCppEngine(Engine):
             )
         room = n_ctx - n_prompt
         max_new = room if req.max_new_tokens is None else min(req.max_new_tokens, room)
-        if req.echo:
-            prompt_text = self.llm.detokenize(tokens, special=True).decode("utf-8", "replace")
-            yield Chunk(prompt_text, n_prompt, 0)
-        if max_new <= 0:
-            yield Chunk("", n_prompt, 0, "length")
-            return
-        seq = _Seq(req=req, tokens=tokens, max_new=max_new, cancel=cancel)
         with self.cond:
             if self.closed:
                 raise EngineError("the engine is shutting down", 50001)
+        if req.echo:
+            prompt_text = self.llm.detokenize(tokens, special=True).decode("utf-8", "replace")
+            emit(Chunk(prompt_text, n_prompt, 0))
+        if max_new <= 0:
+            emit(Chunk("", n_prompt, 0, "length"))
+            emit(None)
+            return
+        seq = _Seq(req=req, tokens=tokens, max_new=max_new, cancel=cancel, emit=emit)
+        with self.cond:
+            if self.closed:
+                emit(EngineError("the engine is shutting down", 50001))
+                return
             self.inbox.append(seq)
             self.cond.notify()
-        try:
-            while True:
-                item = seq.out.get()
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            seq.abandoned = True
 
     # ---- the scheduler thread ----------------------------------------------------------------
 
     def _run(self) -> None:
         active: list[_Seq] = []
         while True:
+            self._deliver()
             with self.cond:
                 while not self.closed and not active and not self.inbox:
                     self.cond.wait()
@@ -265,15 +265,34 @@ class LlamaCppEngine(Engine):
                 log.exception("llama.cpp step failed")
                 for seq in list(active):
                     self._release(seq, active, keep_cache=False)
-                    seq.out.put(EngineError(f"llama.cpp failed: {e}", 50001))
+                    self._post(seq, EngineError(f"llama.cpp failed: {e}", 50001))
         for seq in active + list(self.inbox):
-            seq.out.put(EngineError("the engine is shutting down", 50001))
+            self._post(seq, EngineError("the engine is shutting down", 50001))
+        self._deliver()
+
+    def _post(self, seq: _Seq, item: Chunk | Exception | None) -> None:
+        self.outbox.append((seq.emit, item))
+
+    def _end(self, seq: _Seq, chunk: Chunk) -> None:
+        self._post(seq, chunk)
+        self._post(seq, None)
+
+    def _deliver(self) -> None:
+        """Hand the step's chunks over together, after its Python work and before the next
+        llama_decode (which releases the GIL): the readers wake once per step, while llama.cpp
+        computes, instead of once per chunk and competing for the GIL with the sampling."""
+        out, self.outbox = self.outbox, []
+        for emit, item in out:
+            try:
+                emit(item)
+            except Exception:  # a reader's callback failing must not stop the scheduler
+                log.exception("delivering a chunk failed")
 
     def _admit(self, active: list[_Seq]) -> None:
         """Move waiting requests into free slots (called with the condition held)."""
         for seq in [s for s in self.inbox if s.gone]:
             self.inbox.remove(seq)
-            seq.out.put(Chunk("", len(seq.tokens), 0, "abort"))
+            self._end(seq, Chunk("", len(seq.tokens), 0, "abort"))
         while self.inbox:
             free = [s for s in self.slots if not s.busy]
             if not free:
@@ -384,12 +403,12 @@ class LlamaCppEngine(Engine):
         seq.next_token = token
         text, hit = seq.stops.feed(seq.decoder.decode(piece))
         if hit:
-            seq.out.put(Chunk(text, n_prompt, len(seq.generated), None, seq.pending))
+            self._post(seq, Chunk(text, n_prompt, len(seq.generated), None, seq.pending))
             seq.pending = []
             self._finish(seq, "stop", active, stop_hit=True)
             return
         if text or seq.pending:
-            seq.out.put(Chunk(text, n_prompt, len(seq.generated), None, seq.pending))
+            self._post(seq, Chunk(text, n_prompt, len(seq.generated), None, seq.pending))
             seq.pending = []
         if len(seq.generated) >= seq.max_new:
             self._finish(seq, "length", active)
@@ -401,7 +420,7 @@ class LlamaCppEngine(Engine):
             tail, _ = seq.stops.feed(seq.decoder.decode(b"", final=True))
             tail += seq.stops.flush()
         self._release(seq, active, keep_cache=reason != "abort")
-        seq.out.put(Chunk(tail, len(seq.tokens), len(seq.generated), reason, seq.pending))
+        self._end(seq, Chunk(tail, len(seq.tokens), len(seq.generated), reason, seq.pending))
         seq.pending = []
 
     def _release(self, seq: _Seq, active: list[_Seq], keep_cache: bool) -> None:

@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import math
-import queue
 import re
 import struct
 import threading
@@ -52,7 +51,14 @@ from transformers import (
 )
 
 from llmrelay.worker import templates
-from llmrelay.worker.engines.base import Chunk, Engine, EngineError, GenerationRequest, StopMatcher
+from llmrelay.worker.engines.base import (
+    Chunk,
+    Emit,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    StopMatcher,
+)
 from llmrelay.worker.templates import ChatTemplateError
 
 log = logging.getLogger("llmrelay.worker")
@@ -61,6 +67,7 @@ DEFAULT_PARALLEL = 16
 PAGE_SIZE = 64
 GREEDY_TEMPERATURE = 1e-6  # the batch manager always samples; this makes it an argmax
 GiB = 1024**3
+KV_CACHE_BUDGET = 1 * GiB  # the batch manager's paged KV cache, allocated at load
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
          "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -254,6 +261,33 @@ def build(path: Path, opts: LoadOptions) -> Engine:
     return TransformersEngine(path, device, opts)
 
 
+def _skip_noop_warpers(manager: Any) -> None:
+    """The batch manager's per-request top-k and top-p warpers sort the whole vocabulary for
+    every sequence at every step, even when no request in the batch asks for them (top_k off,
+    top_p 1.0: most OpenAI requests); that was a fifth of a step on CPU. Here they pass the
+    scores through unchanged in that case (same results, as a no-op filter would)."""
+    from transformers.generation.continuous_batching import cb_logits_processors as cb
+
+    class TopK(cb.ContinuousBatchingTopKLogitsWarper):
+        def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+            if bool((tensor_arg[: scores.size(0)] >= scores.size(-1)).all()):
+                return scores
+            return super().__call__(scores, tensor_arg)
+
+    class TopP(cb.ContinuousBatchingTopPLogitsWarper):
+        def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+            if bool((tensor_arg[: scores.size(0)].view(dtype=torch.float32) >= 1.0).all()):
+                return scores
+            return super().__call__(scores, tensor_arg)
+
+    procs = getattr(getattr(manager, "logit_processor", None), "logits_processor", None) or []
+    for proc in procs:
+        if type(proc) is cb.ContinuousBatchingTopKLogitsWarper:
+            proc.__class__ = TopK
+        elif type(proc) is cb.ContinuousBatchingTopPLogitsWarper:
+            proc.__class__ = TopP
+
+
 def _load_error(path: Path, e: Exception) -> EngineError:
     return EngineError(f"transformers could not load {path}: {type(e).__name__}: {e}")
 
@@ -268,19 +302,18 @@ class _Seq:
     max_new: int
     cancel: threading.Event
     stop_ids: set[int]
-    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    emit: Emit
     generated: list[int] = field(default_factory=list)
     stops: StopMatcher | None = None
     decoder: Any = None
     done: bool = False
-    abandoned: bool = False
     rid: str = ""
     cb_seen: int = 0  # tokens of the current batch request already taken
     cb_base: int = 0  # tokens generated before the request joined the batch
 
     @property
     def gone(self) -> bool:
-        return self.abandoned or self.cancel.is_set()
+        return self.cancel.is_set()
 
 
 class _Streamer:
@@ -411,15 +444,37 @@ class TransformersEngine(Engine):
         gc = GenerationConfig(do_sample=True, temperature=0.7, top_k=self.vocab_size, top_p=0.99,
                               eos_token_id=sorted(self.eos_ids) or None, pad_token_id=self.pad_id,
                               max_new_tokens=256)
-        per_seq = min(self._n_ctx, 4096)
+        cache_tokens, per_token = self._cache_size()
+        log.info("batch KV cache: %d tokens (%.0f MiB) shared by up to %d requests",
+                 cache_tokens, cache_tokens * per_token / 2**20, self.parallel)
         cbc = ContinuousBatchingConfig(
             per_request_processors=True, page_size=PAGE_SIZE,
-            num_blocks=max(8, math.ceil(self.parallel * per_seq / PAGE_SIZE)),
+            num_blocks=max(8, math.ceil(cache_tokens / PAGE_SIZE)),
             max_blocks_per_request=math.ceil(self._n_ctx / PAGE_SIZE),
             max_requests_per_batch=self.parallel, seed=self.default_seed)
         manager = self.model.init_continuous_batching(generation_config=gc, continuous_batching_config=cbc)
+        _skip_noop_warpers(manager)
+        # Allocate the cache now, while loading: done lazily by the manager's thread, it competed
+        # with the first requests for seconds.
+        try:
+            manager.warmup()
+        except Exception as e:  # only an optimisation: the manager still allocates on its own
+            log.warning("could not prepare the batch manager ahead (%s: %s)", type(e).__name__, e)
         manager.start()
         return manager
+
+    def _cache_size(self) -> tuple[int, int]:
+        """Tokens of paged KV cache for the batch manager, and bytes per token. Enough for
+        `parallel` requests of up to 2048 tokens, within KV_CACHE_BUDGET, never less than one
+        request of the whole context (the manager makes requests wait for free blocks)."""
+        cfg = self.model.config.get_text_config()
+        heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or getattr(cfg, "hidden_size", 64) // heads)
+        layers = int(getattr(cfg, "num_hidden_layers", 1) or 1)
+        per_token = 2 * layers * kv_heads * head_dim * self.model.dtype.itemsize
+        want = self.parallel * min(self._n_ctx, 2048)
+        return max(self._n_ctx, min(want, KV_CACHE_BUDGET // per_token)), per_token
 
     # ---- the caller's side ----
 
@@ -453,6 +508,9 @@ class TransformersEngine(Engine):
         return self.tokenize(req.prompt or "")
 
     def generate(self, req: GenerationRequest, cancel: threading.Event) -> Iterator[Chunk]:
+        return self.generate_from_start(req, cancel)
+
+    def start(self, req: GenerationRequest, cancel: threading.Event, emit: Emit) -> None:
         if req.logprobs is not None:
             raise EngineError("logprobs are not served by the transformers engine", 40302)
         tokens = self._prompt_tokens(req)
@@ -465,29 +523,25 @@ class TransformersEngine(Engine):
                 f"has {n_prompt} tokens. Please shorten it.", 40303)
         room = n_ctx - n_prompt
         max_new = room if req.max_new_tokens is None else min(req.max_new_tokens, room)
-        if req.echo:
-            yield Chunk(self.tokenizer.decode(tokens), n_prompt, 0)
-        if max_new <= 0:
-            yield Chunk("", n_prompt, 0, "length")
-            return
-        seq = _Seq(req=req, tokens=tokens, max_new=max_new, cancel=cancel,
-                   stop_ids=self.eos_ids | set(req.stop_token_ids), stops=StopMatcher(list(req.stop)),
-                   decoder=codecs.getincrementaldecoder("utf-8")(errors="replace"))
         with self.cond:
             if self.closed:
                 raise EngineError("the engine is shutting down", 50001)
+        if req.echo:
+            emit(Chunk(self.tokenizer.decode(tokens), n_prompt, 0))
+        if max_new <= 0:
+            emit(Chunk("", n_prompt, 0, "length"))
+            emit(None)
+            return
+        seq = _Seq(req=req, tokens=tokens, max_new=max_new, cancel=cancel,
+                   stop_ids=self.eos_ids | set(req.stop_token_ids), emit=emit,
+                   stops=StopMatcher(list(req.stop)),
+                   decoder=codecs.getincrementaldecoder("utf-8")(errors="replace"))
+        with self.cond:
+            if self.closed:
+                emit(EngineError("the engine is shutting down", 50001))
+                return
             self.inbox.append(seq)
             self.cond.notify()
-        try:
-            while True:
-                item = seq.out.get()
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            seq.abandoned = True
 
     # ---- token handling (scheduler or router thread; a request is in one place at a time) ----
 
@@ -511,11 +565,11 @@ class TransformersEngine(Engine):
         seq.generated.append(token)
         text, hit = seq.stops.feed(seq.decoder.decode(self._piece(seq, token)))
         if hit:
-            seq.out.put(Chunk(text, n_prompt, len(seq.generated)))
+            seq.emit(Chunk(text, n_prompt, len(seq.generated)))
             self._finish(seq, "stop", stop_hit=True)
             return
         if text:
-            seq.out.put(Chunk(text, n_prompt, len(seq.generated)))
+            seq.emit(Chunk(text, n_prompt, len(seq.generated)))
         if len(seq.generated) >= seq.max_new:
             self._finish(seq, "length")
 
@@ -527,7 +581,8 @@ class TransformersEngine(Engine):
         if not stop_hit and seq.stops is not None:
             tail, _ = seq.stops.feed(seq.decoder.decode(b"", final=True))
             tail += seq.stops.flush()
-        seq.out.put(Chunk(tail, len(seq.tokens), len(seq.generated), reason))
+        seq.emit(Chunk(tail, len(seq.tokens), len(seq.generated), reason))
+        seq.emit(None)
 
     # ---- the scheduler thread: solo generate(), or hand over to the batch manager ----
 
@@ -553,11 +608,11 @@ class TransformersEngine(Engine):
             except Exception as e:  # a failed request fails alone, never the thread
                 log.exception("request %s failed", seq.req.request_id)
                 seq.done = True
-                seq.out.put(EngineError(f"transformers failed: {type(e).__name__}: {e}", 50001))
+                seq.emit(EngineError(f"transformers failed: {type(e).__name__}: {e}", 50001))
         with self.cond:
             left = list(self.inbox)
         for seq in left:
-            seq.out.put(EngineError("the engine is shutting down", 50001))
+            seq.emit(EngineError("the engine is shutting down", 50001))
 
     @torch.inference_mode()
     def _solo(self, seq: _Seq) -> None:
@@ -624,7 +679,7 @@ class TransformersEngine(Engine):
                     if not self.manager.is_running() and self.batch and not self.closed:
                         err = self.manager.background_thread_status.fatal_error
                         for seq in self.batch.values():
-                            seq.out.put(EngineError(f"the batch manager stopped: {err}", 50001))
+                            seq.emit(EngineError(f"the batch manager stopped: {err}", 50001))
                         self.batch.clear()
                     continue
                 seq = self.batch.get(out.request_id)
@@ -640,7 +695,7 @@ class TransformersEngine(Engine):
                     self.batch.pop(out.request_id, None)
                 if out.error and not seq.done:
                     seq.done = True
-                    seq.out.put(EngineError(f"generation failed: {out.error}", 50001))
+                    seq.emit(EngineError(f"generation failed: {out.error}", 50001))
                 elif not seq.done:
                     reached = len(seq.generated) >= seq.max_new
                     self._finish(seq, "length" if reached else "stop")
@@ -660,6 +715,12 @@ class TransformersEngine(Engine):
         with contextlib.suppress(Exception):
             self.manager.stop(block=True, timeout=10)
         self.thread.join(timeout=10)
+        with self.batch_lock:
+            left = [seq for seq in self.batch.values() if not seq.done]
+            self.batch.clear()
+        for seq in left:  # their readers would wait forever otherwise
+            seq.done = True
+            seq.emit(EngineError("the engine is shutting down", 50001))
 
 
 # ---- embeddings -----------------------------------------------------------------------------------
