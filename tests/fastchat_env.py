@@ -142,7 +142,13 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 gguf, out = Path(sys.argv[1]), Path(sys.argv[2])
 tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+model, info = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                   output_loading_info=True)
+# SmolLM2 ties its output layer to the embeddings (its GGUF has no output.weight); transformers
+# 4.46 does not know that from a GGUF and would leave lm_head randomly initialised.
+if "lm_head.weight" in info["missing_keys"]:
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
 # The weights are dequantized now; a quantization marker left in the config would make
 # from_pretrained look for a GGUF quantizer when loading the folder.
 for attr in ("quantization_config", "_pre_quantization_dtype"):

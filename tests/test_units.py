@@ -933,3 +933,35 @@ def test_iter_frames_trailing_error_text_is_bounded() -> None:
 
 def test_iter_frames_trailing_non_object_json_dropped() -> None:
     assert collect([frame(FRAMES[0]) + b"[1, 2, 3]"]) == [FRAMES[0]]
+
+
+# -- transformers: the batch manager's top-k / top-p warpers --------------------------------------
+
+def test_batch_warpers_pass_through_only_when_no_request_filters() -> None:
+    torch = pytest.importorskip("torch")
+    gen = pytest.importorskip("transformers.generation.logits_process")
+    cb = pytest.importorskip("transformers.generation.continuous_batching.cb_logits_processors")
+    from llmrelay.worker.engines.transformers import _skip_noop_warpers
+
+    top_k = cb.ContinuousBatchingTopKLogitsWarper(gen.TopKLogitsWarper(top_k=100))
+    top_p = cb.ContinuousBatchingTopPLogitsWarper(gen.TopPLogitsWarper(top_p=0.99))
+    originals = (cb.ContinuousBatchingTopKLogitsWarper(gen.TopKLogitsWarper(top_k=100)),
+                 cb.ContinuousBatchingTopPLogitsWarper(gen.TopPLogitsWarper(top_p=0.99)))
+
+    class Manager:  # the two attributes _skip_noop_warpers reads
+        class logit_processor:  # noqa: N801
+            logits_processor = [top_k, top_p]
+
+    _skip_noop_warpers(Manager)
+    assert type(top_k) is not cb.ContinuousBatchingTopKLogitsWarper
+    assert type(top_p) is not cb.ContinuousBatchingTopPLogitsWarper
+    scores = torch.randn(3, 100, generator=torch.Generator().manual_seed(0))
+    off_k = torch.tensor([100, 100, 100], dtype=torch.int32)
+    off_p = torch.tensor([1.0, 1.0, 1.0]).view(dtype=torch.int32)
+    assert top_k(scores, off_k) is scores and top_p(scores, off_p) is scores
+    # one request in the batch filters: every row gets exactly the library's own result
+    on_k = torch.tensor([100, 5, 100], dtype=torch.int32)
+    on_p = torch.tensor([1.0, 0.5, 1.0]).view(dtype=torch.int32)
+    assert torch.equal(top_k(scores, on_k), originals[0](scores, on_k))
+    assert torch.equal(top_p(scores, on_p), originals[1](scores, on_p))
+    assert int(torch.isinf(top_k(scores, on_k)[1]).sum()) == 95

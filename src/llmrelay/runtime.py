@@ -4,13 +4,43 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import uvicorn
+from starlette.responses import StreamingResponse
+from starlette.types import Send
 
 log = logging.getLogger("llmrelay")
 
 PUBLIC_HOSTS = {"0.0.0.0", "::", ""}
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body generator however the response ends, a client
+    that went away included: the generator's cleanup (cancelling a generation, closing the
+    stream to a worker) runs at once, not whenever the garbage collector gets to it.
+
+    `cleanup` runs after that: a generator that never started (the client left before the
+    first byte) runs no cleanup of its own when closed."""
+
+    def __init__(self, content: Any, *args: Any,
+                 cleanup: Callable[[], Awaitable[None]] | None = None, **kwargs: Any) -> None:
+        super().__init__(content, *args, **kwargs)
+        self.cleanup = cleanup
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True) as scope:
+                scope.deadline = anyio.current_time() + 10
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                if self.cleanup is not None:
+                    await self.cleanup()
 
 
 def warn_public_bind(host: str, what: str, protected: bool) -> None:

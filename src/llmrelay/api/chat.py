@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from llmrelay.api.errors import bad_param
 from llmrelay.api.fastchat_workers import param_builder
@@ -28,6 +28,7 @@ from llmrelay.api.generation import (
 from llmrelay.api.routing import WorkerTable, now
 from llmrelay.api.schemas import ChatCompletionRequest, normalize_messages
 from llmrelay.controller.dispatch import conversation_keys
+from llmrelay.runtime import ClosingStreamingResponse
 
 DEFAULT_TEMPERATURE = 0.7
 
@@ -116,8 +117,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
                 yield {**base, "object": "chat.completion.chunk", "choices": [],
                        "usage": usage_of(last, lambda i: 0)}
 
-        return StreamingResponse(sse_stream(chunks, opening), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return ClosingStreamingResponse(sse_stream(chunks, opening), media_type="text/event-stream",
+                                        headers=SSE_HEADERS, cleanup=opening.close_if_unused)
 
     streams = await opening.wait()
 

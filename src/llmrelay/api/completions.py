@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from llmrelay.api.chat import _finish, per_choice, sampling_params
 from llmrelay.api.errors import bad_param
@@ -22,6 +22,7 @@ from llmrelay.api.generation import (
 )
 from llmrelay.api.routing import WorkerTable, now
 from llmrelay.api.schemas import CompletionRequest
+from llmrelay.runtime import ClosingStreamingResponse
 
 
 def _prompts(prompt: Any) -> list[dict[str, Any]]:
@@ -110,8 +111,8 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
             if include_usage:
                 yield {**base, "choices": [], "usage": usage_of(last, prompt_of)}
 
-        return StreamingResponse(sse_stream(chunks, opening), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return ClosingStreamingResponse(sse_stream(chunks, opening), media_type="text/event-stream",
+                                        headers=SSE_HEADERS, cleanup=opening.close_if_unused)
 
     streams = await opening.wait()
 

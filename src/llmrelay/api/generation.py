@@ -196,8 +196,15 @@ class Opening:
         return self.streams
 
     async def wait_briefly(self) -> None:
-        """Wait up to one keep-alive period; raises what opening raised if it failed by then."""
-        await asyncio.wait({self.task}, timeout=min(self.keepalive, self.remaining()))
+        """Wait up to one keep-alive period; raises what opening raised if it failed by then.
+        A client that leaves meanwhile (a long prompt's prefill) stops the workers at once."""
+        if not self.task.done():
+            try:
+                await until_disconnect(self.request, asyncio.wait(
+                    {self.task}, timeout=min(self.keepalive, self.remaining())))
+            except BaseException:
+                await self.close_if_unused()
+                raise
         if self.task.done():
             self.task.result()
 
@@ -220,6 +227,7 @@ class Opening:
                 await self.task
             return
         if not self.used and not self.task.cancelled() and self.task.exception() is None:
+            self.used = True  # closed here, once
             for s in self.task.result():
                 await s.aclose()
 

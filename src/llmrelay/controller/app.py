@@ -18,12 +18,13 @@ from urllib.parse import urlparse
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from llmrelay.controller.dispatch import pick
 from llmrelay.controller.registry import Registry
 from llmrelay.metrics import ControllerMetrics, metrics_response
 from llmrelay.protocol import ErrorCode, frame
+from llmrelay.runtime import ClosingStreamingResponse
 from llmrelay.security import TokenGuard, auth_headers, token_from
 
 log = logging.getLogger("llmrelay.controller")
@@ -220,7 +221,7 @@ def create_app(dispatch_method: str = "shortest_queue", heartbeat_interval: floa
                 yield frame({"text": f"worker {address} failed: {e}",
                              "error_code": int(ErrorCode.CONTROLLER_WORKER_TIMEOUT)})
 
-        return StreamingResponse(relay(), media_type="application/octet-stream")
+        return ClosingStreamingResponse(relay(), media_type="application/octet-stream")
 
     @app.get("/metrics")
     async def get_metrics() -> Any:

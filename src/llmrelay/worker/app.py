@@ -26,12 +26,13 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from llmrelay import __version__
 from llmrelay.fastchat_conv import STYLES_0_2_36, describe
 from llmrelay.metrics import WorkerMetrics, metrics_response
 from llmrelay.protocol import OUR_EXTENSIONS, ErrorCode, frame
+from llmrelay.runtime import ClosingStreamingResponse
 from llmrelay.security import TokenGuard, auth_headers
 from llmrelay.worker.engines.base import Chunk, Engine, EngineError, GenerationRequest
 from llmrelay.worker.lifecycle import ControllerLink
@@ -455,7 +456,7 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
             async for frames in generate_frames(req, delta):
                 yield b"".join(frame(f) for f in frames)
 
-        return StreamingResponse(body(), media_type="application/octet-stream")
+        return ClosingStreamingResponse(body(), media_type="application/octet-stream")
 
     @app.post("/worker_generate")
     async def worker_generate(request: Request) -> Any:
