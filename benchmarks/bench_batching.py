@@ -8,19 +8,21 @@ the same run. Prints total completion tokens/s, time to first token and latency 
 ratios against 1 client and against raw.
 
 The clients run in a separate process (`--clients-in process`, the default; as a real client
-would, it does not share this script's interpreter and GIL) and are either plain httpx reading
-the SSE lines (`--client httpx`, the default: the least CPU taken from the two cores being
-measured) or the official `openai` SDK (`--client sdk`, which parses every chunk into pydantic
-objects). `--clients-in thread` runs them as threads of this script, as the first version did.
+would, it does not share this script's interpreter and GIL) and are one of: the standard
+library's http.client scanning the raw stream (`--client raw`, the default: the least CPU taken
+from the two cores being measured), plain httpx reading the SSE lines (`--client httpx`), or the
+official `openai` SDK (`--client sdk`, which parses every chunk into pydantic objects).
+`--clients-in thread` runs them as threads of this script, as the first version did.
 
     .venv/bin/python benchmarks/bench_batching.py [--rounds 3] [--repeat 3] [--max-tokens 64]
-        [--client httpx|sdk] [--clients-in process|thread] [--n-threads 2]
+        [--client raw|httpx|sdk] [--clients-in process|thread] [--n-threads 2]
         [--worker-args "--stream-interval 2"]
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import shlex
 import statistics
@@ -29,6 +31,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -74,6 +77,31 @@ def one_request_httpx(client: httpx.Client, i: int, max_tokens: int) -> Result:
     return Result(ttft if ttft is not None else end, end, tokens)
 
 
+def one_request_raw(conn: http.client.HTTPConnection, i: int, max_tokens: int) -> Result:
+    """The same request over the standard library's http.client, scanning the raw bytes: the
+    lightest client here (a load generator sharing the two measured cores should cost little);
+    tokens are counted from the final `usage` chunk, as with the other clients."""
+    t0 = time.perf_counter()
+    ttft = None
+    body = json.dumps({"model": "smol", "messages": messages(i), "max_tokens": max_tokens,
+                       "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    conn.request("POST", "/v1/chat/completions", body=body,
+                 headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
+    tail = b""
+    while data := r.read1(65536):
+        if ttft is None and b'"content":"' in data.replace(b'"content":""', b""):
+            ttft = time.perf_counter() - t0
+        tail = (tail + data)[-4096:]
+    end = time.perf_counter() - t0
+    usage = tail.rfind(b'"usage":{')
+    tokens = json.JSONDecoder().raw_decode(tail[usage + 8:].decode())[0]["completion_tokens"]
+    return Result(ttft if ttft is not None else end, end, tokens)
+
+
 def one_request(client: openai.OpenAI, i: int, max_tokens: int) -> Result:
     t0 = time.perf_counter()
     ttft = None
@@ -101,9 +129,13 @@ def run_clients(api: str, n: int, rounds: int, max_tokens: int, kind: str = "sdk
             client = openai.OpenAI(base_url=api + "/v1", api_key="none", max_retries=0,
                                    timeout=300)
             one = one_request
-        else:
+        elif kind == "httpx":
             client = httpx.Client(base_url=api, timeout=300)  # type: ignore[assignment]
             one = one_request_httpx  # type: ignore[assignment]
+        else:
+            u = urlsplit(api)
+            client = http.client.HTTPConnection(u.hostname, u.port, timeout=300)  # type: ignore
+            one = one_request_raw  # type: ignore[assignment]
         for r in range(rounds):
             res = one(client, c * rounds + r, max_tokens)  # type: ignore[arg-type]
             with lock:
@@ -164,7 +196,7 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,8")
     ap.add_argument("--repeat", type=int, default=3, help="alternating repeats of every side")
     ap.add_argument("--n-threads", type=int, default=2, help="llama.cpp threads (both sides)")
-    ap.add_argument("--client", choices=["httpx", "sdk"], default="httpx")
+    ap.add_argument("--client", choices=["raw", "httpx", "sdk"], default="raw")
     ap.add_argument("--clients-in", choices=["process", "thread"], default="process")
     ap.add_argument("--worker-args", default="", help="extra worker flags, one string")
     ap.add_argument("--load", help=argparse.SUPPRESS)  # internal: be the client process

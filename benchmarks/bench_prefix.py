@@ -6,7 +6,14 @@ parallel (one thread each, streaming `openai`-SDK calls). Each conversation star
 system prompt, so re-evaluating a conversation's history on a worker that does not hold it costs
 time. Prints time to first token per turn (median, p95) and the ratio prefix / shortest_queue.
 
-    .venv/bin/python benchmarks/bench_prefix.py [--conversations 20] [--turns 5] [--timeout 120]
+Each worker keeps `--slots` sequences (its `--limit-worker-concurrency`: the KV cache holds that
+many conversations). The default, half the conversations plus two, is the case cache-aware
+dispatch is for: the two workers together can hold every conversation, one alone cannot. With
+`--slots` at least the number of conversations each worker can hold them all, and any worker
+holds an older turn of any conversation.
+
+    .venv/bin/python benchmarks/bench_prefix.py [--conversations 20] [--turns 5] [--slots N]
+        [--timeout 120]
 
 Bounded in time: every request has `--timeout` seconds; a conversation whose request fails or
 times out stops there, and the table says how many turns were measured.
@@ -58,12 +65,13 @@ def conversation(api: str, c: int, turns: int, ttft: dict[int, list[float]],
         messages.append({"role": "assistant", "content": text})
 
 
-def run(method: str, conversations: int, turns: int, threads: int) -> dict[int, list[float]]:
+def run(method: str, conversations: int, turns: int, threads: int, slots: int
+        ) -> dict[int, list[float]]:
     stack = Stack()
     try:
         stack.start_controller(("--dispatch-method", method))
         for _ in range(2):
-            stack.start_worker(extra=("--limit-worker-concurrency", str(conversations),
+            stack.start_worker(extra=("--limit-worker-concurrency", str(slots),
                                       "--context-length", "2048", "--n-threads", str(threads)))
         api = stack.start_api()
         stack.wait_models(2)
@@ -86,17 +94,20 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=20)
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--n-threads", type=int, default=1, help="llama.cpp threads per worker")
+    ap.add_argument("--slots", type=int, default=0,
+                    help="sequences per worker (default: conversations // 2 + 2)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     ap.add_argument("--shared-system", action="store_true",
                     help="the same system prompt first in every conversation (see conversation)")
     args = ap.parse_args()
     global TIMEOUT, SHARED
     TIMEOUT, SHARED = args.timeout, args.shared_system
+    slots = args.slots or args.conversations // 2 + 2
     print(f"before: {load_average()}")
-    results = {m: run(m, args.conversations, args.turns, args.n_threads)
+    results = {m: run(m, args.conversations, args.turns, args.n_threads, slots)
                for m in ("shortest_queue", "prefix")}
     print(f"\n{args.conversations} parallel conversations, {args.turns} turns, 2 SmolLM2 workers "
-          f"({args.n_threads} llama.cpp thread each), "
+          f"({args.n_threads} llama.cpp thread, {slots} slots each), "
           f"{'shared system prompt first' if SHARED else 'per-conversation text first'}, "
           f"time to first token in ms\n")
     print("| turn | measured (sq / prefix) | shortest_queue p50 | shortest_queue p95 | "

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from conftest import Stack
+from conftest import Procs, Stack
 
 CHAT = ("<|im_start|>user\nTell me a story about a dragon.<|im_end|>\n"
         "<|im_start|>assistant\n")
@@ -57,7 +57,7 @@ def summary(f: dict[str, Any]) -> tuple[str, str, int, list[str] | None]:
 
 
 def test_batch_gives_each_request_its_solo_answer(stack: Stack) -> None:
-    worker = stack.smol_workers[0]
+    worker = stack.smol_workers[0]  # the default KV cache layout, per-sequence
     solo = {name: summary(final_frame(worker, body)) for name, body in REQUESTS.items()}
     long_solo = summary(final_frame(worker, LONG))
     # each parameter did what it should, so the batched comparison below means something
@@ -150,3 +150,18 @@ def test_concurrent_sdk_requests_with_different_parameters(stack: Stack) -> None
     assert [c.index for c in out["n_two"].choices] == [0, 1]
     assert all(c.message.content for c in out["n_two"].choices)
     assert isinstance(out["stream"], str) and out["stream"]
+
+
+def test_unified_kv_cache_batches_requests(stack: Stack, procs: Procs) -> None:
+    """`--kv-cache unified` (one KV pool): requests still batch, each with its own parameters
+    and stop conditions (greedy text may differ from the solo answer there, by design)."""
+    proc, worker = procs.worker(stack.controller, names="smol-unified",
+                                extra=("--kv-cache", "unified", "--no-register"))
+    assert "unified KV cache" in proc.log()
+    with ThreadPoolExecutor(len(REQUESTS)) as pool:
+        out = dict(zip(REQUESTS, pool.map(lambda b: summary(final_frame(worker, b)),
+                                          REQUESTS.values()), strict=True))
+    assert out["stop"][0] == " 6," and out["stop"][1] == "stop"
+    assert out["short"][1:3] == ("length", 3)
+    assert out["greedy_chat"][2] > 0 and out["logprobs"][3] is not None
+    assert len(out["logprobs"][3]) == 6

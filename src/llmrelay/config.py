@@ -106,6 +106,10 @@ def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) ->
     )
     p.add_argument("--context-length", type=int, default=None, help="context size (llama.cpp n_ctx)")
     p.add_argument("--n-threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--kv-cache", default=None, choices=["per-sequence", "unified"],
+                   help="llamacpp engine KV cache layout: a stream per sequence (per-sequence, "
+                   "the default: greedy answers the same alone and batched) or one pool for all "
+                   "(unified: batches can decode faster, answers depend on the batch)")
     p.add_argument(
         "--limit-worker-concurrency",
         type=int,

@@ -87,6 +87,8 @@ def build_engine(args: argparse.Namespace, model: ResolvedModel | None) -> Engin
     assert model is not None
     if engine == "auto":
         engine = "llamacpp" if model.kind == "gguf" else "transformers"
+    if args.kv_cache and engine != "llamacpp":
+        log.warning("--kv-cache is a llamacpp engine setting; the %s engine ignores it", engine)
     if engine == "llamacpp":
         if model.kind != "gguf":
             raise FlagError(f"the llamacpp engine needs a .gguf file; {model.path} is an HF folder")
@@ -109,6 +111,7 @@ def build_engine(args: argparse.Namespace, model: ResolvedModel | None) -> Engin
             chat_template=template,
             seed=args.seed,
             parallel=args.limit_worker_concurrency,  # every admitted request decodes together
+            kv_cache=args.kv_cache or "per-sequence",
         )
     if engine == "transformers":
         try:

@@ -8,11 +8,19 @@ sampler chain (temperature, top_p, top_k, penalties, seed). Requests join and le
 steps. `start()` only submits a request; the scheduler hands its chunks to the request's `emit`
 callback (in the worker: straight to the event loop, no thread per request).
 
-The KV cache is split per sequence (llama.cpp's non-unified cache): each slot has a stream of
-`context_length` cells. A finished request leaves its tokens in its slot; the next request whose
-prompt shares a prefix with them (the next turn of a conversation) takes that slot and evaluates
-only the new suffix. A cancelled request's cells are freed at once, and any slot's cells past
-the shared prefix are freed when a new request takes it.
+The KV cache has `context_length` cells per slot. By default each sequence has a stream of its
+own (llama.cpp's non-unified cache, `--kv-cache per-sequence`): a sequence attends only over
+its own cells, so a greedy request gives the same text alone and inside any batch, and cached
+prompts of idle slots cost nothing. `--kv-cache unified` makes it one pool for all sequences:
+in-process on a 2-core CPU, 8 sequences decoded together up to ~1.3x faster that way, but every
+step then attends over every cell in use (a lone request slowed by ~30% with 8 slots of ~1,500
+cached tokens each), and a sequence's numbers depend on its neighbours, so greedy answers can
+differ between alone and batched. See docs/benchmarks.md.
+
+A finished request leaves its tokens in its slot; the next request whose prompt shares a prefix
+with them (the next turn of a conversation) takes that slot and evaluates only the new suffix.
+A cancelled request's cells are freed at once, and any slot's cells past the shared prefix are
+freed when a new request takes it.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ log = logging.getLogger("llmrelay.worker")
 DEFAULT_MAX_CONTEXT = 8192
 DEFAULT_PARALLEL = 8
 MAX_PARALLEL = 64
+KV_CACHE_LAYOUTS = ("per-sequence", "unified")  # --kv-cache
 BATCH_TOKENS = 512  # tokens per llama_decode step (prompt chunks + one per generating sequence)
 PENALTY_LAST_N = 64  # llama.cpp's default window for repetition/frequency/presence penalties
 
@@ -113,8 +122,13 @@ class LlamaCppEngine(Engine):
         chat_template: str | None = None,
         seed: int | None = None,
         parallel: int | None = None,
+        kv_cache: str = "per-sequence",
     ) -> None:
+        if kv_cache not in KV_CACHE_LAYOUTS:
+            raise EngineError(f"--kv-cache must be one of {', '.join(KV_CACHE_LAYOUTS)}, "
+                              f"not {kv_cache!r}")
         self.path = path
+        self.kv_cache = kv_cache
         self.default_seed = seed
         n_threads = n_threads or os.cpu_count() or 1
         self.parallel = max(1, min(parallel or DEFAULT_PARALLEL, MAX_PARALLEL))
@@ -154,10 +168,10 @@ class LlamaCppEngine(Engine):
         self.thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self.thread.start()
         log.info(
-            "loaded %s (%s, context %d per sequence, %d sequences batched, %d threads, "
-            "chat template: %s)",
+            "loaded %s (%s, context %d per sequence, %d sequences batched, %s KV cache, "
+            "%d threads, chat template: %s)",
             path.name, self.architecture or "unknown architecture", self._n_ctx, self.parallel,
-            n_threads, self.chat_template.name,
+            self.kv_cache, n_threads, self.chat_template.name,
         )
 
     def _new_context(self, n_ctx: int, n_threads: int) -> Any:
@@ -168,7 +182,7 @@ class LlamaCppEngine(Engine):
         params.n_ubatch = BATCH_TOKENS
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
-        params.kv_unified = False
+        params.kv_unified = self.kv_cache == "unified"
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(self.llm._model.model, params)
         if not ctx:
