@@ -122,7 +122,8 @@ def create_app(
         limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
         headers=auth_headers(registration_token),
     )
-    table = WorkerTable(controllers, client, refresh=table_refresh)
+    table = WorkerTable(controllers, client, refresh=table_refresh,
+                        headers=auth_headers(registration_token))
     keys = KeyChecker(api_keys or [])
 
     @contextlib.asynccontextmanager

@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+import aiohttp
 import httpx
 from fastapi import Request
 
@@ -62,7 +63,7 @@ async def merged(streams: list[WorkerStream], deadline: float | None = None
         try:
             async for f in s.frames():
                 await queue.put((i, f))
-        except (httpx.HTTPError, ValueError) as e:
+        except (aiohttp.ClientError, httpx.HTTPError, ValueError) as e:
             await queue.put((i, APIError(
                 502, f"The model worker stopped answering mid-generation ({type(e).__name__}).",
                 type="server_error")))
@@ -110,10 +111,10 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
-        while True:
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(0.25)
+        # Waiting on the server's receive() (as Starlette's streaming responses do) sees the
+        # disconnect as it happens; polling `request.is_disconnected()` missed it now and then.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     watcher = asyncio.create_task(watch())
     try:

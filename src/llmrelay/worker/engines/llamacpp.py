@@ -318,6 +318,8 @@ class LlamaCppEngine(Engine):
             if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, n_keep, -1):
                 llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
                 n_keep = 0
+            log.debug("request %s: slot %d, %d of %d prompt tokens cached", seq.req.request_id,
+                      slot.seq_id, n_keep, len(seq.tokens))
             slot.cached = seq.tokens[:n_keep]
             slot.busy = True
             seq.slot = slot
