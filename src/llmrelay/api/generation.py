@@ -73,14 +73,16 @@ async def merged(streams: list[WorkerStream], deadline: float | None = None
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     remaining = len(tasks)
     usage: dict[int, dict[str, Any]] = {}  # each stream's last usage, for the metrics
+    # The deadline is one timer that drops a marker in the queue (a wait_for per frame cost a
+    # timer and a task per frame).
+    late = object()
+    timer = (asyncio.get_running_loop().call_at(deadline, queue.put_nowait, (-1, late))
+             if deadline is not None else None)
     try:
-        loop = asyncio.get_running_loop()
         while remaining:
-            try:
-                i, item = await asyncio.wait_for(
-                    queue.get(), None if deadline is None else max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                raise timeout_error() from None
+            i, item = await queue.get()
+            if item is late:
+                raise timeout_error()
             if item is end:
                 remaining -= 1
                 continue
@@ -97,6 +99,8 @@ async def merged(streams: list[WorkerStream], deadline: float | None = None
         note_cancelled()  # the client went away (or the answer was abandoned)
         raise
     finally:
+        if timer is not None:
+            timer.cancel()
         note_usage(sum(int(u.get("prompt_tokens") or 0) for u in usage.values()),
                    sum(int(u.get("completion_tokens") or 0) for u in usage.values()))
         for t in tasks:
