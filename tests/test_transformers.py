@@ -144,6 +144,46 @@ def test_concurrent_requests_keep_their_params(hf: HF) -> None:
         assert results[i].choices[0].message.content
 
 
+def test_penalties_apply_inside_a_batch(hf: HF) -> None:
+    """Presence/frequency/repetition penalties: the same greedy text alone and batched."""
+    c = hf.client()
+    count = "Count: 1, 2, 3, 4, 5,"
+    plain = c.completions.create(model="smolhf", prompt=count, max_tokens=16,
+                                 temperature=0).choices[0].text
+    penalized = {"frequency_penalty": 1.5, "presence_penalty": 0.5,
+                 "extra_body": {"repetition_penalty": 1.3}}
+    alone = c.completions.create(model="smolhf", prompt=count, max_tokens=16, temperature=0,
+                                 **penalized).choices[0].text  # type: ignore[arg-type]
+    assert alone != plain  # the penalties did something
+
+    results: dict[str, str] = {}
+    started = threading.Event()
+
+    def long_one() -> None:  # runs while the penalized request joins: they batch together
+        stream = c.completions.create(model="smolhf", prompt="Write a long story.",
+                                      max_tokens=60, temperature=0, stream=True)
+        text = ""
+        for part in stream:
+            started.set()
+            text += part.choices[0].text if part.choices else ""
+        results["long"] = text
+
+    t = threading.Thread(target=long_one)
+    t.start()
+    assert started.wait(120)
+    others = [threading.Thread(target=lambda i=i: results.__setitem__(
+        f"other{i}", c.completions.create(model="smolhf", prompt=f"Say {i}", max_tokens=20,
+                                          temperature=0).choices[0].text)) for i in range(2)]
+    for o in others:
+        o.start()
+    batched = c.completions.create(model="smolhf", prompt=count, max_tokens=16, temperature=0,
+                                   **penalized).choices[0].text  # type: ignore[arg-type]
+    for o in [t, *others]:
+        o.join(180)
+    assert "long" in results and len(results) == 3
+    assert batched == alone
+
+
 def test_stop_string_inside_a_batch(hf: HF) -> None:
     c = hf.client()
     out: dict[str, str] = {}

@@ -16,8 +16,9 @@ Batching: a request that arrives while nothing else runs is generated with plain
 transformers' own continuous batching manager (`init_continuous_batching`), where requests
 join and leave at every step, each with its own temperature, top_p, top_k, stop tokens and
 length; stop strings are cut here (`StopMatcher`) and end the request with `cancel_request`.
-Repetition/presence/frequency penalties and per-request seeds are applied only when a request
-runs alone (the batch manager has one shared sampler); logprobs are not served by this engine.
+Repetition/presence/frequency penalties apply alone and batched (`_BatchPenalties` adds them to
+the batch manager, per request); a per-request seed applies only when a request runs alone (the
+batch manager has one shared sampler); logprobs are not served by this engine.
 """
 
 from __future__ import annotations
@@ -288,6 +289,60 @@ def _skip_noop_warpers(manager: Any) -> None:
             proc.__class__ = TopP
 
 
+class _BatchPenalties:
+    """Presence, frequency and repetition penalties per request inside transformers' batch
+    manager, which has none per request. The scores' rows are the batch's requests that predict
+    a token this step, in the order the manager prepared them: `install` records that order
+    where the manager prepares its per-request arguments. Synchronous batching only (the
+    manager's CPU mode); with asynchronous batching (CUDA graphs) the next batch is prepared
+    while one runs, so `install` declines and penalties are then not applied while batched."""
+
+    def __init__(self) -> None:
+        self.wanted: dict[str, tuple[int, float, float, float]] = {}  # rid -> n_prompt, p, f, r
+        self.rows: list[Any] = []
+
+    def install(self, manager: Any) -> bool:
+        lp = getattr(manager, "logit_processor", None)
+        cfg = getattr(manager, "continuous_batching_config", None)
+        if lp is None or not getattr(lp, "do_processing", False) or getattr(
+                cfg, "use_async_batching", True) is not False:
+            return False
+        prepare = lp.prepare_tensor_args
+
+        def recording(requests_in_batch: list[Any], arg_storage: torch.Tensor) -> torch.Tensor:
+            self.rows = [r.state for r in requests_in_batch if r.has_new_token]
+            return prepare(requests_in_batch=requests_in_batch, arg_storage=arg_storage)
+
+        lp.prepare_tensor_args = recording
+        lp.logits_processor.insert(0, self)  # before temperature and top-k/top-p, as generate()
+        return True
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.wanted:
+            return scores
+        out = None
+        for i, state in enumerate(self.rows[: scores.size(0)]):
+            want = self.wanted.get(state.request_id)
+            if want is None:
+                continue
+            n_prompt, presence, frequency, repetition = want
+            if out is None:
+                out = scores.clone()
+            row = out[i]
+            history = list(state.initial_tokens) + list(state.generated_tokens)
+            if repetition != 1.0 and history:  # transformers' rule, over prompt and output
+                ids = torch.tensor(sorted(set(history)), dtype=torch.long, device=row.device)
+                vals = row[ids]
+                row[ids] = torch.where(vals > 0, vals / repetition, vals * repetition)
+            generated = history[n_prompt:]
+            if (presence or frequency) and generated:  # OpenAI's, over the output only
+                counts = torch.bincount(torch.tensor(generated, dtype=torch.long),
+                                        minlength=row.numel())[: row.numel()]
+                counts = counts.to(device=row.device, dtype=row.dtype)
+                row -= frequency * counts + presence * (counts > 0).to(row.dtype)
+        return scores if out is None else out
+
+
 def _load_error(path: Path, e: Exception) -> EngineError:
     return EngineError(f"transformers could not load {path}: {type(e).__name__}: {e}")
 
@@ -454,6 +509,8 @@ class TransformersEngine(Engine):
             max_requests_per_batch=self.parallel, seed=self.default_seed)
         manager = self.model.init_continuous_batching(generation_config=gc, continuous_batching_config=cbc)
         _skip_noop_warpers(manager)
+        self.penalties = _BatchPenalties()
+        self.batch_penalties = self.penalties.install(manager)
         # Allocate the cache now, while loading: done lazily by the manager's thread, it competed
         # with the first requests for seconds.
         try:
@@ -644,11 +701,18 @@ class TransformersEngine(Engine):
     def _to_batch(self, seq: _Seq) -> None:
         """Hand a request (new, or interrupted in solo mode) to the continuous batching manager."""
         req = seq.req
-        if req.repetition_penalty != 1.0 or req.presence_penalty or req.frequency_penalty:
-            log.warning("request %s: penalties are not applied while requests are batched",
-                        req.request_id)
         self.counter += 1
         seq.rid = f"{req.request_id}-{self.counter}"
+        if req.repetition_penalty != 1.0 or req.presence_penalty or req.frequency_penalty:
+            if self.batch_penalties:
+                self.penalties.wanted[seq.rid] = (len(seq.tokens), req.presence_penalty,
+                                                  req.frequency_penalty, req.repetition_penalty)
+            else:
+                log.warning("request %s: penalties are not applied while requests are batched "
+                            "(asynchronous batching)", req.request_id)
+        if req.seed is not None:
+            log.warning("request %s: its seed is not applied while requests are batched (one "
+                        "sampler for the batch)", req.request_id)
         seq.cb_seen = 0
         seq.cb_base = len(seq.generated)
         with self.batch_lock:
@@ -661,8 +725,13 @@ class TransformersEngine(Engine):
             top_k=int(req.top_k if req.top_k > 0 else self.vocab_size))
         if rid is None:
             with self.batch_lock:
-                self.batch.pop(seq.rid, None)
+                self._leave(seq.rid)
             raise EngineError("the batch manager refused the request (stopping)", 50001)
+
+    def _leave(self, rid: str) -> None:
+        """A request leaves the batch (called with batch_lock held)."""
+        self.batch.pop(rid, None)
+        self.penalties.wanted.pop(rid, None)
 
     # ---- the router thread: batch outputs -> requests ----
 
@@ -672,7 +741,7 @@ class TransformersEngine(Engine):
             with self.batch_lock:
                 for rid, seq in list(self.batch.items()):
                     if seq.done or seq.gone:  # stopped here (stop string, cancel): end it there
-                        self.batch.pop(rid, None)
+                        self._leave(rid)
                         self.manager.cancel_request(rid)
                         self._finish(seq, "abort")
                 if out is None:
@@ -681,6 +750,7 @@ class TransformersEngine(Engine):
                         for seq in self.batch.values():
                             seq.emit(EngineError(f"the batch manager stopped: {err}", 50001))
                         self.batch.clear()
+                        self.penalties.wanted.clear()
                     continue
                 seq = self.batch.get(out.request_id)
             if seq is None:
@@ -692,7 +762,7 @@ class TransformersEngine(Engine):
                     self._take(seq, int(t))
             if out.is_finished() or seq.done:
                 with self.batch_lock:
-                    self.batch.pop(out.request_id, None)
+                    self._leave(out.request_id)
                 if out.error and not seq.done:
                     seq.done = True
                     seq.emit(EngineError(f"generation failed: {out.error}", 50001))
