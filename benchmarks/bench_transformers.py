@@ -114,7 +114,11 @@ def fastchat_stack(py: Path, folder: Path, work: Path) -> tuple[list[subprocess.
     wait_for(lambda: httpx.post(ctrl + "/list_models").status_code == 200, 60, "FastChat controller")
     start("worker", ["fastchat.serve.model_worker", "--host", "127.0.0.1", "--port", str(w),
                      "--worker-address", f"http://127.0.0.1:{w}", "--controller-address", ctrl,
-                     "--model-path", str(folder), "--model-names", "smol", "--device", "cpu"])
+                     "--model-path", str(folder), "--model-names", "smol", "--device", "cpu",
+                     # FastChat knows no SmolLM2 adapter and would fall back to its `one_shot`
+                     # template, which the model answers in a dozen tokens; `qwen-7b-chat` is a
+                     # ChatML template, SmolLM2's own format, so both sides write full answers.
+                     "--conv-template", "qwen-7b-chat"])
     start("api", ["fastchat.serve.openai_api_server", "--host", "127.0.0.1", "--port", str(a),
                   "--controller-address", ctrl])
     api = f"http://127.0.0.1:{a}"
