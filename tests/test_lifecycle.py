@@ -169,6 +169,7 @@ def test_fastchat_module_paths_and_flags(tmp_path: Path) -> None:
     (["--model-path", "/nowhere/model.gguf"], "smollm2"),
     (["--model-path", "gemma3-270m", "--chat-template", "no-such-template"], "known name"),
     (["--limit-worker-concurrency", "0"], "at least 1"),
+    (["--kv-cache", "shared"], "invalid choice: 'shared'"),
 ])
 def test_worker_refuses_flags_it_cannot_honour(argv: list[str], message: str) -> None:
     r = subprocess.run([sys.executable, "-m", "llmrelay.cli", "worker", "--port",

@@ -289,6 +289,9 @@ def test_refused_flags(smol_hf: Path, tmp_path: Path) -> None:
         "gpu-mem": ([hf_, "--max-gpu-memory", "lots"], "is not a size"),
         "memory": ([str(big), "--dtype", "float32"], "needs about"),
         "broken": ([str(broken)], f"transformers could not load {broken}"),
+        # a llama.cpp-only flag is said to be ignored (the load then fails as above)
+        "kv-cache": ([str(broken), "--kv-cache", "unified"],
+                     "--kv-cache is a llamacpp engine setting; the transformers engine ignores it"),
     }
     running = {
         name: subprocess.Popen(

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
-import httpx
 from fastapi import Request
 
 from llmrelay.api.errors import APIError, from_worker
@@ -63,7 +62,7 @@ async def merged(streams: list[WorkerStream], deadline: float | None = None
         try:
             async for f in s.frames():
                 await queue.put((i, f))
-        except (aiohttp.ClientError, httpx.HTTPError, ValueError) as e:
+        except (aiohttp.ClientError, ValueError) as e:
             await queue.put((i, APIError(
                 502, f"The model worker stopped answering mid-generation ({type(e).__name__}).",
                 type="server_error")))

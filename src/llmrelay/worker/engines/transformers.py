@@ -47,6 +47,7 @@ from transformers import (
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
 )
@@ -298,8 +299,17 @@ class _BatchPenalties:
     while one runs, so `install` declines and penalties are then not applied while batched."""
 
     def __init__(self) -> None:
-        self.wanted: dict[str, tuple[int, float, float, float]] = {}  # rid -> n_prompt, p, f, r
+        self.wanted: dict[str, LogitsProcessorList] = {}  # request id -> its penalties
         self.rows: list[Any] = []
+
+    def want(self, rid: str, n_prompt: int, req: GenerationRequest) -> None:
+        """The same processors a request running alone gets from generate()."""
+        procs = LogitsProcessorList()
+        if req.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(req.repetition_penalty))
+        if req.presence_penalty or req.frequency_penalty:
+            procs.append(_Penalties(n_prompt, req.presence_penalty, req.frequency_penalty))
+        self.wanted[rid] = procs
 
     def install(self, manager: Any) -> bool:
         lp = getattr(manager, "logit_processor", None)
@@ -322,24 +332,14 @@ class _BatchPenalties:
             return scores
         out = None
         for i, state in enumerate(self.rows[: scores.size(0)]):
-            want = self.wanted.get(state.request_id)
-            if want is None:
+            procs = self.wanted.get(state.request_id)
+            if procs is None:
                 continue
-            n_prompt, presence, frequency, repetition = want
             if out is None:
                 out = scores.clone()
-            row = out[i]
-            history = list(state.initial_tokens) + list(state.generated_tokens)
-            if repetition != 1.0 and history:  # transformers' rule, over prompt and output
-                ids = torch.tensor(sorted(set(history)), dtype=torch.long, device=row.device)
-                vals = row[ids]
-                row[ids] = torch.where(vals > 0, vals / repetition, vals * repetition)
-            generated = history[n_prompt:]
-            if (presence or frequency) and generated:  # OpenAI's, over the output only
-                counts = torch.bincount(torch.tensor(generated, dtype=torch.long),
-                                        minlength=row.numel())[: row.numel()]
-                counts = counts.to(device=row.device, dtype=row.dtype)
-                row -= frequency * counts + presence * (counts > 0).to(row.dtype)
+            ids = torch.tensor([list(state.initial_tokens) + list(state.generated_tokens)],
+                               dtype=torch.long, device=scores.device)
+            out[i] = procs(ids, out[i : i + 1])[0]
         return scores if out is None else out
 
 
@@ -705,8 +705,7 @@ class TransformersEngine(Engine):
         seq.rid = f"{req.request_id}-{self.counter}"
         if req.repetition_penalty != 1.0 or req.presence_penalty or req.frequency_penalty:
             if self.batch_penalties:
-                self.penalties.wanted[seq.rid] = (len(seq.tokens), req.presence_penalty,
-                                                  req.frequency_penalty, req.repetition_penalty)
+                self.penalties.want(seq.rid, len(seq.tokens), req)
             else:
                 log.warning("request %s: penalties are not applied while requests are batched "
                             "(asynchronous batching)", req.request_id)
