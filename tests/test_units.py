@@ -24,7 +24,7 @@ from llmrelay.controller import registry as registry_mod
 from llmrelay.controller.dispatch import lottery, pick, shortest_queue
 from llmrelay.controller.registry import Registry
 from llmrelay.launcher import StackError, load_stack
-from llmrelay.protocol import EXPIRY_BEATS, frame, iter_frames
+from llmrelay.protocol import EXPIRY_BEATS, frame, iter_frame_batches
 from llmrelay.worker.engines.base import StopMatcher
 from llmrelay.worker.models import BUNDLED, ModelNotFound, resolve
 from llmrelay.worker.templates import KNOWN, ChatTemplateError, choose
@@ -854,7 +854,7 @@ def test_normalize_unknown_role_message_is_truncated() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 8. iter_frames
+# 8. iter_frame_batches
 # --------------------------------------------------------------------------------------------
 
 
@@ -864,11 +864,17 @@ async def _chunks(data: list[bytes]) -> AsyncIterator[bytes]:
         await asyncio.sleep(0)
 
 
-def collect(data: list[bytes]) -> list[dict]:
-    async def go() -> list[dict]:
-        return [f async for f in iter_frames(_chunks(data))]
+def batches(data: list[bytes]) -> list[list[dict]]:
+    async def go() -> list[list[dict]]:
+        return [b async for b in iter_frame_batches(_chunks(data))]
 
     return asyncio.run(go())
+
+
+def collect(data: list[bytes]) -> list[dict]:
+    out = batches(data)
+    assert all(out), "no empty batches"
+    return [f for b in out for f in b]
 
 
 FRAMES = [
@@ -881,6 +887,13 @@ FRAMES = [
 def test_iter_frames_whole_stream() -> None:
     body = b"".join(frame(f) for f in FRAMES)
     assert collect([body]) == FRAMES
+
+
+def test_iter_frames_batches_are_the_frames_each_chunk_completed() -> None:
+    a, b, c = (frame(f) for f in FRAMES)
+    assert batches([a + b, c]) == [FRAMES[:2], FRAMES[2:]]
+    assert batches([a + b[:3], b[3:] + c]) == [FRAMES[:1], FRAMES[1:]]
+    assert batches([a[:4], a[4:-1], a[-1:] + b + c]) == [FRAMES]
 
 
 def test_iter_frames_every_split() -> None:

@@ -51,18 +51,19 @@ def frame(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode() + b"\0"
 
 
-async def iter_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
-    """Split a NUL-delimited byte stream into decoded JSON frames (empty pieces skipped)."""
+async def iter_frame_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[dict[str, Any]]]:
+    """Split a NUL-delimited byte stream into decoded JSON frames (empty pieces skipped), one
+    list per piece of the stream that completed frames: the frames that arrived together, so a
+    reader can pass them on together (one write instead of one per frame)."""
     buf = b""
     async for chunk in chunks:
         buf += chunk
-        while True:
-            idx = buf.find(b"\0")
-            if idx < 0:
-                break
-            piece, buf = buf[:idx], buf[idx + 1 :]
-            if piece.strip():
-                yield json.loads(piece)
+        if b"\0" not in chunk:
+            continue
+        *pieces, buf = buf.split(b"\0")
+        batch = [json.loads(piece) for piece in pieces if piece.strip()]
+        if batch:
+            yield batch
     if buf.strip():
         # A body without NUL (an HTTP error page, a FastChat error object): pass it on as one frame.
         try:
@@ -70,7 +71,7 @@ async def iter_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, A
         except ValueError:
             obj = {"text": buf.decode(errors="replace")[:500], "error_code": 50001}
         if isinstance(obj, dict):
-            yield obj
+            yield [obj]
 
 
 def worker_extensions(status: dict[str, Any]) -> set[str]:

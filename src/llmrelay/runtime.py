@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -10,7 +12,7 @@ from typing import Any
 import anyio
 import uvicorn
 from starlette.responses import StreamingResponse
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("llmrelay")
 
@@ -29,6 +31,33 @@ class ClosingStreamingResponse(StreamingResponse):
                  cleanup: Callable[[], Awaitable[None]] | None = None, **kwargs: Any) -> None:
         super().__init__(content, *args, **kwargs)
         self.cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Starlette's streaming, with plain asyncio tasks instead of an anyio task group (half
+        the cost per response): the body is sent while a watcher waits for the client to leave,
+        which cancels the body."""
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        body = asyncio.ensure_future(self.stream_response(send))
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({body, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not body.done():
+                body.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await body
+        if not body.cancelled():
+            body.result()  # the body's own error, if it had one
+        if self.background is not None:
+            await self.background()
 
     async def stream_response(self, send: Send) -> None:
         try:

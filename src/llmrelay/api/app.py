@@ -156,7 +156,8 @@ def create_app(
     async def authorized(request: Request) -> None:  # async: a sync one costs a thread hop
         keys.check(request)
 
-    guarded: list[Any] = [Depends(authorized)]
+    # Without keys there is nothing to check: no dependency to solve on every request.
+    guarded: list[Any] = [Depends(authorized)] if keys.enabled else []
     app.add_api_route("/v1/models", models.list_models, methods=["GET"], dependencies=guarded)
     app.add_api_route("/v1/models/{model:path}", models.get_model, methods=["GET"],
                       dependencies=guarded)

@@ -96,41 +96,45 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
         await opening.wait_briefly()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def chunks() -> AsyncIterator[dict[str, Any]]:
+        async def chunks() -> AsyncIterator[list[dict[str, Any]]]:
             last: dict[int, dict[str, Any]] = {}
-            for i in range(n):
-                yield {**base, "object": "chat.completion.chunk", "choices": [
-                    {"index": i, "delta": {"role": "assistant", "content": ""},
-                     "logprobs": None, "finish_reason": None}]}
-            async for i, f in merged(opening.streams, opening.deadline):
-                last[i] = f
-                lp = f.get("logprobs")
-                if f.get("text") or lp:
-                    yield {**base, "object": "chat.completion.chunk", "choices": [
-                        {"index": i, "delta": {"content": f.get("text", "")},
-                         "logprobs": lp if body.logprobs else None, "finish_reason": None}]}
-                if f.get("finish_reason"):
-                    yield {**base, "object": "chat.completion.chunk", "choices": [
-                        {"index": i, "delta": {}, "logprobs": None,
-                         "finish_reason": _finish(f["finish_reason"])}]}
+            # The role chunks go out with the first frames.
+            out = [{**base, "object": "chat.completion.chunk", "choices": [
+                {"index": i, "delta": {"role": "assistant", "content": ""},
+                 "logprobs": None, "finish_reason": None}]} for i in range(n)]
+            async for frames in merged(opening.streams, opening.deadline):
+                for i, f in frames:
+                    last[i] = f
+                    lp = f.get("logprobs")
+                    if f.get("text") or lp:
+                        out.append({**base, "object": "chat.completion.chunk", "choices": [
+                            {"index": i, "delta": {"content": f.get("text", "")},
+                             "logprobs": lp if body.logprobs else None, "finish_reason": None}]})
+                    if f.get("finish_reason"):
+                        out.append({**base, "object": "chat.completion.chunk", "choices": [
+                            {"index": i, "delta": {}, "logprobs": None,
+                             "finish_reason": _finish(f["finish_reason"])}]})
+                yield out
+                out = []
             if include_usage:
-                yield {**base, "object": "chat.completion.chunk", "choices": [],
-                       "usage": usage_of(last, lambda i: 0)}
+                out.append({**base, "object": "chat.completion.chunk", "choices": [],
+                            "usage": usage_of(last, lambda i: 0)})
+            yield out
 
         return ClosingStreamingResponse(sse_stream(chunks, opening), media_type="text/event-stream",
                                         headers=SSE_HEADERS, cleanup=opening.close_if_unused)
 
-    streams = await opening.wait()
-
     async def collect() -> dict[str, Any]:
+        streams = await opening.wait()
         texts = [""] * n
         logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         last: dict[int, dict[str, Any]] = {}
-        async for i, f in merged(streams, opening.deadline):
-            texts[i] += f.get("text", "")
-            if f.get("logprobs"):
-                logprobs[i].extend(f["logprobs"].get("content", []))
-            last[i] = f
+        async for frames in merged(streams, opening.deadline):
+            for i, f in frames:
+                texts[i] += f.get("text", "")
+                if f.get("logprobs"):
+                    logprobs[i].extend(f["logprobs"].get("content", []))
+                last[i] = f
         choices = [{
             "index": i,
             "message": {"role": "assistant", "content": texts[i]},

@@ -92,39 +92,42 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
         await opening.wait_briefly()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def chunks() -> AsyncIterator[dict[str, Any]]:
+        async def chunks() -> AsyncIterator[list[dict[str, Any]]]:
             last: dict[int, dict[str, Any]] = {}
             offsets = [0] * total
             lps = [_LegacyLogprobs() for _ in range(total)]
-            async for i, f in merged(opening.streams, opening.deadline):
-                last[i] = f
-                text = f.get("text", "")
-                lp = None
-                if body.logprobs is not None and f.get("logprobs"):
-                    lp = lps[i].add(f["logprobs"]["content"], offsets[i])
-                offsets[i] += len(text)
-                if text or lp or f.get("finish_reason"):
-                    reason = f.get("finish_reason")
-                    yield {**base, "choices": [{
-                        "index": i, "text": text, "logprobs": lp,
-                        "finish_reason": _finish(reason) if reason else None}]}
+            async for frames in merged(opening.streams, opening.deadline):
+                out = []
+                for i, f in frames:
+                    last[i] = f
+                    text = f.get("text", "")
+                    lp = None
+                    if body.logprobs is not None and f.get("logprobs"):
+                        lp = lps[i].add(f["logprobs"]["content"], offsets[i])
+                    offsets[i] += len(text)
+                    if text or lp or f.get("finish_reason"):
+                        reason = f.get("finish_reason")
+                        out.append({**base, "choices": [{
+                            "index": i, "text": text, "logprobs": lp,
+                            "finish_reason": _finish(reason) if reason else None}]})
+                yield out
             if include_usage:
-                yield {**base, "choices": [], "usage": usage_of(last, prompt_of)}
+                yield [{**base, "choices": [], "usage": usage_of(last, prompt_of)}]
 
         return ClosingStreamingResponse(sse_stream(chunks, opening), media_type="text/event-stream",
                                         headers=SSE_HEADERS, cleanup=opening.close_if_unused)
 
-    streams = await opening.wait()
-
     async def collect() -> dict[str, Any]:
+        streams = await opening.wait()
         texts = [""] * total
         lps = [_LegacyLogprobs() for _ in range(total)]
         last: dict[int, dict[str, Any]] = {}
-        async for i, f in merged(streams, opening.deadline):
-            if body.logprobs is not None and f.get("logprobs"):
-                lps[i].add(f["logprobs"]["content"], len(texts[i]))
-            texts[i] += f.get("text", "")
-            last[i] = f
+        async for frames in merged(streams, opening.deadline):
+            for i, f in frames:
+                if body.logprobs is not None and f.get("logprobs"):
+                    lps[i].add(f["logprobs"]["content"], len(texts[i]))
+                texts[i] += f.get("text", "")
+                last[i] = f
         choices = [{
             "index": i, "text": texts[i],
             "logprobs": lps[i].data if body.logprobs is not None else None,

@@ -48,26 +48,31 @@ async def open_all(table: WorkerTable, model: str, params: list[dict[str, Any]],
     return streams
 
 
+Frames = list[tuple[int, dict[str, Any]]]
+
+
 async def merged(streams: list[WorkerStream], deadline: float | None = None
-                 ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-    """Frames of all streams as they come, tagged with the stream's index.
+                 ) -> AsyncIterator[Frames]:
+    """Frames of all streams as they come, tagged with the stream's index, in batches: all
+    that are ready at once (so a streamed answer writes them to the client in one go).
 
     A worker error frame, a broken connection mid-stream, or passing `deadline` (event-loop
-    time) raises APIError; the streams are closed either way, which stops the workers.
+    time) raises APIError, after the frames that came before it; the streams are closed either
+    way, which stops the workers.
     """
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
     end = object()
 
     async def pump(i: int, s: WorkerStream) -> None:
         try:
-            async for f in s.frames():
-                await queue.put((i, f))
+            async for batch in s.batches():
+                queue.put_nowait((i, batch))
         except (aiohttp.ClientError, ValueError) as e:
-            await queue.put((i, APIError(
+            queue.put_nowait((i, APIError(
                 502, f"The model worker stopped answering mid-generation ({type(e).__name__}).",
                 type="server_error")))
         finally:
-            await queue.put((i, end))
+            queue.put_nowait((i, end))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     remaining = len(tasks)
@@ -79,21 +84,34 @@ async def merged(streams: list[WorkerStream], deadline: float | None = None
              if deadline is not None else None)
     try:
         while remaining:
-            i, item = await queue.get()
-            if item is late:
-                raise timeout_error()
-            if item is end:
-                remaining -= 1
-                continue
-            if isinstance(item, APIError):
-                raise item
-            if item.get("error_code"):
-                raise from_worker(int(item["error_code"]), str(item.get("text", "")))
-            if item.get("text"):
-                note_first_token()
-            if item.get("usage"):
-                usage[i] = item["usage"]
-            yield i, item
+            ready = [await queue.get()]
+            while not queue.empty():
+                ready.append(queue.get_nowait())
+            out: Frames = []
+            error: APIError | None = None
+            for i, item in ready:
+                if item is late:
+                    error = timeout_error()
+                elif item is end:
+                    remaining -= 1
+                elif isinstance(item, APIError):
+                    error = item
+                else:
+                    for f in item:
+                        if f.get("error_code"):
+                            error = from_worker(int(f["error_code"]), str(f.get("text", "")))
+                            break
+                        if f.get("text"):
+                            note_first_token()
+                        if f.get("usage"):
+                            usage[i] = f["usage"]
+                        out.append((i, f))
+                if error is not None:
+                    break
+            if out:
+                yield out
+            if error is not None:
+                raise error
     except (asyncio.CancelledError, GeneratorExit):
         note_cancelled()  # the client went away (or the answer was abandoned)
         raise
@@ -109,22 +127,22 @@ async def merged(streams: list[WorkerStream], deadline: float | None = None
                 await s.aclose()
 
 
+async def _disconnected(request: Request) -> None:
+    # Waiting on the server's receive() (as Starlette's streaming responses do) sees the
+    # disconnect as it happens; polling `request.is_disconnected()` missed it now and then.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work`, cancelling it if the client goes away (so the worker stops generating)."""
     task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        # Waiting on the server's receive() (as Starlette's streaming responses do) sees the
-        # disconnect as it happens; polling `request.is_disconnected()` missed it now and then.
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.create_task(watch())
+    watcher = asyncio.ensure_future(_disconnected(request))
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    if task in done:
+    if task.done():
         return task.result()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -132,9 +150,10 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     raise APIError(499, "The client closed the request.")
 
 
-async def sse_stream(body: Callable[[], AsyncIterator[dict[str, Any]]],
+async def sse_stream(body: Callable[[], AsyncIterator[list[dict[str, Any]]]],
                      opening: Opening | None = None) -> AsyncIterator[bytes]:
-    """Serialize chunks as SSE; a failure mid-stream becomes an error event, then [DONE].
+    """Serialize chunks as SSE, each list of chunks in one write; a failure mid-stream becomes
+    an error event, then [DONE].
 
     With an `opening` still waiting for busy workers, SSE comments keep the connection alive
     (so a proxy's read timeout does not cut it) until the generations start.
@@ -143,8 +162,9 @@ async def sse_stream(body: Callable[[], AsyncIterator[dict[str, Any]]],
         if opening is not None:
             async for comment in opening.keepalives():
                 yield comment
-        async for chunk in body():
-            yield sse(chunk)
+        async for chunks in body():
+            if chunks:
+                yield b"".join(sse(c) for c in chunks)
     except APIError as e:
         log.warning("stream ended with an error: %s", e.message)
         yield sse(e.body())
@@ -188,9 +208,10 @@ class Opening:
         return max(0.0, self.deadline - asyncio.get_running_loop().time())
 
     async def wait(self) -> list[WorkerStream]:
+        """For a non-streamed answer, awaited inside `until_disconnect` (which cancels this
+        wait if the client leaves; the workers are stopped then)."""
         try:
-            await until_disconnect(self.request, asyncio.wait_for(asyncio.shield(self.task),
-                                                                  self.remaining()))
+            await asyncio.wait_for(asyncio.shield(self.task), self.remaining())
         except asyncio.TimeoutError:
             self.task.cancel()
             raise timeout_error() from None
@@ -203,12 +224,17 @@ class Opening:
         """Wait up to one keep-alive period; raises what opening raised if it failed by then.
         A client that leaves meanwhile (a long prompt's prefill) stops the workers at once."""
         if not self.task.done():
+            watcher = asyncio.ensure_future(_disconnected(self.request))
             try:
-                await until_disconnect(self.request, asyncio.wait(
-                    {self.task}, timeout=min(self.keepalive, self.remaining())))
+                await asyncio.wait({self.task, watcher}, return_when=asyncio.FIRST_COMPLETED,
+                                   timeout=min(self.keepalive, self.remaining()))
+                if watcher.done() and not watcher.cancelled():
+                    raise APIError(499, "The client closed the request.")
             except BaseException:
                 await self.close_if_unused()
                 raise
+            finally:
+                watcher.cancel()
         if self.task.done():
             self.task.result()
 

@@ -25,7 +25,7 @@ from llmrelay.api.errors import APIError, from_worker
 from llmrelay.api.fastchat_workers import CumulativeToDelta, FastChatInfo, WorkerUnsuitable
 from llmrelay.api.observe import note_failover, note_model
 from llmrelay.controller.dispatch import Affinity, pick
-from llmrelay.protocol import ErrorCode, iter_frames, worker_extensions
+from llmrelay.protocol import ErrorCode, iter_frame_batches, worker_extensions
 
 log = logging.getLogger("llmrelay.api")
 
@@ -196,23 +196,28 @@ class WorkerTable:
 
 
 class WorkerStream:
-    """One generation on one worker: the first frame is read before anyone answers the client."""
+    """One generation on one worker: the first frame is read before anyone answers the client.
+
+    Frames come in batches: those that arrived from the worker together."""
 
     def __init__(self, table: WorkerTable, worker: Worker, stack: contextlib.AsyncExitStack,
-                 frames: AsyncIterator[dict[str, Any]], first: dict[str, Any],
+                 batches: AsyncIterator[list[dict[str, Any]]], first: list[dict[str, Any]],
                  cumulative: bool = False) -> None:
         self.table = table
         self.worker = worker
         self._stack = stack
-        self._frames = frames
+        self._batches = batches
         # A worker answering FastChat's cumulative frames: turned into deltas here.
         self._convert = CumulativeToDelta() if cumulative else None
-        self.first = self._convert(first) if self._convert else first
+        self._first = self._converted(first)
 
-    async def frames(self) -> AsyncIterator[dict[str, Any]]:
-        yield self.first
-        async for f in self._frames:
-            yield self._convert(f) if self._convert else f
+    def _converted(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [self._convert(f) for f in batch] if self._convert else batch
+
+    async def batches(self) -> AsyncIterator[list[dict[str, Any]]]:
+        yield self._first
+        async for batch in self._batches:
+            yield self._converted(batch)
 
     async def aclose(self) -> None:
         await self._stack.aclose()
@@ -250,8 +255,9 @@ async def open_stream(table: WorkerTable, model: str,
             response = await stack.enter_async_context(table.streams().post(
                 worker.name + "/worker_generate_stream", json=body))
             stack.callback(response.close)  # unread (client gone): drop the connection too
-            frames = iter_frames(response.content.iter_any())
-            first = await frames.__anext__()
+            batches = iter_frame_batches(response.content.iter_any())
+            first_batch = await batches.__anext__()
+            first = first_batch[0]
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
             await stack.aclose()
             table.mark_down(worker)
@@ -292,7 +298,8 @@ async def open_stream(table: WorkerTable, model: str,
             raise from_worker(code, str(first.get("text", "")))
         if keys:
             table.affinity.remember(keys, worker.name)
-        return WorkerStream(table, worker, stack, frames, first, cumulative=not body.get("delta"))
+        return WorkerStream(table, worker, stack, batches, first_batch,
+                            cumulative=not body.get("delta"))
     if full and full == len(tried):
         raise APIError(429, f"Every worker serving '{model}' is busy; retry shortly.",
                        type="rate_limit_exceeded", code="rate_limit_exceeded",
