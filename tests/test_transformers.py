@@ -144,8 +144,9 @@ def test_concurrent_requests_keep_their_params(hf: HF) -> None:
         assert results[i].choices[0].message.content
 
 
-def test_penalties_apply_inside_a_batch(hf: HF) -> None:
-    """Presence/frequency/repetition penalties: the same greedy text alone and batched."""
+def test_penalties_and_seed_apply_inside_a_batch(hf: HF) -> None:
+    """Presence/frequency/repetition penalties: the same greedy text alone and batched; a seed:
+    the same sampled text alone and batched."""
     c = hf.client()
     count = "Count: 1, 2, 3, 4, 5,"
     plain = c.completions.create(model="smolhf", prompt=count, max_tokens=16,
@@ -156,10 +157,18 @@ def test_penalties_apply_inside_a_batch(hf: HF) -> None:
                                  **penalized).choices[0].text  # type: ignore[arg-type]
     assert alone != plain  # the penalties did something
 
+    def seeded(seed: int) -> str:
+        return c.completions.create(model="smolhf", prompt="Once upon a time", max_tokens=24,
+                                    temperature=1.0, seed=seed).choices[0].text
+
+    seeded_alone = seeded(7)
+    assert seeded(7) == seeded_alone  # a seed makes a sampled answer repeatable
+    assert seeded(8) != seeded_alone  # and it is sampled: another seed, another text
+
     results: dict[str, str] = {}
     started = threading.Event()
 
-    def long_one() -> None:  # runs while the penalized request joins: they batch together
+    def long_one() -> None:  # runs while the others join: they batch together
         stream = c.completions.create(model="smolhf", prompt="Write a long story.",
                                       max_tokens=60, temperature=0, stream=True)
         text = ""
@@ -173,15 +182,17 @@ def test_penalties_apply_inside_a_batch(hf: HF) -> None:
     assert started.wait(120)
     others = [threading.Thread(target=lambda i=i: results.__setitem__(
         f"other{i}", c.completions.create(model="smolhf", prompt=f"Say {i}", max_tokens=20,
-                                          temperature=0).choices[0].text)) for i in range(2)]
+                                          temperature=0.8).choices[0].text)) for i in range(2)]
+    others.append(threading.Thread(target=lambda: results.__setitem__("seeded", seeded(7))))
     for o in others:
         o.start()
     batched = c.completions.create(model="smolhf", prompt=count, max_tokens=16, temperature=0,
                                    **penalized).choices[0].text  # type: ignore[arg-type]
     for o in [t, *others]:
         o.join(180)
-    assert "long" in results and len(results) == 3
+    assert "long" in results and len(results) == 4
     assert batched == alone
+    assert results["seeded"] == seeded_alone
 
 
 def test_stop_string_inside_a_batch(hf: HF) -> None:

@@ -948,6 +948,36 @@ def test_iter_frames_trailing_non_object_json_dropped() -> None:
     assert collect([frame(FRAMES[0]) + b"[1, 2, 3]"]) == [FRAMES[0]]
 
 
+# -- transformers: a seeded request's own sampler ---------------------------------------------------
+
+def test_seeded_sampler_draws_within_top_k_and_top_p_and_repeats() -> None:
+    torch = pytest.importorskip("torch")
+    from llmrelay.worker.engines.base import GenerationRequest
+    from llmrelay.worker.engines.transformers import _SeededSampler
+
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
+    ids = torch.zeros((1, 1), dtype=torch.long)
+
+    def draws(seed: int, **kw: float) -> list[int]:
+        sampler = _SeededSampler(seed, GenerationRequest(**kw), torch.device("cpu"))
+        out = []
+        for _ in range(200):
+            one_hot = sampler(ids, scores.clone())
+            assert int((one_hot == 0).sum()) == 1 and bool(torch.isinf(one_hot).sum() == 5)
+            out.append(int(one_hot.argmax()))
+        return out
+
+    free = draws(1, temperature=1.0)
+    assert len(set(free)) >= 4  # samples, not argmax
+    assert draws(1, temperature=1.0) == free  # the same seed, the same draws
+    assert draws(2, temperature=1.0) != free
+    assert set(draws(1, temperature=1.0, top_k=2)) == {0, 1}
+    # top_p 0.7: token 0 has ~0.64 of the mass, token 1 ~0.23 crosses 0.7: both kept, no more
+    assert set(draws(1, temperature=1.0, top_p=0.7)) == {0, 1}
+    assert set(draws(1, temperature=1.0, top_p=0.5)) == {0}
+    assert set(draws(1, temperature=0.05)) == {0}  # a low temperature is nearly greedy
+
+
 # -- transformers: the batch manager's top-k / top-p warpers --------------------------------------
 
 def test_batch_warpers_pass_through_only_when_no_request_filters() -> None:

@@ -16,9 +16,10 @@ Batching: a request that arrives while nothing else runs is generated with plain
 transformers' own continuous batching manager (`init_continuous_batching`), where requests
 join and leave at every step, each with its own temperature, top_p, top_k, stop tokens and
 length; stop strings are cut here (`StopMatcher`) and end the request with `cancel_request`.
-Repetition/presence/frequency penalties apply alone and batched (`_BatchPenalties` adds them to
-the batch manager, per request); a per-request seed applies only when a request runs alone (the
-batch manager has one shared sampler); logprobs are not served by this engine.
+Repetition/presence/frequency penalties and a request's seed apply alone and batched
+(`_BatchProcessors` adds them to the batch manager, per request): a seeded request draws its
+tokens from its own generator (`_SeededSampler`), so the same seed gives the same text whether
+the request ran alone, batched, or both; logprobs are not served by this engine.
 """
 
 from __future__ import annotations
@@ -290,26 +291,17 @@ def _skip_noop_warpers(manager: Any) -> None:
             proc.__class__ = TopP
 
 
-class _BatchPenalties:
-    """Presence, frequency and repetition penalties per request inside transformers' batch
-    manager, which has none per request. The scores' rows are the batch's requests that predict
-    a token this step, in the order the manager prepared them: `install` records that order
-    where the manager prepares its per-request arguments. Synchronous batching only (the
+class _BatchProcessors:
+    """A request's own logits processors (penalties, its seeded sampler) inside transformers'
+    batch manager, which has none per request. The scores' rows are the batch's requests that
+    predict a token this step, in the order the manager prepared them: `install` records that
+    order where the manager prepares its per-request arguments. Synchronous batching only (the
     manager's CPU mode); with asynchronous batching (CUDA graphs) the next batch is prepared
-    while one runs, so `install` declines and penalties are then not applied while batched."""
+    while one runs, so `install` declines and these are then not applied while batched."""
 
     def __init__(self) -> None:
-        self.wanted: dict[str, LogitsProcessorList] = {}  # request id -> its penalties
+        self.wanted: dict[str, LogitsProcessorList] = {}  # request id -> its processors
         self.rows: list[Any] = []
-
-    def want(self, rid: str, n_prompt: int, req: GenerationRequest) -> None:
-        """The same processors a request running alone gets from generate()."""
-        procs = LogitsProcessorList()
-        if req.repetition_penalty != 1.0:
-            procs.append(RepetitionPenaltyLogitsProcessor(req.repetition_penalty))
-        if req.presence_penalty or req.frequency_penalty:
-            procs.append(_Penalties(n_prompt, req.presence_penalty, req.frequency_penalty))
-        self.wanted[rid] = procs
 
     def install(self, manager: Any) -> bool:
         lp = getattr(manager, "logit_processor", None)
@@ -361,6 +353,7 @@ class _Seq:
     generated: list[int] = field(default_factory=list)
     stops: StopMatcher | None = None
     decoder: Any = None
+    procs: LogitsProcessorList = field(default_factory=LogitsProcessorList)  # penalties, seed
     done: bool = False
     rid: str = ""
     cb_seen: int = 0  # tokens of the current batch request already taken
@@ -412,6 +405,45 @@ class _Penalties(LogitsProcessor):
             return scores
         counts = torch.zeros_like(scores).scatter_add_(1, gen, torch.ones_like(gen, dtype=scores.dtype))
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+class _SeededSampler(LogitsProcessor):
+    """Draws a seeded request's next token from its own generator, after temperature, top-k and
+    top-p, and leaves only that token possible: generate()'s greedy pick and the batch manager's
+    shared sampler both take it. The same sampler runs alone and batched (it moves with the
+    request), so a seed gives the same text either way."""
+
+    def __init__(self, seed: int, req: GenerationRequest, device: torch.device) -> None:
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.temperature, self.top_p, self.top_k = req.temperature, req.top_p, req.top_k
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits = scores.float() / self.temperature
+        if 0 < self.top_k < logits.size(-1):
+            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        probs = torch.softmax(logits, dim=-1)
+        if self.top_p < 1.0:
+            ranked, order = torch.sort(probs, dim=-1, descending=True)
+            drop = ranked.cumsum(-1) - ranked > self.top_p  # keeps the token that crosses top_p
+            probs = probs.scatter(-1, order, ranked.masked_fill(drop, 0.0))
+        token = torch.multinomial(probs, 1, generator=self.generator)
+        return torch.full_like(scores, -math.inf).scatter_(-1, token, 0.0)
+
+
+def _request_processors(n_prompt: int, req: GenerationRequest,
+                        sampler: _SeededSampler | None) -> LogitsProcessorList:
+    """What a request adds to the scores, in generate()'s order: repetition penalty, presence and
+    frequency penalties, then its seeded draw."""
+    procs = LogitsProcessorList()
+    if req.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(req.repetition_penalty))
+    if req.presence_penalty or req.frequency_penalty:
+        procs.append(_Penalties(n_prompt, req.presence_penalty, req.frequency_penalty))
+    if sampler is not None:
+        procs.append(sampler)
+    return procs
 
 
 class TransformersEngine(Engine):
@@ -509,8 +541,8 @@ class TransformersEngine(Engine):
             max_requests_per_batch=self.parallel, seed=self.default_seed)
         manager = self.model.init_continuous_batching(generation_config=gc, continuous_batching_config=cbc)
         _skip_noop_warpers(manager)
-        self.penalties = _BatchPenalties()
-        self.batch_penalties = self.penalties.install(manager)
+        self.processors = _BatchProcessors()
+        self.batch_processors = self.processors.install(manager)
         # Allocate the cache now, while loading: done lazily by the manager's thread, it competed
         # with the first requests for seconds.
         try:
@@ -589,10 +621,14 @@ class TransformersEngine(Engine):
             emit(Chunk("", n_prompt, 0, "length"))
             emit(None)
             return
+        seed = req.seed if req.seed is not None else self.default_seed
+        sampler = (_SeededSampler(seed, req, self.model.device)
+                   if seed is not None and req.temperature >= 1e-5 else None)
         seq = _Seq(req=req, tokens=tokens, max_new=max_new, cancel=cancel,
                    stop_ids=self.eos_ids | set(req.stop_token_ids), emit=emit,
                    stops=StopMatcher(list(req.stop)),
-                   decoder=codecs.getincrementaldecoder("utf-8")(errors="replace"))
+                   decoder=codecs.getincrementaldecoder("utf-8")(errors="replace"),
+                   procs=_request_processors(n_prompt, req, sampler))
         with self.cond:
             if self.closed:
                 emit(EngineError("the engine is shutting down", 50001))
@@ -674,22 +710,17 @@ class TransformersEngine(Engine):
     @torch.inference_mode()
     def _solo(self, seq: _Seq) -> None:
         req = seq.req
-        seed = req.seed if req.seed is not None else self.default_seed
-        if seed is not None:
-            torch.manual_seed(seed)
-        sample = req.temperature >= 1e-5
+        # A seeded request draws with its own sampler (in seq.procs), then generate picks its draw.
+        sample = req.temperature >= 1e-5 and not any(
+            isinstance(p, _SeededSampler) for p in seq.procs)
         gc = GenerationConfig(
             do_sample=sample, temperature=req.temperature if sample else None,
             top_p=req.top_p if sample else None,
             top_k=(req.top_k if req.top_k > 0 else 0) if sample else None,
-            repetition_penalty=req.repetition_penalty if req.repetition_penalty != 1.0 else None,
             max_new_tokens=seq.max_new, eos_token_id=sorted(seq.stop_ids), pad_token_id=self.pad_id)
-        procs = LogitsProcessorList()
-        if req.presence_penalty or req.frequency_penalty:
-            procs.append(_Penalties(len(seq.tokens), req.presence_penalty, req.frequency_penalty))
         ids = torch.tensor([seq.tokens], device=self.model.device)
         self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc,
-                            logits_processor=procs, streamer=_Streamer(self, seq),
+                            logits_processor=seq.procs, streamer=_Streamer(self, seq),
                             stopping_criteria=StoppingCriteriaList([_Until(self, seq)]))
         if seq.gone:
             self._finish(seq, "abort")
@@ -703,15 +734,12 @@ class TransformersEngine(Engine):
         req = seq.req
         self.counter += 1
         seq.rid = f"{req.request_id}-{self.counter}"
-        if req.repetition_penalty != 1.0 or req.presence_penalty or req.frequency_penalty:
-            if self.batch_penalties:
-                self.penalties.want(seq.rid, len(seq.tokens), req)
+        if seq.procs:
+            if self.batch_processors:
+                self.processors.wanted[seq.rid] = seq.procs
             else:
-                log.warning("request %s: penalties are not applied while requests are batched "
-                            "(asynchronous batching)", req.request_id)
-        if req.seed is not None:
-            log.warning("request %s: its seed is not applied while requests are batched (one "
-                        "sampler for the batch)", req.request_id)
+                log.warning("request %s: its penalties and seed are not applied while requests "
+                            "are batched (asynchronous batching)", req.request_id)
         seq.cb_seen = 0
         seq.cb_base = len(seq.generated)
         with self.batch_lock:
@@ -730,7 +758,7 @@ class TransformersEngine(Engine):
     def _leave(self, rid: str) -> None:
         """A request leaves the batch (called with batch_lock held)."""
         self.batch.pop(rid, None)
-        self.penalties.wanted.pop(rid, None)
+        self.processors.wanted.pop(rid, None)
 
     # ---- the router thread: batch outputs -> requests ----
 
@@ -749,7 +777,7 @@ class TransformersEngine(Engine):
                         for seq in self.batch.values():
                             seq.emit(EngineError(f"the batch manager stopped: {err}", 50001))
                         self.batch.clear()
-                        self.penalties.wanted.clear()
+                        self.processors.wanted.clear()
                     continue
                 seq = self.batch.get(out.request_id)
             if seq is None:
