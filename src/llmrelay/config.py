@@ -109,7 +109,8 @@ def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) ->
     p.add_argument("--kv-cache", default=None, choices=["per-sequence", "unified"],
                    help="llamacpp engine KV cache layout: a stream per sequence (per-sequence, "
                    "the default: greedy answers the same alone and batched) or one pool for all "
-                   "(unified: batches can decode faster, answers depend on the batch)")
+                   "(unified: answers depend on the batch, and every step attends over the "
+                   "cached prompts of idle slots too)")
     p.add_argument(
         "--limit-worker-concurrency",
         type=int,

@@ -11,11 +11,12 @@ callback (in the worker: straight to the event loop, no thread per request).
 The KV cache has `context_length` cells per slot. By default each sequence has a stream of its
 own (llama.cpp's non-unified cache, `--kv-cache per-sequence`): a sequence attends only over
 its own cells, so a greedy request gives the same text alone and inside any batch, and cached
-prompts of idle slots cost nothing. `--kv-cache unified` makes it one pool for all sequences:
-in-process on a 2-core CPU, 8 sequences decoded together up to ~1.3x faster that way, but every
-step then attends over every cell in use (a lone request slowed by ~30% with 8 slots of ~1,500
-cached tokens each), and a sequence's numbers depend on its neighbours, so greedy answers can
-differ between alone and batched. See docs/benchmarks.md.
+prompts of idle slots cost nothing. With streams, llama.cpp computes together only sequences
+whose ids follow each other in the batch, so each step writes its tokens in sequence-id order.
+`--kv-cache unified` makes it one pool for all sequences: every step then attends over every
+cell in use (a lone request slowed by ~30% with 8 slots of ~1,500 cached tokens each), and a
+sequence's numbers depend on its neighbours, so greedy answers can differ between alone and
+batched. See docs/benchmarks.md.
 
 A finished request leaves its tokens in its slot; the next request whose prompt shares a prefix
 with them (the next turn of a conversation) takes that slot and evaluates only the new suffix.
@@ -370,25 +371,32 @@ class LlamaCppEngine(Engine):
             b.logits[n] = logits
             n += 1
 
-        generating = [s for s in active if s.n_past >= len(s.tokens)]
-        for seq in generating:
-            assert seq.slot is not None
-            pos = len(seq.tokens) + len(seq.generated) - 1
-            outputs.append((seq, n))
-            put(seq.next_token, pos, seq.slot.seq_id, True)
-        budget = BATCH_TOKENS - n
+        # Every generating sequence gets its next token; prompts share what is left of the batch,
+        # in arrival order.
+        budget = BATCH_TOKENS - sum(1 for s in active if s.n_past >= len(s.tokens))
+        takes: dict[int, int] = {}
         for seq in active:
-            if seq.n_past >= len(seq.tokens) or budget <= 0:
-                continue
+            if seq.n_past < len(seq.tokens) and budget > 0:
+                takes[id(seq)] = min(budget, len(seq.tokens) - seq.n_past)
+                budget -= takes[id(seq)]
+        # The batch is written in sequence-id order: with a KV stream per sequence, llama.cpp
+        # computes together only sequences whose ids follow each other in the batch (one
+        # sub-batch per run of consecutive ids); in arrival order, 8 sequences could take up to
+        # 8 passes (measured: 139 against 254 tokens/s, docs/benchmarks.md).
+        for seq in sorted(active, key=lambda s: s.slot.seq_id if s.slot else 0):
             assert seq.slot is not None
-            take = min(budget, len(seq.tokens) - seq.n_past)
+            if seq.n_past >= len(seq.tokens):
+                pos = len(seq.tokens) + len(seq.generated) - 1
+                outputs.append((seq, n))
+                put(seq.next_token, pos, seq.slot.seq_id, True)
+                continue
+            take = takes.get(id(seq), 0)
             for i in range(seq.n_past, seq.n_past + take):
                 last = i == len(seq.tokens) - 1
                 if last:
                     outputs.append((seq, n))
                 put(seq.tokens[i], i, seq.slot.seq_id, last)
             seq.n_past += take
-            budget -= take
         b.n_tokens = n
         rc = llama_cpp.llama_decode(self.ctx, b)
         if rc != 0:
