@@ -959,7 +959,7 @@ def test_seeded_sampler_draws_within_top_k_and_top_p_and_repeats() -> None:
     ids = torch.zeros((1, 1), dtype=torch.long)
 
     def draws(seed: int, **kw: float) -> list[int]:
-        sampler = _SeededSampler(seed, GenerationRequest(**kw), torch.device("cpu"))
+        sampler = _SeededSampler(seed, GenerationRequest(**kw))
         out = []
         for _ in range(200):
             one_hot = sampler(ids, scores.clone())

@@ -413,12 +413,15 @@ class _SeededSampler(LogitsProcessor):
     shared sampler both take it. The same sampler runs alone and batched (it moves with the
     request), so a seed gives the same text either way."""
 
-    def __init__(self, seed: int, req: GenerationRequest, device: torch.device) -> None:
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
+    def __init__(self, seed: int, req: GenerationRequest) -> None:
+        self.seed = seed
+        self.generator: torch.Generator | None = None  # made on the device the scores are on
         self.temperature, self.top_p, self.top_k = req.temperature, req.top_p, req.top_k
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.generator is None:
+            self.generator = torch.Generator(device=scores.device)
+            self.generator.manual_seed(self.seed)
         logits = scores.float() / self.temperature
         if 0 < self.top_k < logits.size(-1):
             kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
@@ -622,7 +625,7 @@ class TransformersEngine(Engine):
             emit(None)
             return
         seed = req.seed if req.seed is not None else self.default_seed
-        sampler = (_SeededSampler(seed, req, self.model.device)
+        sampler = (_SeededSampler(seed, req)
                    if seed is not None and req.temperature >= 1e-5 else None)
         seq = _Seq(req=req, tokens=tokens, max_new=max_new, cancel=cancel,
                    stop_ids=self.eos_ids | set(req.stop_token_ids), emit=emit,
