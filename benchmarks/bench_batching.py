@@ -16,7 +16,10 @@ official `openai` SDK (`--client sdk`, which parses every chunk into pydantic ob
 
     .venv/bin/python benchmarks/bench_batching.py [--rounds 3] [--repeat 3] [--max-tokens 64]
         [--client raw|httpx|sdk] [--clients-in process|thread] [--n-threads 2]
-        [--worker-args "--stream-interval 2"]
+        [--worker-args "--stream-interval 2"] [--plot docs/batching.svg]
+
+`--plot FILE.svg` also draws total tokens/s against the number of clients, with raw
+llama-cpp-python alone as a dashed line.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import openai
+from _plot import line_chart
 from _stack import Stack, load_average
 
 TOPICS = ["a dragon", "a lighthouse", "the sea", "a robot", "a garden", "a city at night",
@@ -199,6 +203,7 @@ def main() -> None:
     ap.add_argument("--client", choices=["raw", "httpx", "sdk"], default="raw")
     ap.add_argument("--clients-in", choices=["process", "thread"], default="process")
     ap.add_argument("--worker-args", default="", help="extra worker flags, one string")
+    ap.add_argument("--plot", help="also write an SVG chart of tok/s by clients to this file")
     ap.add_argument("--load", help=argparse.SUPPRESS)  # internal: be the client process
     args = ap.parse_args()
     if args.load:
@@ -274,6 +279,15 @@ def main() -> None:
     print("\nCPU seconds used per process during each run:")
     for note in cpu_notes:
         print("  " + note)
+    if args.plot:
+        worker = f" ({args.worker_args})" if args.worker_args else ""
+        line_chart(args.plot, f"Continuous batching: SmolLM2 on {args.n_threads} llama.cpp "
+                   f"threads, {args.max_tokens} tokens per answer", "concurrent streaming clients",
+                   "completion tokens/s, total",
+                   {f"llmrelay{worker}": [(n, tps(name)) for name, n in zip(names[1:], levels,
+                                                                            strict=True)]},
+                   hlines={"raw llama-cpp-python, alone": raw_tps})
+        print(f"\nchart: {args.plot}")
 
 
 if __name__ == "__main__":

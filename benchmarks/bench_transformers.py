@@ -10,7 +10,9 @@ token p50/p95 and latency p50/p95 for both, and the ratio ours / FastChat. Compl
 counted by re-tokenizing each answer with the model's tokenizer (FastChat's stream has no usage).
 
     .venv/bin/python benchmarks/bench_transformers.py [--work .bench/transformers] \
-        [--clients 1,4,8,16] [--rounds 1] [--max-tokens 64]
+        [--clients 1,4,8,16] [--rounds 1] [--max-tokens 64] [--plot docs/transformers.svg]
+
+`--plot FILE.svg` also draws both systems' total tokens/s against the number of clients.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import httpx
 import openai
+from _plot import line_chart
 from _stack import Stack, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,6 +146,7 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,8,16")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--plot", help="also write an SVG chart of tok/s by clients to this file")
     args = ap.parse_args()
     clients = [int(x) for x in args.clients.split(",")]
     work = args.work.resolve()
@@ -191,6 +195,12 @@ def main() -> None:
         print(f"| {n} | {f['tok_s']:.1f} | {o['tok_s']:.1f} | {o['tok_s'] / f['tok_s']:.2f}x | "
               f"{f['ttft50']:.2f} / {f['ttft95']:.2f} | {o['ttft50']:.2f} / {o['ttft95']:.2f} | "
               f"{f['lat50']:.2f} / {f['lat95']:.2f} | {o['lat50']:.2f} / {o['lat95']:.2f} |")
+    if args.plot:
+        line_chart(args.plot, f"SmolLM2-135M-Instruct (HF, fp32) on the CPU, {args.max_tokens} "
+                   "tokens per answer", "concurrent streaming clients", "completion tokens/s, total",
+                   {"llmrelay, transformers engine": [(n, ours[n]["tok_s"]) for n in clients],
+                    "FastChat 0.2.36 model_worker": [(n, theirs[n]["tok_s"]) for n in clients]})
+        print(f"\nchart: {args.plot}")
 
 
 if __name__ == "__main__":

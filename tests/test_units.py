@@ -948,6 +948,42 @@ def test_iter_frames_trailing_non_object_json_dropped() -> None:
     assert collect([frame(FRAMES[0]) + b"[1, 2, 3]"]) == [FRAMES[0]]
 
 
+# -- llamacpp: which slot a request takes ----------------------------------------------------------
+
+def test_llamacpp_slot_choice_keeps_busy_ids_together_unless_a_long_prefix_is_cached() -> None:
+    pytest.importorskip("llama_cpp")
+    from llmrelay.worker.engines.llamacpp import MIN_PREFIX_REUSE, LlamaCppEngine
+
+    engine = LlamaCppEngine(resolve("smollm2").path, context_length=256, n_threads=1, parallel=8)
+    try:
+        slots = engine.slots
+        for s in slots:  # the state is the scheduler's, which is idle: no request was sent
+            s.busy, s.cached, s.last_used = False, [], 0.0
+        header = list(range(1, 20))  # a template header every prompt shares
+        for i, s in enumerate(slots):
+            s.cached, s.last_used = header + [100 + i], float(i)
+        slots[2].busy = slots[3].busy = True
+
+        def pick(tokens: list[int]) -> int:
+            return engine._pick_slot([s for s in slots if not s.busy], tokens).seq_id
+
+        # A short shared prefix does not decide: a slot next to the busy ones does (1 or 4),
+        # the least recently used of those first.
+        assert pick(header + [999]) == 1
+        slots[1].last_used = 99.0
+        assert pick(header + [999]) == 4
+        # A conversation's long cached prefix wins, wherever its slot is.
+        convo = list(range(500, 500 + MIN_PREFIX_REUSE + 10))
+        slots[6].cached = convo
+        assert pick(convo + [7, 8, 9]) == 6
+        assert pick(convo[: MIN_PREFIX_REUSE - 1] + [7]) == 4  # too short a prefix to matter
+        # Nothing busy: the least recently used.
+        slots[2].busy = slots[3].busy = False
+        assert pick([999]) == 0
+    finally:
+        engine.close()
+
+
 # -- transformers: a seeded request's own sampler ---------------------------------------------------
 
 def test_seeded_sampler_draws_within_top_k_and_top_p_and_repeats() -> None:

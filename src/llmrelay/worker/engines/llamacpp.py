@@ -19,7 +19,9 @@ sequence's numbers depend on its neighbours, so greedy answers can differ betwee
 batched. See docs/benchmarks.md.
 
 A finished request leaves its tokens in its slot; the next request whose prompt shares a prefix
-with them (the next turn of a conversation) takes that slot and evaluates only the new suffix.
+of at least MIN_PREFIX_REUSE tokens with them (the next turn of a conversation) takes that slot
+and evaluates only the new suffix. Other requests take a free slot next to a busy one, which
+keeps the busy slots' ids consecutive for llama.cpp's per-sequence streams.
 A cancelled request's cells are freed at once, and any slot's cells past the shared prefix are
 freed when a new request takes it.
 """
@@ -60,6 +62,9 @@ DEFAULT_PARALLEL = 8
 MAX_PARALLEL = 64
 KV_CACHE_LAYOUTS = ("per-sequence", "unified")  # --kv-cache
 BATCH_TOKENS = 512  # tokens per llama_decode step (prompt chunks + one per generating sequence)
+# A cached prefix shorter than this (a chat template's header, a short system prompt) does not
+# decide the slot: keeping the busy slots' ids together does (see _pick_slot).
+MIN_PREFIX_REUSE = 64
 PENALTY_LAST_N = 64  # llama.cpp's default window for repetition/frequency/presence penalties
 
 
@@ -313,8 +318,7 @@ class LlamaCppEngine(Engine):
             if not free:
                 return
             seq = self.inbox.popleft()
-            # The slot whose cached tokens share the longest prefix; else the least recently used.
-            slot = max(free, key=lambda s: (common_prefix(s.cached, seq.tokens), -s.last_used))
+            slot = self._pick_slot(free, seq.tokens)
             n_keep = min(common_prefix(slot.cached, seq.tokens), len(seq.tokens) - 1)
             if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, n_keep, -1):
                 llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
@@ -327,6 +331,21 @@ class LlamaCppEngine(Engine):
             seq.n_past = n_keep
             self._prepare(seq)
             active.append(seq)
+
+    def _pick_slot(self, free: list[_Slot], tokens: list[int]) -> _Slot:
+        """The free slot whose cached tokens share the longest prefix with the prompt (at least
+        MIN_PREFIX_REUSE tokens: the next turn of a conversation); else one next to a busy slot,
+        so the busy slots' sequence ids stay consecutive (llama.cpp decodes a run of consecutive
+        ids in one pass, and each gap costs a pass); then the least recently used, so cached
+        conversations last as long as they can."""
+        busy = {s.seq_id for s in self.slots if s.busy}
+
+        def key(s: _Slot) -> tuple[int, bool, float]:
+            shared = common_prefix(s.cached, tokens)
+            return (shared if shared >= MIN_PREFIX_REUSE else 0,
+                    s.seq_id - 1 in busy or s.seq_id + 1 in busy, -s.last_used)
+
+        return max(free, key=key)
 
     def _prepare(self, seq: _Seq) -> None:
         req = seq.req
