@@ -14,8 +14,8 @@ from html import escape
 from pathlib import Path
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-W, H = 640, 400
-LEFT, RIGHT, TOP, BOTTOM = 70, 190, 40, 50
+W, H = 720, 400
+LEFT, RIGHT, TOP, BOTTOM = 70, 250, 40, 50
 
 
 def _nice_top(v: float) -> float:
