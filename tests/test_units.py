@@ -986,6 +986,26 @@ def test_llamacpp_slot_choice_keeps_busy_ids_together_unless_a_long_prefix_is_ca
 
 # -- transformers: a seeded request's own sampler ---------------------------------------------------
 
+def test_draw_samples_like_multinomial_and_never_a_zero_probability_token() -> None:
+    torch = pytest.importorskip("torch")
+    from llmrelay.worker.engines.transformers import _draw
+
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.zeros(2, 5)
+    for _ in range(4000):
+        tokens = _draw(probs, gen)
+        assert tokens.shape == (2, 1)
+        counts[0, tokens[0, 0]] += 1
+        counts[1, tokens[1, 0]] += 1
+    freq = counts / 4000
+    assert freq[0, 1] == 0 and freq[0, 4] == 0 and freq[1, 4] == 1
+    assert torch.allclose(freq[0], probs[0], atol=0.03)
+    # The same generator state, the same draws.
+    a = _draw(probs, torch.Generator().manual_seed(9))
+    assert torch.equal(a, _draw(probs, torch.Generator().manual_seed(9)))
+
+
 def test_seeded_sampler_draws_within_top_k_and_top_p_and_repeats() -> None:
     torch = pytest.importorskip("torch")
     from llmrelay.worker.engines.base import GenerationRequest
