@@ -582,7 +582,8 @@ class TransformersEngine(Engine):
             manager.warmup()
         except Exception as e:  # only an optimisation: the manager still allocates on its own
             log.warning("could not prepare the batch manager ahead (%s: %s)", type(e).__name__, e)
-        _fast_sampling(manager)
+        if self.device == "cpu":  # on a GPU multinomial is cheap, and its graphs are left alone
+            _fast_sampling(manager)
         manager.start()
         return manager
 
