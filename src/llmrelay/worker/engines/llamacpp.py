@@ -401,7 +401,7 @@ class LlamaCppEngine(Engine):
         # The batch is written in sequence-id order: with a KV stream per sequence, llama.cpp
         # computes together only sequences whose ids follow each other in the batch (one
         # sub-batch per run of consecutive ids); in arrival order, 8 sequences could take up to
-        # 8 passes (measured: 139 against 254 tokens/s, docs/benchmarks.md).
+        # 8 passes (benchmarks/bench_batch_order.py: 140 against 253 tokens/s).
         for seq in sorted(active, key=lambda s: s.slot.seq_id if s.slot else 0):
             assert seq.slot is not None
             if seq.n_past >= len(seq.tokens):
