@@ -19,6 +19,14 @@ log = logging.getLogger("llmrelay")
 PUBLIC_HOSTS = {"0.0.0.0", "::", ""}
 
 
+async def client_gone(receive: Receive) -> None:
+    """Returns when the client disconnects. Waiting on the server's receive() sees it as it
+    happens (polling `request.is_disconnected()` missed it now and then); call it once the
+    request body has been read."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class ClosingStreamingResponse(StreamingResponse):
     """A StreamingResponse that closes its body generator however the response ends, a client
     that went away included: the generator's cleanup (cancelling a generation, closing the
@@ -40,12 +48,8 @@ class ClosingStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
             return
 
-        async def disconnected() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
         body = asyncio.ensure_future(self.stream_response(send))
-        watcher = asyncio.ensure_future(disconnected())
+        watcher = asyncio.ensure_future(client_gone(receive))
         try:
             await asyncio.wait({body, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -17,6 +17,7 @@ from fastapi import Request
 from llmrelay.api.errors import APIError, from_worker
 from llmrelay.api.observe import note_cancelled, note_first_token, note_usage
 from llmrelay.api.routing import WorkerStream, WorkerTable, open_stream
+from llmrelay.runtime import client_gone
 
 log = logging.getLogger("llmrelay.api")
 
@@ -127,17 +128,10 @@ async def merged(streams: list[WorkerStream], deadline: float | None = None
                 await s.aclose()
 
 
-async def _disconnected(request: Request) -> None:
-    # Waiting on the server's receive() (as Starlette's streaming responses do) sees the
-    # disconnect as it happens; polling `request.is_disconnected()` missed it now and then.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work`, cancelling it if the client goes away (so the worker stops generating)."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    watcher = asyncio.ensure_future(client_gone(request.receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -224,7 +218,7 @@ class Opening:
         """Wait up to one keep-alive period; raises what opening raised if it failed by then.
         A client that leaves meanwhile (a long prompt's prefill) stops the workers at once."""
         if not self.task.done():
-            watcher = asyncio.ensure_future(_disconnected(self.request))
+            watcher = asyncio.ensure_future(client_gone(self.request.receive))
             try:
                 await asyncio.wait({self.task, watcher}, return_when=asyncio.FIRST_COMPLETED,
                                    timeout=min(self.keepalive, self.remaining()))

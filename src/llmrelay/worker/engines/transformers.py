@@ -51,6 +51,9 @@ from transformers import (
     RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
 from llmrelay.worker import templates
@@ -446,21 +449,18 @@ class _SeededSampler(LogitsProcessor):
     def __init__(self, seed: int, req: GenerationRequest) -> None:
         self.seed = seed
         self.generator: torch.Generator | None = None  # made on the device the scores are on
-        self.temperature, self.top_p, self.top_k = req.temperature, req.top_p, req.top_k
+        # generate()'s own warpers, in its order
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(req.temperature)])
+        if req.top_k > 0:
+            self.warpers.append(TopKLogitsWarper(req.top_k))
+        if req.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(req.top_p))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.generator is None:
             self.generator = torch.Generator(device=scores.device)
             self.generator.manual_seed(self.seed)
-        logits = scores.float() / self.temperature
-        if 0 < self.top_k < logits.size(-1):
-            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, -math.inf)
-        probs = torch.softmax(logits, dim=-1)
-        if self.top_p < 1.0:
-            ranked, order = torch.sort(probs, dim=-1, descending=True)
-            drop = ranked.cumsum(-1) - ranked > self.top_p  # keeps the token that crosses top_p
-            probs = probs.scatter(-1, order, ranked.masked_fill(drop, 0.0))
+        probs = torch.softmax(self.warpers(input_ids, scores.float()), dim=-1)
         token = _draw(probs, self.generator)
         return torch.full_like(scores, -math.inf).scatter_(-1, token, 0.0)
 
