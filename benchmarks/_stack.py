@@ -87,10 +87,19 @@ def install_guards() -> None:
             signal.signal(sig, _on_signal)
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port not handed out before in this process (the kernel may offer a
+    just-released port again before the process it was given to has bound it)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:

@@ -120,18 +120,31 @@ def test_ten_megabyte_prompt_is_4xx(procs: Procs) -> None:
     assert r.status_code == 413
 
 
+def whole(api: str, max_tokens: int) -> httpx.Response:
+    return httpx.post(api + "/v1/completions", json={**COUNT, "max_tokens": max_tokens},
+                      timeout=120)
+
+
 def test_worker_killed_under_load(procs: Procs) -> None:
-    """kill -9 one of two workers while streams run: no client hangs, none is cut silently."""
+    """kill -9 one of two workers while streams run: no client hangs, none is cut silently;
+    non-streamed requests on the killed worker are answered by the other one."""
     _, controller = procs.controller()
     w1, url1 = procs.worker(controller, "smol")
     _, url2 = procs.worker(controller, "smol")
     _, api = procs.api(controller)
     wait_for(lambda: registered(controller, url1) and registered(controller, url2), 15)
-    with ThreadPoolExecutor(6) as pool:
+    with ThreadPoolExecutor(10) as pool:
         futures = [pool.submit(long_stream, api, 150) for _ in range(6)]
+        answers = [pool.submit(whole, api, 150) for _ in range(4)]
         time.sleep(1.0)
+        assert httpx.post(url1 + "/worker_get_status").json()["llmrelay"]["running"] > 0
         w1.kill()
         results = [f.result(timeout=120) for f in futures]
+        for a in answers:
+            r = a.result(timeout=120)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["finish_reason"] == "length"
+            assert r.json()["usage"]["completion_tokens"] == 150
         after = [pool.submit(long_stream, api, 5) for _ in range(4)]
         later = [f.result(timeout=120) for f in after]
     for seen in results + later:

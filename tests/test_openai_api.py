@@ -158,6 +158,14 @@ def test_completions_forms(client: openai.OpenAI) -> None:
     assert c.text.startswith("Once upon a time")
     assert len(c.logprobs.tokens) == r.usage.completion_tokens
     assert all(len(t) == 2 for t in c.logprobs.top_logprobs)
+    # Offsets point into the returned text, past the echoed prompt, streamed or not.
+    assert c.logprobs.text_offset[0] == len("Once upon a time")
+    for token, offset in zip(c.logprobs.tokens, c.logprobs.text_offset, strict=True):
+        assert c.text[offset:offset + len(token)] == token
+    streamed = client.completions.create(model="smol", prompt="Once upon a time", max_tokens=8,
+                                         temperature=0, logprobs=2, echo=True, stream=True)
+    assert [o for ch in streamed if ch.choices and ch.choices[0].logprobs
+            for o in ch.choices[0].logprobs.text_offset] == c.logprobs.text_offset
     plain = client.completions.create(model="smol", prompt="Once upon a time", max_tokens=8,
                                       temperature=0)
     assert c.text == "Once upon a time" + plain.choices[0].text

@@ -11,8 +11,10 @@ from typing import Any
 
 import anyio
 import uvicorn
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+from llmrelay.protocol import dumps
 
 log = logging.getLogger("llmrelay")
 
@@ -25,6 +27,13 @@ async def client_gone(receive: Receive) -> None:
     request body has been read."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+class FastJSONResponse(JSONResponse):
+    """A JSON response serialized by `protocol.dumps` (orjson) instead of json."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
 
 
 class ClosingStreamingResponse(StreamingResponse):

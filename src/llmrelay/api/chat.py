@@ -12,23 +12,22 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
 
 from llmrelay.api.errors import bad_param
 from llmrelay.api.fastchat_workers import param_builder
 from llmrelay.api.generation import (
     SSE_HEADERS,
     Opening,
+    answer_all,
     merged,
     open_all,
     sse_stream,
-    until_disconnect,
     usage_of,
 )
 from llmrelay.api.routing import WorkerTable, now
 from llmrelay.api.schemas import ChatCompletionRequest, normalize_messages
 from llmrelay.controller.dispatch import conversation_keys
-from llmrelay.runtime import ClosingStreamingResponse
+from llmrelay.runtime import ClosingStreamingResponse, FastJSONResponse
 
 DEFAULT_TEMPERATURE = 0.7
 
@@ -87,64 +86,51 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
     builders = [param_builder(table, p) for p in per_choice(params, n)]
     # `prefix` dispatch: the next turn goes where the conversation's KV cache is.
     keys = conversation_keys(messages) if table.dispatch_method == "prefix" else None
-    opening = Opening(request, open_all(table, body.model, builders, keys))
-    cid = f"chatcmpl-{request_id}"
-    created = now()
-    base = {"id": cid, "created": created, "model": body.model}
+    base = {"id": f"chatcmpl-{request_id}", "created": now(), "model": body.model}
 
-    if body.stream:
-        await opening.wait_briefly()
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        async def chunks() -> AsyncIterator[list[dict[str, Any]]]:
-            last: dict[int, dict[str, Any]] = {}
-            # The role chunks go out with the first frames.
-            out = [{**base, "object": "chat.completion.chunk", "choices": [
-                {"index": i, "delta": {"role": "assistant", "content": ""},
-                 "logprobs": None, "finish_reason": None}]} for i in range(n)]
-            async for frames in merged(opening.streams, opening.deadline):
-                for i, f in frames:
-                    last[i] = f
-                    lp = f.get("logprobs")
-                    if f.get("text") or lp:
-                        out.append({**base, "object": "chat.completion.chunk", "choices": [
-                            {"index": i, "delta": {"content": f.get("text", "")},
-                             "logprobs": lp if body.logprobs else None, "finish_reason": None}]})
-                    if f.get("finish_reason"):
-                        out.append({**base, "object": "chat.completion.chunk", "choices": [
-                            {"index": i, "delta": {}, "logprobs": None,
-                             "finish_reason": _finish(f["finish_reason"])}]})
-                yield out
-                out = []
-            if include_usage:
-                out.append({**base, "object": "chat.completion.chunk", "choices": [],
-                            "usage": usage_of(last, lambda i: 0)})
-            yield out
-
-        return ClosingStreamingResponse(sse_stream(chunks, opening), media_type="text/event-stream",
-                                        headers=SSE_HEADERS, cleanup=opening.close_if_unused)
-
-    async def collect() -> dict[str, Any]:
-        streams = await opening.wait()
-        texts = [""] * n
-        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-        last: dict[int, dict[str, Any]] = {}
-        async for frames in merged(streams, opening.deadline):
-            for i, f in frames:
-                texts[i] += f.get("text", "")
-                if f.get("logprobs"):
-                    logprobs[i].extend(f["logprobs"].get("content", []))
-                last[i] = f
+    if not body.stream:
+        finals = await answer_all(request, table, body.model, builders, keys)
         choices = [{
             "index": i,
-            "message": {"role": "assistant", "content": texts[i]},
-            "logprobs": {"content": logprobs[i]} if body.logprobs else None,
-            "finish_reason": _finish(last.get(i, {}).get("finish_reason")),
-        } for i in range(n)]
-        return {**base, "object": "chat.completion", "choices": choices,
-                "usage": usage_of(last, lambda i: 0)}
+            "message": {"role": "assistant", "content": f.get("text", "")},
+            "logprobs": {"content": (f.get("logprobs") or {}).get("content", [])}
+            if body.logprobs else None,
+            "finish_reason": _finish(f.get("finish_reason")),
+        } for i, f in enumerate(finals)]
+        return FastJSONResponse({**base, "object": "chat.completion", "choices": choices,
+                                 "usage": usage_of(dict(enumerate(finals)), lambda i: 0)})
 
-    return JSONResponse(await until_disconnect(request, collect()))
+    opening = Opening(request, open_all(table, body.model, builders, keys))
+    await opening.wait_briefly()
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def chunks() -> AsyncIterator[list[dict[str, Any]]]:
+        last: dict[int, dict[str, Any]] = {}
+        # The role chunks go out with the first frames.
+        out = [{**base, "object": "chat.completion.chunk", "choices": [
+            {"index": i, "delta": {"role": "assistant", "content": ""},
+             "logprobs": None, "finish_reason": None}]} for i in range(n)]
+        async for frames in merged(opening.streams, opening.deadline):
+            for i, f in frames:
+                last[i] = f
+                lp = f.get("logprobs")
+                if f.get("text") or lp:
+                    out.append({**base, "object": "chat.completion.chunk", "choices": [
+                        {"index": i, "delta": {"content": f.get("text", "")},
+                         "logprobs": lp if body.logprobs else None, "finish_reason": None}]})
+                if f.get("finish_reason"):
+                    out.append({**base, "object": "chat.completion.chunk", "choices": [
+                        {"index": i, "delta": {}, "logprobs": None,
+                         "finish_reason": _finish(f["finish_reason"])}]})
+            yield out
+            out = []
+        if include_usage:
+            out.append({**base, "object": "chat.completion.chunk", "choices": [],
+                        "usage": usage_of(last, lambda i: 0)})
+        yield out
+
+    return ClosingStreamingResponse(sse_stream(chunks, opening), media_type="text/event-stream",
+                                    headers=SSE_HEADERS, cleanup=opening.close_if_unused)
 
 
 def _finish(reason: str | None) -> str:

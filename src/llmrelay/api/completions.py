@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
 
 from llmrelay.api.chat import _finish, per_choice, sampling_params
 from llmrelay.api.errors import bad_param
@@ -14,15 +13,15 @@ from llmrelay.api.fastchat_workers import param_builder
 from llmrelay.api.generation import (
     SSE_HEADERS,
     Opening,
+    answer_all,
     merged,
     open_all,
     sse_stream,
-    until_disconnect,
     usage_of,
 )
 from llmrelay.api.routing import WorkerTable, now
 from llmrelay.api.schemas import CompletionRequest
-from llmrelay.runtime import ClosingStreamingResponse
+from llmrelay.runtime import ClosingStreamingResponse, FastJSONResponse
 
 
 def _prompts(prompt: Any) -> list[dict[str, Any]]:
@@ -46,13 +45,16 @@ class _LegacyLogprobs:
         self.data: dict[str, list[Any]] = {
             "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
-    def add(self, entries: list[dict[str, Any]], offset: int) -> dict[str, list[Any]]:
+    def add(self, entries: list[dict[str, Any]], offset: int,
+            offsets: list[int] | None = None) -> dict[str, list[Any]]:
+        """`offset`: where the first entry's token starts in the text; the others follow it,
+        unless `offsets` gives each one's (a whole answer's, where an echoed prompt has none)."""
         chunk: dict[str, list[Any]] = {k: [] for k in self.data}
-        for e in entries:
+        for j, e in enumerate(entries):
             chunk["tokens"].append(e["token"])
             chunk["token_logprobs"].append(e["logprob"])
             chunk["top_logprobs"].append({t["token"]: t["logprob"] for t in e["top_logprobs"]})
-            chunk["text_offset"].append(offset)
+            chunk["text_offset"].append(offsets[j] if offsets and j < len(offsets) else offset)
             offset += len(e["token"])
         for k in self.data:
             self.data[k].extend(chunk[k])
@@ -79,60 +81,54 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
         base_p = {**params, **p, "request_id": f"{request_id}-p{j}" if len(prompts) > 1
                   else request_id}
         all_params.extend(per_choice(base_p, n))
-    opening = Opening(request, open_all(table, body.model,
-                                        [param_builder(table, p) for p in all_params]))
-    cid = f"cmpl-{request_id}"
-    base = {"id": cid, "object": "text_completion", "created": now(), "model": body.model}
+    builders = [param_builder(table, p) for p in all_params]
+    base = {"id": f"cmpl-{request_id}", "object": "text_completion", "created": now(),
+            "model": body.model}
     total = len(all_params)
 
     def prompt_of(i: int) -> int:
         return i // n
 
-    if body.stream:
-        await opening.wait_briefly()
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if not body.stream:
+        finals = await answer_all(request, table, body.model, builders)
+        choices = []
+        for i, f in enumerate(finals):
+            lp = None
+            if body.logprobs is not None:
+                lp = _LegacyLogprobs()
+                given = f.get("logprobs") or {}
+                lp.add(given.get("content", []), 0, given.get("text_offset"))
+            choices.append({"index": i, "text": f.get("text", ""),
+                            "logprobs": lp.data if lp is not None else None,
+                            "finish_reason": _finish(f.get("finish_reason"))})
+        return FastJSONResponse({**base, "choices": choices,
+                                 "usage": usage_of(dict(enumerate(finals)), prompt_of)})
 
-        async def chunks() -> AsyncIterator[list[dict[str, Any]]]:
-            last: dict[int, dict[str, Any]] = {}
-            offsets = [0] * total
-            lps = [_LegacyLogprobs() for _ in range(total)]
-            async for frames in merged(opening.streams, opening.deadline):
-                out = []
-                for i, f in frames:
-                    last[i] = f
-                    text = f.get("text", "")
-                    lp = None
-                    if body.logprobs is not None and f.get("logprobs"):
-                        lp = lps[i].add(f["logprobs"]["content"], offsets[i])
-                    offsets[i] += len(text)
-                    if text or lp or f.get("finish_reason"):
-                        reason = f.get("finish_reason")
-                        out.append({**base, "choices": [{
-                            "index": i, "text": text, "logprobs": lp,
-                            "finish_reason": _finish(reason) if reason else None}]})
-                yield out
-            if include_usage:
-                yield [{**base, "choices": [], "usage": usage_of(last, prompt_of)}]
+    opening = Opening(request, open_all(table, body.model, builders))
+    await opening.wait_briefly()
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        return ClosingStreamingResponse(sse_stream(chunks, opening), media_type="text/event-stream",
-                                        headers=SSE_HEADERS, cleanup=opening.close_if_unused)
-
-    async def collect() -> dict[str, Any]:
-        streams = await opening.wait()
-        texts = [""] * total
-        lps = [_LegacyLogprobs() for _ in range(total)]
+    async def chunks() -> AsyncIterator[list[dict[str, Any]]]:
         last: dict[int, dict[str, Any]] = {}
-        async for frames in merged(streams, opening.deadline):
+        offsets = [0] * total
+        lps = [_LegacyLogprobs() for _ in range(total)]
+        async for frames in merged(opening.streams, opening.deadline):
+            out = []
             for i, f in frames:
-                if body.logprobs is not None and f.get("logprobs"):
-                    lps[i].add(f["logprobs"]["content"], len(texts[i]))
-                texts[i] += f.get("text", "")
                 last[i] = f
-        choices = [{
-            "index": i, "text": texts[i],
-            "logprobs": lps[i].data if body.logprobs is not None else None,
-            "finish_reason": _finish(last.get(i, {}).get("finish_reason")),
-        } for i in range(total)]
-        return {**base, "choices": choices, "usage": usage_of(last, prompt_of)}
+                text = f.get("text", "")
+                lp = None
+                if body.logprobs is not None and f.get("logprobs"):
+                    lp = lps[i].add(f["logprobs"]["content"], offsets[i])
+                offsets[i] += len(text)
+                if text or lp or f.get("finish_reason"):
+                    reason = f.get("finish_reason")
+                    out.append({**base, "choices": [{
+                        "index": i, "text": text, "logprobs": lp,
+                        "finish_reason": _finish(reason) if reason else None}]})
+            yield out
+        if include_usage:
+            yield [{**base, "choices": [], "usage": usage_of(last, prompt_of)}]
 
-    return JSONResponse(await until_disconnect(request, collect()))
+    return ClosingStreamingResponse(sse_stream(chunks, opening), media_type="text/event-stream",
+                                    headers=SSE_HEADERS, cleanup=opening.close_if_unused)

@@ -168,6 +168,11 @@ class CumulativeToDelta:
                 v = values[i] if i < len(values) else None
                 new.append({"token": tokens[i], "logprob": v if v is not None else 0.0,
                             "bytes": list(str(tokens[i]).encode()), "top_logprobs": []})
+            out["logprobs"] = None
+            if new:
+                out["logprobs"] = {"content": new}
+                offsets = lp.get("text_offset")
+                if isinstance(offsets, list) and len(offsets) == len(tokens):
+                    out["logprobs"]["text_offset"] = offsets[self.n_logprobs:]
             self.n_logprobs = len(tokens)
-            out["logprobs"] = {"content": new} if new else None
         return out

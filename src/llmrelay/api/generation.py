@@ -1,12 +1,12 @@
 """What chat and completions share: n generations opened before answering, merged frames,
-SSE framing, mid-stream errors as OpenAI error events, and cancelling on client disconnect.
+SSE framing, mid-stream errors as OpenAI error events, whole answers for non-streamed requests,
+and cancelling on client disconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -16,7 +16,8 @@ from fastapi import Request
 
 from llmrelay.api.errors import APIError, from_worker
 from llmrelay.api.observe import note_cancelled, note_first_token, note_usage
-from llmrelay.api.routing import WorkerStream, WorkerTable, open_stream
+from llmrelay.api.routing import ParamsFor, WorkerStream, WorkerTable, generate_once, open_stream
+from llmrelay.protocol import dumps
 from llmrelay.runtime import client_gone
 
 log = logging.getLogger("llmrelay.api")
@@ -27,17 +28,19 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + dumps(obj) + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-async def open_all(table: WorkerTable, model: str, params: list[dict[str, Any]],
+async def open_all(table: WorkerTable, model: str, params: list[dict[str, Any] | ParamsFor],
                    keys: list[str] | None = None) -> list[WorkerStream]:
     """Start every generation (one per choice) before answering; all or nothing.
 
     `keys`: the conversation's prefix keys, for the `prefix` dispatch method."""
+    if len(params) == 1:
+        return [await open_stream(table, model, params[0], keys)]
     results = await asyncio.gather(*(open_stream(table, model, p, keys) for p in params),
                                    return_exceptions=True)
     streams = [r for r in results if isinstance(r, WorkerStream)]
@@ -47,6 +50,39 @@ async def open_all(table: WorkerTable, model: str, params: list[dict[str, Any]],
             await s.aclose()
         raise errors[0]
     return streams
+
+
+async def answer_all(request: Request, table: WorkerTable, model: str,
+                     params: list[dict[str, Any] | ParamsFor],
+                     keys: list[str] | None = None) -> list[dict[str, Any]]:
+    """A non-streamed request's answers, one whole delta frame per choice, all generated at
+    once; all or nothing. Cancelled (which stops the workers) when the client leaves; 504 past
+    the server's request timeout."""
+    timeout = float(getattr(request.app.state, "request_timeout", 600.0))
+
+    async def all_answers() -> list[dict[str, Any]]:
+        if len(params) == 1:
+            return [await generate_once(table, model, params[0], keys)]
+        tasks = [asyncio.ensure_future(generate_once(table, model, p, keys)) for p in params]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:  # one failed: the others stop
+                t.cancel()
+
+    try:
+        finals = await until_disconnect(request, all_answers(), timeout)
+    except APIError as e:
+        if e.status == 499:
+            note_cancelled()
+        raise
+    for f in finals:
+        if f.get("text"):
+            note_first_token()  # the first text this server saw: the whole answer
+            break
+    note_usage(sum(int((f.get("usage") or {}).get("prompt_tokens") or 0) for f in finals),
+               sum(int((f.get("usage") or {}).get("completion_tokens") or 0) for f in finals))
+    return finals
 
 
 Frames = list[tuple[int, dict[str, Any]]]
@@ -128,12 +164,16 @@ async def merged(streams: list[WorkerStream], deadline: float | None = None
                 await s.aclose()
 
 
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client goes away (so the worker stops generating)."""
+async def until_disconnect(request: Request, work: Awaitable[T],
+                           timeout: float | None = None) -> T:
+    """Await `work`, cancelling it if the client goes away (so the worker stops generating):
+    499; or after `timeout` seconds: 504."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(client_gone(request.receive))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, timeout=timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+        client_left = watcher.done()
     finally:
         watcher.cancel()
     if task.done():
@@ -141,6 +181,8 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
+    if not client_left:
+        raise timeout_error()
     raise APIError(499, "The client closed the request.")
 
 
@@ -177,11 +219,11 @@ def timeout_error() -> APIError:
 
 
 class Opening:
-    """The generations being opened for one request, one per choice.
+    """The streamed generations being opened for one request, one per choice.
 
-    Non-streamed requests wait for them (`wait`). Streamed ones wait briefly
-    (`wait_briefly`): if the workers answer in time, errors can still be proper HTTP errors;
-    otherwise the response starts and `keepalives` covers the wait.
+    The request waits briefly for them (`wait_briefly`): if the workers answer in time, errors
+    can still be proper HTTP errors; otherwise the response starts and `keepalives` covers the
+    wait.
     """
 
     def __init__(self, request: Request, work: Awaitable[list[WorkerStream]]) -> None:
@@ -200,19 +242,6 @@ class Opening:
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - asyncio.get_running_loop().time())
-
-    async def wait(self) -> list[WorkerStream]:
-        """For a non-streamed answer, awaited inside `until_disconnect` (which cancels this
-        wait if the client leaves; the workers are stopped then)."""
-        try:
-            await asyncio.wait_for(asyncio.shield(self.task), self.remaining())
-        except asyncio.TimeoutError:
-            self.task.cancel()
-            raise timeout_error() from None
-        except BaseException:
-            await self.close_if_unused()
-            raise
-        return self.streams
 
     async def wait_briefly(self) -> None:
         """Wait up to one keep-alive period; raises what opening raised if it failed by then.

@@ -4,7 +4,8 @@ The table is read from the controller in the background (`/worker_table`), so a 
 waits on the controller; when the controller is down the last table keeps serving. Picking
 uses the controller's dispatch method plus what this server knows that the table does not yet:
 its own requests in flight, and workers that just refused a connection (taken out of rotation
-until their next heartbeat). A worker that fails before its first frame is retried on another.
+until their next heartbeat). A worker that fails before its first frame (for a non-streamed
+answer: before its answer) is retried on another.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import httpx
@@ -25,9 +26,11 @@ from llmrelay.api.errors import APIError, from_worker
 from llmrelay.api.fastchat_workers import CumulativeToDelta, FastChatInfo, WorkerUnsuitable
 from llmrelay.api.observe import note_failover, note_model
 from llmrelay.controller.dispatch import Affinity, pick
-from llmrelay.protocol import ErrorCode, iter_frame_batches, worker_extensions
+from llmrelay.protocol import ErrorCode, dumps, iter_frame_batches, loads, worker_extensions
 
 log = logging.getLogger("llmrelay.api")
+
+JSON_TYPE = {"Content-Type": "application/json"}
 
 
 @dataclass
@@ -225,15 +228,68 @@ class WorkerStream:
 
 # The params for a generation, given the worker picked (ours and FastChat's take different ones).
 ParamsFor = Callable[[Worker], Awaitable[dict[str, Any]]]
+T = TypeVar("T")
+# One try on one worker: (worker, body, exit stack) -> (the first frame, what the caller gets).
+Attempt = Callable[[Worker, dict[str, Any], contextlib.AsyncExitStack],
+                   Awaitable[tuple[dict[str, Any], T]]]
 
 
 async def open_stream(table: WorkerTable, model: str,
                       params: dict[str, Any] | ParamsFor,
                       keys: list[str] | None = None) -> WorkerStream:
-    """Pick a worker and start a generation; on failure before the first frame, try another.
+    """Start a streamed generation (POST /worker_generate_stream) on a worker; it has sent its
+    first frame when this returns."""
+
+    async def start(worker: Worker, body: dict[str, Any], stack: contextlib.AsyncExitStack
+                    ) -> tuple[dict[str, Any], WorkerStream]:
+        response = await stack.enter_async_context(table.streams().post(
+            worker.name + "/worker_generate_stream", data=dumps(body), headers=JSON_TYPE))
+        stack.callback(response.close)  # unread (client gone): drop the connection too
+        batches = iter_frame_batches(response.content.iter_any())
+        first_batch = await batches.__anext__()
+        return first_batch[0], WorkerStream(table, worker, stack, batches, first_batch,
+                                            cumulative=not body.get("delta"))
+
+    return await on_a_worker(table, model, params, keys, start, keep_open=True)
+
+
+async def generate_once(table: WorkerTable, model: str,
+                        params: dict[str, Any] | ParamsFor,
+                        keys: list[str] | None = None) -> dict[str, Any]:
+    """A whole generation in one answer (POST /worker_generate), as one delta frame: `text` and
+    `logprobs` cover the whole answer. One request and one JSON body instead of a frame stream:
+    what a non-streamed answer needs, at a fraction of the stream's cost here.
+
+    Our workers join their delta frames when asked for `delta`; FastChat's answer with their
+    last cumulative frame, turned into a delta from nothing here."""
+
+    async def once(worker: Worker, body: dict[str, Any], stack: contextlib.AsyncExitStack
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+        response = await stack.enter_async_context(table.streams().post(
+            worker.name + "/worker_generate", data=dumps(body), headers=JSON_TYPE))
+        stack.callback(response.close)  # cancelled mid-answer: drop the connection, which stops it
+        raw = await response.read()
+        try:
+            final = loads(raw)
+        except ValueError:
+            final = None
+        if not isinstance(final, dict):  # an HTTP error page from something in between
+            final = {"text": raw.decode(errors="replace")[:500],
+                     "error_code": int(ErrorCode.INTERNAL_ERROR)}
+        if not body.get("delta"):
+            final = CumulativeToDelta()(final)
+        return final, final
+
+    return await on_a_worker(table, model, params, keys, once, keep_open=False)
+
+
+async def on_a_worker(table: WorkerTable, model: str, params: dict[str, Any] | ParamsFor,
+                      keys: list[str] | None, attempt: Attempt[T], keep_open: bool) -> T:
+    """Pick a worker and run `attempt` on it; on failure before its first frame, try another.
 
     `params` is the request body, or a function of the picked worker that builds it (it may
-    raise WorkerUnsuitable to move on to another worker).
+    raise WorkerUnsuitable to move on to another worker). `keep_open`: the attempt's result
+    owns the exit stack (a stream still being read); otherwise it is closed on return.
 
     Every worker of the model is tried at most once. Workers that are full (or shutting down)
     are skipped; when all of them are, the answer is 429 with Retry-After.
@@ -252,12 +308,7 @@ async def open_stream(table: WorkerTable, model: str,
         stack.callback(_release, table, worker.name)
         try:
             body = params if isinstance(params, dict) else await params(worker)
-            response = await stack.enter_async_context(table.streams().post(
-                worker.name + "/worker_generate_stream", json=body))
-            stack.callback(response.close)  # unread (client gone): drop the connection too
-            batches = iter_frame_batches(response.content.iter_any())
-            first_batch = await batches.__anext__()
-            first = first_batch[0]
+            first, result = await attempt(worker, body, stack)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
             await stack.aclose()
             table.mark_down(worker)
@@ -274,7 +325,7 @@ async def open_stream(table: WorkerTable, model: str,
         except (aiohttp.ClientError, httpx.HTTPError, StopAsyncIteration, ValueError) as e:
             await stack.aclose()
             last_error = f"{worker.name}: {type(e).__name__} {e}"
-            log.warning("worker %s failed before its first token (%s); trying another",
+            log.warning("worker %s failed before answering (%s); trying another",
                         worker.name, last_error)
             note_failover()
             continue
@@ -282,8 +333,9 @@ async def open_stream(table: WorkerTable, model: str,
             await stack.aclose()
             raise
         code = int(first.get("error_code") or 0)
-        if code:
+        if code or not keep_open:
             await stack.aclose()
+        if code:
             if code == ErrorCode.ENGINE_OVERLOADED:
                 full += 1
                 last_error = f"{worker.name}: {first.get('text', 'full')}"
@@ -291,15 +343,14 @@ async def open_stream(table: WorkerTable, model: str,
                 continue
             if code >= 50000:  # the worker broke before answering: another may not
                 last_error = f"{worker.name}: {first.get('text', '')}"
-                log.warning("worker %s failed before its first token (%s); trying another",
+                log.warning("worker %s failed before answering (%s); trying another",
                             worker.name, last_error)
                 note_failover()
                 continue
             raise from_worker(code, str(first.get("text", "")))
         if keys:
             table.affinity.remember(keys, worker.name)
-        return WorkerStream(table, worker, stack, batches, first_batch,
-                            cumulative=not body.get("delta"))
+        return result
     if full and full == len(tried):
         raise APIError(429, f"Every worker serving '{model}' is busy; retry shortly.",
                        type="rate_limit_exceeded", code="rate_limit_exceeded",

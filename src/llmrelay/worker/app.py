@@ -31,8 +31,8 @@ from fastapi.responses import JSONResponse
 from llmrelay import __version__
 from llmrelay.fastchat_conv import STYLES_0_2_36, describe
 from llmrelay.metrics import WorkerMetrics, metrics_response
-from llmrelay.protocol import OUR_EXTENSIONS, ErrorCode, frame
-from llmrelay.runtime import ClosingStreamingResponse
+from llmrelay.protocol import OUR_EXTENSIONS, ErrorCode, frame, loads
+from llmrelay.runtime import ClosingStreamingResponse, FastJSONResponse, client_gone
 from llmrelay.security import TokenGuard, auth_headers
 from llmrelay.worker.engines.base import Chunk, Engine, EngineError, GenerationRequest
 from llmrelay.worker.lifecycle import ControllerLink
@@ -361,7 +361,7 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
 
     async def body_of(request: Request) -> dict[str, Any]:
         try:
-            data = await request.json()
+            data = loads(await request.body())
         except ValueError as e:
             raise EngineError(f"the body is not valid JSON: {e}", 40001) from e
         if not isinstance(data, dict):
@@ -460,36 +460,49 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
 
     @app.post("/worker_generate")
     async def worker_generate(request: Request) -> Any:
+        """The whole answer as one frame: FastChat's last cumulative frame, or with `delta`
+        (our extension) one delta frame joining all of them, whose logprobs also carry each
+        token's `text_offset` in the text (an echoed prompt has no logprob entries)."""
         req, delta = parse_params(await body_of(request), engine)
-        cancel_watch = asyncio.Event()
 
         async def collect() -> dict[str, Any]:
             final: dict[str, Any] = {}
             text = ""
-            async for frames in generate_frames(req, delta=False):
+            entries: list[dict[str, Any]] = []
+            offsets: list[int] = []
+            async for frames in generate_frames(req, delta):
                 for f in frames:
                     final = f
-                    text = f.get("text", text)
+                    if f.get("error_code"):
+                        return f
+                    if not delta:
+                        text = f.get("text", text)
+                        continue
+                    if f.get("logprobs"):
+                        pos = len(text)
+                        for e in f["logprobs"]["content"]:
+                            entries.append(e)
+                            offsets.append(pos)
+                            pos += len(e["token"])
+                    text += f.get("text", "")
             final["text"] = text
+            if delta:
+                final["logprobs"] = ({"content": entries, "text_offset": offsets}
+                                     if entries else None)
             return final
 
-        async def watch() -> None:
-            while not cancel_watch.is_set():
-                if await request.is_disconnected():
-                    return
-                await asyncio.sleep(0.2)
-
         task = asyncio.create_task(collect())
-        watcher = asyncio.create_task(watch())
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task not in done:  # the client left: cancelling the task stops the engine thread
+        watcher = asyncio.create_task(client_gone(request.receive))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if not task.done():  # the client left: cancelling the task stops the engine thread
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             return JSONResponse({"text": "client disconnected", "error_code": 50001}, 499)
-        cancel_watch.set()
-        watcher.cancel()
-        return task.result()
+        return FastJSONResponse(task.result())
 
     @app.api_route("/worker_get_status", methods=["GET", "POST"])
     async def worker_get_status() -> Any:
