@@ -182,6 +182,12 @@ def test_completions_through_fastchat_worker(interop: Interop) -> None:
         model=FC_ONLY, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True)
         if c.choices]
     assert "".join(pieces) == r.choices[0].text
+    # FastChat's cumulative logprobs, turned into OpenAI's legacy shape
+    lp = client.completions.create(model=FC_ONLY, prompt="The capital of France is",
+                                   max_tokens=8, temperature=0, logprobs=1).choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 8
+    assert all(v <= 0 for v in lp.token_logprobs)
+    assert lp.text_offset == sorted(lp.text_offset)
 
 
 def test_stop_strings_reach_the_fastchat_worker(interop: Interop) -> None:
