@@ -473,8 +473,8 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
             async for frames in generate_frames(req, delta):
                 for f in frames:
                     final = f
-                    if f.get("error_code"):
-                        return f
+                    if f.get("error_code"):  # the last frame there is
+                        break
                     if not delta:
                         text = f.get("text", text)
                         continue
@@ -485,6 +485,8 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
                             offsets.append(pos)
                             pos += len(e["token"])
                     text += f.get("text", "")
+            if final.get("error_code"):
+                return final
             final["text"] = text
             if delta:
                 final["logprobs"] = ({"content": entries, "text_offset": offsets}
