@@ -24,7 +24,7 @@ from llmrelay.controller import registry as registry_mod
 from llmrelay.controller.dispatch import lottery, pick, shortest_queue
 from llmrelay.controller.registry import Registry
 from llmrelay.launcher import StackError, load_stack
-from llmrelay.protocol import EXPIRY_BEATS, frame, iter_frame_batches
+from llmrelay.protocol import EXPIRY_BEATS, dumps, frame, iter_frame_batches, loads
 from llmrelay.worker.engines.base import StopMatcher
 from llmrelay.worker.models import BUNDLED, ModelNotFound, resolve
 from llmrelay.worker.templates import KNOWN, ChatTemplateError, choose
@@ -935,6 +935,20 @@ def test_iter_frames_trailing_non_json_becomes_error_frame() -> None:
     assert len(out) == 2
     assert out[1]["error_code"] == 50001
     assert "502 Bad Gateway" in out[1]["text"]
+
+
+def test_json_helpers_fall_back_to_json_where_orjson_refuses() -> None:
+    frame_ = {"text": "wörld ☃", "usage": {"prompt_tokens": 3}, "logprobs": None}
+    assert dumps(frame_) == json.dumps(frame_, ensure_ascii=False,
+                                       separators=(",", ":")).encode()
+    assert loads(dumps(frame_)) == frame_ == loads(dumps(frame_).decode())
+    # Integers past 64 bits and lone surrogates are refused by orjson: json writes them.
+    assert loads(dumps({"seed": 2**70})) == {"seed": 2**70}
+    assert loads(dumps({"text": "a\ud800b"})) == {"text": "a\ud800b"}
+    # NaN and Infinity, as Python's json writes them (a FastChat worker's logprob of -inf).
+    assert loads(b'{"logprob": -Infinity}')["logprob"] == float("-inf")
+    with pytest.raises(ValueError):
+        loads(b"{not json")
 
 
 def test_iter_frames_trailing_error_text_is_bounded() -> None:
