@@ -52,13 +52,15 @@ class ApiMetrics:
         self.completion_tokens = Counter("llmrelay_api_completion_tokens",
                                          "Tokens generated", ["model"], registry=r)
         self.ttft = Histogram("llmrelay_api_time_to_first_token_seconds", "From the request's "
-                              "arrival to its first generated text", ["model"],
+                              "arrival to its first generated text reaching this server (for a "
+                              "non-streamed request: its whole answer)", ["model"],
                               buckets=TIME_BUCKETS, registry=r)
         self.latency = Histogram("llmrelay_api_request_duration_seconds", "From the request's "
                                  "arrival to the end of its answer", ["endpoint", "model"],
                                  buckets=TIME_BUCKETS, registry=r)
         self.failovers = Counter("llmrelay_api_failovers", "Workers that failed or were full "
-                                 "before the first token (the request moves on to another "
+                                 "before the first token, or before the whole answer of a "
+                                 "non-streamed request (the request moves on to another "
                                  "worker if one is left)", ["model"], registry=r)
 
         def live() -> Iterable[tuple[str, str, list[str], list[tuple[list[str], float]]]]:
