@@ -15,7 +15,6 @@ import atexit
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+from llmrelay.worker.managed import free_port
 
 _children: list[subprocess.Popen[bytes]] = []
 _lock = threading.RLock()  # the signal handler may run while the main thread holds it
@@ -85,21 +86,6 @@ def install_guards() -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _on_signal)
-
-
-_GIVEN: set[int] = set()
-
-
-def free_port() -> int:
-    """A free loopback port not handed out before in this process (the kernel may offer a
-    just-released port again before the process it was given to has bound it)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _GIVEN:
-            _GIVEN.add(port)
-            return port
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,13 +25,9 @@ from pathlib import Path
 
 import httpx
 
+from llmrelay.worker.managed import free_port
+
 PY = [sys.executable, "-m", "llmrelay.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proc:

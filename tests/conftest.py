@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,24 +20,11 @@ import httpx
 import openai
 import pytest
 
+from llmrelay.worker.managed import free_port
+
 HEARTBEAT = "1"  # seconds; tests use a short interval so expiry and rejoin are quick
 # Workers run one llama.cpp thread each: several workers spinning two threads each on a 2-core
 # machine slow every one of them down many times over.
-
-
-_GIVEN: set[int] = set()
-
-
-def free_port() -> int:
-    """A free loopback port not handed out before in this process (the kernel may offer a
-    just-released port again before the process it was given to has bound it)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _GIVEN:
-            _GIVEN.add(port)
-            return port
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:

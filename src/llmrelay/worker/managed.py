@@ -136,10 +136,20 @@ def find_vllm() -> str:
     return found
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A free port on `host`, never one this process handed out before: the kernel may offer
+    a just-released port again before the process it was given to has bound it. (The tests
+    and benchmarks use this too.)"""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def split_args(value: str | None) -> list[str]:
