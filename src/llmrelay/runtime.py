@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import uvicorn
@@ -18,6 +18,8 @@ from llmrelay.protocol import dumps
 
 log = logging.getLogger("llmrelay")
 
+T = TypeVar("T")
+
 PUBLIC_HOSTS = {"0.0.0.0", "::", ""}
 
 
@@ -27,6 +29,37 @@ async def client_gone(receive: Receive) -> None:
     request body has been read."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+class ClientGone(Exception):
+    """The client disconnected before the work it asked for was done."""
+
+
+class WorkTimedOut(Exception):
+    """The work ran past the time it was given."""
+
+
+async def until_gone(receive: Receive, work: Awaitable[T], timeout: float | None = None) -> T:
+    """`work`'s result, unless the client leaves first (ClientGone) or `timeout` seconds pass
+    (WorkTimedOut); either way `work` is cancelled, and awaited, before this raises, so what it
+    holds (a generation, a stream to a worker) is released at once. Call it once the request
+    body has been read."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(client_gone(receive))
+    stopped = left = False
+    try:
+        await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        left = watcher.done()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            stopped = True
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if not stopped:
+        return task.result()
+    raise ClientGone() if left else WorkTimedOut()
 
 
 class FastJSONResponse(JSONResponse):
@@ -57,18 +90,8 @@ class ClosingStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
             return
 
-        body = asyncio.ensure_future(self.stream_response(send))
-        watcher = asyncio.ensure_future(client_gone(receive))
-        try:
-            await asyncio.wait({body, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-            if not body.done():
-                body.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await body
-        if not body.cancelled():
-            body.result()  # the body's own error, if it had one
+        with contextlib.suppress(ClientGone):
+            await until_gone(receive, self.stream_response(send))  # the body's own error raises
         if self.background is not None:
             await self.background()
 

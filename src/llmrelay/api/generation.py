@@ -18,7 +18,7 @@ from llmrelay.api.errors import APIError, from_worker
 from llmrelay.api.observe import note_cancelled, note_first_token, note_usage
 from llmrelay.api.routing import ParamsFor, WorkerStream, WorkerTable, generate_once, open_stream
 from llmrelay.protocol import dumps
-from llmrelay.runtime import client_gone
+from llmrelay.runtime import ClientGone, WorkTimedOut, client_gone, until_gone
 
 log = logging.getLogger("llmrelay.api")
 
@@ -168,22 +168,12 @@ async def until_disconnect(request: Request, work: Awaitable[T],
                            timeout: float | None = None) -> T:
     """Await `work`, cancelling it if the client goes away (so the worker stops generating):
     499; or after `timeout` seconds: 504."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(client_gone(request.receive))
     try:
-        await asyncio.wait({task, watcher}, timeout=timeout,
-                           return_when=asyncio.FIRST_COMPLETED)
-        client_left = watcher.done()
-    finally:
-        watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-    if not client_left:
-        raise timeout_error()
-    raise APIError(499, "The client closed the request.")
+        return await until_gone(request.receive, work, timeout)
+    except ClientGone:
+        raise APIError(499, "The client closed the request.") from None
+    except WorkTimedOut:
+        raise timeout_error() from None
 
 
 async def sse_stream(body: Callable[[], AsyncIterator[list[dict[str, Any]]]],

@@ -32,7 +32,7 @@ from llmrelay import __version__
 from llmrelay.fastchat_conv import STYLES_0_2_36, describe
 from llmrelay.metrics import WorkerMetrics, metrics_response
 from llmrelay.protocol import OUR_EXTENSIONS, ErrorCode, frame, loads
-from llmrelay.runtime import ClosingStreamingResponse, FastJSONResponse, client_gone
+from llmrelay.runtime import ClientGone, ClosingStreamingResponse, FastJSONResponse, until_gone
 from llmrelay.security import TokenGuard, auth_headers
 from llmrelay.worker.engines.base import Chunk, Engine, EngineError, GenerationRequest
 from llmrelay.worker.lifecycle import ControllerLink
@@ -493,18 +493,10 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
                                      if entries else None)
             return final
 
-        task = asyncio.create_task(collect())
-        watcher = asyncio.create_task(client_gone(request.receive))
         try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-        if not task.done():  # the client left: cancelling the task stops the engine thread
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            return FastJSONResponse(await until_gone(request.receive, collect()))
+        except ClientGone:  # collect() was cancelled, which stopped the engine thread
             return JSONResponse({"text": "client disconnected", "error_code": 50001}, 499)
-        return FastJSONResponse(task.result())
 
     @app.api_route("/worker_get_status", methods=["GET", "POST"])
     async def worker_get_status() -> Any:
