@@ -109,6 +109,11 @@ def test_worker_small_endpoints(stack: Stack) -> None:
     assert {"name", "roles", "sep_style", "sep", "stop_str"} <= set(conv)
     bad = httpx.post(w + "/worker_generate", json={"prompt": 5})
     assert bad.status_code == 400 and bad.json()["error_code"] == 40001
+    for path in ("/worker_generate", "/worker_generate_stream"):
+        for body in (b'{"prompt": "hi",', b"[1, 2]", b"\xff\xfe"):
+            r = httpx.post(w + path, content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error_code"] == 40001, (path, body)
+            assert "JSON" in r.json()["text"]
     over = httpx.post(w + "/worker_generate", json={"prompt": "hi " * 3000, "echo": False})
     assert over.json()["error_code"] == 40303
 
