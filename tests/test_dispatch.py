@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import httpx
 
 from conftest import Procs, registered, wait_for
-from llmrelay.controller.dispatch import Affinity, conversation_keys, pick
+from llmrelay.dispatch import Affinity, conversation_keys, pick
 
 
 @dataclass

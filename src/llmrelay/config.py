@@ -13,8 +13,9 @@ import os
 import sys
 
 from llmrelay import fastchat_flags
-from llmrelay.controller.dispatch import METHODS
+from llmrelay.dispatch import METHODS
 from llmrelay.protocol import DEFAULT_HEARTBEAT_INTERVAL
+from llmrelay.worker.engines.llamacpp.options import KV_CACHE_LAYOUTS
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -106,7 +107,7 @@ def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) ->
     )
     p.add_argument("--context-length", type=int, default=None, help="context size (llama.cpp n_ctx)")
     p.add_argument("--n-threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--kv-cache", default=None, choices=["per-sequence", "unified"],
+    p.add_argument("--kv-cache", default=None, choices=KV_CACHE_LAYOUTS,
                    help="llamacpp engine KV cache layout: a stream per sequence (per-sequence, "
                    "the default: greedy answers the same alone and batched) or one pool for all "
                    "(unified: answers depend on the batch, and every step attends over the "

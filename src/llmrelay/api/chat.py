@@ -26,7 +26,7 @@ from llmrelay.api.generation import (
 )
 from llmrelay.api.routing import WorkerTable, now
 from llmrelay.api.schemas import ChatCompletionRequest, normalize_messages
-from llmrelay.controller.dispatch import conversation_keys
+from llmrelay.dispatch import conversation_keys
 from llmrelay.runtime import ClosingStreamingResponse, FastJSONResponse
 
 DEFAULT_TEMPERATURE = 0.7

@@ -25,7 +25,7 @@ import httpx
 from llmrelay.api.errors import APIError, from_worker
 from llmrelay.api.fastchat_workers import CumulativeToDelta, FastChatInfo, WorkerUnsuitable
 from llmrelay.api.observe import note_failover, note_model
-from llmrelay.controller.dispatch import Affinity, pick
+from llmrelay.dispatch import Affinity, pick
 from llmrelay.protocol import ErrorCode, dumps, iter_frame_batches, loads, worker_extensions
 
 log = logging.getLogger("llmrelay.api")

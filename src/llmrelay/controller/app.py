@@ -20,7 +20,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from llmrelay.controller.dispatch import pick
+from llmrelay.dispatch import pick
 from llmrelay.controller.registry import Registry
 from llmrelay.metrics import ControllerMetrics, metrics_response
 from llmrelay.protocol import ErrorCode, frame

@@ -1,34 +1,53 @@
-"""The engine interface: the only code that knows a model library implements it.
+"""The engine contract: the only code that knows a model library implements it.
 
-An engine loads one model and streams a generation as `Chunk`s of new text, either as an iterator
-(`generate`, run off the event loop) or pushed to a callback (`start`: engines with a scheduler
-thread of their own hand chunks straight to the worker's event loop, no thread per request).
+An engine loads one model and serves it through one async entry point, `generate`, an async
+iterator of `Chunk`s of new text, and `embed` where the model makes embeddings. A consumer that
+stops iterating (the client left) closes the iterator, which stops the generation. Engines that
+compute on a thread of their own build on `threaded.ThreadedEngine`, which owns what they share;
+an engine that only does I/O (the `openai` engine) runs on the worker's event loop.
+
 What every engine shares lives here: the request type, stop-string handling that never leaks a
-partial stop string, and chat rendering.
+partial stop string, chat rendering, and what an engine declares it honours (`Features`).
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from llmrelay.worker.templates import ChatTemplate
+from llmrelay.protocol import ErrorCode, Features, GenerateParams, LogprobEntry, ParamError
+from llmrelay.worker.templates import ChatTemplate, ChatTemplateError
 
 
 class EngineError(Exception):
     """A request the engine cannot serve; `code` is a FastChat error code."""
 
-    def __init__(self, message: str, code: int = 50001) -> None:
+    def __init__(self, message: str, code: int = ErrorCode.INTERNAL_ERROR) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = int(code)
+
+
+def refused(e: Exception) -> EngineError:
+    """The EngineError a refusal before generating becomes (a template that fails, bad params)."""
+    if isinstance(e, EngineError):
+        return e
+    if isinstance(e, (ChatTemplateError, ParamError)):
+        return EngineError(str(e), getattr(e, "code", ErrorCode.VALIDATION_TYPE_ERROR))
+    return EngineError(f"internal error in the worker: {type(e).__name__}")
+
+
+def context_overflow(n_ctx: int, n_prompt: int) -> EngineError:
+    return EngineError(f"This model's maximum context length is {n_ctx} tokens. However, your "
+                       f"prompt has {n_prompt} tokens. Please shorten it.",
+                       ErrorCode.CONTEXT_OVERFLOW)
 
 
 @dataclass
 class GenerationRequest:
+    """One generation, as an engine receives it (parsed and checked by the worker)."""
+
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     messages: list[dict[str, Any]] | None = None
@@ -47,28 +66,50 @@ class GenerationRequest:
     request_id: str = ""
     model: str | None = None  # the public name asked for (an upstream server may serve several)
 
-
-@dataclass
-class TokenLogprob:
-    token: str
-    logprob: float
-    bytes: list[int]
-    top: list[tuple[str, float]] = field(default_factory=list)
+    @classmethod
+    def from_params(cls, p: GenerateParams, template_stops: Sequence[str] = (),
+                    request_id: str = "") -> GenerationRequest:
+        """The request for wire params; chat messages also stop at the template's stop strings."""
+        stop = p.stops
+        if p.messages is not None:
+            stop += [s for s in template_stops if s not in stop]
+        return cls(
+            prompt=p.prompt if p.messages is None and p.prompt_token_ids is None else None,
+            prompt_token_ids=p.prompt_token_ids if p.messages is None else None,
+            messages=p.messages,
+            temperature=1.0 if p.temperature is None else p.temperature,
+            top_p=1.0 if p.top_p is None else p.top_p,
+            top_k=-1 if p.top_k is None else p.top_k,
+            max_new_tokens=p.max_new_tokens,
+            stop=stop,
+            stop_token_ids=list(p.stop_token_ids or []),
+            presence_penalty=p.presence_penalty or 0.0,
+            frequency_penalty=p.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
+            seed=p.seed,
+            logprobs=p.logprobs,
+            echo=p.echo,
+            request_id=p.request_id or request_id,
+            model=p.model,
+        )
 
 
 @dataclass
 class Chunk:
-    """New text since the previous chunk; the last chunk has `finish_reason` set."""
+    """New text since the previous chunk; the last chunk has `finish_reason` set
+    (`stop`, `length`, or `abort` when the consumer left). `completion_tokens` counts every
+    token generated so far. A chunk may carry several tokens when its reader fell behind."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs: list[LogprobEntry] = field(default_factory=list)
 
-
-Emit = Callable[["Chunk | Exception | None"], None]
-"""Where `Engine.start` delivers a generation: chunks, then None; or an Exception, which ends it."""
+    def merge(self, later: Chunk) -> Chunk:
+        """This chunk followed by `later`, as one."""
+        return Chunk(self.text + later.text, later.prompt_tokens, later.completion_tokens,
+                     later.finish_reason, self.logprobs + later.logprobs)
 
 
 class StopMatcher:
@@ -112,70 +153,55 @@ class StopMatcher:
 
 
 class Engine(ABC):
-    """One loaded model. Methods are synchronous; the worker calls them from threads."""
+    """One loaded model, served on the worker's event loop."""
 
-    name = "base"
+    name: ClassVar[str] = "base"
     chat_template: ChatTemplate | None = None
+
+    @abstractmethod
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Stream a generation as chunks of new text; the last has `finish_reason` set. A
+        request refused before it starts raises EngineError before the first chunk; closing
+        the iterator early stops the generation."""
+        raise NotImplementedError
+        yield  # an async generator
+
+    async def embed(self, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
+        """One vector per input (a text or token ids), and the tokens read."""
+        raise EngineError(f"the {self.name} engine does not serve embeddings for this model",
+                          ErrorCode.VALIDATION_TYPE_ERROR)
 
     @abstractmethod
     def context_length(self) -> int: ...
 
     @abstractmethod
-    def count_tokens(self, text: str) -> int: ...
+    async def count_tokens(self, text: str) -> int: ...
 
-    @abstractmethod
-    def generate(self, req: GenerationRequest, cancel: threading.Event) -> Iterator[Chunk]:
-        """Stream a generation; stop soon after `cancel` is set (finish_reason "abort")."""
+    def served_names(self) -> list[str]:
+        """The names this engine itself knows its models by (an upstream server's model list),
+        used when `--model-names` gives none; empty: named after the model path."""
+        return []
 
-    def start(self, req: GenerationRequest, cancel: threading.Event, emit: Emit) -> None:
-        """Begin a generation and return at once; its chunks go to `emit` (called from any
-        thread), then None; an Exception passed to `emit` ends it instead. A request the engine
-        refuses before it starts may raise here. This default runs `generate` in a thread of
-        its own; engines with a scheduler thread override it (and implement `generate` with
-        `generate_from_start`)."""
-
-        def work() -> None:
-            try:
-                for chunk in self.generate(req, cancel):
-                    emit(chunk)
-            except Exception as e:
-                emit(e)
-                return
-            emit(None)
-
-        threading.Thread(target=work, name=f"gen-{req.request_id}", daemon=True).start()
-
-    def generate_from_start(self, req: GenerationRequest,
-                            cancel: threading.Event) -> Iterator[Chunk]:
-        """`generate` for an engine that implements `start`."""
-        q: queue.SimpleQueue[Chunk | Exception | None] = queue.SimpleQueue()
-        self.start(req, cancel, q.put)
-        try:
-            while (item := q.get()) is not None:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            cancel.set()  # no-op when finished; stops the generation when the reader left
+    def features(self) -> Features:
+        """What this engine honours (sent in the worker's status)."""
+        return Features(chat=self.chat_template is not None)
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         if self.chat_template is None:
-            raise EngineError("this model has no chat template; use /v1/completions", 40001)
+            raise EngineError("this model has no chat template; use /v1/completions",
+                              ErrorCode.VALIDATION_TYPE_ERROR)
         return self.chat_template.render(messages)
 
     def template_stops(self) -> list[str]:
         return list(self.chat_template.stop) if self.chat_template else []
-
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        raise EngineError(f"the {self.name} engine does not serve embeddings for this model", 40001)
-
-    def supports_embeddings(self) -> bool:
-        return False
 
     def status(self) -> dict[str, Any]:
         """Fields added to the worker's status (`llmrelay` section). `ready: False` (e.g. an
         upstream server that is down) keeps our API servers from routing requests here."""
         return {"ready": True}
 
-    def close(self) -> None:
-        """Free the model (called at shutdown)."""
+    async def start(self) -> None:
+        """Called on the worker's event loop before it serves (background tasks, clients)."""
+
+    async def aclose(self) -> None:
+        """Free the model (called at shutdown, on the worker's event loop)."""

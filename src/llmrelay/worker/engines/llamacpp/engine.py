@@ -5,8 +5,8 @@ generated), and a single scheduler thread owns it. Each step it builds one `llam
 the next token of every generating sequence plus a chunk of any prompt still being evaluated,
 runs one `llama_decode`, and samples every sequence from its own logits with its own llama.cpp
 sampler chain (temperature, top_p, top_k, penalties, seed). Requests join and leave between
-steps. `start()` only submits a request; the scheduler hands its chunks to the request's `emit`
-callback (in the worker: straight to the event loop, no thread per request).
+steps. What every threaded engine shares (prompt rules, stop handling, the hand-off of chunks to
+the event loop) is `threaded.ThreadedEngine`'s; this module is the llama.cpp side.
 
 The KV cache has `context_length` cells per slot. By default each sequence has a stream of its
 own (llama.cpp's non-unified cache, `--kv-cache per-sequence`): a sequence attends only over
@@ -28,39 +28,31 @@ freed when a new request takes it.
 
 from __future__ import annotations
 
-import codecs
+import asyncio
 import logging
 import os
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import llama_cpp
 import numpy as np
 from llama_cpp import Llama
 
+from llmrelay.protocol import Features, LogprobEntry, logprob_entry
 from llmrelay.worker import templates
-from llmrelay.worker.engines.base import (
-    Chunk,
-    Emit,
-    Engine,
-    EngineError,
-    GenerationRequest,
-    StopMatcher,
-    TokenLogprob,
-)
+from llmrelay.worker.engines.base import EngineError, GenerationRequest
+from llmrelay.worker.engines.llamacpp.options import KV_CACHE_LAYOUTS, Options
+from llmrelay.worker.engines.threaded import Generation, Mailbox, ThreadedEngine
 
 log = logging.getLogger("llmrelay.worker")
 
 DEFAULT_MAX_CONTEXT = 8192
 DEFAULT_PARALLEL = 8
 MAX_PARALLEL = 64
-KV_CACHE_LAYOUTS = ("per-sequence", "unified")  # --kv-cache
 BATCH_TOKENS = 512  # tokens per llama_decode step (prompt chunks + one per generating sequence)
 # A cached prefix shorter than this (a chat template's header, a short system prompt) does not
 # decide the slot: keeping the busy slots' ids together does (see _pick_slot).
@@ -91,57 +83,37 @@ class _Slot:
     last_used: float = 0.0
 
 
-@dataclass
-class _Seq:
-    """One request inside the scheduler."""
+class _Seq(Generation):
+    """A request inside the scheduler: its slot, its place in the prompt, its sampler chain."""
 
-    req: GenerationRequest
-    tokens: list[int]  # the prompt
-    max_new: int
-    cancel: threading.Event
-    emit: Emit
-    slot: _Slot | None = None
-    n_past: int = 0  # prompt tokens already in the KV cache
-    next_token: int = -1  # sampled, not yet decoded
-    generated: list[int] = field(default_factory=list)
-    sampler: Any = None
-    stops: StopMatcher | None = None
-    decoder: Any = None
-    pending: list[TokenLogprob] = field(default_factory=list)
-    stop_ids: set[int] = field(default_factory=set)
-
-    @property
-    def gone(self) -> bool:
-        return self.cancel.is_set()
+    def __init__(self, req: GenerationRequest, mailbox: Mailbox) -> None:
+        super().__init__(req, mailbox)
+        self.slot: _Slot | None = None
+        self.n_past = 0  # prompt tokens already in the KV cache
+        self.next_token = -1  # sampled, not yet decoded
+        self.sampler: Any = None
 
 
-class LlamaCppEngine(Engine):
+class LlamaCppEngine(ThreadedEngine):
     name = "llamacpp"
+    generation_class = _Seq
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        device: str = "cpu",
-        context_length: int | None = None,
-        n_threads: int | None = None,
-        chat_template: str | None = None,
-        seed: int | None = None,
-        parallel: int | None = None,
-        kv_cache: str = "per-sequence",
-    ) -> None:
+    def __init__(self, options: Options) -> None:
+        super().__init__()
+        path, kv_cache = options.path, options.kv_cache
         if kv_cache not in KV_CACHE_LAYOUTS:
             raise EngineError(f"--kv-cache must be one of {', '.join(KV_CACHE_LAYOUTS)}, "
                               f"not {kv_cache!r}")
+        context_length, chat_template = options.context_length, options.chat_template
         self.path = path
         self.kv_cache = kv_cache
-        self.default_seed = seed
-        n_threads = n_threads or os.cpu_count() or 1
-        self.parallel = max(1, min(parallel or DEFAULT_PARALLEL, MAX_PARALLEL))
+        self.default_seed = options.seed
+        n_threads = options.n_threads or os.cpu_count() or 1
+        self.parallel = max(1, min(options.parallel or DEFAULT_PARALLEL, MAX_PARALLEL))
         try:
             # The Llama object holds the model and tokenizer; its own context is a tiny unused one.
             self.llm = Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=n_threads,
-                             n_gpu_layers=-1 if device == "cuda" else 0, verbose=False)
+                             n_gpu_layers=-1 if options.device == "cuda" else 0, verbose=False)
             trained = self.llm._model.n_ctx_train()
             n_ctx = context_length or DEFAULT_MAX_CONTEXT
             if context_length is None and 0 < trained < n_ctx:
@@ -168,9 +140,6 @@ class LlamaCppEngine(Engine):
         self.batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
         self.slots = [_Slot(i) for i in range(self.parallel)]
         self.inbox: deque[_Seq] = deque()
-        self.outbox: list[tuple[Emit, Chunk | Exception | None]] = []  # delivered once per step
-        self.cond = threading.Condition()
-        self.closed = False
         self.thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self.thread.start()
         log.info(
@@ -202,81 +171,52 @@ class LlamaCppEngine(Engine):
     def _piece(self, token: int) -> str:
         return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
 
+    # ---- the model side of ThreadedEngine ----------------------------------------------------
+
     def context_length(self) -> int:
         return int(self._n_ctx)
 
-    def tokenize(self, text: str) -> list[int]:
+    def features(self) -> Features:
+        return Features(chat=True, completions=True, prompt_token_ids=True, logprobs=True,
+                        top_logprobs=20, seed=True, penalties=True)
+
+    def tokenize(self, text: str, chat: bool = False) -> list[int]:
         tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
         # A template that writes the BOS text itself plus the tokenizer's own BOS gives two.
         if len(tokens) >= 2 and tokens[0] == tokens[1] == self.bos_id:
             tokens = tokens[1:]
         return tokens
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenize(text))
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.llm.detokenize(tokens, special=True).decode("utf-8", "replace")
 
-    def _prompt_tokens(self, req: GenerationRequest) -> list[int]:
-        if req.prompt_token_ids is not None:
-            bad = [t for t in req.prompt_token_ids if not 0 <= t < self.n_vocab]
-            if bad:
-                raise EngineError(
-                    f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})", 40302)
-            return list(req.prompt_token_ids)
-        if req.messages is not None:
-            return self.tokenize(self.render_chat(req.messages))
-        return self.tokenize(req.prompt or "")
+    def vocab_size(self) -> int:
+        return int(self.n_vocab)
 
-    # ---- the caller's side -------------------------------------------------------------------
+    def is_end(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
-    def generate(self, req: GenerationRequest, cancel: threading.Event) -> Iterator[Chunk]:
-        return self.generate_from_start(req, cancel)
+    def piece(self, gen: Generation, token: int) -> bytes:
+        return self.llm.detokenize([token])
 
-    def start(self, req: GenerationRequest, cancel: threading.Event, emit: Emit) -> None:
-        tokens = self._prompt_tokens(req)
-        n_prompt = len(tokens)
-        n_ctx = self.context_length()
-        if n_prompt == 0:
-            raise EngineError("the prompt is empty", 40302)
-        if n_prompt >= n_ctx:
-            raise EngineError(
-                f"This model's maximum context length is {n_ctx} tokens. However, your prompt "
-                f"has {n_prompt} tokens. Please shorten it.",
-                40303,
-            )
-        room = n_ctx - n_prompt
-        max_new = room if req.max_new_tokens is None else min(req.max_new_tokens, room)
-        with self.cond:
-            if self.closed:
-                raise EngineError("the engine is shutting down", 50001)
-        if req.echo:
-            prompt_text = self.llm.detokenize(tokens, special=True).decode("utf-8", "replace")
-            emit(Chunk(prompt_text, n_prompt, 0))
-        if max_new <= 0:
-            emit(Chunk("", n_prompt, 0, "length"))
-            emit(None)
-            return
-        seq = _Seq(req=req, tokens=tokens, max_new=max_new, cancel=cancel, emit=emit)
-        with self.cond:
-            if self.closed:
-                emit(EngineError("the engine is shutting down", 50001))
-                return
-            self.inbox.append(seq)
-            self.cond.notify()
+    def submit(self, gen: Generation) -> None:
+        assert isinstance(gen, _Seq)
+        self.inbox.append(gen)
 
     # ---- the scheduler thread ----------------------------------------------------------------
 
     def _run(self) -> None:
         active: list[_Seq] = []
         while True:
-            self._deliver()
+            self.wake()  # the last step's chunks, after its Python work (see _step)
             with self.cond:
                 while not self.closed and not active and not self.inbox:
                     self.cond.wait()
                 if self.closed:
                     break
-                self._admit(active)
+                self._admit_waiting(active)
             for seq in [s for s in active if s.gone]:
-                self._finish(seq, "abort", active)
+                self._end(seq, "abort", active)
             if not active:
                 continue
             try:
@@ -285,34 +225,20 @@ class LlamaCppEngine(Engine):
                 log.exception("llama.cpp step failed")
                 for seq in list(active):
                     self._release(seq, active, keep_cache=False)
-                    self._post(seq, EngineError(f"llama.cpp failed: {e}", 50001))
+                    self.fail(seq, EngineError(f"llama.cpp failed: {e}"))
         for seq in active + list(self.inbox):
-            self._post(seq, EngineError("the engine is shutting down", 50001))
-        self._deliver()
+            self.fail(seq, EngineError("the engine is shutting down"))
+        self.wake()
 
-    def _post(self, seq: _Seq, item: Chunk | Exception | None) -> None:
-        self.outbox.append((seq.emit, item))
+    def _end(self, seq: _Seq, reason: str, active: list[_Seq], stop_hit: bool = False) -> None:
+        self._release(seq, active, keep_cache=reason != "abort")
+        self.finish(seq, reason, stop_hit)
 
-    def _end(self, seq: _Seq, chunk: Chunk) -> None:
-        self._post(seq, chunk)
-        self._post(seq, None)
-
-    def _deliver(self) -> None:
-        """Hand the step's chunks over together, after its Python work and before the next
-        llama_decode (which releases the GIL): the readers wake once per step, while llama.cpp
-        computes, instead of once per chunk and competing for the GIL with the sampling."""
-        out, self.outbox = self.outbox, []
-        for emit, item in out:
-            try:
-                emit(item)
-            except Exception:  # a reader's callback failing must not stop the scheduler
-                log.exception("delivering a chunk failed")
-
-    def _admit(self, active: list[_Seq]) -> None:
+    def _admit_waiting(self, active: list[_Seq]) -> None:
         """Move waiting requests into free slots (called with the condition held)."""
         for seq in [s for s in self.inbox if s.gone]:
             self.inbox.remove(seq)
-            self._end(seq, Chunk("", len(seq.tokens), 0, "abort"))
+            self.finish(seq, "abort")
         while self.inbox:
             free = [s for s in self.slots if not s.busy]
             if not free:
@@ -329,7 +255,7 @@ class LlamaCppEngine(Engine):
             slot.busy = True
             seq.slot = slot
             seq.n_past = n_keep
-            self._prepare(seq)
+            self._sampler(seq)
             active.append(seq)
 
     def _pick_slot(self, free: list[_Slot], tokens: list[int]) -> _Slot:
@@ -347,7 +273,7 @@ class LlamaCppEngine(Engine):
 
         return max(free, key=key)
 
-    def _prepare(self, seq: _Seq) -> None:
+    def _sampler(self, seq: _Seq) -> None:
         req = seq.req
         seed = req.seed if req.seed is not None else self.default_seed
         if seed is None:
@@ -371,9 +297,6 @@ class LlamaCppEngine(Engine):
         for t in seq.tokens[-PENALTY_LAST_N:]:  # penalties see the end of the prompt
             llama_cpp.llama_sampler_accept(chain, t)
         seq.sampler = chain
-        seq.stops = StopMatcher(list(req.stop))
-        seq.stop_ids = set(req.stop_token_ids)
-        seq.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def _step(self, active: list[_Seq]) -> None:
         """One llama_decode over every active sequence, then one token sampled for each."""
@@ -427,44 +350,13 @@ class LlamaCppEngine(Engine):
             else:
                 seq.slot.cached = list(seq.tokens)
             token = llama_cpp.llama_sampler_sample(seq.sampler, self.ctx, idx)
-            self._take(seq, token, idx, active)
-
-    def _take(self, seq: _Seq, token: int, idx: int, active: list[_Seq]) -> None:
-        """Handle one sampled token of `seq`: emit text, or finish."""
-        n_prompt = len(seq.tokens)
-        if seq.gone:
-            self._finish(seq, "abort", active)
-            return
-        if llama_cpp.llama_vocab_is_eog(self.vocab, token) or token in seq.stop_ids:
-            self._finish(seq, "stop", active)
-            return
-        assert seq.stops is not None
-        if seq.req.logprobs is not None:
-            seq.pending.append(self._logprob(token, idx, seq.req.logprobs))
-        piece = self.llm.detokenize([token])
-        seq.generated.append(token)
-        seq.next_token = token
-        text, hit = seq.stops.feed(seq.decoder.decode(piece))
-        if hit:
-            self._post(seq, Chunk(text, n_prompt, len(seq.generated), None, seq.pending))
-            seq.pending = []
-            self._finish(seq, "stop", active, stop_hit=True)
-            return
-        if text or seq.pending:
-            self._post(seq, Chunk(text, n_prompt, len(seq.generated), None, seq.pending))
-            seq.pending = []
-        if len(seq.generated) >= seq.max_new:
-            self._finish(seq, "length", active)
-
-    def _finish(self, seq: _Seq, reason: str, active: list[_Seq], stop_hit: bool = False) -> None:
-        tail = ""
-        if not stop_hit and seq.stops is not None:
-            # release text held back as a possible stop string, and partial UTF-8
-            tail, _ = seq.stops.feed(seq.decoder.decode(b"", final=True))
-            tail += seq.stops.flush()
-        self._release(seq, active, keep_cache=reason != "abort")
-        self._end(seq, Chunk(tail, len(seq.tokens), len(seq.generated), reason, seq.pending))
-        seq.pending = []
+            logprob = (self._logprob(token, idx, seq.req.logprobs)
+                       if seq.req.logprobs is not None else None)
+            reason = self.take(seq, token, logprob)
+            if reason is None:
+                seq.next_token = token
+            else:
+                self._release(seq, active, keep_cache=reason != "abort")
 
     def _release(self, seq: _Seq, active: list[_Seq], keep_cache: bool) -> None:
         if seq in active:
@@ -481,7 +373,7 @@ class LlamaCppEngine(Engine):
             slot.last_used = time.monotonic()
             seq.slot = None
 
-    def _logprob(self, token: int, idx: int, k: int) -> TokenLogprob:
+    def _logprob(self, token: int, idx: int, k: int) -> LogprobEntry:
         """Log-probability of `token` and the top `k` alternatives, from the step's logits."""
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, idx)
         logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
@@ -494,16 +386,8 @@ class LlamaCppEngine(Engine):
             idx_top = idx_top[np.argsort(-lps[idx_top])]
             top = [(self._piece(int(i)), float(lps[i])) for i in idx_top]
         piece = self.llm.detokenize([token], special=True)
-        return TokenLogprob(
-            token=piece.decode("utf-8", errors="replace"),
-            logprob=float(lps[token]),
-            bytes=list(piece),
-            top=top,
-        )
-
-    def info(self) -> dict[str, Any]:
-        return {"architecture": self.architecture, "chat_template": self.chat_template.name,
-                "parallel": self.parallel}
+        return logprob_entry(piece.decode("utf-8", errors="replace"), float(lps[token]), piece,
+                             top)
 
     def close(self) -> None:
         with self.cond:
@@ -517,3 +401,5 @@ class LlamaCppEngine(Engine):
             llama_cpp.llama_free(self.ctx)
         self.llm.close()
 
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)

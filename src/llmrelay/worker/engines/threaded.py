@@ -1,0 +1,271 @@
+"""What the engines that compute on a scheduler thread of their own share (llama.cpp,
+transformers): preparing a prompt, the context and max-token rules, echo, turning sampled tokens
+into text (UTF-8 decoder, stop strings, stop tokens, length, the final flush), and handing
+chunks from the scheduler thread to the worker's event loop.
+
+An engine built on `ThreadedEngine` implements the model side only: `tokenize`, `detokenize`,
+`piece` (a token's bytes), `is_end` (an end-of-generation token), `submit` (queue a prepared
+`Generation` for its scheduler) and whatever its scheduler needs; the scheduler calls
+`take(gen, token)` for each sampled token and `finish(gen, reason)` when it ends one itself,
+then `wake()` once it has posted a step's chunks.
+
+Hand-off: chunks are posted to a `Mailbox`, which wakes the event loop once for everything
+posted before it runs (a batch step's chunks of every stream), not once per chunk; a reader
+that fell behind gets the chunks waiting for it merged into one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import threading
+from abc import abstractmethod
+from collections import deque
+from collections.abc import AsyncIterator
+
+from llmrelay.protocol import ErrorCode, LogprobEntry
+from llmrelay.worker.engines.base import (
+    Chunk,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    StopMatcher,
+    context_overflow,
+)
+
+Item = Chunk | Exception | None  # a chunk; None: the end; an Exception: the end, failed
+
+
+class Mailbox:
+    """Hands items from engine threads to queues on one event loop. `post` from any thread;
+    `wake` schedules one drain for everything posted until it runs."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: deque[tuple[asyncio.Queue[Item], Item]] = deque()
+        self.scheduled = False
+
+    def post(self, queue: asyncio.Queue[Item], item: Item) -> None:  # any thread
+        self.items.append((queue, item))
+
+    def wake(self) -> None:  # any thread
+        if self.items and not self.scheduled:
+            self.scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the event loop is closed: nobody reads this any more
+                pass
+
+    def _drain(self) -> None:  # the event loop
+        self.scheduled = False  # before draining: an item posted from now on schedules again
+        while self.items:
+            queue, item = self.items.popleft()
+            queue.put_nowait(item)
+
+
+class Generation:
+    """One request inside a scheduler: its prompt, its limits, and the text made so far.
+    Engines subclass it to keep their own per-request state."""
+
+    def __init__(self, req: GenerationRequest, mailbox: Mailbox) -> None:
+        self.req = req
+        self.mailbox = mailbox
+        self.queue: asyncio.Queue[Item] = asyncio.Queue()
+        self.cancel = threading.Event()  # set when the reader leaves
+        self.tokens: list[int] = []  # the prompt
+        self.max_new = 0
+        self.generated: list[int] = []
+        self.stop_ids = set(req.stop_token_ids)
+        self.stops = StopMatcher(list(req.stop))
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending: list[LogprobEntry] = []  # logprobs not yet sent
+        self.done = False
+
+    @property
+    def gone(self) -> bool:
+        return self.cancel.is_set()
+
+    def post(self, item: Item) -> None:
+        self.mailbox.post(self.queue, item)
+
+    def emit(self, item: Item) -> None:
+        """Post and wake the loop at once (outside a scheduler's step)."""
+        self.post(item)
+        self.mailbox.wake()
+
+    def chunk(self, text: str, finish_reason: str | None = None) -> Chunk:
+        out = Chunk(text, len(self.tokens), len(self.generated), finish_reason, self.pending)
+        self.pending = []
+        return out
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        """The chunks on the event loop; those waiting together come merged into one."""
+        while True:
+            item = await self.queue.get()
+            if isinstance(item, Chunk):
+                while not self.queue.empty():
+                    later = self.queue.get_nowait()
+                    if not isinstance(later, Chunk):
+                        yield item
+                        item = later
+                        break
+                    item = item.merge(later)
+                else:
+                    yield item
+                    continue
+            if item is None:
+                return
+            raise item
+
+
+class ThreadedEngine(Engine):
+    """An engine whose model runs on a scheduler thread of its own (see the module docstring)."""
+
+    generation_class: type[Generation] = Generation
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.closed = False
+        self._mailbox: Mailbox | None = None
+
+    # ---- what the model side implements ----------------------------------------------------
+
+    @abstractmethod
+    def tokenize(self, text: str, chat: bool = False) -> list[int]:
+        """Token ids of a prompt; `chat`: a prompt rendered by the chat template (which writes
+        its own special tokens)."""
+
+    @abstractmethod
+    def detokenize(self, tokens: list[int]) -> str: ...
+
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def is_end(self, token: int) -> bool:
+        """Whether `token` ends a generation (the model's end-of-generation tokens)."""
+
+    @abstractmethod
+    def piece(self, gen: Generation, token: int) -> bytes:
+        """The bytes `token` adds to `gen`'s text (it is already in `gen.generated`)."""
+
+    @abstractmethod
+    def submit(self, gen: Generation) -> None:
+        """Queue a prepared generation for the scheduler (called with `cond` held)."""
+
+    def prepare(self, gen: Generation) -> None:
+        """Per-request set-up off the scheduler thread, before `submit` (e.g. samplers)."""
+
+    # ---- the caller's side --------------------------------------------------------------------
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
+        gen = self.generation_class(req, self._mailbox_here())
+        await asyncio.to_thread(self._admit, gen)  # renders and tokenizes the prompt
+        try:
+            async for chunk in gen.chunks():
+                yield chunk
+        finally:
+            gen.cancel.set()  # no-op when finished; stops the generation when the reader left
+
+    async def count_tokens(self, text: str) -> int:
+        return len(await asyncio.to_thread(self.tokenize, text))
+
+    def _mailbox_here(self) -> Mailbox:
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = Mailbox(loop)
+        return self._mailbox
+
+    def prompt_tokens(self, req: GenerationRequest) -> list[int]:
+        if req.prompt_token_ids is not None:
+            n_vocab = self.vocab_size()
+            bad = [t for t in req.prompt_token_ids if not 0 <= t < n_vocab]
+            if bad:
+                raise EngineError(f"token id {bad[0]} is outside the vocabulary "
+                                  f"(0..{n_vocab - 1})", ErrorCode.PARAM_OUT_OF_RANGE)
+            return list(req.prompt_token_ids)
+        if req.messages is not None:
+            return self.tokenize(self.render_chat(req.messages), chat=True)
+        return self.tokenize(req.prompt or "")
+
+    def _admit(self, gen: Generation) -> None:
+        """The rules every request meets before it is queued; raises EngineError to refuse."""
+        req = gen.req
+        if req.logprobs is not None and not self.features().logprobs:
+            raise EngineError(f"logprobs are not served by the {self.name} engine",
+                              ErrorCode.PARAM_OUT_OF_RANGE)
+        tokens = self.prompt_tokens(req)
+        n_prompt, n_ctx = len(tokens), self.context_length()
+        if n_prompt == 0:
+            raise EngineError("the prompt is empty", ErrorCode.PARAM_OUT_OF_RANGE)
+        if n_prompt >= n_ctx:
+            raise context_overflow(n_ctx, n_prompt)
+        room = n_ctx - n_prompt
+        gen.tokens = tokens
+        gen.max_new = room if req.max_new_tokens is None else min(req.max_new_tokens, room)
+        self._refuse_if_closed()
+        if req.echo:
+            gen.emit(Chunk(self.detokenize(tokens), n_prompt, 0))
+        if gen.max_new <= 0:
+            gen.emit(Chunk("", n_prompt, 0, "length"))
+            gen.emit(None)
+            return
+        self.prepare(gen)
+        with self.cond:
+            if self.closed:
+                gen.emit(EngineError("the engine is shutting down"))
+                return
+            self.submit(gen)
+            self.cond.notify()
+
+    def _refuse_if_closed(self) -> None:
+        with self.cond:
+            if self.closed:
+                raise EngineError("the engine is shutting down")
+
+    # ---- the scheduler's side -----------------------------------------------------------------
+
+    def take(self, gen: Generation, token: int, logprob: LogprobEntry | None = None) -> str | None:
+        """Handle one sampled token of `gen`: post its text, or end it. Returns the finish
+        reason when the generation ended (the scheduler then frees what it held for it)."""
+        if gen.gone:
+            return self.finish(gen, "abort")
+        if self.is_end(token) or token in gen.stop_ids:
+            return self.finish(gen, "stop")
+        if logprob is not None:
+            gen.pending.append(logprob)
+        gen.generated.append(token)
+        text, hit = gen.stops.feed(gen.decoder.decode(self.piece(gen, token)))
+        if hit:
+            gen.post(gen.chunk(text))
+            return self.finish(gen, "stop", stop_hit=True)
+        if text or gen.pending:
+            gen.post(gen.chunk(text))
+        if len(gen.generated) >= gen.max_new:
+            return self.finish(gen, "length")
+        return None
+
+    def finish(self, gen: Generation, reason: str, stop_hit: bool = False) -> str:
+        """End `gen` with `reason`: release the text held back (a possible stop string, half a
+        UTF-8 character) unless a stop string was hit, and post the last chunk."""
+        if gen.done:
+            return reason
+        gen.done = True
+        tail = ""
+        if not stop_hit:
+            tail, _ = gen.stops.feed(gen.decoder.decode(b"", final=True))
+            tail += gen.stops.flush()
+        gen.post(gen.chunk(tail, reason))
+        gen.post(None)
+        return reason
+
+    def fail(self, gen: Generation, error: Exception) -> None:
+        """End `gen` with an error (its reader raises it)."""
+        if not gen.done:
+            gen.done = True
+            gen.post(error)
+
+    def wake(self) -> None:
+        """Hand what the scheduler posted to the event loop (once per step)."""
+        if self._mailbox is not None:
+            self._mailbox.wake()

@@ -1,0 +1,318 @@
+"""What a model worker does, as plain Python over one engine: admission, generations as frames,
+whole answers, status, token counts, the conversation template, embeddings. `app.py` is the
+HTTP face over it; tests can drive it without a server.
+
+Model work never runs on the event loop (the engines compute on threads of their own or do
+I/O), so status, heartbeats and token counts answer while a long generation runs.
+`--limit-worker-concurrency` bounds the requests admitted at once; the rest wait (queue length
+= running + waiting), up to `--max-queue`. A reader that leaves cancels its generation, in the
+queue or running.
+
+Frames follow FastChat (`text` cumulative) unless the request asks for `delta: true` (our
+addition), where `text` is only the new text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmrelay import __version__
+from llmrelay.fastchat_conv import STYLES_0_2_36, describe
+from llmrelay.metrics import WorkerMetrics
+from llmrelay.protocol import (
+    OUR_EXTENSIONS,
+    ErrorCode,
+    Frame,
+    GenerateParams,
+    LogprobEntry,
+    ParamError,
+    error_frame,
+    loads,
+    text_offsets,
+    to_legacy,
+    usage,
+)
+from llmrelay.worker.engines.base import Chunk, Engine, EngineError, GenerationRequest, refused
+from llmrelay.worker.templates import ChatTemplateError
+
+log = logging.getLogger("llmrelay.worker")
+
+
+@dataclass
+class WorkerSettings:
+    worker_address: str
+    model_names: list[str]
+    controller_addresses: list[str] = field(default_factory=list)
+    limit_worker_concurrency: int = 5
+    stream_interval: int = 1
+    heartbeat_interval: float = 3.0
+    register: bool = True
+    token: str | None = None  # the cluster's registration token (security.py)
+    max_queue: int = 32  # requests that may wait beyond the running ones
+
+
+class WorkerState:
+    """Admission and counters; plain Python. The queue is bounded: past `max_queue` waiting
+    requests, and while draining for shutdown, new requests are refused (EngineError 42903),
+    which the API server answers by trying another worker, then with 429."""
+
+    def __init__(self, limit: int, max_queue: int = 32) -> None:
+        self.limit = max(1, limit)
+        self.max_queue = max(0, max_queue)
+        self.semaphore = asyncio.Semaphore(self.limit)
+        self.running = 0
+        self.waiting = 0
+        self.served = 0
+        self.draining = False
+
+    @property
+    def queue_length(self) -> int:
+        return self.running + self.waiting
+
+    def admit(self) -> None:
+        """Refuse at once when this worker cannot take the request (full or shutting down)."""
+        if self.draining:
+            raise EngineError("this worker is shutting down", ErrorCode.ENGINE_OVERLOADED)
+        if self.semaphore.locked() and self.waiting >= self.max_queue:
+            raise EngineError(f"this worker is full ({self.running} running, {self.waiting} "
+                              "waiting)", ErrorCode.ENGINE_OVERLOADED)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        self.admit()
+        self.waiting += 1
+        try:
+            await self.semaphore.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self.served += 1
+            self.semaphore.release()
+
+
+class Framer:
+    """Engine chunks -> frames: FastChat's (cumulative text and legacy logprobs) or our delta
+    frames. Keeps the whole text and every logprob entry with its offset in that text."""
+
+    def __init__(self, delta: bool) -> None:
+        self.delta = delta
+        self.text = ""
+        self.entries: list[LogprobEntry] = []
+        self.offsets: list[int] = []
+        self.last: Frame | None = None
+
+    def make(self, chunk: Chunk) -> Frame:
+        self.offsets += text_offsets(chunk.logprobs, len(self.text))
+        self.entries += chunk.logprobs
+        self.text += chunk.text
+        out: Frame = {"text": chunk.text if self.delta else self.text, "error_code": 0,
+                      "usage": usage(chunk.prompt_tokens, chunk.completion_tokens),
+                      "finish_reason": chunk.finish_reason}
+        if self.delta:
+            out["logprobs"] = {"content": chunk.logprobs} if chunk.logprobs else None
+        else:
+            out["logprobs"] = to_legacy(self.entries, self.offsets) if self.entries else None
+        self.last = out
+        return out
+
+    def whole(self) -> Frame:
+        """The whole answer as one frame: FastChat's last cumulative frame, or one delta frame
+        joining them all, whose logprobs also carry each token's `text_offset` in `text` (an
+        echoed prompt has no logprob entries)."""
+        final: Frame = dict(self.last or {"error_code": 0})  # type: ignore[assignment]
+        if self.delta:
+            final["text"] = self.text
+            final["logprobs"] = ({"content": self.entries, "text_offset": self.offsets}
+                                 if self.entries else None)
+        return final
+
+
+def engine_error_frame(e: Exception) -> Frame:
+    err = refused(e)
+    return error_frame(str(err), err.code)
+
+
+class WorkerService:
+    """One worker's endpoints as methods (see the module docstring)."""
+
+    def __init__(self, engine: Engine, settings: WorkerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.state = WorkerState(settings.limit_worker_concurrency, settings.max_queue)
+        self.metrics = WorkerMetrics(self.state)
+        self._conv: dict[str, Any] | None = None
+
+    # ---- status ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        engine = self.engine
+        features = engine.features()
+        return {
+            "model_names": self.settings.model_names,
+            "speed": 1,
+            "queue_length": self.state.queue_length,
+            "llmrelay": {
+                "version": __version__,
+                "extensions": OUR_EXTENSIONS,
+                "engine": engine.name,
+                "context_length": engine.context_length(),
+                "features": features.model_dump(),
+                "embeddings": features.embeddings,
+                "embedding_dimensions": features.embedding_dimensions,
+                "limit_worker_concurrency": self.state.limit,
+                "running": self.state.running,
+                "served": self.state.served,
+                "pid": os.getpid(),
+                **engine.status(),  # e.g. `ready`, and an upstream server's health
+            },
+        }
+
+    # ---- generation --------------------------------------------------------------------------
+
+    def parse(self, body: bytes) -> tuple[GenerationRequest, bool]:
+        """A generation's body -> (request, delta mode); EngineError 40001/40302 when refused."""
+        try:
+            data = loads(body)
+        except ValueError as e:
+            raise EngineError(f"the body is not valid JSON: {e}",
+                              ErrorCode.VALIDATION_TYPE_ERROR) from e
+        try:
+            params = GenerateParams.parse(data)
+        except ParamError as e:
+            raise refused(e) from None
+        req = GenerationRequest.from_params(params, self.engine.template_stops(),
+                                            uuid.uuid4().hex[:12])
+        return req, params.delta
+
+    async def frames(self, req: GenerationRequest, delta: bool,
+                     framer: Framer | None = None) -> AsyncIterator[Frame]:
+        """The generation's frames, one per chunk; a refusal or failure is an error frame (the
+        last one). The engine stops when the reader leaves."""
+        framer = framer or Framer(delta)
+        interval = self.settings.stream_interval
+        started = time.monotonic()
+        first_at: float | None = None
+        sent_tokens = 0
+        outcome = "cancelled"  # unless it ends otherwise: the reader went away
+        try:
+            async with self.state.slot():
+                async for chunk in self.engine.generate(req):
+                    if first_at is None:
+                        first_at = time.monotonic()
+                    f = framer.make(chunk)
+                    if (not delta and chunk.finish_reason is None
+                            and chunk.completion_tokens - sent_tokens < interval):
+                        continue  # FastChat's --stream-interval: a frame every N tokens
+                    sent_tokens = chunk.completion_tokens
+                    yield f
+            outcome = "ok"
+        except (EngineError, ChatTemplateError) as e:
+            err = refused(e)
+            outcome = "refused" if err.code == ErrorCode.ENGINE_OVERLOADED else "invalid"
+            log.info("request %s refused: %s", req.request_id, err)
+            yield error_frame(str(err), err.code)
+            return
+        except Exception as e:  # never a silent cut: the reader gets an error frame
+            outcome = "error"
+            log.error("request %s failed", req.request_id, exc_info=e)
+            yield engine_error_frame(e)
+            return
+        finally:
+            self._observe(req, outcome, started, first_at, framer.last)
+        if framer.last is not None:
+            u = framer.last["usage"]
+            log.info("request %s: %d prompt + %d completion tokens, %s, %.2f s", req.request_id,
+                     u["prompt_tokens"], u["completion_tokens"], framer.last["finish_reason"],
+                     time.monotonic() - started)
+
+    async def answer(self, req: GenerationRequest, delta: bool) -> Frame:
+        """The whole answer as one frame (`Framer.whole`), or the error frame."""
+        framer = Framer(delta)
+        async for f in self.frames(req, delta, framer):
+            if f.get("error_code"):
+                return f
+        return framer.whole()
+
+    def _observe(self, req: GenerationRequest, outcome: str, started: float,
+                 first_at: float | None, last: Frame | None) -> None:
+        names = self.settings.model_names
+        model = req.model if req.model in names else names[0]
+        m = self.metrics
+        m.requests.labels(model, outcome).inc()
+        m.latency.labels(model).observe(time.monotonic() - started)
+        if first_at is not None:
+            m.ttft.labels(model).observe(first_at - started)
+        u = (last or {}).get("usage") or {}
+        m.prompt_tokens.labels(model).inc(int(u.get("prompt_tokens") or 0))
+        m.completion_tokens.labels(model).inc(int(u.get("completion_tokens") or 0))
+        if outcome == "cancelled":
+            log.info("request %s cancelled by the client after %d completion tokens, %.2f s",
+                     req.request_id, int(u.get("completion_tokens") or 0),
+                     time.monotonic() - started)
+
+    # ---- the small endpoints -----------------------------------------------------------------
+
+    async def count_token(self, body: dict[str, Any]) -> dict[str, Any]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list):  # our API server may count chat messages
+            prompt = await asyncio.to_thread(self.engine.render_chat, prompt)
+        if not isinstance(prompt, str):
+            raise EngineError("prompt must be a string", ErrorCode.VALIDATION_TYPE_ERROR)
+        return {"count": await self.engine.count_tokens(prompt), "error_code": 0}
+
+    def model_details(self) -> dict[str, Any]:
+        return {"context_length": self.engine.context_length()}
+
+    async def conv_template(self) -> dict[str, Any]:
+        """The model's chat template as a FastChat conversation (made once). FastChat's API
+        server renders prompts with it; it is read off the model's own chat template
+        (fastchat_conv.describe), not hand-written per model as FastChat does."""
+        if self._conv is None:
+            self._conv = await asyncio.to_thread(self._describe_template)
+        return {"conv": self._conv}
+
+    def _describe_template(self) -> dict[str, Any]:
+        engine = self.engine
+        tpl = engine.chat_template
+        d = describe(engine.render_chat, f"llmrelay-{tpl.name if tpl else 'none'}",
+                     engine.template_stops())
+        if not d.exact:
+            log.warning(
+                "the chat template of %s cannot be expressed exactly as a FastChat conversation: "
+                "/worker_get_conv_template describes the closest one (%s style), so prompts "
+                "rendered by FastChat's API server differ from the model's template (%s). Our "
+                "API server is not affected: it sends chat messages and the worker renders them.",
+                ", ".join(self.settings.model_names), STYLES_0_2_36[d.conv["sep_style"] - 1],
+                d.note)
+        return {**d.conv, "llmrelay_exact": d.exact}
+
+    async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
+        texts = body.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if isinstance(texts, list) and texts and all(_is_int(t) for t in texts):
+            texts = [texts]  # one input given as token ids
+        if not isinstance(texts, list) or not all(
+                isinstance(t, str) or (isinstance(t, list) and all(_is_int(i) for i in t))
+                for t in texts):
+            raise EngineError("input must be a string, a list of strings, or token id arrays",
+                              ErrorCode.VALIDATION_TYPE_ERROR)
+        async with self.state.slot():
+            vectors, n = await self.engine.embed(texts)
+        return {"embedding": vectors, "token_num": n}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
