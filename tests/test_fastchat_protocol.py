@@ -60,7 +60,7 @@ def test_controller_stream_proxy(stack: Stack) -> None:
     r = httpx.post(stack.controller + "/worker_generate_stream", json={
         "model": "smol", "prompt": PROMPT, "max_new_tokens": 4, "temperature": 0, "echo": False})
     frames = [json.loads(p) for p in r.content.split(b"\0") if p]
-    assert frames[-1]["error_code"] == 0 and frames[-1]["text"]
+    assert frames[-1]["error_code"] == 0 and frames[-1]["text"], frames
     r = httpx.post(stack.controller + "/worker_generate_stream", json={"model": "nope"})
     frames = [json.loads(p) for p in r.content.split(b"\0") if p]
     assert frames == [{"text": frames[0]["text"], "error_code": 50005}]

@@ -21,8 +21,8 @@ from llmrelay import launcher
 from llmrelay.api.errors import APIError
 from llmrelay.api.schemas import ChatMessage, normalize_messages
 from llmrelay.controller import registry as registry_mod
-from llmrelay.dispatch import lottery, pick, shortest_queue
 from llmrelay.controller.registry import Registry
+from llmrelay.dispatch import lottery, pick, shortest_queue
 from llmrelay.launcher import StackError, load_stack
 from llmrelay.protocol import EXPIRY_BEATS, dumps, frame, iter_frame_batches, loads
 from llmrelay.worker.engines.base import StopMatcher
