@@ -4,8 +4,8 @@ started with `--engine synthetic` serving the full stack and FastChat's cumulati
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-import threading
 
 import httpx
 
@@ -15,8 +15,11 @@ from llmrelay.worker.engines.base import GenerationRequest
 from llmrelay.worker.engines.synthetic import SyntheticEngine
 
 
-def run(req: GenerationRequest, cancel: threading.Event | None = None) -> list:
-    return list(SyntheticEngine().generate(req, cancel or threading.Event()))
+def run(req: GenerationRequest) -> list:
+    async def go() -> list:
+        return [c async for c in SyntheticEngine().generate(req)]
+
+    return asyncio.run(go())
 
 
 def test_fixed_words_one_per_token_up_to_max_new_tokens() -> None:
@@ -31,9 +34,14 @@ def test_stop_string_cancel_and_echo() -> None:
     chunks = run(GenerationRequest(prompt="x", max_new_tokens=9, stop=[" fox"]))
     assert "".join(c.text for c in chunks) == "The quick brown"
     assert chunks[-1].finish_reason == "stop"
-    cancel = threading.Event()
-    cancel.set()
-    assert run(GenerationRequest(prompt="x", max_new_tokens=9), cancel)[-1].finish_reason == "abort"
+
+    async def leave_after_one() -> list:  # the reader leaves: the generation stops
+        agen = SyntheticEngine().generate(GenerationRequest(prompt="x", max_new_tokens=9))
+        first = await agen.__anext__()
+        await agen.aclose()
+        return [first, *[c async for c in agen]]
+
+    assert [c.text for c in asyncio.run(leave_after_one())] == ["The"]
     echoed = run(GenerationRequest(prompt="hello there", max_new_tokens=1, echo=True))
     assert echoed[0].text == "hello there"
 

@@ -966,9 +966,11 @@ def test_iter_frames_trailing_non_object_json_dropped() -> None:
 
 def test_llamacpp_slot_choice_keeps_busy_ids_together_unless_a_long_prefix_is_cached() -> None:
     pytest.importorskip("llama_cpp")
-    from llmrelay.worker.engines.llamacpp import MIN_PREFIX_REUSE, LlamaCppEngine
+    from llmrelay.worker.engines.llamacpp import Options
+    from llmrelay.worker.engines.llamacpp.engine import MIN_PREFIX_REUSE, LlamaCppEngine
 
-    engine = LlamaCppEngine(resolve("smollm2").path, context_length=256, n_threads=1, parallel=8)
+    engine = LlamaCppEngine(Options(resolve("smollm2").path, context_length=256, n_threads=1,
+                                    parallel=8))
     try:
         slots = engine.slots
         for s in slots:  # the state is the scheduler's, which is idle: no request was sent

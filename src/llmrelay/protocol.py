@@ -28,7 +28,9 @@ EXT_DELTA = "delta"  # `delta: true` makes `text` in each frame the new text onl
 EXT_REQUEST_ID = "request_id"  # accepts `request_id` and logs it
 EXT_TOKEN_IDS = "prompt_token_ids"  # accepts a prompt as token ids
 EXT_TOP_LOGPROBS = "top_logprobs"  # per-token logprob entries with alternatives
-OUR_EXTENSIONS = [EXT_MESSAGES, EXT_DELTA, EXT_REQUEST_ID, EXT_TOKEN_IDS, EXT_TOP_LOGPROBS]
+EXT_TOOLS = "tools"  # tools, tool_choice, response_format, logit_bias; frames carry tool_calls
+OUR_EXTENSIONS = [EXT_MESSAGES, EXT_DELTA, EXT_REQUEST_ID, EXT_TOKEN_IDS, EXT_TOP_LOGPROBS,
+                  EXT_TOOLS]
 
 
 class ErrorCode(IntEnum):
@@ -158,6 +160,12 @@ class GenerateParams(BaseModel):
     echo: bool = True  # FastChat's worker echoes the prompt unless told not to
     delta: bool = False  # our extension: `text` in each frame is the new text only
     request_id: str | None = None
+    # Our `tools` extension (OpenAI's fields, checked by our API server before they get here).
+    tools: list[dict[str, Any]] | None = None  # function tools, OpenAI's chat shape
+    tool_choice: str | dict[str, Any] | None = None  # none, auto, required, or a named function
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None  # json_object or json_schema
+    logit_bias: dict[str, float] | None = None  # token id (as JSON keys are) -> bias
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateParams:
@@ -227,15 +235,27 @@ class LegacyLogprobs(TypedDict):
     top_logprobs: list[dict[str, float] | None]
 
 
+class ToolCallWire(TypedDict, total=False):
+    """A piece of a tool call in a delta frame: the first of a call has `id` and `name`, the
+    others pieces of `arguments`; in a whole answer, the whole call."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str
+
+
 class Frame(TypedDict, total=False):
     """One frame of a worker stream (JSON + NUL), or /worker_generate's whole answer.
-    `error_code` 0 is success; otherwise `text` is the error's message."""
+    `error_code` 0 is success; otherwise `text` is the error's message. `finish_reason`
+    `tool_calls`: the answer ended after calling tools."""
 
     text: str
     error_code: int
     usage: Usage
     finish_reason: str | None
     logprobs: DeltaLogprobs | LegacyLogprobs | None
+    tool_calls: list[ToolCallWire]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
@@ -326,6 +346,9 @@ class Features(BaseModel):
     penalties: bool = False  # presence, frequency, repetition
     embeddings: bool = False
     embedding_dimensions: list[int] = Field(default_factory=list)
+    tools: bool = False  # tools and tool_choice, with calls valid against their schemas
+    json_schema: bool = False  # response_format json_object / json_schema, enforced
+    logit_bias: bool = False
 
 
 class OurStatus(BaseModel):

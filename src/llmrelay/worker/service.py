@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -34,12 +35,14 @@ from llmrelay.protocol import (
     GenerateParams,
     LogprobEntry,
     ParamError,
+    ToolCallWire,
     error_frame,
     loads,
     text_offsets,
     to_legacy,
     usage,
 )
+from llmrelay.worker import constraints, toolcalls
 from llmrelay.worker.engines.base import Chunk, Engine, EngineError, GenerationRequest, refused
 from llmrelay.worker.templates import ChatTemplateError
 
@@ -111,6 +114,7 @@ class Framer:
         self.text = ""
         self.entries: list[LogprobEntry] = []
         self.offsets: list[int] = []
+        self.calls: list[ToolCallWire] = []  # whole tool calls so far
         self.last: Frame | None = None
 
     def make(self, chunk: Chunk) -> Frame:
@@ -124,6 +128,13 @@ class Framer:
             out["logprobs"] = {"content": chunk.logprobs} if chunk.logprobs else None
         else:
             out["logprobs"] = to_legacy(self.entries, self.offsets) if self.entries else None
+        if chunk.tool_calls:
+            out["tool_calls"] = [d.wire() for d in chunk.tool_calls]  # type: ignore[misc]
+            for d in chunk.tool_calls:
+                if d.index == len(self.calls):
+                    self.calls.append({"index": d.index, "id": d.id or "", "name": d.name or "",
+                                       "arguments": ""})
+                self.calls[d.index]["arguments"] += d.arguments
         self.last = out
         return out
 
@@ -136,6 +147,9 @@ class Framer:
             final["text"] = self.text
             final["logprobs"] = ({"content": self.entries, "text_offset": self.offsets}
                                  if self.entries else None)
+            final.pop("tool_calls", None)
+            if self.calls:
+                final["tool_calls"] = self.calls
         return final
 
 
@@ -207,8 +221,9 @@ class WorkerService:
         sent_tokens = 0
         outcome = "cancelled"  # unless it ends otherwise: the reader went away
         try:
+            self.plan(req)
             async with self.state.slot():
-                async for chunk in self.engine.generate(req):
+                async for chunk in self._chunks(req):
                     if first_at is None:
                         first_at = time.monotonic()
                     f = framer.make(chunk)
@@ -236,6 +251,58 @@ class WorkerService:
             log.info("request %s: %d prompt + %d completion tokens, %s, %.2f s", req.request_id,
                      u["prompt_tokens"], u["completion_tokens"], framer.last["finish_reason"],
                      time.monotonic() - started)
+
+    def plan(self, req: GenerationRequest) -> None:
+        """Check what the request asks for against what the engine honours, and, for an engine
+        that writes tool calls as text, put the tools in the prompt (the template's own way,
+        or the generic prompt) and the constraint on the generation (constraints.py)."""
+        engine = self.engine
+        features = engine.features()
+        for param, wanted, honoured in (
+                ("tools", req.tools and req.tool_choice != "none", features.tools),
+                ("response_format", constraints.response_schema(req.response_format) is not None,
+                 features.json_schema),
+                ("logit_bias", req.logit_bias, features.logit_bias)):
+            if wanted and not honoured:
+                raise EngineError(f"{param} is not supported by the {engine.name} engine of "
+                                  f"this worker", ErrorCode.VALIDATION_TYPE_ERROR)
+        if not engine.tool_calls_in_text:
+            return
+        tools = req.tools if req.tool_choice != "none" else None
+        if req.messages is not None and (tools or any(
+                m.get("role") == "tool" or m.get("tool_calls") for m in req.messages)):
+            if tools and engine.speaks_tools():
+                req.messages = toolcalls.template_messages(req.messages)
+                req.template_tools = [t if "function" in t else {"type": "function", "function": t}
+                                      for t in tools]
+            else:
+                req.messages = toolcalls.generic_messages(req.messages, tools,
+                                                          req.tool_choice or "auto",
+                                                          req.parallel_tool_calls)
+        schema = constraints.response_schema(req.response_format)
+        if tools:
+            req.constraint = constraints.for_tools(tools, req.tool_choice or "auto",
+                                                   req.parallel_tool_calls, schema)
+        elif schema is not None:
+            req.constraint = constraints.Constraint(schema=schema)
+
+    async def _chunks(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
+        """The engine's chunks; with tools, their text split into content and tool calls."""
+        parse = bool(req.tools) and req.tool_choice != "none" and self.engine.tool_calls_in_text
+        if not parse:
+            async for chunk in self.engine.generate(req):
+                yield chunk
+            return
+        parser = toolcalls.ToolCallParser()
+        async for chunk in self.engine.generate(req):
+            text, calls = parser.feed(chunk.text)
+            if chunk.finish_reason:
+                tail, more = parser.finish()
+                text, calls = text + tail, calls + more
+            reason = chunk.finish_reason
+            if reason == "stop" and parser.calls:
+                reason = "tool_calls"
+            yield dataclasses.replace(chunk, text=text, tool_calls=calls, finish_reason=reason)
 
     async def answer(self, req: GenerationRequest, delta: bool) -> Frame:
         """The whole answer as one frame (`Framer.whole`), or the error frame."""

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from llmrelay.protocol import ErrorCode, Features, GenerateParams, LogprobEntry, ParamError
+from llmrelay.worker.constraints import Constraint
 from llmrelay.worker.templates import ChatTemplate, ChatTemplateError
+from llmrelay.worker.toolcalls import ToolCallDelta, speaks_tools
 
 
 class EngineError(Exception):
@@ -65,6 +67,14 @@ class GenerationRequest:
     echo: bool = False
     request_id: str = ""
     model: str | None = None  # the public name asked for (an upstream server may serve several)
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    response_format: dict[str, Any] | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    # Set by the worker for engines that write tool calls as text (see toolcalls.py):
+    template_tools: list[dict[str, Any]] | None = None  # for a chat template that knows tools
+    constraint: Constraint | None = None  # what the text must be (tool calls, a JSON schema)
 
     @classmethod
     def from_params(cls, p: GenerateParams, template_stops: Sequence[str] = (),
@@ -91,7 +101,21 @@ class GenerationRequest:
             echo=p.echo,
             request_id=p.request_id or request_id,
             model=p.model,
+            tools=p.tools or None,
+            tool_choice=p.tool_choice,
+            parallel_tool_calls=p.parallel_tool_calls is not False,
+            response_format=p.response_format,
+            logit_bias=_logit_bias(p.logit_bias),
         )
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    try:
+        return {int(k): float(v) for k, v in bias.items()}
+    except ValueError:
+        raise EngineError("logit_bias keys must be token ids", ErrorCode.VALIDATION_TYPE_ERROR) from None
 
 
 @dataclass
@@ -105,11 +129,13 @@ class Chunk:
     completion_tokens: int
     finish_reason: str | None = None
     logprobs: list[LogprobEntry] = field(default_factory=list)
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
     def merge(self, later: Chunk) -> Chunk:
         """This chunk followed by `later`, as one."""
         return Chunk(self.text + later.text, later.prompt_tokens, later.completion_tokens,
-                     later.finish_reason, self.logprobs + later.logprobs)
+                     later.finish_reason, self.logprobs + later.logprobs,
+                     self.tool_calls + later.tool_calls)
 
 
 class StopMatcher:
@@ -157,6 +183,10 @@ class Engine(ABC):
 
     name: ClassVar[str] = "base"
     chat_template: ChatTemplate | None = None
+    # Whether the engine writes tool calls as text, in the format the worker parses
+    # (toolcalls.py), after the worker has put the tools in the prompt; an engine that gets
+    # them from an upstream server as they are (the openai engine) says False.
+    tool_calls_in_text: ClassVar[bool] = True
 
     @abstractmethod
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -186,11 +216,21 @@ class Engine(ABC):
         """What this engine honours (sent in the worker's status)."""
         return Features(chat=self.chat_template is not None)
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    def render_chat(self, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt for chat messages, with the model's chat template (and `tools`, for a
+        template that knows them: see `speaks_tools`)."""
         if self.chat_template is None:
             raise EngineError("this model has no chat template; use /v1/completions",
                               ErrorCode.VALIDATION_TYPE_ERROR)
-        return self.chat_template.render(messages)
+        return self.chat_template.render(messages, tools=tools)
+
+    def speaks_tools(self) -> bool:
+        """Whether the chat template renders tools itself, in the call format the worker
+        parses (`<tool_call>` JSON, as Hermes, Qwen and SmolLM3 templates do); if not, the
+        worker writes the tools into the messages (toolcalls.generic_messages)."""
+        tpl = self.chat_template
+        return tpl is not None and speaks_tools(tpl.source)
 
     def template_stops(self) -> list[str]:
         return list(self.chat_template.stop) if self.chat_template else []

@@ -102,6 +102,11 @@ class Generation:
         """The chunks on the event loop; those waiting together come merged into one."""
         while True:
             item = await self.queue.get()
+            # The echoed prompt (no tokens generated yet) stays a chunk of its own: logprob
+            # offsets count from where the generated text starts.
+            if isinstance(item, Chunk) and item.completion_tokens == 0 and not item.finish_reason:
+                yield item
+                continue
             if isinstance(item, Chunk):
                 while not self.queue.empty():
                     later = self.queue.get_nowait()
@@ -185,7 +190,7 @@ class ThreadedEngine(Engine):
                                   f"(0..{n_vocab - 1})", ErrorCode.PARAM_OUT_OF_RANGE)
             return list(req.prompt_token_ids)
         if req.messages is not None:
-            return self.tokenize(self.render_chat(req.messages), chat=True)
+            return self.tokenize(self.render_chat(req.messages, req.template_tools), chat=True)
         return self.tokenize(req.prompt or "")
 
     def _admit(self, gen: Generation) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import threading
 import time
 from collections import deque
@@ -45,6 +44,8 @@ from llama_cpp import Llama
 from llmrelay.protocol import Features, LogprobEntry, logprob_entry
 from llmrelay.worker import templates
 from llmrelay.worker.engines.base import EngineError, GenerationRequest
+from llmrelay.worker.engines.llamacpp import sampling
+from llmrelay.worker.engines.llamacpp.grammar import Grammar, GrammarCache
 from llmrelay.worker.engines.llamacpp.options import KV_CACHE_LAYOUTS, Options
 from llmrelay.worker.engines.threaded import Generation, Mailbox, ThreadedEngine
 
@@ -57,7 +58,6 @@ BATCH_TOKENS = 512  # tokens per llama_decode step (prompt chunks + one per gene
 # A cached prefix shorter than this (a chat template's header, a short system prompt) does not
 # decide the slot: keeping the busy slots' ids together does (see _pick_slot).
 MIN_PREFIX_REUSE = 64
-PENALTY_LAST_N = 64  # llama.cpp's default window for repetition/frequency/presence penalties
 
 
 def gpu_available() -> bool:
@@ -92,6 +92,8 @@ class _Seq(Generation):
         self.n_past = 0  # prompt tokens already in the KV cache
         self.next_token = -1  # sampled, not yet decoded
         self.sampler: Any = None
+        self.grammar_spec: Grammar | None = None  # the compiled constraint, if any
+        self.grammar: Any = None  # its sampler: this sequence's grammar state
 
 
 class LlamaCppEngine(ThreadedEngine):
@@ -140,6 +142,8 @@ class LlamaCppEngine(ThreadedEngine):
         self.batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
         self.slots = [_Slot(i) for i in range(self.parallel)]
         self.inbox: deque[_Seq] = deque()
+        self.grammars = GrammarCache()
+        self.candidates = sampling.Candidates(self.n_vocab)
         self.thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self.thread.start()
         log.info(
@@ -178,7 +182,8 @@ class LlamaCppEngine(ThreadedEngine):
 
     def features(self) -> Features:
         return Features(chat=True, completions=True, prompt_token_ids=True, logprobs=True,
-                        top_logprobs=20, seed=True, penalties=True)
+                        top_logprobs=20, seed=True, penalties=True, tools=True, json_schema=True,
+                        logit_bias=True)
 
     def tokenize(self, text: str, chat: bool = False) -> list[int]:
         tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
@@ -198,6 +203,13 @@ class LlamaCppEngine(ThreadedEngine):
 
     def piece(self, gen: Generation, token: int) -> bytes:
         return self.llm.detokenize([token])
+
+    def prepare(self, gen: Generation) -> None:
+        """Compile the request's constraint (cached per distinct constraint); a schema the
+        grammar cannot enforce is refused here, before the request is queued."""
+        assert isinstance(gen, _Seq)
+        if gen.req.constraint is not None:
+            gen.grammar_spec = self.grammars.get(gen.req.constraint)
 
     def submit(self, gen: Generation) -> None:
         assert isinstance(gen, _Seq)
@@ -276,27 +288,9 @@ class LlamaCppEngine(ThreadedEngine):
     def _sampler(self, seq: _Seq) -> None:
         req = seq.req
         seed = req.seed if req.seed is not None else self.default_seed
-        if seed is None:
-            seed = random.getrandbits(32)
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        add = llama_cpp.llama_sampler_chain_add
-        if (req.repetition_penalty != 1.0 or req.frequency_penalty != 0.0
-                or req.presence_penalty != 0.0):
-            add(chain, llama_cpp.llama_sampler_init_penalties(
-                self.n_vocab, PENALTY_LAST_N, req.repetition_penalty, req.frequency_penalty,
-                req.presence_penalty))
-        if req.temperature < 1e-5:
-            add(chain, llama_cpp.llama_sampler_init_greedy())
-        else:
-            if req.top_k > 0:
-                add(chain, llama_cpp.llama_sampler_init_top_k(req.top_k))
-            if req.top_p < 1.0:
-                add(chain, llama_cpp.llama_sampler_init_top_p(req.top_p, 1))
-            add(chain, llama_cpp.llama_sampler_init_temp(req.temperature))
-            add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        for t in seq.tokens[-PENALTY_LAST_N:]:  # penalties see the end of the prompt
-            llama_cpp.llama_sampler_accept(chain, t)
-        seq.sampler = chain
+        seq.sampler = sampling.chain(req, self.n_vocab, seed, seq.tokens)
+        if seq.grammar_spec is not None:
+            seq.grammar = sampling.grammar_sampler(self.vocab, seq.grammar_spec)
 
     def _step(self, active: list[_Seq]) -> None:
         """One llama_decode over every active sequence, then one token sampled for each."""
@@ -349,7 +343,18 @@ class LlamaCppEngine(ThreadedEngine):
                 seq.slot.cached.append(seq.next_token)
             else:
                 seq.slot.cached = list(seq.tokens)
-            token = llama_cpp.llama_sampler_sample(seq.sampler, self.ctx, idx)
+            if seq.grammar is None:
+                token = llama_cpp.llama_sampler_sample(seq.sampler, self.ctx, idx)
+            else:
+                try:
+                    token = sampling.sample_constrained(self.candidates, self.ctx, idx,
+                                                        seq.sampler, seq.grammar,
+                                                        seq.req.logit_bias)
+                except sampling.DeadEnd as e:
+                    log.warning("request %s: %s", seq.req.request_id, e)
+                    self._release(seq, active, keep_cache=False)
+                    self.fail(seq, e)
+                    continue
             logprob = (self._logprob(token, idx, seq.req.logprobs)
                        if seq.req.logprobs is not None else None)
             reason = self.take(seq, token, logprob)
@@ -364,6 +369,9 @@ class LlamaCppEngine(ThreadedEngine):
         if seq.sampler is not None:
             llama_cpp.llama_sampler_free(seq.sampler)
             seq.sampler = None
+        if seq.grammar is not None:
+            llama_cpp.llama_sampler_free(seq.grammar)
+            seq.grammar = None
         slot = seq.slot
         if slot is not None:
             if not keep_cache:

@@ -1,0 +1,89 @@
+"""What an engine must enforce on a generation, token by token, and where it comes from.
+
+A `Constraint` describes the text a generation may produce in library-neutral terms: JSON
+values of a schema, optionally between literal markers (tool calls), one or several, and
+either from the start or only from the moment the model writes the opening marker (`lazy`:
+`tool_choice: auto`, where the model may also answer in plain text). Each engine compiles it
+with its own machinery (llama.cpp: a GBNF grammar sampler; transformers: llguidance) inside
+its batch, per sequence, and caches compiled forms per distinct constraint (`key`).
+
+Builders:
+- `for_tools`: a call of one of the tools (or the one named by `tool_choice`), its arguments
+  valid against the tool's JSON schema; several when `parallel_tool_calls`.
+- `for_response_format`: `json_object` (any JSON object) or `json_schema` (that schema).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmrelay.worker.toolcalls import CLOSE, OPEN
+
+MAX_PARALLEL_CALLS = 8  # a small model could repeat calls until its length limit
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """JSON value(s) of `schema`, each between `open` and `close` (when given), one or up to
+    `max_blocks`; `lazy`: free text until the model writes `open`. `alternative`: instead of
+    the blocks, one JSON value of this schema (tools and a response format together)."""
+
+    schema: dict[str, Any]
+    open: str = ""
+    close: str = ""
+    max_blocks: int = 1
+    lazy: bool = False
+    alternative: dict[str, Any] | None = None
+    key: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", json.dumps(
+                [self.schema, self.open, self.close, self.max_blocks, self.lazy, self.alternative],
+                sort_keys=True, separators=(",", ":")))
+
+
+def call_schema(tool: dict[str, Any]) -> dict[str, Any]:
+    """The JSON of a call of `tool` (OpenAI's function tool): its name, then its arguments."""
+    fn = tool.get("function", tool)
+    params = fn.get("parameters") or {"type": "object", "properties": {}}
+    return {"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def for_tools(tools: list[dict[str, Any]], tool_choice: Any, parallel: bool,
+              response_schema: dict[str, Any] | None = None) -> Constraint | None:
+    """The constraint for a request with tools; None for `tool_choice: none`."""
+    if not tools or tool_choice == "none":
+        return None
+    chosen = tools
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or tool_choice).get("name")
+        chosen = [t for t in tools if (t.get("function") or t).get("name") == name]
+    schemas = [call_schema(t) for t in chosen]
+    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    forced = tool_choice == "required" or isinstance(tool_choice, dict)
+    return Constraint(schema=schema, open=OPEN + "\n", close="\n" + CLOSE,
+                      max_blocks=MAX_PARALLEL_CALLS if parallel else 1,
+                      lazy=not forced and response_schema is None,
+                      alternative=None if forced else response_schema)
+
+
+def response_schema(response_format: Any) -> dict[str, Any] | None:
+    """The JSON schema an answer must follow for `response_format` (None: free text)."""
+    if not isinstance(response_format, dict):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        return spec.get("schema") or {"type": "object"}
+    return None
+
+
+def for_response_format(response_format: Any) -> Constraint | None:
+    schema = response_schema(response_format)
+    return None if schema is None else Constraint(schema=schema)
