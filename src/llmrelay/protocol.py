@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Sequence
 from enum import IntEnum
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any, Literal, TypedDict
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -29,8 +29,9 @@ EXT_REQUEST_ID = "request_id"  # accepts `request_id` and logs it
 EXT_TOKEN_IDS = "prompt_token_ids"  # accepts a prompt as token ids
 EXT_TOP_LOGPROBS = "top_logprobs"  # per-token logprob entries with alternatives
 EXT_TOOLS = "tools"  # tools, tool_choice, response_format, logit_bias; frames carry tool_calls
+EXT_FAIRNESS = "fairness"  # `key` (the API key's name) and `priority` order the worker's queue
 OUR_EXTENSIONS = [EXT_MESSAGES, EXT_DELTA, EXT_REQUEST_ID, EXT_TOKEN_IDS, EXT_TOP_LOGPROBS,
-                  EXT_TOOLS]
+                  EXT_TOOLS, EXT_FAIRNESS]
 
 
 class ErrorCode(IntEnum):
@@ -166,6 +167,9 @@ class GenerateParams(BaseModel):
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None  # json_object or json_schema
     logit_bias: dict[str, float] | None = None  # token id (as JSON keys are) -> bias
+    # Fair sharing (our `fairness` extension): the API key's name, never the key itself.
+    key: str | None = None
+    priority: Literal["interactive", "batch"] | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateParams:

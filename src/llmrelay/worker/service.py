@@ -44,6 +44,7 @@ from llmrelay.protocol import (
 )
 from llmrelay.worker import constraints, toolcalls
 from llmrelay.worker.engines.base import Chunk, Engine, EngineError, GenerationRequest, refused
+from llmrelay.worker.fairness import FairQueue
 from llmrelay.worker.templates import ChatTemplateError
 
 log = logging.getLogger("llmrelay.worker")
@@ -63,18 +64,26 @@ class WorkerSettings:
 
 
 class WorkerState:
-    """Admission and counters; plain Python. The queue is bounded: past `max_queue` waiting
-    requests, and while draining for shutdown, new requests are refused (EngineError 42903),
-    which the API server answers by trying another worker, then with 429."""
+    """Admission and counters; plain Python. At most `limit` requests run; the others wait in
+    a fair queue (fairness.py: priority class, then the key with the least service). The queue
+    is bounded: past `max_queue` waiting requests, and while draining for shutdown, new
+    requests are refused (EngineError 42903), which the API server answers by trying another
+    worker, then with 429."""
 
     def __init__(self, limit: int, max_queue: int = 32) -> None:
-        self.limit = max(1, limit)
+        self.queue = FairQueue(limit)
+        self.limit = self.queue.limit
         self.max_queue = max(0, max_queue)
-        self.semaphore = asyncio.Semaphore(self.limit)
-        self.running = 0
-        self.waiting = 0
         self.served = 0
         self.draining = False
+
+    @property
+    def running(self) -> int:
+        return self.queue.running
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queue.waiting)
 
     @property
     def queue_length(self) -> int:
@@ -84,25 +93,19 @@ class WorkerState:
         """Refuse at once when this worker cannot take the request (full or shutting down)."""
         if self.draining:
             raise EngineError("this worker is shutting down", ErrorCode.ENGINE_OVERLOADED)
-        if self.semaphore.locked() and self.waiting >= self.max_queue:
+        if self.running >= self.limit and self.waiting >= self.max_queue:
             raise EngineError(f"this worker is full ({self.running} running, {self.waiting} "
                               "waiting)", ErrorCode.ENGINE_OVERLOADED)
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self, key: str = "", priority: str = "interactive") -> AsyncIterator[None]:
         self.admit()
-        self.waiting += 1
-        try:
-            await self.semaphore.acquire()
-        finally:
-            self.waiting -= 1
-        self.running += 1
+        await self.queue.acquire(key, priority)
         try:
             yield
         finally:
-            self.running -= 1
             self.served += 1
-            self.semaphore.release()
+            self.queue.release()
 
 
 class Framer:
@@ -222,10 +225,15 @@ class WorkerService:
         outcome = "cancelled"  # unless it ends otherwise: the reader went away
         try:
             self.plan(req)
-            async with self.state.slot():
+            charged = 0
+            async with self.state.slot(req.key, req.priority):
                 async for chunk in self._chunks(req):
                     if first_at is None:
                         first_at = time.monotonic()
+                        self.state.queue.charge(req.key, prompt_tokens=chunk.prompt_tokens)
+                    self.state.queue.charge(req.key,
+                                            completion_tokens=chunk.completion_tokens - charged)
+                    charged = chunk.completion_tokens
                     f = framer.make(chunk)
                     if (not delta and chunk.finish_reason is None
                             and chunk.completion_tokens - sent_tokens < interval):

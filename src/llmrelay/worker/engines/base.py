@@ -72,6 +72,8 @@ class GenerationRequest:
     parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    key: str = ""  # the API key's name, for fair sharing
+    priority: str = "interactive"
     # Set by the worker for engines that write tool calls as text (see toolcalls.py):
     template_tools: list[dict[str, Any]] | None = None  # for a chat template that knows tools
     constraint: Constraint | None = None  # what the text must be (tool calls, a JSON schema)
@@ -106,6 +108,8 @@ class GenerationRequest:
             parallel_tool_calls=p.parallel_tool_calls is not False,
             response_format=p.response_format,
             logit_bias=_logit_bias(p.logit_bias),
+            key=p.key or "",
+            priority=p.priority or "interactive",
         )
 
 

@@ -1,0 +1,114 @@
+"""Who runs next on a full worker: fair sharing between API keys, and priority classes.
+
+A worker runs at most `--limit-worker-concurrency` requests; the others wait here. When a
+place frees, the waiting request admitted is:
+1. an `interactive` one before a `batch` one, unless the batch one has waited `aging` seconds
+   (then it counts as interactive: batch work is never starved forever);
+2. among those, one of the key that has received the least service so far: the Virtual Token
+   Counter of "Fairness in Serving Large Language Models" (Sheng et al., OSDI 2024). Each key's
+   counter grows by the tokens served to it, prompt tokens weighted `prompt_weight` and
+   generated ones `completion_weight`; a key that starts waiting again has its counter lifted
+   to the least counter of the keys already waiting, so idle time banks no credit;
+3. then the oldest.
+So a key sending 50 requests at once cannot starve a key sending one: the latter's counter
+stays lowest. Requests without a key share the key "". Plain Python with an injectable clock;
+the asyncio side only parks waiters on futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+PRIORITIES = ("interactive", "batch")
+DEFAULT_AGING = 30.0  # seconds after which a waiting batch request counts as interactive
+
+
+@dataclass
+class Waiter:
+    key: str
+    priority: str
+    since: float
+    order: int
+    future: asyncio.Future[None] = field(repr=False)
+
+
+class FairQueue:
+    """Admission by priority class (with aging) and least virtual service per key."""
+
+    def __init__(self, limit: int, prompt_weight: float = 1.0, completion_weight: float = 2.0,
+                 aging: float = DEFAULT_AGING, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = max(1, limit)
+        self.prompt_weight = prompt_weight
+        self.completion_weight = completion_weight
+        self.aging = aging
+        self.clock = clock
+        self.running = 0
+        self.waiting: list[Waiter] = []
+        self.counters: dict[str, float] = {}  # virtual service received, per key
+        self._order = itertools.count()
+
+    # ---- accounting ------------------------------------------------------------------------
+
+    def charge(self, key: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        """Count service a key received (called as its requests are served)."""
+        self.counters[key] = (self.counters.get(key, 0.0) + self.prompt_weight * prompt_tokens
+                              + self.completion_weight * completion_tokens)
+
+    def _lift(self, key: str) -> None:
+        """A key that starts waiting gets no credit for the time it was idle."""
+        if any(w.key == key for w in self.waiting):
+            return
+        others = [self.counters.get(w.key, 0.0) for w in self.waiting]
+        if others:
+            self.counters[key] = max(self.counters.get(key, 0.0), min(others))
+
+    # ---- admission -------------------------------------------------------------------------
+
+    def _rank(self, w: Waiter, now: float) -> tuple[int, float, int]:
+        urgent = w.priority != "batch" or now - w.since >= self.aging
+        return (0 if urgent else 1, self.counters.get(w.key, 0.0), w.order)
+
+    def next_waiter(self) -> Waiter | None:
+        """The waiting request to admit next (see the module docstring)."""
+        if not self.waiting:
+            return None
+        now = self.clock()
+        return min(self.waiting, key=lambda w: self._rank(w, now))
+
+    async def acquire(self, key: str = "", priority: str = "interactive") -> None:
+        """Wait for a place; cancellable (a cancelled waiter leaves the queue)."""
+        if self.running < self.limit and not self.waiting:
+            self.running += 1
+            return
+        self._lift(key)
+        w = Waiter(key, priority, self.clock(), next(self._order),
+                   asyncio.get_running_loop().create_future())
+        self.waiting.append(w)
+        try:
+            await w.future
+        except BaseException:
+            if w in self.waiting:
+                self.waiting.remove(w)
+            elif w.future.done() and not w.future.cancelled():
+                self.release()  # admitted and cancelled at once: give the place on
+            raise
+
+    def release(self) -> None:
+        """A running request ended: its place goes to the next waiter."""
+        self.running -= 1
+        self._admit()
+
+    def _admit(self) -> None:
+        while self.running < self.limit:
+            w = self.next_waiter()
+            if w is None:
+                return
+            self.waiting.remove(w)
+            if w.future.done():  # cancelled while waiting
+                continue
+            self.running += 1
+            w.future.set_result(None)
