@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmrelay.api.keys import Key, KeyStore, KeysFileError, add_key, digest
+from llmrelay.api.keys import Key, KeysFileError, KeyStore, add_key, digest
 from llmrelay.api.limits import Limiter
 from llmrelay.api.usage import UsageStore
 
