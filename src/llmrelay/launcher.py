@@ -473,8 +473,9 @@ def run(args: argparse.Namespace) -> None:
         sys.exit(f"error: {e}")
     state = StackState(stack.controller_url)
     launcher = Launcher(stack, log_dir, state=state)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, launcher.on_signal)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # SIGHUP: the terminal closed
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), launcher.on_signal)
     code = 0
     try:
         assert stack.token is not None
