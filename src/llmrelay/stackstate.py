@@ -130,9 +130,9 @@ def command_line(pid: int) -> str:
 
 @dataclass
 class Leftover:
-    """A process recorded by an `up` (itself or one of its children) that still runs."""
+    """A child recorded by an `up` that still runs (`up_alive`: whether that `up` does too)."""
 
-    name: str  # "controller", "worker-smol", "api", or "llmrelay up"
+    name: str  # the child: "controller", "worker-smol", "api"
     pid: int
     port: int | None
     up_pid: int
