@@ -236,6 +236,9 @@ context_length = 2048
         wait_for(lambda: "restarting" in out.read_text(), 10, "the launcher to notice")
         wait_for(lambda: httpx.post(f"http://127.0.0.1:{w1}/worker_get_status", headers=auth)
                  .json()["llmrelay"]["pid"] != pid, 30, "the worker to come back")
+        # on a loaded machine the restart can outlast 3 heartbeats: the controller then dropped
+        # the worker, and the API lists `smol` again once it has re-registered
+        wait_for(lambda: "smol" in api_models(api), 30, "smol back in the API")
         assert chat(api)
     finally:
         p.send_signal(signal.SIGINT)

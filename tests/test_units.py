@@ -25,6 +25,8 @@ from llmrelay.controller.registry import Registry
 from llmrelay.dispatch import lottery, pick, shortest_queue
 from llmrelay.launcher import StackError, load_stack
 from llmrelay.protocol import EXPIRY_BEATS, dumps, frame, iter_frame_batches, loads
+from llmrelay.security import token_from
+from llmrelay.stackstate import StackState, read_token, stack_key, state_dir
 from llmrelay.worker.engines.base import StopMatcher
 from llmrelay.worker.models import BUNDLED, ModelNotFound, resolve
 from llmrelay.worker.templates import KNOWN, ChatTemplateError, choose
@@ -790,6 +792,55 @@ def test_stack_api_keys_go_to_env(tmp_path: Path) -> None:
     stack, _ = load_stack(path, str(tmp_path / "logs"))
     assert stack.api.env["LLMRELAY_API_KEYS"] == "k1,k2"
     assert "k1" not in " ".join(stack.api.argv)
+
+
+def test_stack_key_spellings_of_one_loopback_controller_share_a_key() -> None:
+    keys = {stack_key(u) for u in ("http://127.0.0.1:21001", "http://localhost:21001/",
+                                   "127.0.0.1:21001", "http://[::1]:21001",
+                                   "http://localhost:21001,http://other:21001")}
+    assert keys == {"127.0.0.1-21001"}
+    assert stack_key("http://gpu-box.lan:21001") == "gpu-box.lan-21001"
+
+
+def test_state_dir_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("LLMRELAY_STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert state_dir() == tmp_path / "xdg" / "llmrelay"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert state_dir() == tmp_path / ".local" / "state" / "llmrelay"
+    monkeypatch.setenv("LLMRELAY_STATE_DIR", str(tmp_path / "mine"))
+    assert state_dir() == tmp_path / "mine"
+
+
+def test_token_file_private_found_by_address_flag_and_env_win(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LLMRELAY_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("LLMRELAY_REGISTRATION_TOKEN", raising=False)
+    state = StackState("http://127.0.0.1:23456")
+    path = state.begin("s3cret")
+    assert path == tmp_path / "state" / "stacks" / "127.0.0.1-23456" / "token"
+    for p, mode in [(path, 0o600), (path.parent, 0o700), (tmp_path / "state", 0o700)]:
+        assert p.stat().st_mode & 0o777 == mode, p
+    assert read_token("http://localhost:23456") == "s3cret"
+    assert read_token("http://127.0.0.1:23457") is None
+    assert token_from(None, "http://localhost:23456") == "s3cret"
+    assert token_from("flag", "http://localhost:23456") == "flag"
+    monkeypatch.setenv("LLMRELAY_REGISTRATION_TOKEN", "")  # explicitly none
+    assert token_from(None, "http://localhost:23456") is None
+    state.clear()
+    assert not path.exists() and read_token("http://127.0.0.1:23456") is None
+
+
+def test_token_of_an_up_that_is_gone_is_not_used(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    monkeypatch.setenv("LLMRELAY_STATE_DIR", str(tmp_path))
+    state = StackState("http://127.0.0.1:23456")
+    state.begin("stale")
+    record = json.loads(state.record_path.read_text())
+    record["up_start"] = -1  # the pid now belongs to another process (or none)
+    state.record_path.write_text(json.dumps(record))
+    assert read_token("http://127.0.0.1:23456") is None
 
 
 # --------------------------------------------------------------------------------------------

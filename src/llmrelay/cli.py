@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmrelay import __version__
+from llmrelay import __version__, lifeline
 from llmrelay.config import add_api_args, add_controller_args, add_worker_args
 
 
 def main(argv: list[str] | None = None) -> None:
+    lifeline.hold()  # a child of `llmrelay up` ends with it, even if `up` is killed -9
     parser = argparse.ArgumentParser(
         prog="llmrelay", description="Serve many local LLMs behind one OpenAI-compatible API.")
     parser.add_argument("--version", action="version", version=f"llmrelay {__version__}")

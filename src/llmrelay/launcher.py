@@ -3,18 +3,29 @@
 Starts the controller, then the workers (in parallel), then the API server; waits until each is
 really ready (controller answers, worker registered, API lists every model) instead of sleeping;
 prefixes each child's log lines and keeps them in `log_dir`; restarts a child that crashes; and
-stops everything on Ctrl-C or SIGTERM. The stack file's keys are the commands' own flags (with
-`_` or `-`), checked by the same parsers, so the file cannot drift from the commands.
+stops everything on Ctrl-C, SIGTERM or SIGHUP. The stack file's keys are the commands' own flags
+(with `_` or `-`), checked by the same parsers, so the file cannot drift from the commands.
 See docs/stack-file.md.
+
+Never leaving children behind:
+- the signal handler only counts signals; the main loop notices. The first signal stops the
+  children in order (API, workers, controller; SIGTERM, then SIGKILL after 15 s); a second one
+  kills at once whatever has not stopped yet. Shutdown is never abandoned half way.
+- each child ends when `up` ends, even on `kill -9` (llmrelay.lifeline: a parent-death signal
+  set by the child itself; the module says why that mechanism).
+- the registration token and the children's pids are kept in the state folder
+  (llmrelay.stackstate); a later `up` that finds its earlier children still holding the ports
+  says which and how to stop them, and a port held by anything else is named with its process
+  (llmrelay.ports).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,8 +36,11 @@ from typing import Any, TextIO
 
 import httpx
 
+from llmrelay import lifeline
 from llmrelay.config import add_api_args, add_controller_args, add_worker_args
+from llmrelay.ports import bind_error, describe, listeners
 from llmrelay.security import TOKEN_ENV, auth_headers
+from llmrelay.stackstate import StackState, leftovers
 
 try:
     import tomllib
@@ -36,6 +50,10 @@ except ModuleNotFoundError:  # Python 3.10
 
 class StackError(Exception):
     """The stack file or the machine cannot run this stack; the message says why."""
+
+
+class Stopping(Exception):
+    """A signal asked `up` to stop while it was starting or watching its children."""
 
 
 DEFAULT_STACK: dict[str, Any] = {
@@ -80,6 +98,8 @@ class Child:
     argv: list[str]
     url: str
     log_path: Path
+    host: str = "127.0.0.1"
+    port: int | None = None
     proc: subprocess.Popen[str] | None = None
     restarts: int = 0
     started_at: float = 0.0
@@ -135,7 +155,7 @@ def load_stack(path: str | None, log_dir: str | None) -> tuple[Stack, Path]:
     controller_url = f"http://{_client_host(c_args.host)}:{c_args.port}"
     py = [sys.executable, "-m", "llmrelay.cli"]
     controller = Child("controller", py + ["controller"] + c_argv, controller_url,
-                       logs / "controller.log", env=secret_env)
+                       logs / "controller.log", c_args.host, c_args.port, env=secret_env)
 
     children: list[Child] = []
     used_ports = {c_args.port}
@@ -166,7 +186,7 @@ def load_stack(path: str | None, log_dir: str | None) -> tuple[Stack, Path]:
         names.add(name)
         url = w_args.worker_address or f"http://{_client_host(w_args.host)}:{w_args.port}"
         children.append(Child(name, py + ["worker"] + w_argv, url, logs / f"{name}.log",
-                              env=secret_env))
+                              w_args.host, w_args.port, env=secret_env))
 
     a = dict(data.get("api", {}))
     a.setdefault("controller_address", controller_url)
@@ -179,14 +199,13 @@ def load_stack(path: str | None, log_dir: str | None) -> tuple[Stack, Path]:
     if a_args.port in used_ports:
         raise StackError(f"[api]: port {a_args.port} is already used by another process of the stack")
     api_url = f"http://{_client_host(a_args.host)}:{a_args.port}"
-    api = Child("api", py + ["api"] + a_argv, api_url, logs / "api.log", env=api_env)
+    api = Child("api", py + ["api"] + a_argv, api_url, logs / "api.log", a_args.host, a_args.port,
+                env=api_env)
     stack = Stack(controller, children, api, controller_url, api_url, [c.url for c in children],
                   token)
-    for child, host, port in [(controller, c_args.host, c_args.port), (api, a_args.host, a_args.port)]:
-        _check_port(child.name, host, port)
-    for child in children:
-        port = int(child.url.rsplit(":", 1)[1])
-        _check_port(child.name, "127.0.0.1", port)
+    for child in [controller, *children, api]:
+        assert child.port is not None
+        _check_port(child.name, child.host, child.port)
     return stack, logs
 
 
@@ -195,35 +214,108 @@ def _client_host(host: str) -> str:
 
 
 def _check_port(name: str, host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host if host not in ("", "::") else "0.0.0.0", port))
-        except OSError as e:
-            raise StackError(f"{name}: cannot listen on {host}:{port} ({e.strerror}); another "
-                             "program holds that port: stop it or choose another port") from e
+    """Refuse a port the child could not listen on, naming who holds it where the system says."""
+    err = bind_error(host, port)
+    if err is not None:
+        raise StackError(port_taken(name, host, port, err))
+
+
+def port_taken(name: str, host: str, port: int, err: OSError) -> str:
+    """Why `name` cannot listen on host:port, and what to do about it."""
+    where = f"{name}: cannot listen on {host}:{port} ({err.strerror or err})"
+    if err.errno != errno.EADDRINUSE:
+        return f"{where}: choose another host or port"
+    holders = listeners(port)
+    # a recorded process of ours that is alive: the listener itself where the system names it,
+    # else the one recorded on that port
+    ours = [x for x in leftovers() if (x.pid in holders if holders else x.port == port)]
+    if ours:
+        first = ours[0]
+        if first.up_alive:
+            return (f"{where}: an `llmrelay up` (pid {first.up_pid}) runs a stack there "
+                    f"(controller {first.controller_url}); stop it with Ctrl-C where it runs, or "
+                    f"`kill {first.up_pid}`")
+        pids = sorted({x.pid for x in leftovers() if x.up_pid == first.up_pid})
+        return (f"{where}: {describe(first.pid)}, the {first.name} of an earlier `llmrelay up` "
+                f"(pid {first.up_pid}, no longer running), still holds it. Stop what is left of "
+                f"that stack with `kill {' '.join(map(str, pids))}` (`kill -9` if they do not "
+                "stop), then start again")
+    if holders:
+        return (f"{where}: {', '.join(describe(p) for p in holders)} holds that port: stop it "
+                "or choose another port")
+    return (f"{where}: another program holds that port (this system does not say which; "
+            f"`ss -ltnp 'sport = :{port}'` or `lsof -iTCP:{port} -sTCP:LISTEN`, as root for "
+            "another user's process, can): stop it or choose another port")
 
 
 class Launcher:
-    def __init__(self, stack: Stack, log_dir: Path, out: TextIO = sys.stdout) -> None:
+    """Starts, watches and stops the children of one stack. Signals only set `signals`."""
+
+    def __init__(self, stack: Stack, log_dir: Path, out: TextIO = sys.stdout,
+                 state: StackState | None = None, stop_timeout: float = 15.0) -> None:
         self.stack = stack
         self.log_dir = log_dir
         self.out = out
+        self.state = state
+        self.token_file: Path | None = None
+        self.stop_timeout = stop_timeout
         self.lock = threading.Lock()
         self.stopping = False
+        self.signals = 0  # stop signals received: 1 = stop in order, 2 or more = kill now
+        self.signals_at_down = 0
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        """SIGINT / SIGTERM / SIGHUP handler: count, nothing else.
+
+        It runs in the main thread between two bytecodes, possibly while that thread holds
+        `self.lock` or is inside `down()`: raising here (as KeyboardInterrupt would) abandons
+        whatever was running, and taking a lock can deadlock. The loops poll the count.
+        """
+        self.signals += 1
+
+    @property
+    def hurry(self) -> bool:
+        """Kill what has not stopped: a second signal, or any signal during a stop it did not ask
+        for (after an error)."""
+        return self.stopping and (self.signals >= 2 or self.signals > self.signals_at_down)
+
+    def check_stop(self) -> None:
+        if self.signals:
+            raise Stopping
+
+    def pause(self, seconds: float) -> None:
+        """Sleep, but return early (raising Stopping) when a signal asks to stop."""
+        end = time.monotonic() + seconds
+        while True:
+            self.check_stop()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(0.05, left))
 
     def say(self, msg: str) -> None:
         with self.lock:
-            self.out.write(msg + "\n")
-            self.out.flush()
+            try:
+                self.out.write(msg + "\n")
+                self.out.flush()
+            except (OSError, ValueError):  # the terminal is gone (SIGHUP) or the pipe closed
+                pass
 
     def start(self, child: Child) -> None:
+        # PR_SET_PDEATHSIG (llmrelay.lifeline) fires when the *thread* that started the child
+        # ends: only the main thread, which lives as long as `up`, may start children.
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("Launcher.start must run in the main thread (see llmrelay.lifeline)")
         child.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1", **child.env)
+        env[lifeline.ENV] = str(os.getpid())
         child.proc = subprocess.Popen(
             child.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             errors="replace", env=env, start_new_session=True,
         )
         child.started_at = time.monotonic()
+        if self.state is not None:
+            self.state.record(child.name, child.proc.pid, child.port)
         threading.Thread(target=self._pump, args=(child, child.proc), daemon=True).start()
 
     def _pump(self, child: Child, proc: subprocess.Popen[str]) -> None:
@@ -240,6 +332,7 @@ class Launcher:
         started = time.monotonic()
         last_note = started
         while True:
+            self.check_stop()
             if child.proc is not None and child.proc.poll() is not None:
                 tail = "\n    ".join(child.tail[-10:])
                 raise StackError(f"{child.name} exited with code {child.proc.returncode} while "
@@ -255,7 +348,7 @@ class Launcher:
             if now - last_note >= 5:
                 self.say(f"  ... still waiting for {child.name} ({what}, {now - started:.0f} s)")
                 last_note = now
-            time.sleep(0.1)
+            self.pause(0.1)
 
     def up(self) -> None:
         s = self.stack
@@ -267,6 +360,7 @@ class Launcher:
                                                         timeout=1).status_code == 200,
                         "controller answering")
         for i, w in enumerate(s.workers):
+            self.check_stop()
             self.say(f"[{i + 2}/{n}] starting {w.name} on {w.url} (loading the model)")
             self.start(w)
 
@@ -279,6 +373,7 @@ class Launcher:
         for w in s.workers:
             self.wait_ready(w, lambda w=w: w.url in registered(), "model loading and registration")
             self.say(f"  {w.name} ready ({time.monotonic() - w.started_at:.1f} s)")
+        self.check_stop()
         self.say(f"[{n}/{n}] starting the API server on {s.api_url}")
         self.start(s.api)
         want = set()
@@ -299,16 +394,21 @@ class Launcher:
         self.say(f"  curl {s.api_url}/v1/chat/completions -H 'Content-Type: application/json' \\")
         self.say(f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
                  f"\"content\": \"Hello!\"}}]}}'")
+        self.say(f"  llmrelay status --controller-address {s.controller_url}")
+        if self.token_file is not None:
+            self.say(f"The registration token (controller and worker endpoints, their /metrics) is "
+                     f"in {self.token_file}, readable only by you; `llmrelay status` finds it there.")
         self.say(f"Logs are kept in {self.log_dir}/. Press Ctrl-C to stop.")
 
     def children(self) -> list[Child]:
         return [self.stack.controller, *self.stack.workers, self.stack.api]
 
     def supervise(self) -> None:
-        """Restart children that die, with backoff, until asked to stop."""
-        while not self.stopping:
+        """Restart children that die, with backoff, until a signal asks to stop (Stopping)."""
+        while True:
             for child in self.children():
-                if self.stopping or child.proc is None or child.proc.poll() is None:
+                self.check_stop()
+                if child.proc is None or child.proc.poll() is None:
                     continue
                 code = child.proc.returncode
                 delay = min(2 ** child.restarts, 30)
@@ -316,29 +416,53 @@ class Launcher:
                     child.restarts, delay = 0, 1
                 self.say(f"{child.name} exited with code {code}; restarting in {delay} s "
                          f"(log: {child.log_path})")
-                time.sleep(delay)
-                if not self.stopping:
-                    child.restarts += 1
-                    self.start(child)
-            time.sleep(0.2)
+                self.pause(delay)
+                child.restarts += 1
+                self.start(child)
+            self.pause(0.2)
+
+    def _alive(self, children: list[Child]) -> list[Child]:
+        return [c for c in children if c.proc is not None and c.proc.poll() is None]
 
     def down(self) -> None:
+        """Stop every child: in order with SIGTERM; at once with SIGKILL after a second signal."""
+        self.signals_at_down = self.signals
         self.stopping = True
         # API first (stops taking requests), then workers (they deregister), then the controller.
         for tier in ([self.stack.api], self.stack.workers, [self.stack.controller]):
-            for child in tier:
-                if child.proc is not None and child.proc.poll() is None:
-                    child.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 15
-            for child in tier:
-                if child.proc is None:
-                    continue
-                try:
-                    child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    self.say(f"{child.name} did not stop in time; killing it")
+            if self.hurry:
+                break
+            live = self._alive(tier)
+            for child in live:
+                assert child.proc is not None
+                child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.stop_timeout
+            while live and not self.hurry and time.monotonic() < deadline:
+                time.sleep(0.05)
+                live = self._alive(live)
+            if live and not self.hurry:
+                for child in live:
+                    assert child.proc is not None
+                    self.say(f"{child.name} did not stop in {self.stop_timeout:g} s; killing it")
                     child.proc.kill()
-                    child.proc.wait()
+        if self.hurry:
+            live = self._alive(self.children())
+            if live:
+                self.say(f"second signal: killing {', '.join(c.name for c in live)}")
+            for child in live:
+                assert child.proc is not None
+                child.proc.kill()
+        for child in self.children():
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                self.say(f"{child.name} (pid {child.proc.pid}) has not ended; stop it with "
+                         f"`kill -9 {child.proc.pid}`")
+        if self.state is not None:
+            self.state.clear()
         self.say("llmrelay stopped.")
 
 
@@ -347,19 +471,26 @@ def run(args: argparse.Namespace) -> None:
         stack, log_dir = load_stack(args.stack, args.log_dir)
     except StackError as e:
         sys.exit(f"error: {e}")
-    launcher = Launcher(stack, log_dir)
-
-    def on_signal(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
+    state = StackState(stack.controller_url)
+    launcher = Launcher(stack, log_dir, state=state)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # SIGHUP: the terminal closed
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), launcher.on_signal)
+    code = 0
     try:
+        assert stack.token is not None
+        try:
+            launcher.token_file = state.begin(stack.token)
+        except OSError as e:
+            raise StackError(f"cannot write the token file in {state.dir} ({e.strerror or e}): "
+                             "set LLMRELAY_STATE_DIR to a folder you can write") from e
         launcher.up()
         launcher.supervise()
-    except KeyboardInterrupt:
-        launcher.say("\nstopping ...")
+    except Stopping:
+        launcher.say("\nstopping ... (signal again to kill what has not stopped yet)")
     except StackError as e:
         launcher.say(f"error: {e}")
+        code = 1
+    finally:
         launcher.down()
-        sys.exit(1)
-    launcher.down()
+    sys.exit(code)

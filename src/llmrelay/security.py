@@ -19,9 +19,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 TOKEN_ENV = "LLMRELAY_REGISTRATION_TOKEN"
 
 
-def token_from(flag: str | None) -> str | None:
-    """The configured token: the flag, else the environment; empty means none."""
+def token_from(flag: str | None, controller: str | None = None) -> str | None:
+    """The configured token: the flag, else the environment; empty means none.
+
+    With neither, a process that talks to `controller` (status, a worker or API server started
+    by hand) uses the token of the stack `llmrelay up` runs there, from its token file
+    (llmrelay.stackstate). A controller never looks there: it would guard itself with it.
+    """
     token = flag if flag is not None else os.environ.get(TOKEN_ENV)
+    if token is None and controller:
+        from llmrelay.stackstate import read_token
+
+        token = read_token(controller)
     return token.strip() or None if token else None
 
 

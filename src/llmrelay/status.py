@@ -89,12 +89,14 @@ def fetch_table(controller: str, token: str | None = None, timeout: float = 5.0)
 def run(args: Any) -> None:
     """`llmrelay status`: print the controller's table; exit 1 with the reason if unreachable."""
     from llmrelay.security import token_from
+    from llmrelay.stackstate import token_path
 
     url = args.controller_address.split(",")[0].strip()
     try:
-        table = fetch_table(url, token_from(args.registration_token))
+        table = fetch_table(url, token_from(args.registration_token, url))
     except httpx.HTTPStatusError as e:
-        hint = " (set --registration-token or LLMRELAY_REGISTRATION_TOKEN)" \
+        hint = (" (set --registration-token or LLMRELAY_REGISTRATION_TOKEN; a stack started by "
+                f"`llmrelay up` keeps its token in {token_path(url)} while it runs)") \
             if e.response.status_code == 401 else ""
         raise SystemExit(f"error: controller {url} answered {e.response.status_code}{hint}") from e
     except (httpx.HTTPError, ValueError) as e:

@@ -233,7 +233,8 @@ def run(args: argparse.Namespace) -> None:
     app = create_app(
         split_csv(args.controller_address), keys, args.allowed_origins, args.allowed_methods,
         args.allowed_headers, args.allow_credentials, args.table_refresh,
-        token_from(args.registration_token), args.max_request_bytes, args.request_timeout,
+        token_from(args.registration_token, args.controller_address), args.max_request_bytes,
+        args.request_timeout,
         args.sse_keepalive,
     )
     log.info("OpenAI-compatible API on http://%s:%d/v1 (%s)", args.host, args.port,

@@ -78,7 +78,10 @@ def run(args: argparse.Namespace) -> None:
         log.error("cannot start the worker: %s", e)
         sys.exit(2)
     log.info("model ready in %.1f s", time.monotonic() - started)
-    warn_public_bind(args.host, "the worker", protected=bool(token_from(args.registration_token)))
+    # With no flag or variable, the token of the `llmrelay up` stack at the controller, if any.
+    token = token_from(args.registration_token,
+                       None if args.no_register or not controllers else controllers[0])
+    warn_public_bind(args.host, "the worker", protected=bool(token))
     settings = WorkerSettings(
         worker_address=address,
         model_names=names,
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
         stream_interval=max(1, args.stream_interval),
         heartbeat_interval=args.heartbeat_interval,
         register=not args.no_register,
-        token=token_from(args.registration_token),
+        token=token,
         max_queue=args.max_queue,
     )
     serve(create_app(engine, settings), args.host, args.port, args.log_level, args.ssl,
