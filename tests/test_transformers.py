@@ -53,8 +53,9 @@ def smol_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class HF:
-    def __init__(self, api: str, controller: str, procs: Procs) -> None:
+    def __init__(self, api: str, controller: str, procs: Procs, workers: dict[str, str]) -> None:
         self.api, self.controller, self.procs = api, controller, procs
+        self.workers = workers  # model name -> worker address
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.api + "/v1", api_key="none", max_retries=0, timeout=300)
@@ -72,7 +73,7 @@ def hf(smol_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HF]:
             wait_for(lambda url=url: registered(controller, url), 240, f"worker {url}")
         _, api = procs.api(controller)
         wait_for(lambda: api_models(api) >= {"smolhf", "minilm"}, 30, "models in the API")
-        yield HF(api, controller, procs)
+        yield HF(api, controller, procs, {"smolhf": chat, "minilm": emb})
     finally:
         procs.stop_all()
 
@@ -258,6 +259,28 @@ def test_embeddings(hf: HF) -> None:
     assert "at most 256" in str(e.value)
     with pytest.raises(openai.BadRequestError):
         c.embeddings.create(model="smolhf", input="hello")  # a chat model serves no embeddings
+
+
+def test_features_in_status(hf: HF) -> None:
+    """Each engine says what it honours: the chat model no logprobs but seed and penalties, the
+    embedding model embeddings only."""
+    def features(name: str) -> dict[str, object]:
+        status = httpx.post(hf.workers[name] + "/worker_get_status", timeout=30).json()
+        return status["llmrelay"]["features"]
+
+    chat = features("smolhf")
+    assert chat["chat"] and chat["completions"] and chat["seed"] and chat["penalties"]
+    assert not chat["logprobs"] and not chat["embeddings"]
+    emb = features("minilm")
+    assert emb["embeddings"] and emb["embedding_dimensions"] == [384]
+    assert not emb["chat"] and not emb["completions"]
+
+
+def test_package_imports_no_torch() -> None:
+    """Reading the transformers engine's options imports neither torch nor transformers."""
+    code = ("import sys, llmrelay.worker.engines.hf as hf; hf.Options; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_load_8bit_on_cpu(hf: HF) -> None:

@@ -1055,7 +1055,7 @@ def test_llamacpp_slot_choice_keeps_busy_ids_together_unless_a_long_prefix_is_ca
 
 def test_draw_samples_like_multinomial_and_never_a_zero_probability_token() -> None:
     torch = pytest.importorskip("torch")
-    from llmrelay.worker.engines.transformers import _draw
+    from llmrelay.worker.engines.hf.sampling import draw as _draw
 
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
     gen = torch.Generator().manual_seed(3)
@@ -1076,7 +1076,7 @@ def test_draw_samples_like_multinomial_and_never_a_zero_probability_token() -> N
 def test_seeded_sampler_draws_within_top_k_and_top_p_and_repeats() -> None:
     torch = pytest.importorskip("torch")
     from llmrelay.worker.engines.base import GenerationRequest
-    from llmrelay.worker.engines.transformers import _SeededSampler
+    from llmrelay.worker.engines.hf.sampling import SeededSampler as _SeededSampler
 
     scores = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
     ids = torch.zeros((1, 1), dtype=torch.long)
@@ -1107,7 +1107,7 @@ def test_batch_warpers_pass_through_only_when_no_request_filters() -> None:
     torch = pytest.importorskip("torch")
     gen = pytest.importorskip("transformers.generation.logits_process")
     cb = pytest.importorskip("transformers.generation.continuous_batching.cb_logits_processors")
-    from llmrelay.worker.engines.transformers import _skip_noop_warpers
+    from llmrelay.worker.engines.hf.compat import skip_noop_warpers as _skip_noop_warpers
 
     top_k = cb.ContinuousBatchingTopKLogitsWarper(gen.TopKLogitsWarper(top_k=100))
     top_p = cb.ContinuousBatchingTopPLogitsWarper(gen.TopPLogitsWarper(top_p=0.99))
@@ -1131,3 +1131,32 @@ def test_batch_warpers_pass_through_only_when_no_request_filters() -> None:
     assert torch.equal(top_k(scores, on_k), originals[0](scores, on_k))
     assert torch.equal(top_p(scores, on_p), originals[1](scores, on_p))
     assert int(torch.isinf(top_k(scores, on_k)[1]).sum()) == 95
+
+
+# -- transformers: the internals it adjusts are checked ------------------------------------------
+
+def test_transformers_internals_are_checked_and_a_missing_one_refuses_to_load(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    runner = pytest.importorskip("transformers.generation.continuous_batching.model_runner")
+    from llmrelay.worker.engines.base import EngineError
+    from llmrelay.worker.engines.hf import compat
+
+    compat.check()  # the installed transformers has every internal relied on
+    monkeypatch.delattr(runner.ModelRunner, "_sample")
+    with pytest.raises(EngineError) as e:
+        compat.check()
+    message = str(e.value)
+    assert "changed its continuous batching internals that llmrelay adjusts" in message
+    assert "missing: ModelRunner._sample(scores, output_ids)" in message
+    assert message.endswith(f"install {compat.REQUIREMENT}")
+
+    with pytest.raises(EngineError) as e:
+        compat.check_manager(object())  # a manager without the attributes adjusted
+    assert "manager.logit_processor.prepare_tensor_args" in str(e.value)
+    assert "manager.background_thread_status.fatal_error" in str(e.value)
+
+    class Lazy:  # a manager whose model runner is made later (its warmup failed): tolerated
+        batch_processor = None
+
+    compat.fast_sampling(Lazy)

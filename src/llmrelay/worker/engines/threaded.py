@@ -223,6 +223,22 @@ class ThreadedEngine(Engine):
             self.submit(gen)
             self.cond.notify()
 
+    def stop_scheduler(self) -> bool:
+        """Mark the engine closed and wake its scheduler; False when it already was closed."""
+        with self.cond:
+            if self.closed:
+                return False
+            self.closed = True
+            self.cond.notify_all()
+        return True
+
+    def close(self) -> None:
+        """Stop the scheduler and free the model, off the event loop (engines extend it)."""
+        self.stop_scheduler()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
     def _refuse_if_closed(self) -> None:
         with self.cond:
             if self.closed:

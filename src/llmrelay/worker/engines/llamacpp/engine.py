@@ -28,7 +28,6 @@ freed when a new request takes it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
@@ -398,16 +397,10 @@ class LlamaCppEngine(ThreadedEngine):
                              top)
 
     def close(self) -> None:
-        with self.cond:
-            if self.closed:
-                return
-            self.closed = True
-            self.cond.notify_all()
+        if not self.stop_scheduler():
+            return
         self.thread.join(timeout=30)
         if not self.thread.is_alive():
             llama_cpp.llama_batch_free(self.batch)
             llama_cpp.llama_free(self.ctx)
         self.llm.close()
-
-    async def aclose(self) -> None:
-        await asyncio.to_thread(self.close)
