@@ -98,7 +98,7 @@ class Procs:
 
     def worker(self, controller: str, names: str = "smol", model: str = "smollm2",
                port: int | None = None, wait: bool = True,
-               extra: tuple[str, ...] = ()) -> tuple[Proc, str]:
+               extra: tuple[str, ...] = (), load_timeout: float = 60) -> tuple[Proc, str]:
         port = port or free_port()
         p = self._start(f"worker-{names}-{port}", [
             "worker", "--port", str(port), "--controller-address", controller,
@@ -106,7 +106,8 @@ class Procs:
             "--context-length", "2048", "--n-threads", "1", *extra])
         url = f"http://127.0.0.1:{port}"
         if wait:
-            wait_for(lambda: httpx.post(url + "/worker_get_status").status_code == 200, 60,
+            wait_for(lambda: httpx.post(url + "/worker_get_status").status_code == 200,
+                     load_timeout,
                      f"worker {names}")
         return p, url
 

@@ -285,7 +285,9 @@ def test_package_imports_no_torch() -> None:
 
 def test_load_8bit_on_cpu(hf: HF) -> None:
     # The bundled GGUF through the transformers engine, Linear layers quantized to int8.
-    p, url = hf.procs.worker(hf.controller, "smol8", "smollm2", extra=(*TRANSFORMERS, "--load-8bit"))
+    # Dequantizing and quantizing take minutes on a busy 2-core machine.
+    p, url = hf.procs.worker(hf.controller, "smol8", "smollm2", extra=(*TRANSFORMERS, "--load-8bit"),
+                             load_timeout=300)
     wait_for(lambda: "smol8" in api_models(hf.api), 60, "smol8 in the API")
     assert "quantizing the Linear layers to int8" in p.log()
     r = hf.client().chat.completions.create(model="smol8", messages=QUESTION, max_tokens=20,
