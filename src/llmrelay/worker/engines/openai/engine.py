@@ -51,6 +51,10 @@ class OpenAIEngine(Engine):
     """Fronts one OpenAI-compatible base URL, optionally a managed child server."""
 
     name = "openai"
+    # Messages go to the upstream as they are (its own template renders tool calls and tool
+    # results); tools themselves are not passed on yet: `features()` says so, and the worker
+    # refuses them with that reason.
+    tool_calls_in_text = False
 
     def __init__(self, options: Options, server: mg.ManagedServer | None = None,
                  models: list[dict[str, Any]] | None = None) -> None:
@@ -146,7 +150,8 @@ class OpenAIEngine(Engine):
         return Features(chat=True, completions=True, prompt_token_ids=True, logprobs=True,
                         top_logprobs=20, seed=True, penalties=True, embeddings=True)
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    def render_chat(self, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> str:
         raise EngineError("chat messages are rendered by the upstream server with its own chat "
                           "template; this worker cannot render them", ErrorCode.VALIDATION_TYPE_ERROR)
 
