@@ -28,7 +28,10 @@ from llmrelay.config import add_worker_args
 from llmrelay.security import auth_headers
 from llmrelay.serve import vllm_worker
 from llmrelay.worker import managed as mg
+from llmrelay.worker.engines.base import GenerationRequest
 from llmrelay.worker.engines.openai import map_error
+from llmrelay.worker.engines.openai.calls import Call
+from llmrelay.worker.engines.openai.tokens import count_of, server_root
 from llmrelay.worker.models import resolve
 
 SMOL = str(resolve("smollm2").path)
@@ -44,6 +47,35 @@ def status(worker: str) -> dict:
 
 def upstream_of(worker: str) -> dict:
     return status(worker)["llmrelay"]["upstream"]
+
+
+def counted(usage: object, upstream: dict | None = None) -> None:
+    """The seed clients' "usage counted" check: real counts (never a 0 that looks real), and
+    the upstream's own figures when it gives them (`upstream`: its `usage` for the same greedy
+    request, asked directly)."""
+    u = usage if isinstance(usage, dict) else usage.model_dump()  # type: ignore[attr-defined]
+    assert u["prompt_tokens"] > 0 and u["completion_tokens"] > 0, u
+    assert u.get("total_tokens", u["prompt_tokens"] + u["completion_tokens"]) == (
+        u["prompt_tokens"] + u["completion_tokens"]), u
+    if upstream is not None:
+        assert (u["prompt_tokens"], u["completion_tokens"]) == (
+            upstream["prompt_tokens"], upstream["completion_tokens"]), (u, upstream)
+
+
+def direct_usage(base: str, path: str, body: dict) -> dict:
+    """What the upstream itself says about a request (not streamed: llama.cpp's server gives
+    usage only there)."""
+    r = httpx.post(base + path, json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]
+
+
+def last_usage(stream: Iterator) -> tuple[str, object]:
+    """A streamed answer's text and the usage on its last chunk (stream_options.include_usage)."""
+    chunks = list(stream)
+    text = "".join((c.choices[0].delta.content if hasattr(c.choices[0], "delta")
+                    else c.choices[0].text) or "" for c in chunks if c.choices)
+    return text, chunks[-1].usage
 
 
 def pid_alive(pid: int) -> bool:
@@ -114,12 +146,16 @@ def test_managed_worker_is_ready_before_it_serves(relay: Relay) -> None:
 
 def test_chat_and_completions_through_llamacpp_server(relay: Relay) -> None:
     client = relay.client()
+    base = upstream_of(relay.managed)["base_url"]
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     full = client.chat.completions.create(model="managed-smol", messages=msgs, max_tokens=12,
                                           temperature=0)
     text = full.choices[0].message.content
     assert text and full.choices[0].finish_reason in ("stop", "length")
-    assert full.usage.completion_tokens > 0
+    # Usage counted: llama.cpp's server streams none, so the worker asks it (issue 17).
+    chat_usage = direct_usage(base, "/chat/completions", {
+        "model": "managed-smol", "messages": msgs, "max_tokens": 12, "temperature": 0})
+    counted(full.usage, chat_usage)
     # Streamed, the same greedy answer arrives in pieces.
     pieces, finish = [], None
     for chunk in client.chat.completions.create(model="managed-smol", messages=msgs,
@@ -129,11 +165,36 @@ def test_chat_and_completions_through_llamacpp_server(relay: Relay) -> None:
             finish = chunk.choices[0].finish_reason or finish
     assert len([p for p in pieces if p]) > 1
     assert "".join(pieces) == text and finish == full.choices[0].finish_reason
+    streamed, usage = last_usage(client.chat.completions.create(
+        model="managed-smol", messages=msgs, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert streamed == text
+    counted(usage, chat_usage)
     # Completions, with logprobs (llama.cpp's server takes no token-id prompts: see the relay).
     c = client.completions.create(model="managed-smol", prompt="Once upon a time",
                                   max_tokens=5, temperature=0, logprobs=2)
     assert c.choices[0].text and c.usage.completion_tokens == 5
     assert len(c.choices[0].logprobs.tokens) == 5
+    text_usage = direct_usage(base, "/completions", {
+        "model": "managed-smol", "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0})
+    counted(c.usage, text_usage)
+    streamed, usage = last_usage(client.completions.create(
+        model="managed-smol", prompt="Once upon a time", max_tokens=5, temperature=0,
+        stream=True, stream_options={"include_usage": True}))
+    assert streamed == c.choices[0].text
+    counted(usage, text_usage)
+
+
+def test_count_token_through_the_upstream_tokenizer(relay: Relay) -> None:
+    """/count_token asks the upstream's tokenize endpoint (llama.cpp's server: /extras/tokenize);
+    an upstream without one (another llmrelay) is refused with the reason."""
+    base = upstream_of(relay.managed)["base_url"].removesuffix("/v1")
+    text = "How many tokens are in this sentence?"
+    direct = httpx.post(base + "/extras/tokenize", json={"input": text}, timeout=30).json()
+    r = httpx.post(relay.managed + "/count_token", json={"prompt": text}, timeout=30)
+    assert r.json() == {"count": len(direct["tokens"]), "error_code": 0}
+    r = httpx.post(relay.remote + "/count_token", json={"prompt": text}, timeout=30)
+    assert r.json()["error_code"] == 40001 and "no tokenize endpoint" in r.json()["text"]
 
 
 def test_upstream_errors_keep_their_meaning(relay: Relay) -> None:
@@ -176,6 +237,32 @@ def test_error_mapping_round_trip() -> None:
     assert map_error(429, "").code == 42903  # the API server tries another worker first
 
 
+def test_call_arguments_for_the_sdk() -> None:
+    """OpenAI's parameters are the SDK's arguments; the others go in extra_body, only when set."""
+    req = GenerationRequest(messages=[{"role": "user", "content": "hi"}], temperature=0.5,
+                            max_new_tokens=7, stop=["x"], seed=3, logprobs=2, top_k=40,
+                            repetition_penalty=1.1, stop_token_ids=[5])
+    call = Call.of(req, "m")
+    assert call.chat and call.extra_body == {"top_k": 40, "repetition_penalty": 1.1,
+                                             "stop_token_ids": [5]}
+    assert call.args == {"model": "m", "temperature": 0.5, "top_p": 1.0, "max_tokens": 7,
+                         "stop": ["x"], "seed": 3, "messages": req.messages, "logprobs": True,
+                         "top_logprobs": 2}
+    streamed = call.streamed()
+    assert streamed["stream"] is True and streamed["stream_options"] == {"include_usage": True}
+    assert "stream" not in call.whole() and call.whole(max_tokens=1)["max_tokens"] == 1
+    plain = Call.of(GenerationRequest(prompt_token_ids=[1, 2], max_new_tokens=None, echo=True,
+                                      logprobs=0), "m")
+    assert not plain.chat and plain.extra_body == {} and "extra_body" not in plain.streamed()
+    assert plain.args == {"model": "m", "temperature": 1.0, "top_p": 1.0, "prompt": [1, 2],
+                          "echo": True, "logprobs": 0}
+    # Tokenize endpoints: at the server's root; vLLM says `count`, the others list `tokens`.
+    assert server_root("http://h:1/v1/") == "http://h:1" and server_root("http://h:1") == "http://h:1"
+    assert count_of({"count": 4, "tokens": [1]}) == 4 and count_of({"tokens": [1, 2]}) == 2
+    with pytest.raises(ValueError):
+        count_of({"detail": "Not Found"})
+
+
 def test_embeddings_pass_through(relay: Relay) -> None:
     base = upstream_of(relay.managed)["base_url"]
     direct = httpx.post(base + "/embeddings", json={"input": ["hello", "world wide web"]},
@@ -197,21 +284,24 @@ def test_relay_to_another_llmrelay_stack(relay: Relay, stack: Stack) -> None:
     via = relay.client().chat.completions.create(model="relay-smol", messages=msgs,
                                                  max_tokens=16, temperature=0)
     assert via.choices[0].message.content == direct.choices[0].message.content
-    assert via.usage.prompt_tokens == direct.usage.prompt_tokens  # llmrelay streams usage
-    assert via.usage.completion_tokens == direct.usage.completion_tokens
-    stream = relay.client().chat.completions.create(
+    counted(via.usage, direct.usage.model_dump())  # llmrelay streams usage
+    text, usage = last_usage(relay.client().chat.completions.create(
         model="relay-smol", messages=msgs, max_tokens=16, temperature=0, stream=True,
-        stream_options={"include_usage": True})
-    chunks = list(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        stream_options={"include_usage": True}))
     assert text == direct.choices[0].message.content
-    assert chunks[-1].usage.completion_tokens == direct.usage.completion_tokens
+    counted(usage, direct.usage.model_dump())
     # Completions with token ids pass through too.
     c = relay.client().completions.create(model="relay-smol", prompt=[504, 3458, 314],
                                           max_tokens=4, temperature=0)
     d = stack.client().completions.create(model="smol", prompt=[504, 3458, 314], max_tokens=4,
                                           temperature=0)
     assert c.choices[0].text == d.choices[0].text
+    counted(c.usage, d.usage.model_dump())
+    text, usage = last_usage(relay.client().completions.create(
+        model="relay-smol", prompt=[504, 3458, 314], max_tokens=4, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert text == d.choices[0].text
+    counted(usage, d.usage.model_dump())
 
 
 DISCONNECTED = "Disconnected from client (via refresh/close)"  # llama.cpp's server says so
@@ -250,7 +340,23 @@ def test_upstream_down_then_back(relay: Relay, tmp_path: Path) -> None:
         wait_for(lambda: "flaky" in api_models(relay.api), 30, "flaky in the API")
         client = relay.client()
         msgs = [{"role": "user", "content": "hi"}]
-        assert client.chat.completions.create(model="flaky", messages=msgs, max_tokens=3)
+        # Usage counted through a running llama.cpp server (issue 17's reproduction), chat and
+        # text prompts, streamed and not.
+        base = f"http://127.0.0.1:{port}/v1"
+        want = direct_usage(base, "/chat/completions", {
+            "messages": msgs, "max_tokens": 3, "temperature": 0})
+        counted(client.chat.completions.create(model="flaky", messages=msgs, max_tokens=3,
+                                               temperature=0).usage, want)
+        counted(last_usage(client.chat.completions.create(
+            model="flaky", messages=msgs, max_tokens=3, temperature=0, stream=True,
+            stream_options={"include_usage": True}))[1], want)
+        want = direct_usage(base, "/completions", {"prompt": "The sky is", "max_tokens": 3,
+                                                   "temperature": 0})
+        counted(client.completions.create(model="flaky", prompt="The sky is", max_tokens=3,
+                                          temperature=0).usage, want)
+        counted(last_usage(client.completions.create(
+            model="flaky", prompt="The sky is", max_tokens=3, temperature=0, stream=True,
+            stream_options={"include_usage": True}))[1], want)
 
         server.send_signal(signal.SIGKILL)
         server.wait()
@@ -291,6 +397,7 @@ def test_managed_server_restarts_after_a_crash_and_stops_with_the_worker(procs: 
     r = httpx.post(worker + "/worker_generate", timeout=60, json={
         "prompt": "Hello", "max_new_tokens": 3, "echo": False})
     assert r.json()["error_code"] == 0 and r.json()["usage"]["completion_tokens"] == 3
+    counted(r.json()["usage"])
     proc.stop()  # SIGTERM: the child goes with the worker (PR_SET_PDEATHSIG, managed.py)
     wait_for(lambda: not pid_alive(second["pid"]), 10, "the managed server to be stopped")
 
@@ -401,6 +508,7 @@ port = {ports[3]}
             r = client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4)
             assert r.choices[0].message.content, model
+            counted(r.usage)
         e = client.embeddings.create(model="all-minilm-l6-v2", input="hello")
         assert len(e.data[0].embedding) == 384
         auth = auth_headers("mixed-stack-secret")

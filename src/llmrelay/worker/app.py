@@ -108,8 +108,9 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
         req, delta = service.parse(await request.body())
 
         async def body() -> AsyncIterator[bytes]:
-            async for f in service.frames(req, delta):
-                yield frame(f)
+            async with contextlib.aclosing(service.frames(req, delta)) as frames:
+                async for f in frames:
+                    yield frame(f)
 
         return ClosingStreamingResponse(body(), media_type="application/octet-stream")
 

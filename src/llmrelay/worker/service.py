@@ -226,8 +226,11 @@ class WorkerService:
         try:
             self.plan(req)
             charged = 0
-            async with self.state.slot(req.key, req.priority):
-                async for chunk in self._chunks(req):
+            # aclosing: a reader that leaves closes the engine's generator now (which stops
+            # the generation), not whenever the garbage collector finalizes it.
+            async with self.state.slot(req.key, req.priority), \
+                    contextlib.aclosing(self._chunks(req)) as chunks:
+                async for chunk in chunks:
                     if first_at is None:
                         first_at = time.monotonic()
                         self.state.queue.charge(req.key, prompt_tokens=chunk.prompt_tokens)
@@ -297,27 +300,29 @@ class WorkerService:
     async def _chunks(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
         """The engine's chunks; with tools, their text split into content and tool calls."""
         parse = bool(req.tools) and req.tool_choice != "none" and self.engine.tool_calls_in_text
-        if not parse:
-            async for chunk in self.engine.generate(req):
-                yield chunk
-            return
-        parser = toolcalls.ToolCallParser()
-        async for chunk in self.engine.generate(req):
-            text, calls = parser.feed(chunk.text)
-            if chunk.finish_reason:
-                tail, more = parser.finish()
-                text, calls = text + tail, calls + more
-            reason = chunk.finish_reason
-            if reason == "stop" and parser.calls:
-                reason = "tool_calls"
-            yield dataclasses.replace(chunk, text=text, tool_calls=calls, finish_reason=reason)
+        async with contextlib.aclosing(self.engine.generate(req)) as chunks:
+            if not parse:
+                async for chunk in chunks:
+                    yield chunk
+                return
+            parser = toolcalls.ToolCallParser()
+            async for chunk in chunks:
+                text, calls = parser.feed(chunk.text)
+                if chunk.finish_reason:
+                    tail, more = parser.finish()
+                    text, calls = text + tail, calls + more
+                reason = chunk.finish_reason
+                if reason == "stop" and parser.calls:
+                    reason = "tool_calls"
+                yield dataclasses.replace(chunk, text=text, tool_calls=calls, finish_reason=reason)
 
     async def answer(self, req: GenerationRequest, delta: bool) -> Frame:
         """The whole answer as one frame (`Framer.whole`), or the error frame."""
         framer = Framer(delta)
-        async for f in self.frames(req, delta, framer):
-            if f.get("error_code"):
-                return f
+        async with contextlib.aclosing(self.frames(req, delta, framer)) as frames:
+            async for f in frames:
+                if f.get("error_code"):
+                    return f
         return framer.whole()
 
     def _observe(self, req: GenerationRequest, outcome: str, started: float,

@@ -1,0 +1,93 @@
+"""One generation as a call to the upstream through the `openai` SDK, and what its answers say.
+
+Chat requests (the worker received `messages`) go to the upstream's chat endpoint, prompts and
+token ids to its completions endpoint. OpenAI's own parameters are the SDK's arguments; those
+that are not OpenAI's but that vLLM and llama.cpp's server take (`top_k`, `repetition_penalty`,
+`stop_token_ids`) go in `extra_body`, and only when asked for (OpenAI itself refuses them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmrelay.protocol import LogprobEntry, entries_of
+from llmrelay.worker.engines.base import GenerationRequest
+
+
+@dataclass
+class Call:
+    """The SDK arguments of one generation (`chat.completions.create` or `completions.create`)."""
+
+    chat: bool
+    args: dict[str, Any]
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, req: GenerationRequest, model: str) -> Call:
+        args: dict[str, Any] = {"model": model, "temperature": req.temperature,
+                                "top_p": req.top_p}
+        if req.max_new_tokens is not None:
+            args["max_tokens"] = req.max_new_tokens
+        if req.stop:
+            args["stop"] = list(req.stop)
+        if req.seed is not None:
+            args["seed"] = req.seed
+        if req.presence_penalty:
+            args["presence_penalty"] = req.presence_penalty
+        if req.frequency_penalty:
+            args["frequency_penalty"] = req.frequency_penalty
+        extra: dict[str, Any] = {}
+        if req.top_k not in (-1, 0):
+            extra["top_k"] = req.top_k
+        if req.repetition_penalty != 1.0:
+            extra["repetition_penalty"] = req.repetition_penalty
+        if req.stop_token_ids:
+            extra["stop_token_ids"] = list(req.stop_token_ids)
+        if req.messages is not None:
+            args["messages"] = req.messages
+            if req.logprobs is not None:
+                args["logprobs"] = True
+                args["top_logprobs"] = req.logprobs
+            return cls(True, args, extra)
+        args["prompt"] = req.prompt_token_ids if req.prompt_token_ids is not None else req.prompt
+        if req.echo:
+            args["echo"] = True
+        if req.logprobs is not None:
+            args["logprobs"] = req.logprobs
+        return cls(False, args, extra)
+
+    def streamed(self) -> dict[str, Any]:
+        """Keyword arguments of the streamed call; the usage is asked for on the last chunk."""
+        return {**self.args, "stream": True, "stream_options": {"include_usage": True},
+                **({"extra_body": self.extra_body} if self.extra_body else {})}
+
+    def whole(self, **changes: Any) -> dict[str, Any]:
+        """Keyword arguments of the same call, not streamed (with `changes`)."""
+        return {**self.args, **changes,
+                **({"extra_body": self.extra_body} if self.extra_body else {})}
+
+
+def choice_text(chat: bool, choice: Any) -> str:
+    """The text of one choice: a streamed chunk's (`delta` or `text`) or a whole answer's
+    (`message` or `text`)."""
+    if not chat:
+        return getattr(choice, "text", None) or ""
+    part = getattr(choice, "delta", None) or getattr(choice, "message", None)
+    return (getattr(part, "content", None) or "") if part is not None else ""
+
+
+def choice_logprobs(choice: Any) -> list[LogprobEntry]:
+    """A choice's logprobs as entries (chat's `content` list or the legacy completion lists)."""
+    lp = getattr(choice, "logprobs", None)
+    if lp is None:
+        return []
+    return entries_of(lp.to_dict() if hasattr(lp, "to_dict") else lp)
+
+
+def usage_of(obj: Any) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from an answer's or a last chunk's `usage`, when it says."""
+    u = getattr(obj, "usage", None)
+    if u is None:
+        return None
+    return int(getattr(u, "prompt_tokens", 0) or 0), int(getattr(u, "completion_tokens", 0) or 0)
