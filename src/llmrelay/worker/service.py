@@ -225,7 +225,7 @@ class WorkerService:
         outcome = "cancelled"  # unless it ends otherwise: the reader went away
         try:
             self.plan(req)
-            charged = 0
+            charged_prompt = charged = 0  # tokens counted for fair sharing so far
             # aclosing: a reader that leaves closes the engine's generator now (which stops
             # the generation), not whenever the garbage collector finalizes it.
             async with self.state.slot(req.key, req.priority), \
@@ -233,10 +233,11 @@ class WorkerService:
                 async for chunk in chunks:
                     if first_at is None:
                         first_at = time.monotonic()
-                        self.state.queue.charge(req.key, prompt_tokens=chunk.prompt_tokens)
-                    self.state.queue.charge(req.key,
-                                            completion_tokens=chunk.completion_tokens - charged)
-                    charged = chunk.completion_tokens
+                    # (an upstream server may say its prompt's size only at the end)
+                    self.state.queue.charge(req.key, max(0, chunk.prompt_tokens - charged_prompt),
+                                            max(0, chunk.completion_tokens - charged))
+                    charged_prompt = max(charged_prompt, chunk.prompt_tokens)
+                    charged = max(charged, chunk.completion_tokens)
                     f = framer.make(chunk)
                     if (not delta and chunk.finish_reason is None
                             and chunk.completion_tokens - sent_tokens < interval):
