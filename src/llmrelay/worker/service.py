@@ -134,10 +134,13 @@ class Framer:
         if chunk.tool_calls:
             out["tool_calls"] = [d.wire() for d in chunk.tool_calls]  # type: ignore[misc]
             for d in chunk.tool_calls:
-                if d.index == len(self.calls):
-                    self.calls.append({"index": d.index, "id": d.id or "", "name": d.name or "",
+                while len(self.calls) <= d.index:
+                    self.calls.append({"index": len(self.calls), "id": "", "name": "",
                                        "arguments": ""})
-                self.calls[d.index]["arguments"] += d.arguments
+                call = self.calls[d.index]
+                call["id"] = d.id or call["id"]
+                call["name"] = d.name or call["name"]
+                call["arguments"] += d.arguments
         self.last = out
         return out
 

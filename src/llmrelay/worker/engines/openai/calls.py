@@ -1,7 +1,9 @@
 """One generation as a call to the upstream through the `openai` SDK, and what its answers say.
 
 Chat requests (the worker received `messages`) go to the upstream's chat endpoint, prompts and
-token ids to its completions endpoint. OpenAI's own parameters are the SDK's arguments; those
+token ids to its completions endpoint; tools, tool_choice and response_format go as they are
+(the upstream enforces them), and its tool calls come back as our deltas. OpenAI's own
+parameters are the SDK's arguments; those
 that are not OpenAI's but that vLLM and llama.cpp's server take (`top_k`, `repetition_penalty`,
 `stop_token_ids`) go in `extra_body`, and only when asked for (OpenAI itself refuses them).
 """
@@ -13,6 +15,7 @@ from typing import Any
 
 from llmrelay.protocol import LogprobEntry, entries_of
 from llmrelay.worker.engines.base import GenerationRequest
+from llmrelay.worker.toolcalls import ToolCallDelta
 
 
 @dataclass
@@ -44,11 +47,20 @@ class Call:
             extra["repetition_penalty"] = req.repetition_penalty
         if req.stop_token_ids:
             extra["stop_token_ids"] = list(req.stop_token_ids)
+        if req.logit_bias:
+            args["logit_bias"] = {str(t): b for t, b in req.logit_bias.items()}
         if req.messages is not None:
             args["messages"] = req.messages
             if req.logprobs is not None:
                 args["logprobs"] = True
                 args["top_logprobs"] = req.logprobs
+            if req.tools:  # passed on as they are: the upstream enforces them its own way
+                args["tools"] = req.tools
+                if req.tool_choice is not None:
+                    args["tool_choice"] = req.tool_choice
+                args["parallel_tool_calls"] = req.parallel_tool_calls
+            if req.response_format is not None:
+                args["response_format"] = req.response_format
             return cls(True, args, extra)
         args["prompt"] = req.prompt_token_ids if req.prompt_token_ids is not None else req.prompt
         if req.echo:
@@ -75,6 +87,21 @@ def choice_text(chat: bool, choice: Any) -> str:
         return getattr(choice, "text", None) or ""
     part = getattr(choice, "delta", None) or getattr(choice, "message", None)
     return (getattr(part, "content", None) or "") if part is not None else ""
+
+
+def choice_tool_calls(choice: Any) -> list[ToolCallDelta]:
+    """Tool calls of one choice: a streamed chunk's pieces (`delta.tool_calls`) or a whole
+    answer's calls (`message.tool_calls`), as our deltas."""
+    part = getattr(choice, "delta", None) or getattr(choice, "message", None)
+    out = []
+    for i, call in enumerate(getattr(part, "tool_calls", None) or []):
+        fn = getattr(call, "function", None)
+        index = getattr(call, "index", None)
+        out.append(ToolCallDelta(
+            index=i if index is None else int(index), id=getattr(call, "id", None) or None,
+            name=getattr(fn, "name", None) or None,
+            arguments=getattr(fn, "arguments", None) or ""))
+    return out
 
 
 def choice_logprobs(choice: Any) -> list[LogprobEntry]:

@@ -27,6 +27,7 @@ from llmrelay.worker.engines.openai.calls import (
     Call,
     choice_logprobs,
     choice_text,
+    choice_tool_calls,
     usage_of,
 )
 from llmrelay.worker.engines.openai.errors import (
@@ -51,9 +52,8 @@ class OpenAIEngine(Engine):
     """Fronts one OpenAI-compatible base URL, optionally a managed child server."""
 
     name = "openai"
-    # Messages go to the upstream as they are (its own template renders tool calls and tool
-    # results); tools themselves are not passed on yet: `features()` says so, and the worker
-    # refuses them with that reason.
+    # Messages, tools and formats go to the upstream as they are (its own template renders
+    # tools, calls and results; it enforces schemas its own way); its calls come back whole.
     tool_calls_in_text = False
 
     def __init__(self, options: Options, server: mg.ManagedServer | None = None,
@@ -148,7 +148,8 @@ class OpenAIEngine(Engine):
     def features(self) -> Features:
         # The upstream decides the rest: its refusal comes back with its meaning.
         return Features(chat=True, completions=True, prompt_token_ids=True, logprobs=True,
-                        top_logprobs=20, seed=True, penalties=True, embeddings=True)
+                        top_logprobs=20, seed=True, penalties=True, embeddings=True,
+                        tools=True, json_schema=True, logit_bias=True)
 
     def render_chat(self, messages: list[dict[str, Any]],
                     tools: list[dict[str, Any]] | None = None) -> str:
@@ -209,10 +210,11 @@ class OpenAIEngine(Engine):
                 for choice in chunk.choices or []:
                     text = choice_text(call.chat, choice)
                     lps = choice_logprobs(choice) if req.logprobs is not None else []
-                    if text or lps:
+                    calls = choice_tool_calls(choice) if call.chat else []
+                    if text or lps or calls:
                         pieces += len(lps) or 1
                         yield Chunk(text, said[0] if said else 0,
-                                    said[1] if said else pieces, logprobs=lps)
+                                    said[1] if said else pieces, logprobs=lps, tool_calls=calls)
                     if choice.finish_reason:
                         finish = str(choice.finish_reason)
         except openai.APIError as e:
@@ -251,8 +253,9 @@ class OpenAIEngine(Engine):
         prompt = said[0] if said and said[0] > 0 else await self._count_prompt(call)
         # OpenAI's whole answers carry usage; one without it is counted by its logprobs.
         completion = said[1] if said else len(lps)
-        if text:
-            yield Chunk(text, prompt, completion, logprobs=lps)
+        calls = choice_tool_calls(choice) if call.chat else []
+        if text or calls:
+            yield Chunk(text, prompt, completion, logprobs=lps, tool_calls=calls)
         yield Chunk("", prompt, completion, str(choice.finish_reason or "stop"))
 
     # -- embeddings and counts ------------------------------------------------------------------
