@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -215,6 +216,137 @@ def test_stop_string_inside_a_batch(hf: HF) -> None:
     assert out["stop"] == out["free"][: out["free"].index("7")]
 
 
+# ---- tools, response_format and logit_bias, at the worker (its own /worker_generate) ----------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city", "parameters": {
+        "type": "object", "required": ["city"], "properties": {
+            "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "description": "Current time in a timezone", "parameters": {
+        "type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"]}}}
+PERSON = {"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": {
+    "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"], "additionalProperties": False}}}
+
+
+def _generate(hf: HF, content: str, **fields: object) -> dict[str, Any]:
+    body = {"messages": [{"role": "user", "content": content}], "delta": True, "echo": False,
+            "temperature": 0, "max_new_tokens": 60, **fields}
+    return httpx.post(hf.workers["smolhf"] + "/worker_generate", json=body, timeout=300).json()
+
+
+def _valid_calls(frame: dict[str, Any], names: set[str]) -> list[dict[str, Any]]:
+    """The frame's tool calls, each of a tool in `names`, its arguments valid against its schema."""
+    jsonschema = pytest.importorskip("jsonschema")
+    assert frame["error_code"] == 0, frame
+    assert frame["finish_reason"] == "tool_calls" and frame["tool_calls"], frame
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, CLOCK)}
+    for call in frame["tool_calls"]:
+        assert call["name"] in names and call["id"], call
+        jsonschema.validate(json.loads(call["arguments"]), schemas[call["name"]])
+    return frame["tool_calls"]
+
+
+def _case(hf: HF, kind: str, bias: dict[str, float] | None = None) -> dict[str, Any]:
+    """One constrained request of each kind (greedy, so alone and batched must agree)."""
+    tools: dict[str, Any] = {"tools": [WEATHER, CLOCK], "parallel_tool_calls": False}
+    if kind == "required":
+        return _generate(hf, "What is the weather in Paris?", tool_choice="required", **tools)
+    if kind == "named":
+        return _generate(hf, "What is the weather in Paris?", **tools,
+                         tool_choice={"type": "function", "function": {"name": "get_time"}})
+    if kind == "schema":
+        return _generate(hf, "Invent a person.", response_format=PERSON)
+    return _generate(hf, "What is the capital of France?", logit_bias=bias)
+
+
+def _answer(frame: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
+    return frame["text"], [(c["name"], c["arguments"]) for c in frame.get("tool_calls") or []]
+
+
+def test_constraints_and_logit_bias_alone_and_inside_a_batch(hf: HF, smol_hf: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol_hf)
+    plain = _case(hf, "bias")["text"]
+    first = tok.encode(plain, add_special_tokens=False)[0]
+    bias = {str(first): -100.0}  # the greedy answer's first token, banned
+    alone = {kind: _case(hf, kind, bias) for kind in ("required", "named", "schema", "bias")}
+    assert [c["name"] for c in _valid_calls(alone["required"], {"get_weather", "get_time"})]
+    assert [c["name"] for c in _valid_calls(alone["named"], {"get_time"})] == ["get_time"]
+    jsonschema.validate(json.loads(alone["schema"]["text"]), PERSON["json_schema"]["schema"])
+    biased = alone["bias"]["text"]
+    assert biased and biased != plain and not biased.startswith(tok.decode([first]))
+
+    started = threading.Event()
+
+    def long_one() -> None:  # runs while the others join: they are batched with it
+        body = {"prompt": "Write a long story.", "max_new_tokens": 150, "temperature": 0,
+                "delta": True, "echo": False}
+        with httpx.stream("POST", hf.workers["smolhf"] + "/worker_generate_stream", json=body,
+                          timeout=300) as r:
+            for _ in r.iter_bytes():
+                started.set()
+
+    batched: dict[str, dict[str, Any]] = {}
+    threads = [threading.Thread(target=long_one)] + [
+        threading.Thread(target=lambda k=kind: batched.__setitem__(k, _case(hf, k, bias)))
+        for kind in ("required", "named", "schema", "bias")]
+    threads[0].start()
+    assert started.wait(120)
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for kind, frame in alone.items():  # greedy: the same answers alone and batched
+        assert batched[kind]["error_code"] == 0, batched[kind]
+        assert _answer(batched[kind]) == _answer(frame), kind
+
+# One example turn with a call the schema forbids (`date`): the model copies it unless constrained.
+FEW_SHOT = ("<|im_start|>user\nWeather in Rome?<|im_end|>\n<|im_start|>assistant\nLet me check.\n"
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "date": "today"}}\n'
+            "</tool_call><|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def test_tool_choice_auto_is_free_until_the_call_then_constrained(hf: HF) -> None:
+    def run(tool_choice: str) -> dict[str, Any]:
+        body = {"prompt": FEW_SHOT, "delta": True, "echo": False, "temperature": 0,
+                "max_new_tokens": 50, "tools": [WEATHER, CLOCK], "tool_choice": tool_choice,
+                "parallel_tool_calls": False}
+        return httpx.post(hf.workers["smolhf"] + "/worker_generate", json=body, timeout=300).json()
+
+    free = run("none")["text"]
+    assert '"date"' in free  # unconstrained, it copies the example's extra key
+    auto = run("auto")
+    assert auto["text"] == free[: free.index("<tool_call>")].rstrip()  # free text first
+    [call] = _valid_calls(auto, {"get_weather"})
+    assert "date" not in json.loads(call["arguments"])
+
+
+def test_parallel_tool_calls(hf: HF) -> None:
+    several = _generate(hf, "What is the weather in Paris and the time in Tokyo?",
+                        tools=[WEATHER, CLOCK], tool_choice="required", max_new_tokens=90)
+    calls = several.get("tool_calls") or []
+    complete = calls if several["finish_reason"] == "tool_calls" else calls[:-1]
+    assert len(complete) >= 2, several  # a 135M model keeps calling: its last may be cut
+    _valid_calls({**several, "tool_calls": complete, "finish_reason": "tool_calls"},
+                 {"get_weather", "get_time"})
+
+def test_unenforceable_schemas_are_refused_naming_the_keyword(hf: HF) -> None:
+    unique = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}}}
+    frame = _generate(hf, "Tags?", response_format=unique)
+    assert frame["error_code"] == 40001 and "uniqueItems" in frame["text"], frame
+    odd = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"not": {"type": "string"}}}}}}
+    frame = _generate(hf, "Call f.", tools=[odd], tool_choice="required")
+    assert frame["error_code"] == 40001 and '"not"' in frame["text"], frame
+    assert _generate(hf, "Say hi.", max_new_tokens=4)["error_code"] == 0  # still serving
+
+
 def _cos(a: list[float], b: list[float]) -> float:
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
@@ -262,14 +394,15 @@ def test_embeddings(hf: HF) -> None:
 
 
 def test_features_in_status(hf: HF) -> None:
-    """Each engine says what it honours: the chat model no logprobs but seed and penalties, the
-    embedding model embeddings only."""
+    """Each engine says what it honours: the chat model no logprobs but seed, penalties, tools,
+    JSON schemas and logit bias, the embedding model embeddings only."""
     def features(name: str) -> dict[str, object]:
         status = httpx.post(hf.workers[name] + "/worker_get_status", timeout=30).json()
         return status["llmrelay"]["features"]
 
     chat = features("smolhf")
     assert chat["chat"] and chat["completions"] and chat["seed"] and chat["penalties"]
+    assert chat["tools"] and chat["json_schema"] and chat["logit_bias"]
     assert not chat["logprobs"] and not chat["embeddings"]
     emb = features("minilm")
     assert emb["embeddings"] and emb["embedding_dimensions"] == [384]

@@ -5,7 +5,8 @@ values of a schema, optionally between literal markers (tool calls), one or seve
 either from the start or only from the moment the model writes the opening marker (`lazy`:
 `tool_choice: auto`, where the model may also answer in plain text). Each engine compiles it
 with its own machinery (llama.cpp: a GBNF grammar sampler; transformers: llguidance) inside
-its batch, per sequence, and caches compiled forms per distinct constraint (`key`).
+its batch, per sequence, and caches compiled forms per distinct constraint (`key`,
+`CompiledCache`).
 
 Builders:
 - `for_tools`: a call of one of the tools (or the one named by `tool_choice`), its arguments
@@ -16,12 +17,16 @@ Builders:
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from llmrelay.worker.toolcalls import CLOSE, OPEN
 
 MAX_PARALLEL_CALLS = 8  # a small model could repeat calls until its length limit
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -87,3 +92,29 @@ def response_schema(response_format: Any) -> dict[str, Any] | None:
 def for_response_format(response_format: Any) -> Constraint | None:
     schema = response_schema(response_format)
     return None if schema is None else Constraint(schema=schema)
+
+
+class CompiledCache(Generic[T]):
+    """An engine's compiled constraints by `Constraint.key`, least recently used dropped past
+    `size`; thread-safe. `compile` raises to refuse a constraint (nothing is cached then)."""
+
+    def __init__(self, compile: Callable[[Constraint], T], size: int = 256) -> None:
+        self.compile = compile
+        self.size = size
+        self.items: OrderedDict[str, T] = OrderedDict()
+        self.lock = threading.Lock()
+        self.compiled = 0  # how many constraints were compiled (the rest came from the cache)
+
+    def get(self, c: Constraint) -> T:
+        with self.lock:
+            hit = self.items.get(c.key)
+            if hit is not None:
+                self.items.move_to_end(c.key)
+                return hit
+        value = self.compile(c)
+        with self.lock:
+            self.compiled += 1
+            self.items[c.key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return value

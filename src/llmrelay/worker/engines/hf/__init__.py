@@ -3,8 +3,9 @@ files dequantized by transformers, and sentence-embedding models).
 
 `options.py` reads the worker's flags and decides what can be decided before loading (device,
 memory, the kind of model); `engine.py` is the causal-LM engine with its scheduler, `embeddings.py`
-the embedding engine, `sampling.py` the per-request logits processors, and `compat.py` the one
-module that touches transformers' internals (checked against its version at load). Importing
+the embedding engine, `sampling.py` the per-request logits processors, `constraints.py` output
+constraints (llguidance) and logit bias, and `compat.py` the one module that touches
+transformers' internals (checked against its version at load). Importing
 this package imports neither torch nor transformers: `load` does.
 """
 

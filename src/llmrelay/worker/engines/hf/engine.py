@@ -7,11 +7,12 @@ transformers' own continuous batching manager (`init_continuous_batching`), wher
 join and leave at every step, each with its own temperature, top_p, top_k, stop tokens and
 length; a router thread hands the manager's outputs to their requests, and a request ended here
 (stop string, reader gone) is cancelled there. Penalties and a request's seed apply alone and
-batched (`sampling.request_processors`, carried into the manager by `compat.BatchProcessors`);
-logprobs are not served by this engine. What every threaded engine shares (prompt rules, echo,
-stop strings, the final flush, the hand-off to the event loop) is `threaded.ThreadedEngine`'s;
-its `aclose` runs `close` off the event loop, which stops the manager and both threads and fails
-the requests left.
+batched (`sampling.request_processors`, carried into the manager by `compat.BatchProcessors`),
+and so do output constraints (tool calls, JSON schemas, through llguidance: `constraints.py`)
+and logit_bias, first among a request's processors; logprobs are not served by this engine.
+What every threaded engine shares (prompt rules, echo, stop strings, the final flush, the
+hand-off to the event loop) is `threaded.ThreadedEngine`'s; its `aclose` runs `close` off the
+event loop, which stops the manager and both threads and fails the requests left.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from llmrelay.protocol import Features
+from llmrelay.protocol import ErrorCode, Features, LogprobEntry
 from llmrelay.worker import templates
 from llmrelay.worker.engines.base import EngineError, GenerationRequest
 from llmrelay.worker.engines.hf import compat
+from llmrelay.worker.engines.hf.constraints import Constrained, Grammars, LogitBias
 from llmrelay.worker.engines.hf.options import (
     GiB,
     Options,
@@ -65,7 +67,8 @@ class _Seq(Generation):
 
     def __init__(self, req: GenerationRequest, mailbox: Mailbox) -> None:
         super().__init__(req, mailbox)
-        self.procs = LogitsProcessorList()  # penalties, seeded sampler
+        self.procs = LogitsProcessorList()  # constraint, logit bias, penalties, seeded sampler
+        self.guard: Constrained | None = None  # its constraint (which may dead-end)
         self.rid = ""  # its id in the batch manager
         self.cb_seen = 0  # tokens of the current batch request already taken
 
@@ -154,6 +157,7 @@ class TransformersEngine(ThreadedEngine):
             own=getattr(tok, "chat_template", None), requested=options.chat_template,
             architecture=getattr(cfg, "model_type", ""),
             bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+        self.grammars = Grammars.load(tok, self.n_vocab, sorted(self.eos_ids))
         self.inbox: deque[_Seq] = deque()
         self.batch: dict[str, _Seq] = {}  # the requests in the batch manager, by their id there
         self.batch_lock = threading.Lock()
@@ -234,8 +238,13 @@ class TransformersEngine(ThreadedEngine):
         return self._n_ctx
 
     def features(self) -> Features:
+        # Constraints and logit bias must also hold inside the batch: not offered where the
+        # batch manager cannot run a request's own processors (asynchronous batching).
+        exact = self.batch_processors
+        constrained = exact and self.grammars is not None
         return Features(chat=True, completions=True, prompt_token_ids=True, logprobs=False,
-                        seed=True, penalties=True)
+                        seed=True, penalties=True, tools=constrained, json_schema=constrained,
+                        logit_bias=exact)
 
     def tokenize(self, text: str, chat: bool = False) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=not chat)["input_ids"])
@@ -270,8 +279,27 @@ class TransformersEngine(ThreadedEngine):
     def prepare(self, gen: Generation) -> None:
         assert isinstance(gen, _Seq)
         gen.stop_ids |= self.eos_ids  # what ends it, for generate() and the batch manager
-        seed = gen.req.seed if gen.req.seed is not None else self.default_seed
-        gen.procs = request_processors(len(gen.tokens), gen.req, seed)
+        req = gen.req
+        seed = req.seed if req.seed is not None else self.default_seed
+        first = []  # before penalties, temperature and the seeded draw, as llama.cpp's chain
+        if req.constraint is not None:
+            if self.grammars is None:
+                raise EngineError("output constraints need llguidance, which this worker lacks",
+                                  ErrorCode.VALIDATION_TYPE_ERROR)
+            # compiled here (cached): a schema it cannot enforce is refused before queueing
+            gen.guard = self.grammars.processor(req.constraint, len(gen.tokens))
+            first.append(gen.guard)
+        if req.logit_bias:
+            first.append(LogitBias(req.logit_bias, self.n_vocab))
+        gen.procs = LogitsProcessorList([*first, *request_processors(len(gen.tokens), req, seed)])
+
+    def take(self, gen: Generation, token: int,
+             logprob: LogprobEntry | None = None) -> str | None:
+        guard = getattr(gen, "guard", None)
+        if guard is not None and guard.error is not None and not gen.done:
+            self.fail(gen, guard.error)  # a dead end: the token was only there to end it
+            return "error"
+        return super().take(gen, token, logprob)
 
     def submit(self, gen: Generation) -> None:
         assert isinstance(gen, _Seq)

@@ -15,13 +15,11 @@ constraint; each sequence gets its own sampler (its own grammar state).
 from __future__ import annotations
 
 import re
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from llmrelay.protocol import ErrorCode
-from llmrelay.worker.constraints import Constraint
+from llmrelay.worker.constraints import CompiledCache, Constraint
 from llmrelay.worker.engines.base import EngineError
 
 # Keywords that constrain values but that the converter ignores: refused, never hoped for.
@@ -113,27 +111,8 @@ def compile_constraint(c: Constraint) -> Grammar:
     return Grammar(f"{rules}\nroot ::= {root}\n", trigger)
 
 
-class GrammarCache:
+class GrammarCache(CompiledCache[Grammar]):
     """Compiled grammars by constraint key (least recently used dropped); thread-safe."""
 
     def __init__(self, size: int = CACHE_SIZE) -> None:
-        self.size = size
-        self.items: OrderedDict[str, Grammar] = OrderedDict()
-        self.lock = threading.Lock()
-        self.compiled = 0  # how many constraints were compiled (the rest came from the cache)
-
-    def get(self, c: Constraint) -> Grammar:
-        with self.lock:
-            hit = self.items.get(c.key)
-            if hit is not None:
-                self.items.move_to_end(c.key)
-                return hit
-        grammar = compile_constraint(c)
-        with self.lock:
-            self.compiled += 1
-            self.items[c.key] = grammar
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
-        return grammar
-
-
+        super().__init__(compile_constraint, size)
