@@ -96,7 +96,7 @@ class ChatCompletion(ResponseHead):
     usage: UsageInfo
 
 
-@dataclass
+@dataclass(frozen=True)
 class RoleDelta:
     """A choice's first chunk."""
 
@@ -109,7 +109,7 @@ class ContentDelta:
     content: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class EndDelta:
     """A choice's last chunk, with its finish reason: `{}`."""
 

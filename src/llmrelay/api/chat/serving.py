@@ -39,6 +39,8 @@ from llmrelay.api.pipeline import (
 )
 from llmrelay.dispatch import conversation_keys
 
+ROLE, END = RoleDelta(), EndDelta()  # the same in every answer
+
 
 def _one_prompt(i: int) -> int:
     return 0  # every choice of a chat request has the same prompt
@@ -93,24 +95,23 @@ class ChatServing(GenerationServing):
                      ) -> AsyncIterator[list[ChatCompletionChunk]]:
         """Chunks from the choices' merged delta frames, a list per batch of frames."""
 
-        def chunk(choice: ChunkChoice) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=id_, created=created, model=model, choices=[choice])
-
         last: dict[int, dict[str, Any]] = {}
         # The role chunks go out with the first frames.
-        out = [chunk(ChunkChoice(index=i, delta=RoleDelta())) for i in range(n)]
+        out = [ChatCompletionChunk(id=id_, created=created, model=model,
+                                   choices=[ChunkChoice(index=i, delta=ROLE)]) for i in range(n)]
         async for batch in frames:
             for i, f in batch:
                 last[i] = f
                 lp = f.get("logprobs")
                 if f.get("text") or lp:
-                    out.append(chunk(ChunkChoice(
-                        index=i, delta=ContentDelta(f.get("text", "")),
-                        logprobs=ChatLogprobs(lp.get("content") or [])
-                        if logprobs and lp else None)))
+                    out.append(ChatCompletionChunk(id=id_, created=created, model=model, choices=[
+                        ChunkChoice(index=i, delta=ContentDelta(f.get("text", "")),
+                                    logprobs=ChatLogprobs(lp.get("content") or [])
+                                    if logprobs and lp else None)]))
                 if f.get("finish_reason"):
-                    out.append(chunk(ChunkChoice(index=i, delta=EndDelta(),
-                                                 finish_reason=finish_reason(f["finish_reason"]))))
+                    out.append(ChatCompletionChunk(id=id_, created=created, model=model, choices=[
+                        ChunkChoice(index=i, delta=END,
+                                    finish_reason=finish_reason(f["finish_reason"]))]))
             yield out
             out = []
         if include_usage:
