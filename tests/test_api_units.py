@@ -118,6 +118,15 @@ def test_table_prefix_method_keeps_a_conversation_on_its_worker() -> None:
     assert t.pick("m", keys=[*keys, "k3"]).name != first.name
 
 
+def test_table_snapshot_is_the_last_copy_in_the_controllers_shape() -> None:
+    t = WorkerTable(["http://c"], clock=lambda: 123.0)
+    t.apply({"dispatch_method": "lottery", "workers": [entry("a", queue=2)]})
+    snap = t.snapshot()
+    assert snap["now"] == 123.0 and snap["dispatch_method"] == "lottery"
+    assert [(w["name"], w["queue_length"], w["status"]["queue_length"])
+            for w in snap["workers"]] == [("a", 2, 2)]
+
+
 def test_table_random_source_is_injectable() -> None:
     def picks(seed: int) -> list[str]:
         t = table_of(*(entry(n) for n in "abcd"), method="lottery", seed=seed)

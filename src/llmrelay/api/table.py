@@ -2,7 +2,7 @@
 
 Pure state and policy, no HTTP: `feed.py` applies the controller's `/worker_table` answers,
 `transport.py` asks for a worker, counts its requests in flight and reports refusals; tests
-drive it directly (with their own random source).
+drive it directly (with their own random source and clock).
 
 Picking uses the controller's dispatch method (dispatch.py) plus what this server knows that
 the table does not yet: its own requests in flight, workers that just refused a connection
@@ -103,9 +103,11 @@ class WorkerTable:
     they are only used in messages and metrics.
     """
 
-    def __init__(self, controllers: Iterable[str] = (), rng: random.Random | None = None) -> None:
+    def __init__(self, controllers: Iterable[str] = (), rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.controllers = [c.rstrip("/") for c in controllers]
         self.rng = rng
+        self.clock = clock
         self.workers: dict[str, Worker] = {}
         self.dispatch_method = "shortest_queue"
         self.loaded = False  # whether any table was ever applied
@@ -139,7 +141,7 @@ class WorkerTable:
 
     def snapshot(self) -> dict[str, Any]:
         """The last copy in `/worker_table`'s shape (for the operator view)."""
-        return {"now": time.time(), "dispatch_method": self.dispatch_method,
+        return {"now": self.clock(), "dispatch_method": self.dispatch_method,
                 "workers": [w.entry() for w in self.workers.values()]}
 
     # ---- questions ---------------------------------------------------------------------------
