@@ -27,6 +27,7 @@ from llmrelay.protocol import ErrorCode, dumps, iter_frame_batches, loads
 log = logging.getLogger("llmrelay.api")
 
 JSON_TYPE = {"Content-Type": "application/json"}
+KEEPALIVE = 4.0  # seconds an idle connection to a worker is kept (uvicorn's own: 5 s)
 T = TypeVar("T")
 # One try on one worker: (worker, body, exit stack) -> (its first frame, what the caller gets).
 Attempt = Callable[[Worker, dict[str, Any], contextlib.AsyncExitStack],
@@ -93,12 +94,17 @@ class WorkerTransport:
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
-        """The aiohttp session, made on first use (in the running loop)."""
+        """The aiohttp session, made on first use (in the running loop).
+
+        An idle connection is dropped after KEEPALIVE seconds, before the worker's uvicorn
+        drops it (5 s): with aiohttp's default of 15 s a request could take a connection the
+        worker was closing at that moment and fail ("Can not write request body"), which the
+        failover loop counts as a failed worker (a 503 when it is the model's only one)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 headers=self.headers,
                 timeout=aiohttp.ClientTimeout(total=None, connect=3.0, sock_read=600.0),
-                connector=aiohttp.TCPConnector(limit=1000),
+                connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=KEEPALIVE),
             )
         return self._session
 
