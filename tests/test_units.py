@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from llmrelay import launcher
+from llmrelay.api.chat.protocol import ChatMessage, normalize_messages
 from llmrelay.api.errors import APIError
-from llmrelay.api.schemas import ChatMessage, normalize_messages
 from llmrelay.controller import registry as registry_mod
 from llmrelay.controller.registry import Registry
 from llmrelay.dispatch import lottery, pick, shortest_queue

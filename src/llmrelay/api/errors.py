@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmrelay.protocol import ErrorCode
+
 log = logging.getLogger("llmrelay.api")
 
 
@@ -50,13 +52,13 @@ def bad_param(param: str, message: str, code: str | None = "invalid_value") -> A
 
 def from_worker(error_code: int, text: str) -> APIError:
     """A worker's FastChat error code -> an OpenAI error with the matching status."""
-    if error_code == 40303:
+    if error_code == ErrorCode.CONTEXT_OVERFLOW:
         return APIError(400, text, param="messages", code="context_length_exceeded")
-    if error_code in (40001, 40302):
+    if error_code in (ErrorCode.VALIDATION_TYPE_ERROR, ErrorCode.PARAM_OUT_OF_RANGE):
         return APIError(400, text, code="invalid_value")
-    if error_code == 40301:
+    if error_code == ErrorCode.INVALID_MODEL:
         return APIError(404, text, param="model", code="model_not_found")
-    if error_code in (42901, 42903):
+    if error_code in (ErrorCode.RATE_LIMIT, ErrorCode.ENGINE_OVERLOADED):
         return APIError(429, text, type="rate_limit_exceeded", code="rate_limit_exceeded",
                         headers={"Retry-After": "1"})
     return APIError(500, f"the model worker failed: {text}", type="server_error")

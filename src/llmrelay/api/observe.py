@@ -1,10 +1,10 @@
 """Per-request bookkeeping of the API server: one log line per request with its id, and metrics.
 
 `ObserveMiddleware` (plain ASGI, so client disconnects still reach the handlers) opens a
-`RequestRecord` in a context variable for each `/v1` request; the routing and generation code
-notes in it what only they know (the model once it is known to be served, tokens, the first
-token's time, failovers) through the small functions below, and the middleware logs and counts
-it when the answer ends.
+`RequestRecord` in a context variable for each `/v1` request; the serving classes, the pipeline
+and the transport note in it what only they know (the model once it is known to be served,
+tokens, the first token's time, failovers) through the small functions below, and the
+middleware logs and counts it when the answer ends.
 """
 
 from __future__ import annotations

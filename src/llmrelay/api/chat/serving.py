@@ -1,0 +1,120 @@
+"""Chat completions: a request -> worker params (our workers get the `messages` and render them
+with the model's own template; the transport translates them for FastChat's workers) -> the
+workers' delta frames shaped into OpenAI's chat objects and chunks.
+
+`ChatServing.create` is the whole endpoint with plain arguments; `response` and `chunks` shape
+frames alone, so tests can feed them frames without a server or a worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.types import Receive
+
+from llmrelay.api.chat.protocol import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionUsageChunk,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChunkChoice,
+    ContentDelta,
+    EndDelta,
+    RoleDelta,
+    normalize_messages,
+)
+from llmrelay.api.errors import bad_param
+from llmrelay.api.pipeline import (
+    Frames,
+    GenerationServing,
+    Streamed,
+    finish_reason,
+    per_choice,
+    sampling_params,
+    usage_of,
+)
+from llmrelay.dispatch import conversation_keys
+
+ROLE, END = RoleDelta(), EndDelta()  # the same in every answer
+
+
+def _one_prompt(i: int) -> int:
+    return 0  # every choice of a chat request has the same prompt
+
+
+class ChatServing(GenerationServing):
+    async def create(self, body: ChatCompletionRequest, request_id: str,
+                     receive: Receive) -> ChatCompletion | Streamed:
+        """The answer to one request: whole, or `Streamed` (see pipeline.respond)."""
+        self.admit(body)
+        messages = normalize_messages(body.messages)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_param("top_logprobs", "top_logprobs requires logprobs to be true.")
+        params = sampling_params(body, request_id)
+        params.update(
+            messages=messages,
+            max_new_tokens=body.max_completion_tokens or body.max_tokens,
+            echo=False,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        )
+        n = body.n or 1
+        choices = per_choice(params, n)
+        # `prefix` dispatch: the next turn goes where the conversation's KV cache is.
+        keys = conversation_keys(messages) if self.table.dispatch_method == "prefix" else None
+        id_, created, logprobs = f"chatcmpl-{request_id}", int(self.clock()), bool(body.logprobs)
+
+        if not body.stream:
+            finals = await self.pipeline.answer_all(receive, body.model, choices, keys)
+            return self.response(id_, created, body.model, finals, logprobs)
+
+        opening = self.pipeline.opening(receive, body.model, choices, keys)
+        await opening.wait_briefly()
+        include_usage = body.include_usage
+        return Streamed(lambda: self.chunks(id_, created, body.model, n, opening.frames(),
+                                            logprobs, include_usage), opening)
+
+    @staticmethod
+    def response(id_: str, created: int, model: str, finals: list[dict[str, Any]],
+                 logprobs: bool) -> ChatCompletion:
+        """A whole answer from each choice's whole delta frame."""
+        return ChatCompletion(id=id_, created=created, model=model, choices=[ChatChoice(
+            index=i,
+            message=ChatMessageOut(content=f.get("text", "")),
+            logprobs=ChatLogprobs((f.get("logprobs") or {}).get("content", []))
+            if logprobs else None,
+            finish_reason=finish_reason(f.get("finish_reason")),
+        ) for i, f in enumerate(finals)], usage=usage_of(dict(enumerate(finals)), _one_prompt))
+
+    @staticmethod
+    async def chunks(id_: str, created: int, model: str, n: int, frames: AsyncIterator[Frames],
+                     logprobs: bool, include_usage: bool
+                     ) -> AsyncIterator[list[ChatCompletionChunk]]:
+        """Chunks from the choices' merged delta frames, a list per batch of frames."""
+
+        last: dict[int, dict[str, Any]] = {}
+        # The role chunks go out with the first frames.
+        out = [ChatCompletionChunk(id=id_, created=created, model=model,
+                                   choices=[ChunkChoice(index=i, delta=ROLE)]) for i in range(n)]
+        async for batch in frames:
+            for i, f in batch:
+                last[i] = f
+                lp = f.get("logprobs")
+                if f.get("text") or lp:
+                    out.append(ChatCompletionChunk(id=id_, created=created, model=model, choices=[
+                        ChunkChoice(index=i, delta=ContentDelta(f.get("text", "")),
+                                    logprobs=ChatLogprobs(lp.get("content") or [])
+                                    if logprobs and lp else None)]))
+                if f.get("finish_reason"):
+                    out.append(ChatCompletionChunk(id=id_, created=created, model=model, choices=[
+                        ChunkChoice(index=i, delta=END,
+                                    finish_reason=finish_reason(f["finish_reason"]))]))
+            yield out
+            out = []
+        if include_usage:
+            out.append(ChatCompletionUsageChunk(id=id_, created=created, model=model, choices=[],
+                                                usage=usage_of(last, _one_prompt)))
+        yield out

@@ -1,0 +1,425 @@
+"""The generation pipeline chat and completions share: the worker params of a request, n
+generations opened before answering (all or nothing), their frames merged as they come, SSE
+framing with keep-alives while busy workers are awaited, mid-stream errors as OpenAI error
+events, whole answers for non-streamed requests, usage, and cancelling the workers when the
+client disconnects or the request runs past its time.
+
+Driven with plain arguments (the transport, the limits, the ASGI `receive` that tells of a
+disconnect), so the front doors' serving classes can be tested without a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import aiohttp
+from starlette.responses import Response
+from starlette.types import Receive
+
+from llmrelay.api.errors import APIError, from_worker
+from llmrelay.api.observe import note_cancelled, note_first_token, note_model, note_usage
+from llmrelay.api.protocol import SamplingRequest, UsageInfo
+from llmrelay.api.table import WorkerTable
+from llmrelay.protocol import dumps
+from llmrelay.runtime import (
+    ClientGone,
+    ClosingStreamingResponse,
+    FastJSONResponse,
+    WorkTimedOut,
+    client_gone,
+    until_gone,
+)
+
+log = logging.getLogger("llmrelay.api")
+
+T = TypeVar("T")
+
+DEFAULT_TEMPERATURE = 0.7
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + dumps(obj) + b"\n\n"
+
+
+# ---- the worker params of a request ------------------------------------------------------------
+
+
+def sampling_params(body: SamplingRequest, request_id: str) -> dict[str, Any]:
+    """The worker params chat and completions share.
+
+    The default temperature is FastChat's 0.7 rather than OpenAI's 1.0: small local models
+    ramble at 1.0, and FastChat users expect 0.7.
+    """
+    return {
+        "model": body.model,
+        "temperature": DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "top_k": -1 if body.top_k is None else body.top_k,
+        "stop": body.stop,
+        "presence_penalty": body.presence_penalty or 0.0,
+        "frequency_penalty": body.frequency_penalty or 0.0,
+        "repetition_penalty": body.repetition_penalty or 1.0,
+        "seed": body.seed,
+        "delta": True,
+        "request_id": request_id,
+    }
+
+
+def per_choice(params: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """n copies; with a seed, each choice gets its own (seed, seed+1, ...) so they differ."""
+    out = []
+    for i in range(n):
+        p = dict(params)
+        if p.get("seed") is not None:
+            p["seed"] = p["seed"] + i
+        p["request_id"] = f"{params['request_id']}-{i}" if n > 1 else params["request_id"]
+        out.append(p)
+    return out
+
+
+def finish_reason(reason: str | None) -> str:
+    """OpenAI's reasons: a worker's anything else ends as `stop`."""
+    return reason if reason in ("stop", "length") else "stop"
+
+
+def usage_of(last: dict[int, dict[str, Any]], prompt_of: Callable[[int], int]) -> UsageInfo:
+    """Usage over all choices (their last frames): each distinct prompt counted once,
+    completions summed."""
+    prompts: dict[int, int] = {}
+    completion = 0
+    for i, f in last.items():
+        u = f.get("usage") or {}
+        prompts[prompt_of(i)] = int(u.get("prompt_tokens", 0))
+        completion += int(u.get("completion_tokens", 0))
+    prompt = sum(prompts.values())
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
+                     total_tokens=prompt + completion)
+
+
+# ---- generations on workers ---------------------------------------------------------------------
+
+
+class Stream(Protocol):
+    """One open generation (transport.WorkerStream)."""
+
+    def batches(self) -> AsyncIterator[list[dict[str, Any]]]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Generations(Protocol):
+    """What the pipeline needs of the transport (transport.WorkerTransport)."""
+
+    async def open_stream(self, model: str, params: dict[str, Any],
+                          keys: list[str] | None = None) -> Any: ...
+
+    async def generate_once(self, model: str, params: dict[str, Any],
+                            keys: list[str] | None = None) -> dict[str, Any]: ...
+
+
+@dataclass
+class Limits:
+    request_timeout: float = 600.0  # seconds for a whole request
+    sse_keepalive: float = 10.0  # seconds between SSE comments while workers are awaited
+
+
+class Pipeline:
+    """Opens a request's generations on workers through the transport, within the limits."""
+
+    def __init__(self, transport: Generations, limits: Limits | None = None) -> None:
+        self.transport = transport
+        self.limits = limits or Limits()
+
+    async def open_all(self, model: str, params: list[dict[str, Any]],
+                       keys: list[str] | None = None) -> list[Stream]:
+        """Start every generation (one per choice) before answering; all or nothing.
+
+        `keys`: the conversation's prefix keys, for the `prefix` dispatch method."""
+        if len(params) == 1:
+            return [await self.transport.open_stream(model, params[0], keys)]
+        results = await asyncio.gather(
+            *(self.transport.open_stream(model, p, keys) for p in params),
+            return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        streams = [r for r in results if not isinstance(r, BaseException)]
+        if errors:
+            for s in streams:
+                await s.aclose()
+            raise errors[0]
+        return streams
+
+    def opening(self, receive: Receive, model: str, params: list[dict[str, Any]],
+                keys: list[str] | None = None) -> Opening:
+        """The streamed generations of a request, being opened."""
+        return Opening(receive, self.open_all(model, params, keys), self.limits)
+
+    async def answer_all(self, receive: Receive, model: str, params: list[dict[str, Any]],
+                         keys: list[str] | None = None) -> list[dict[str, Any]]:
+        """A non-streamed request's answers, one whole delta frame per choice, all generated at
+        once; all or nothing. Cancelled (which stops the workers) when the client leaves; 504
+        past the request timeout."""
+
+        async def all_answers() -> list[dict[str, Any]]:
+            if len(params) == 1:
+                return [await self.transport.generate_once(model, params[0], keys)]
+            tasks = [asyncio.ensure_future(self.transport.generate_once(model, p, keys))
+                     for p in params]
+            try:
+                return list(await asyncio.gather(*tasks))
+            finally:
+                for t in tasks:  # one failed: the others stop
+                    t.cancel()
+
+        try:
+            finals = await until_disconnect(receive, all_answers(), self.limits.request_timeout)
+        except APIError as e:
+            if e.status == 499:
+                note_cancelled()
+            raise
+        for f in finals:
+            if f.get("text"):
+                note_first_token()  # the first text this server saw: the whole answer
+                break
+        note_usage(sum(int((f.get("usage") or {}).get("prompt_tokens") or 0) for f in finals),
+                   sum(int((f.get("usage") or {}).get("completion_tokens") or 0) for f in finals))
+        return finals
+
+
+Frames = list[tuple[int, dict[str, Any]]]
+
+
+async def merged(streams: list[Stream], deadline: float | None = None
+                 ) -> AsyncIterator[Frames]:
+    """Frames of all streams as they come, tagged with the stream's index, in batches: all
+    that are ready at once (so a streamed answer writes them to the client in one go).
+
+    A worker error frame, a broken connection mid-stream, or passing `deadline` (event-loop
+    time) raises APIError, after the frames that came before it; the streams are closed either
+    way, which stops the workers.
+    """
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int, s: Stream) -> None:
+        try:
+            async for batch in s.batches():
+                queue.put_nowait((i, batch))
+        except (aiohttp.ClientError, ValueError) as e:
+            queue.put_nowait((i, APIError(
+                502, f"The model worker stopped answering mid-generation ({type(e).__name__}).",
+                type="server_error")))
+        finally:
+            queue.put_nowait((i, end))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    usage: dict[int, dict[str, Any]] = {}  # each stream's last usage, for the metrics
+    # The deadline is one timer that drops a marker in the queue (a wait_for per frame cost a
+    # timer and a task per frame).
+    late = object()
+    timer = (asyncio.get_running_loop().call_at(deadline, queue.put_nowait, (-1, late))
+             if deadline is not None else None)
+    try:
+        while remaining:
+            ready = [await queue.get()]
+            while not queue.empty():
+                ready.append(queue.get_nowait())
+            out: Frames = []
+            error: APIError | None = None
+            for i, item in ready:
+                if item is late:
+                    error = timeout_error()
+                elif item is end:
+                    remaining -= 1
+                elif isinstance(item, APIError):
+                    error = item
+                else:
+                    for f in item:
+                        if f.get("error_code"):
+                            error = from_worker(int(f["error_code"]), str(f.get("text", "")))
+                            break
+                        if f.get("text"):
+                            note_first_token()
+                        if f.get("usage"):
+                            usage[i] = f["usage"]
+                        out.append((i, f))
+                if error is not None:
+                    break
+            if out:
+                yield out
+            if error is not None:
+                raise error
+    except (asyncio.CancelledError, GeneratorExit):
+        note_cancelled()  # the client went away (or the answer was abandoned)
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+        note_usage(sum(int(u.get("prompt_tokens") or 0) for u in usage.values()),
+                   sum(int(u.get("completion_tokens") or 0) for u in usage.values()))
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            with contextlib.suppress(Exception):
+                await s.aclose()
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[T],
+                           timeout: float | None = None) -> T:
+    """Await `work`, cancelling it if the client goes away (so the worker stops generating):
+    499; or after `timeout` seconds: 504."""
+    try:
+        return await until_gone(receive, work, timeout)
+    except ClientGone:
+        raise APIError(499, "The client closed the request.") from None
+    except WorkTimedOut:
+        raise timeout_error() from None
+
+
+def timeout_error() -> APIError:
+    return APIError(504, "The request took longer than the server's request timeout.",
+                    type="server_error", code="timeout")
+
+
+class Opening:
+    """The streamed generations being opened for one request, one per choice.
+
+    The request waits briefly for them (`wait_briefly`): if the workers answer in time, errors
+    can still be proper HTTP errors; otherwise the response starts and `keepalives` covers the
+    wait.
+    """
+
+    def __init__(self, receive: Receive, work: Awaitable[list[Stream]], limits: Limits) -> None:
+        self.receive = receive
+        self.keepalive = limits.sse_keepalive
+        self.deadline = asyncio.get_running_loop().time() + limits.request_timeout
+        self.task: asyncio.Future[list[Stream]] = asyncio.ensure_future(work)
+        self.used = False
+
+    @property
+    def streams(self) -> list[Stream]:
+        self.used = True
+        return self.task.result()
+
+    def frames(self) -> AsyncIterator[Frames]:
+        """The opened streams' frames, merged (see `merged`), until the request's deadline.
+        Only once they are open (after `keepalives`)."""
+        return merged(self.streams, self.deadline)
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - asyncio.get_running_loop().time())
+
+    async def wait_briefly(self) -> None:
+        """Wait up to one keep-alive period; raises what opening raised if it failed by then.
+        A client that leaves meanwhile (a long prompt's prefill) stops the workers at once."""
+        if not self.task.done():
+            watcher = asyncio.ensure_future(client_gone(self.receive))
+            try:
+                await asyncio.wait({self.task, watcher}, return_when=asyncio.FIRST_COMPLETED,
+                                   timeout=min(self.keepalive, self.remaining()))
+                if watcher.done() and not watcher.cancelled():
+                    raise APIError(499, "The client closed the request.")
+            except BaseException:
+                await self.close_if_unused()
+                raise
+            finally:
+                watcher.cancel()
+        if self.task.done():
+            self.task.result()
+
+    async def keepalives(self) -> AsyncIterator[bytes]:
+        while not self.task.done():
+            timeout = min(self.keepalive, self.remaining())
+            if timeout <= 0:
+                self.task.cancel()
+                raise timeout_error()
+            await asyncio.wait({self.task}, timeout=timeout)
+            if not self.task.done():
+                yield b": keep-alive\n\n"
+        self.task.result()
+
+    async def close_if_unused(self) -> None:
+        """The client left (or we failed) before using the streams: stop the workers."""
+        if not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+            return
+        if not self.used and not self.task.cancelled() and self.task.exception() is None:
+            self.used = True  # closed here, once
+            for s in self.task.result():
+                await s.aclose()
+
+
+# ---- answering ----------------------------------------------------------------------------------
+
+
+class GenerationServing:
+    """What the chat and completions serving classes share: the table (for the model's
+    checks), the pipeline, and a clock for `created`."""
+
+    def __init__(self, table: WorkerTable, pipeline: Pipeline,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.table = table
+        self.pipeline = pipeline
+        self.clock = clock
+
+    def admit(self, body: SamplingRequest) -> None:
+        """400 for fields this server cannot honour; 404/503 for a model nobody serves."""
+        body.refuse_unsupported()
+        self.table.check_model(body.model)
+        note_model(body.model)
+
+
+async def sse_stream(chunks: Callable[[], AsyncIterator[list[Any]]],
+                     opening: Opening | None = None) -> AsyncIterator[bytes]:
+    """Serialize chunks as SSE, each list of chunks in one write; a failure mid-stream becomes
+    an error event, then [DONE]. `chunks` is called once the opening's streams are open.
+
+    With an `opening` still waiting for busy workers, SSE comments keep the connection alive
+    (so a proxy's read timeout does not cut it) until the generations start.
+    """
+    try:
+        if opening is not None:
+            async for comment in opening.keepalives():
+                yield comment
+        async for batch in chunks():
+            if batch:
+                yield b"".join(sse(c) for c in batch)
+    except APIError as e:
+        log.warning("stream ended with an error: %s", e.message)
+        yield sse(e.body())
+    except Exception:
+        log.exception("stream failed")
+        yield sse(APIError(500, "The server had an error while streaming.", "server_error").body())
+    finally:
+        if opening is not None:
+            await opening.close_if_unused()
+    yield SSE_DONE
+
+
+@dataclass
+class Streamed:
+    """A streamed answer: its chunks (made once the generations are open), and the opening to
+    close if they are never read."""
+
+    chunks: Callable[[], AsyncIterator[list[Any]]]
+    opening: Opening
+
+
+def respond(answer: Any) -> Response:
+    """The HTTP response for what a serving class answered: a response dataclass as JSON, or
+    a `Streamed` answer as SSE."""
+    if isinstance(answer, Streamed):
+        return ClosingStreamingResponse(sse_stream(answer.chunks, answer.opening),
+                                        media_type="text/event-stream", headers=SSE_HEADERS,
+                                        cleanup=answer.opening.close_if_unused)
+    return FastJSONResponse(answer)

@@ -1,0 +1,271 @@
+"""The API server's HTTP to workers: generations (streamed or whole) and embeddings, each
+through one failover loop that picks a worker from the table, counts the request in flight
+there while it is open, and moves on to another worker when one fails before answering.
+
+Two clients, both owned here: aiohttp for what requests are made of (generation streams, whole
+answers, embeddings: about a third of httpx's CPU per request on this hop, as httpx's pool
+polls every idle connection's socket on each request), and a pooled httpx client for side
+questions (FastChat workers' templates and token counts, asked by the FastChat adapter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import aiohttp
+import httpx
+
+from llmrelay.api.errors import APIError, from_worker
+from llmrelay.api.fastchat import CumulativeToDelta, FastChatAdapter, WorkerUnsuitable
+from llmrelay.api.observe import note_failover
+from llmrelay.api.table import Accept, Worker, WorkerTable
+from llmrelay.protocol import ErrorCode, dumps, iter_frame_batches, loads
+
+log = logging.getLogger("llmrelay.api")
+
+JSON_TYPE = {"Content-Type": "application/json"}
+KEEPALIVE = 4.0  # seconds an idle connection to a worker is kept (uvicorn's own: 5 s)
+T = TypeVar("T")
+# One try on one worker: (worker, body, exit stack) -> (its first frame, what the caller gets).
+Attempt = Callable[[Worker, dict[str, Any], contextlib.AsyncExitStack],
+                   Awaitable[tuple[dict[str, Any], T]]]
+# The body for the worker picked (ours and FastChat's take different ones).
+BodyFor = Callable[[Worker], Awaitable[dict[str, Any]]]
+
+# Failures that say the worker is not there at all: out of rotation until its next heartbeat.
+REFUSED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, httpx.ConnectError,
+           httpx.ConnectTimeout)
+# Failures of this worker before it answered: another may do better.
+FAILED = (aiohttp.ClientError, httpx.HTTPError, StopAsyncIteration, ValueError)
+
+
+class WorkerStream:
+    """One generation on one worker: the first frame is read before anyone answers the client.
+
+    Frames come in batches: those that arrived from the worker together."""
+
+    def __init__(self, worker: Worker, stack: contextlib.AsyncExitStack,
+                 batches: AsyncIterator[list[dict[str, Any]]], first: list[dict[str, Any]],
+                 cumulative: bool = False) -> None:
+        self.worker = worker
+        self._stack = stack
+        self._batches = batches
+        # A worker answering FastChat's cumulative frames: turned into deltas here.
+        self._convert = CumulativeToDelta() if cumulative else None
+        self._first = self._converted(first)
+
+    def _converted(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [self._convert(f) for f in batch] if self._convert else batch
+
+    async def batches(self) -> AsyncIterator[list[dict[str, Any]]]:
+        yield self._first
+        async for batch in self._batches:
+            yield self._converted(batch)
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()
+
+
+def _answer(raw: bytes) -> dict[str, Any]:
+    """A worker's JSON answer; an HTTP error page from something in between as an error frame."""
+    try:
+        data = loads(raw)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        data = {"text": raw.decode(errors="replace")[:500],
+                "error_code": int(ErrorCode.INTERNAL_ERROR)}
+    return data
+
+
+class WorkerTransport:
+    """Requests to workers, with failover and in-flight counting, for every endpoint."""
+
+    def __init__(self, table: WorkerTable, client: httpx.AsyncClient,
+                 fastchat: FastChatAdapter | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        self.table = table
+        self.client = client  # side questions; closed with the transport
+        self.fastchat = fastchat or FastChatAdapter(client)
+        self.headers = headers or {}
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        """The aiohttp session, made on first use (in the running loop).
+
+        An idle connection is dropped after KEEPALIVE seconds, before the worker's uvicorn
+        drops it (5 s): with aiohttp's default of 15 s a request could take a connection the
+        worker was closing at that moment and fail ("Can not write request body"), which the
+        failover loop counts as a failed worker (a 503 when it is the model's only one)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers=self.headers,
+                timeout=aiohttp.ClientTimeout(total=None, connect=3.0, sock_read=600.0),
+                connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=KEEPALIVE),
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        await self.client.aclose()
+
+    async def _post(self, stack: contextlib.AsyncExitStack, url: str, body: dict[str, Any]
+                    ) -> aiohttp.ClientResponse:
+        response = await stack.enter_async_context(self.session().post(
+            url, data=dumps(body), headers=JSON_TYPE))
+        # Unread (the client left, or cancelled mid-answer): drop the connection, which stops
+        # the worker.
+        stack.callback(response.close)
+        return response
+
+    def _generation(self, params: dict[str, Any]) -> BodyFor:
+        async def body_for(worker: Worker) -> dict[str, Any]:
+            return await self.fastchat.body_for(worker, params)
+        return body_for
+
+    # ---- the three requests ------------------------------------------------------------------
+
+    async def open_stream(self, model: str, params: dict[str, Any],
+                          keys: list[str] | None = None) -> WorkerStream:
+        """Start a streamed generation (POST /worker_generate_stream) on a worker; it has sent
+        its first frame when this returns. `params`: what our workers take (FastChat's workers
+        get them translated). `keys`: the conversation's prefix keys, for `prefix` dispatch."""
+
+        async def start(worker: Worker, body: dict[str, Any], stack: contextlib.AsyncExitStack
+                        ) -> tuple[dict[str, Any], WorkerStream]:
+            response = await self._post(stack, worker.name + "/worker_generate_stream", body)
+            batches = iter_frame_batches(response.content.iter_any())
+            first_batch = await batches.__anext__()
+            return first_batch[0], WorkerStream(worker, stack, batches, first_batch,
+                                                cumulative=not body.get("delta"))
+
+        return await self._on_a_worker(model, self._generation(params), start, keep_open=True,
+                                       keys=keys)
+
+    async def generate_once(self, model: str, params: dict[str, Any],
+                            keys: list[str] | None = None) -> dict[str, Any]:
+        """A whole generation in one answer (POST /worker_generate), as one delta frame: `text`
+        and `logprobs` cover the whole answer. One request and one JSON body instead of a frame
+        stream read frame by frame: all a non-streamed answer needs, for less of this server's
+        time. Our workers join their delta frames when asked for `delta`; FastChat's answer
+        with their last cumulative frame, turned into a delta from nothing here."""
+
+        async def once(worker: Worker, body: dict[str, Any], stack: contextlib.AsyncExitStack
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+            response = await self._post(stack, worker.name + "/worker_generate", body)
+            final = _answer(await response.read())
+            if not body.get("delta"):
+                final = CumulativeToDelta()(final)
+            return final, final
+
+        return await self._on_a_worker(model, self._generation(params), once, keep_open=False,
+                                       keys=keys)
+
+    async def embed(self, model: str, body: dict[str, Any],
+                    accept: Accept | None = None) -> dict[str, Any]:
+        """Embeddings (POST /worker_get_embeddings) from a worker `accept` takes:
+        `{"embedding": [...], "token_num": n}`."""
+
+        async def once(worker: Worker, body: dict[str, Any], stack: contextlib.AsyncExitStack
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+            response = await self._post(stack, worker.name + "/worker_get_embeddings", body)
+            data = _answer(await response.read())
+            if not data.get("error_code") and not isinstance(data.get("embedding"), list):
+                data = {"text": "the answer holds no embeddings",
+                        "error_code": int(ErrorCode.INTERNAL_ERROR)}
+            return data, data
+
+        async def same(worker: Worker) -> dict[str, Any]:
+            return body
+
+        return await self._on_a_worker(model, same, once, keep_open=False, accept=accept)
+
+    # ---- failover ----------------------------------------------------------------------------
+
+    async def _on_a_worker(self, model: str, body_for: BodyFor, attempt: Attempt[T],
+                           keep_open: bool, keys: list[str] | None = None,
+                           accept: Accept | None = None) -> T:
+        """Pick a worker and run `attempt` on it; on failure before its first frame, try
+        another.
+
+        `body_for` builds the request body for the worker picked (it may raise WorkerUnsuitable
+        to move on to another). `keep_open`: the attempt's result owns the exit stack (a stream
+        still being read); otherwise it is closed on return, which ends the request's count in
+        flight.
+
+        Every worker of the model is tried at most once. Workers that are full (or shutting
+        down) are skipped; when all of them are, the answer is 429 with Retry-After.
+        """
+        table = self.table
+        tried: set[str] = set()
+        last_error = ""
+        unsuitable = ""
+        full = 0
+        while True:
+            worker = table.pick(model, exclude=tried, keys=keys, accept=accept)
+            if worker is None:
+                break
+            tried.add(worker.name)
+            table.acquire(worker.name)
+            stack = contextlib.AsyncExitStack()
+            stack.callback(table.release, worker.name)
+            try:
+                body = await body_for(worker)
+                first, result = await attempt(worker, body, stack)
+            except REFUSED as e:
+                await stack.aclose()
+                table.mark_down(worker)
+                last_error = f"{worker.name}: {type(e).__name__}"
+                note_failover()
+                continue
+            except WorkerUnsuitable as e:
+                await stack.aclose()
+                unsuitable = str(e)
+                continue
+            except APIError:
+                await stack.aclose()
+                raise
+            except FAILED as e:
+                await stack.aclose()
+                last_error = f"{worker.name}: {type(e).__name__} {e}"
+                log.warning("worker %s failed before answering (%s); trying another",
+                            worker.name, last_error)
+                note_failover()
+                continue
+            except BaseException:  # cancelled (the client left) before the first frame
+                await stack.aclose()
+                raise
+            code = int(first.get("error_code") or 0)
+            if code or not keep_open:
+                await stack.aclose()
+            if code:
+                if code == ErrorCode.ENGINE_OVERLOADED:
+                    full += 1
+                    last_error = f"{worker.name}: {first.get('text', 'full')}"
+                    note_failover()
+                    continue
+                if code >= ErrorCode.INTERNAL_ERROR:  # the worker broke: another may not
+                    last_error = f"{worker.name}: {first.get('text', '')}"
+                    log.warning("worker %s failed before answering (%s); trying another",
+                                worker.name, last_error)
+                    note_failover()
+                    continue
+                raise from_worker(code, str(first.get("text", "")))
+            table.remember(keys, worker.name)
+            return result
+        if full and full == len(tried):
+            raise APIError(429, f"Every worker serving '{model}' is busy; retry shortly.",
+                           type="rate_limit_exceeded", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"})
+        if unsuitable and not last_error and not full:
+            raise APIError(400, f"No worker of '{model}' can serve this request: {unsuitable}.")
+        if last_error:
+            raise APIError(503, f"All workers for '{model}' failed ({last_error}). Try again.",
+                           type="server_error", headers={"Retry-After": "1"})
+        raise APIError(503, f"No worker for '{model}' is available right now.",
+                       type="server_error", headers={"Retry-After": "2"})
