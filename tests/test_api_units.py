@@ -371,13 +371,13 @@ class FakeTransport:
         self.streams: list[FakeStream] = []
 
     async def open_stream(self, model: str, params: dict[str, Any],
-                          keys: list[str] | None = None) -> FakeStream:
+                          keys: list[str] | None = None, accept: Any = None) -> FakeStream:
         self.params.append(params)
         self.streams.append(FakeStream([[f] for f in self.frames]))
         return self.streams[-1]
 
     async def generate_once(self, model: str, params: dict[str, Any],
-                            keys: list[str] | None = None) -> dict[str, Any]:
+                            keys: list[str] | None = None, accept: Any = None) -> dict[str, Any]:
         self.params.append(params)
         return {"text": "".join(f.get("text", "") for f in self.frames),
                 **{k: v for f in self.frames for k, v in f.items() if k != "text"}}

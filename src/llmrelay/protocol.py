@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from enum import IntEnum
 from typing import Annotated, Any, Literal, TypedDict
@@ -260,6 +261,11 @@ class Frame(TypedDict, total=False):
     finish_reason: str | None
     logprobs: DeltaLogprobs | LegacyLogprobs | None
     tool_calls: list[ToolCallWire]
+
+
+def new_call_id() -> str:
+    """A tool call's id, as OpenAI writes them."""
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:

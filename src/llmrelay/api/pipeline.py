@@ -25,7 +25,7 @@ from starlette.types import Receive
 from llmrelay.api.errors import APIError, from_worker
 from llmrelay.api.observe import note_cancelled, note_first_token, note_model, note_usage
 from llmrelay.api.protocol import SamplingRequest, UsageInfo
-from llmrelay.api.table import WorkerTable
+from llmrelay.api.table import Accept, WorkerTable
 from llmrelay.protocol import dumps
 from llmrelay.runtime import (
     ClientGone,
@@ -87,7 +87,7 @@ def per_choice(params: dict[str, Any], n: int) -> list[dict[str, Any]]:
 
 def finish_reason(reason: str | None) -> str:
     """OpenAI's reasons: a worker's anything else ends as `stop`."""
-    return reason if reason in ("stop", "length") else "stop"
+    return reason if reason in ("stop", "length", "tool_calls") else "stop"
 
 
 def usage_of(last: dict[int, dict[str, Any]], prompt_of: Callable[[int], int]) -> UsageInfo:
@@ -119,10 +119,11 @@ class Generations(Protocol):
     """What the pipeline needs of the transport (transport.WorkerTransport)."""
 
     async def open_stream(self, model: str, params: dict[str, Any],
-                          keys: list[str] | None = None) -> Any: ...
+                          keys: list[str] | None = None, accept: Accept | None = None) -> Any: ...
 
     async def generate_once(self, model: str, params: dict[str, Any],
-                            keys: list[str] | None = None) -> dict[str, Any]: ...
+                            keys: list[str] | None = None,
+                            accept: Accept | None = None) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -139,14 +140,16 @@ class Pipeline:
         self.limits = limits or Limits()
 
     async def open_all(self, model: str, params: list[dict[str, Any]],
-                       keys: list[str] | None = None) -> list[Stream]:
+                       keys: list[str] | None = None,
+                       accept: Accept | None = None) -> list[Stream]:
         """Start every generation (one per choice) before answering; all or nothing.
 
-        `keys`: the conversation's prefix keys, for the `prefix` dispatch method."""
+        `keys`: the conversation's prefix keys, for the `prefix` dispatch method; `accept`:
+        which workers can take the request."""
         if len(params) == 1:
-            return [await self.transport.open_stream(model, params[0], keys)]
+            return [await self.transport.open_stream(model, params[0], keys, accept)]
         results = await asyncio.gather(
-            *(self.transport.open_stream(model, p, keys) for p in params),
+            *(self.transport.open_stream(model, p, keys, accept) for p in params),
             return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         streams = [r for r in results if not isinstance(r, BaseException)]
@@ -157,20 +160,21 @@ class Pipeline:
         return streams
 
     def opening(self, receive: Receive, model: str, params: list[dict[str, Any]],
-                keys: list[str] | None = None) -> Opening:
+                keys: list[str] | None = None, accept: Accept | None = None) -> Opening:
         """The streamed generations of a request, being opened."""
-        return Opening(receive, self.open_all(model, params, keys), self.limits)
+        return Opening(receive, self.open_all(model, params, keys, accept), self.limits)
 
     async def answer_all(self, receive: Receive, model: str, params: list[dict[str, Any]],
-                         keys: list[str] | None = None) -> list[dict[str, Any]]:
+                         keys: list[str] | None = None,
+                         accept: Accept | None = None) -> list[dict[str, Any]]:
         """A non-streamed request's answers, one whole delta frame per choice, all generated at
         once; all or nothing. Cancelled (which stops the workers) when the client leaves; 504
         past the request timeout."""
 
         async def all_answers() -> list[dict[str, Any]]:
             if len(params) == 1:
-                return [await self.transport.generate_once(model, params[0], keys)]
-            tasks = [asyncio.ensure_future(self.transport.generate_once(model, p, keys))
+                return [await self.transport.generate_once(model, params[0], keys, accept)]
+            tasks = [asyncio.ensure_future(self.transport.generate_once(model, p, keys, accept))
                      for p in params]
             try:
                 return list(await asyncio.gather(*tasks))

@@ -2,8 +2,8 @@
 with pydantic, ranges as OpenAI documents them) and the usage of an answer.
 
 Anything out of range is a 400 naming the parameter (see errors.py). Fields that OpenAI
-defines but this server cannot honour (tools, response formats other than text) are refused
-with a clear message rather than silently ignored. Responses are dataclasses that
+defines for another endpoint (tools on text completions) or deprecated (`functions`) are
+refused with a clear message rather than silently ignored. Responses are dataclasses that
 `protocol.dumps` writes as they are (orjson writes dataclasses natively).
 """
 
@@ -66,17 +66,17 @@ class SamplingRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def refuse_unsupported(self) -> None:
+        """400 for fields of other endpoints or of OpenAI's deprecated function calling."""
         extra = self.model_extra or {}
-        for key in ("tools", "functions", "tool_choice", "function_call"):
+        for key in ("functions", "function_call"):
             if extra.get(key) not in (None, [], "none"):
-                raise bad_param(key, f"'{key}' is not supported: this server has no function "
-                                     "calling. Remove the field.", "unsupported_parameter")
-        fmt = extra.get("response_format")
-        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-            raise bad_param("response_format", "Only response_format {'type': 'text'} is "
-                            "supported.", "unsupported_parameter")
-        if extra.get("logit_bias"):
-            raise bad_param("logit_bias", "logit_bias is not supported.", "unsupported_parameter")
+                raise bad_param(key, f"'{key}' (the deprecated function calling) is not "
+                                "supported: send 'tools' and 'tool_choice' instead.",
+                                "unsupported_parameter")
+        for key in ("tools", "tool_choice", "response_format"):
+            if extra.get(key) not in (None, [], "none"):
+                raise bad_param(key, f"'{key}' is served by /v1/chat/completions, not by this "
+                                "endpoint.", "unsupported_parameter")
 
 
 # Responses are plain dataclasses, not slotted: orjson writes a slotted one about 6x slower (5-7

@@ -131,10 +131,12 @@ class WorkerTransport:
     # ---- the three requests ------------------------------------------------------------------
 
     async def open_stream(self, model: str, params: dict[str, Any],
-                          keys: list[str] | None = None) -> WorkerStream:
+                          keys: list[str] | None = None,
+                          accept: Accept | None = None) -> WorkerStream:
         """Start a streamed generation (POST /worker_generate_stream) on a worker; it has sent
         its first frame when this returns. `params`: what our workers take (FastChat's workers
-        get them translated). `keys`: the conversation's prefix keys, for `prefix` dispatch."""
+        get them translated). `keys`: the conversation's prefix keys, for `prefix` dispatch;
+        `accept`: which workers can take the request (tools.Constraints.honoured_by)."""
 
         async def start(worker: Worker, body: dict[str, Any], stack: contextlib.AsyncExitStack
                         ) -> tuple[dict[str, Any], WorkerStream]:
@@ -145,10 +147,11 @@ class WorkerTransport:
                                                 cumulative=not body.get("delta"))
 
         return await self._on_a_worker(model, self._generation(params), start, keep_open=True,
-                                       keys=keys)
+                                       keys=keys, accept=accept)
 
     async def generate_once(self, model: str, params: dict[str, Any],
-                            keys: list[str] | None = None) -> dict[str, Any]:
+                            keys: list[str] | None = None,
+                            accept: Accept | None = None) -> dict[str, Any]:
         """A whole generation in one answer (POST /worker_generate), as one delta frame: `text`
         and `logprobs` cover the whole answer. One request and one JSON body instead of a frame
         stream read frame by frame: all a non-streamed answer needs, for less of this server's
@@ -164,7 +167,7 @@ class WorkerTransport:
             return final, final
 
         return await self._on_a_worker(model, self._generation(params), once, keep_open=False,
-                                       keys=keys)
+                                       keys=keys, accept=accept)
 
     async def embed(self, model: str, body: dict[str, Any],
                     accept: Accept | None = None) -> dict[str, Any]:

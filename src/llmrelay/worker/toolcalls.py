@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from llmrelay.protocol import new_call_id
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -52,10 +53,6 @@ class ToolCallDelta:
             out["name"] = self.name
         out["arguments"] = self.arguments
         return out
-
-
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 class _Call:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -10,9 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmrelay.api.errors import bad_param
 from llmrelay.api.protocol import ResponseHead, SamplingRequest, UsageInfo
+from llmrelay.api.tools import Constraints, check_schema, check_tool_results, choose, logit_bias, tool
 from llmrelay.protocol import LogprobEntry
 
-ROLES = {"system", "developer", "user", "assistant"}
+ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 # ---- the request --------------------------------------------------------------------------------
 
@@ -23,11 +25,56 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(BaseModel):
+    """A call in an assistant message of the history."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str = Field(min_length=1)
+    type: str = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: Any = None
+    description: str | None = None
+    parameters: Any = None
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str = "function"
+    function: FunctionDef
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: Any = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -35,36 +82,111 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    logit_bias: dict[str, Any] | None = None
+
+    def constraints(self) -> Constraints:
+        """The tools, response format and logit bias, checked (400s naming the parameter)."""
+        tools = []
+        for i, t in enumerate(self.tools or []):
+            if t.type != "function":
+                raise bad_param(f"tools[{i}].type", f"Tool type '{t.type[:40]}' is not "
+                                "supported; only function tools are.", "unsupported_value")
+            f = t.function
+            tools.append(tool(f.name, f.parameters, f.description, f.strict,
+                              f"tools[{i}].function"))
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if isinstance(
+                choice.get("function"), dict) else None
+            if choice.get("type") != "function" or not name:
+                raise bad_param("tool_choice", "tool_choice must be 'none', 'auto', 'required' "
+                                "or {'type': 'function', 'function': {'name': ...}}.")
+            choice = name
+        elif choice is not None and choice not in ("none", "auto", "required"):
+            raise bad_param("tool_choice", "tool_choice must be 'none', 'auto', 'required' or "
+                            "{'type': 'function', 'function': {'name': ...}}.")
+        chosen, named = choose(tools, choice)
+        out = Constraints(tools=tools, tool_choice=chosen, named=named,
+                          parallel=self.parallel_tool_calls is not False,
+                          logit_bias=logit_bias(self.logit_bias))
+        fmt = self.response_format
+        if fmt is not None:
+            if fmt.type == "json_object":
+                out.response_json_object = True
+            elif fmt.type == "json_schema":
+                spec = fmt.json_schema
+                if spec is None or spec.schema_ is None:
+                    raise bad_param("response_format.json_schema.schema", "response_format "
+                                    "json_schema needs json_schema.schema.")
+                out.response_schema = check_schema(spec.schema_,
+                                                   "response_format.json_schema.schema")
+                out.response_name = spec.name
+            elif fmt.type != "text":
+                raise bad_param("response_format.type", f"response_format type "
+                                f"'{fmt.type[:40]}' is not supported; use text, json_object or "
+                                "json_schema.", "unsupported_value")
+        return out
 
 
 def normalize_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """OpenAI messages -> plain {role, content: str} for a chat template; 400 on what we can't
-    serve."""
+    """OpenAI messages -> plain dicts for the worker (`content` a string; an assistant's
+    `tool_calls` with arguments as JSON text; a tool result's `tool_call_id`); 400 on what we
+    can't serve."""
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         param = f"messages[{i}]"
-        if m.role in ("tool", "function"):
-            raise bad_param(f"{param}.role", f"Role '{m.role}' is not supported: this server has "
-                            "no function calling.", "unsupported_value")
+        if m.role == "function":
+            raise bad_param(f"{param}.role", "Role 'function' (the deprecated function calling) "
+                            "is not supported; send tool results as role 'tool'.",
+                            "unsupported_value")
         if m.role not in ROLES:
             raise bad_param(f"{param}.role", f"Invalid role '{m.role[:50]}'; expected one of "
-                            "system, developer, user, assistant.")
-        if m.content is None:
+                            "system, developer, user, assistant, tool.")
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
             raise bad_param(f"{param}.content", f"{param}.content must be a string or a list of "
                             "text parts, not null.")
-        if isinstance(m.content, list):
-            texts = []
-            for j, part in enumerate(m.content):
-                if part.type != "text" or part.text is None:
-                    raise bad_param(f"{param}.content[{j}]", f"Content part type '{part.type}' "
-                                    "is not supported; only text parts are.", "unsupported_value")
-                texts.append(part.text)
-            content = "\n".join(texts)
-        else:
-            content = m.content
+        content = _text(m.content, param)
         role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": content})
+        msg: dict[str, Any] = {"role": role, "content": content}
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise bad_param(f"{param}.tool_call_id", f"{param} is a tool result without "
+                                "tool_call_id.")
+            msg["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise bad_param(f"{param}.tool_calls", "Only assistant messages carry "
+                                "tool_calls.")
+            msg["tool_calls"] = [_call(c, f"{param}.tool_calls[{j}]")
+                                 for j, c in enumerate(m.tool_calls)]
+        out.append(msg)
+    check_tool_results(out)
     return out
+
+
+def _text(content: str | list[TextPart] | None, param: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise bad_param(f"{param}.content[{j}]", f"Content part type '{part.type}' "
+                            "is not supported; only text parts are.", "unsupported_value")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def _call(c: ToolCallIn, param: str) -> dict[str, Any]:
+    args = c.function.arguments
+    return {"id": c.id, "type": "function", "function": {
+        "name": c.function.name,
+        "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}}
 
 
 # ---- the responses ------------------------------------------------------------------------------
@@ -75,10 +197,30 @@ class ChatLogprobs:
     content: list[LogprobEntry]
 
 
+@dataclass
+class FunctionCallOut:
+    name: str
+    arguments: str
+
+
+@dataclass
+class ToolCallOut:
+    id: str
+    function: FunctionCallOut
+    type: str = "function"
+
+
 @dataclass(kw_only=True)
 class ChatMessageOut:
     role: str = "assistant"
-    content: str
+    content: str | None
+
+
+@dataclass(kw_only=True)
+class ChatMessageWithCalls(ChatMessageOut):
+    """An answer that called tools (`content` null when it wrote nothing else)."""
+
+    tool_calls: list[ToolCallOut]
 
 
 @dataclass(kw_only=True)
@@ -109,6 +251,27 @@ class ContentDelta:
     content: str
 
 
+@dataclass
+class FunctionDelta:
+    arguments: str
+    name: str | None = None
+
+
+@dataclass
+class ToolCallDelta:
+    """A piece of a call: the first carries `id`, `type` and the name."""
+
+    index: int
+    function: FunctionDelta
+    id: str | None = None
+    type: str | None = None
+
+
+@dataclass
+class ToolCallsDelta:
+    tool_calls: list[ToolCallDelta]
+
+
 @dataclass(frozen=True)
 class EndDelta:
     """A choice's last chunk, with its finish reason: `{}`."""
@@ -117,7 +280,7 @@ class EndDelta:
 @dataclass(kw_only=True)
 class ChunkChoice:
     index: int
-    delta: RoleDelta | ContentDelta | EndDelta
+    delta: RoleDelta | ContentDelta | ToolCallsDelta | EndDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 

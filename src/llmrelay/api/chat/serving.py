@@ -21,10 +21,16 @@ from llmrelay.api.chat.protocol import (
     ChatCompletionUsageChunk,
     ChatLogprobs,
     ChatMessageOut,
+    ChatMessageWithCalls,
     ChunkChoice,
     ContentDelta,
     EndDelta,
+    FunctionCallOut,
+    FunctionDelta,
     RoleDelta,
+    ToolCallDelta,
+    ToolCallOut,
+    ToolCallsDelta,
     normalize_messages,
 )
 from llmrelay.api.errors import bad_param
@@ -38,8 +44,21 @@ from llmrelay.api.pipeline import (
     usage_of,
 )
 from llmrelay.dispatch import conversation_keys
+from llmrelay.protocol import new_call_id
 
 ROLE, END = RoleDelta(), EndDelta()  # the same in every answer
+
+
+def message(final: dict[str, Any]) -> ChatMessageOut:
+    """The assistant's message of a whole answer: its text, and the tools it called (then a
+    text of nothing at all is null, as OpenAI answers)."""
+    calls = [ToolCallOut(c.get("id") or new_call_id(), FunctionCallOut(c.get("name", ""),
+                                                                     c.get("arguments", "")))
+             for c in final.get("tool_calls") or []]
+    text = final.get("text", "")
+    if not calls:
+        return ChatMessageOut(content=text)
+    return ChatMessageWithCalls(content=text or None, tool_calls=calls)
 
 
 def _one_prompt(i: int) -> int:
@@ -54,12 +73,16 @@ class ChatServing(GenerationServing):
         messages = normalize_messages(body.messages)
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_param("top_logprobs", "top_logprobs requires logprobs to be true.")
+        constraints = body.constraints()
+        constraints.check_workers(self.table, body.model)
+        accept = constraints.honoured_by if constraints.needs() else None
         params = sampling_params(body, request_id)
         params.update(
             messages=messages,
             max_new_tokens=body.max_completion_tokens or body.max_tokens,
             echo=False,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            **constraints.params(),
         )
         n = body.n or 1
         choices = per_choice(params, n)
@@ -68,10 +91,10 @@ class ChatServing(GenerationServing):
         id_, created, logprobs = f"chatcmpl-{request_id}", int(self.clock()), bool(body.logprobs)
 
         if not body.stream:
-            finals = await self.pipeline.answer_all(receive, body.model, choices, keys)
+            finals = await self.pipeline.answer_all(receive, body.model, choices, keys, accept)
             return self.response(id_, created, body.model, finals, logprobs)
 
-        opening = self.pipeline.opening(receive, body.model, choices, keys)
+        opening = self.pipeline.opening(receive, body.model, choices, keys, accept)
         await opening.wait_briefly()
         include_usage = body.include_usage
         return Streamed(lambda: self.chunks(id_, created, body.model, n, opening.frames(),
@@ -83,7 +106,7 @@ class ChatServing(GenerationServing):
         """A whole answer from each choice's whole delta frame."""
         return ChatCompletion(id=id_, created=created, model=model, choices=[ChatChoice(
             index=i,
-            message=ChatMessageOut(content=f.get("text", "")),
+            message=message(f),
             logprobs=ChatLogprobs((f.get("logprobs") or {}).get("content", []))
             if logprobs else None,
             finish_reason=finish_reason(f.get("finish_reason")),
@@ -108,6 +131,14 @@ class ChatServing(GenerationServing):
                         ChunkChoice(index=i, delta=ContentDelta(f.get("text", "")),
                                     logprobs=ChatLogprobs(lp.get("content") or [])
                                     if logprobs and lp else None)]))
+                if f.get("tool_calls"):
+                    out.append(ChatCompletionChunk(id=id_, created=created, model=model, choices=[
+                        ChunkChoice(index=i, delta=ToolCallsDelta([
+                            ToolCallDelta(index=d["index"], id=d.get("id"),
+                                          type="function" if d.get("id") else None,
+                                          function=FunctionDelta(d.get("arguments", ""),
+                                                                 d.get("name")))
+                            for d in f["tool_calls"]]))]))
                 if f.get("finish_reason"):
                     out.append(ChatCompletionChunk(id=id_, created=created, model=model, choices=[
                         ChunkChoice(index=i, delta=END,

@@ -29,6 +29,7 @@ from llmrelay.api.pipeline import (
     sampling_params,
     usage_of,
 )
+from llmrelay.api.tools import Constraints, logit_bias
 from llmrelay.protocol import LegacyLogprobs, text_offsets, to_legacy
 
 
@@ -72,9 +73,12 @@ class CompletionServing(GenerationServing):
             raise bad_param("best_of", "best_of must equal n (no server-side ranking).",
                             "unsupported_value")
         prompts = prompts_of(body.prompt)
+        constraints = Constraints(logit_bias=logit_bias(body.logit_bias))
+        constraints.check_workers(self.table, body.model)
+        accept = constraints.honoured_by if constraints.needs() else None
         params = sampling_params(body, request_id)
         params.update(max_new_tokens=16 if body.max_tokens is None else body.max_tokens,
-                      echo=bool(body.echo), logprobs=body.logprobs)
+                      echo=bool(body.echo), logprobs=body.logprobs, **constraints.params())
         choices = []
         for j, p in enumerate(prompts):
             choices.extend(per_choice({**params, **p, "request_id": f"{request_id}-p{j}"
@@ -83,10 +87,11 @@ class CompletionServing(GenerationServing):
         logprobs = body.logprobs is not None
 
         if not body.stream:
-            finals = await self.pipeline.answer_all(receive, body.model, choices)
+            finals = await self.pipeline.answer_all(receive, body.model, choices,
+                                                    accept=accept)
             return self.response(id_, created, body.model, n, finals, logprobs)
 
-        opening = self.pipeline.opening(receive, body.model, choices)
+        opening = self.pipeline.opening(receive, body.model, choices, accept=accept)
         await opening.wait_briefly()
         include_usage = body.include_usage
         return Streamed(lambda: self.chunks(id_, created, body.model, n, len(choices),

@@ -11,6 +11,10 @@ class Model:
     object: str = "model"
     created: int
     owned_by: str = "llmrelay"
+    # Ours: what the model's workers honour (a request for anything else is a 400), and the
+    # context length of its workers (0: not known).
+    features: list[str]
+    context_length: int = 0
 
 
 @dataclass(kw_only=True)

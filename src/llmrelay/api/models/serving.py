@@ -6,14 +6,34 @@ from llmrelay.api.errors import APIError
 from llmrelay.api.models.protocol import Model, ModelList
 from llmrelay.api.table import WorkerTable
 
+# Features in the order they are listed; a FastChat worker honours the first two.
+FEATURES = ("chat", "completions", "logprobs", "seed", "penalties", "prompt_token_ids",
+            "tools", "json_schema", "logit_bias", "embeddings")
+
 
 class ModelServing:
     def __init__(self, table: WorkerTable) -> None:
         self.table = table
 
+    def model(self, name: str, created: float) -> Model:
+        """A model with what at least one of its workers honours (requests are routed to one
+        that honours what they ask)."""
+        have: set[str] = set()
+        context = 0
+        for w in self.table.serving(name):
+            f = w.features
+            if f is None:  # FastChat's worker: text in, text out
+                have.update(("chat", "completions"))
+                continue
+            have.update(k for k in FEATURES if getattr(f, k, False))
+            if w.ours is not None:
+                context = max(context, w.ours.context_length)
+        return Model(id=name, created=int(created), features=[k for k in FEATURES if k in have],
+                     context_length=context)
+
     def list(self) -> ModelList:
         models = self.table.models()
-        return ModelList(data=[Model(id=m, created=int(models[m])) for m in sorted(models)])
+        return ModelList(data=[self.model(m, models[m]) for m in sorted(models)])
 
     def get(self, model: str) -> Model:
         models = self.table.models()
@@ -21,4 +41,4 @@ class ModelServing:
             self.table.check_model(model)  # raises the 404 (or 503) with the served names
             raise APIError(404, f"The model '{model}' does not exist.", param="model",
                            code="model_not_found")
-        return Model(id=model, created=int(models[model]))
+        return self.model(model, models[model])
