@@ -216,6 +216,25 @@ def test_token_id_prompts_are_refused_for_fastchat_only_model(interop: Interop) 
     assert "token ids" in e.value.message
 
 
+def test_tools_and_formats_are_refused_for_a_fastchat_only_model(interop: Interop) -> None:
+    """A FastChat worker cannot constrain generation: a clear 400 naming the parameter, the
+    model and why, never a silently unconstrained answer."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for kwargs, param in (({"tools": [tool], "tool_choice": "required"}, "tools"),
+                          ({"response_format": {"type": "json_object"}}, "response_format"),
+                          ({"logit_bias": {"5": 10}}, "logit_bias")):
+        with pytest.raises(openai.BadRequestError) as e:
+            interop.client().chat.completions.create(model=FC_ONLY, messages=MESSAGES,
+                                                     max_tokens=4, **kwargs)
+        assert e.value.body["param"] == param
+        assert FC_ONLY in e.value.message and "FastChat" in e.value.message
+    # the model shared with one of our workers is served there, constrained
+    r = interop.client().chat.completions.create(model=SHARED, messages=MESSAGES, max_tokens=120,
+                                                 temperature=0,
+                                                 response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
 def test_fastchat_worker_outlives_our_heartbeat_expiry(interop: Interop) -> None:
     """FastChat heartbeats every 45 s; our controller (1 s beats here) must not drop it."""
 

@@ -12,6 +12,8 @@ import openai
 import pytest
 from pydantic import BaseModel
 
+from conftest import Stack
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather now in a city.",
     "parameters": {"type": "object", "properties": {
@@ -254,3 +256,64 @@ def test_models_list_what_they_honour(client: openai.OpenAI) -> None:
     smol = client.models.retrieve("smol").model_dump()
     assert {"chat", "tools", "json_schema", "logit_bias", "logprobs"} <= set(smol["features"])
     assert smol["context_length"] == 2048
+
+
+def test_langchain_bind_tools_and_structured_output(stack: Stack) -> None:
+    """LangChain's ChatOpenAI pointed at us: bind_tools with a forced tool, and
+    with_structured_output (its json_schema method, the SDK's strict schema)."""
+    from langchain_core.tools import tool as lc_tool
+    from langchain_openai import ChatOpenAI
+
+    @lc_tool
+    def get_weather(city: str, unit: str) -> str:
+        """The weather now in a city, in celsius or fahrenheit."""
+        return "sunny"
+
+    llm = ChatOpenAI(model="smol", base_url=stack.api + "/v1", api_key="none", temperature=0,
+                     max_tokens=120, max_retries=0)
+    msg = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(
+        "What is the weather in Paris?")
+    assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_weather"
+    assert set(msg.tool_calls[0]["args"]) == {"city", "unit"}
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    person = llm.with_structured_output(Person).invoke("Describe a person.")
+    assert isinstance(person, Person) and person.name
+
+
+def test_llamacpp_grammar_dead_end_ends_only_that_request() -> None:
+    """In process, with the real model: a constraint whose every next token is banned (a -inf
+    bias, which only the worker's own wire allows) ends that request with a clear error; the
+    engine then serves the next; a constraint is compiled once however often it is asked."""
+    import asyncio
+    import math
+
+    from llmrelay.worker.constraints import Constraint
+    from llmrelay.worker.engines.base import EngineError, GenerationRequest
+    from llmrelay.worker.engines.llamacpp import Options, load
+    from llmrelay.worker.models import resolve
+
+    engine = load(Options(resolve("smollm2").path, context_length=512, n_threads=1, parallel=2))
+    quote = {t for t in range(engine.vocab_size()) if engine.detokenize([t]).startswith('"')}
+
+    async def go() -> None:
+        digits = Constraint(schema={"type": "string"})  # must begin with a quote
+        dead = GenerationRequest(prompt="Say it:", max_new_tokens=8, temperature=0,
+                                 constraint=digits, logit_bias={t: -math.inf for t in quote})
+        with pytest.raises(EngineError, match="allows no next token"):
+            async for _ in engine.generate(dead):
+                pass
+        for _ in range(3):
+            ok = GenerationRequest(prompt="Say it:", max_new_tokens=8, temperature=0,
+                                   constraint=Constraint(schema={"type": "string"}))
+            text = "".join([c.text async for c in engine.generate(ok)])
+            assert text.startswith('"')
+        assert engine.grammars.compiled == 1  # one distinct constraint, compiled once
+
+    try:
+        asyncio.run(go())
+    finally:
+        engine.close()

@@ -122,6 +122,12 @@ class Candidates:
     def any_allowed(self) -> bool:
         return bool(np.isfinite(self.data["logit"][: self.array.size]).any())
 
+    def selected_is_possible(self) -> bool:
+        """Whether the chain's pick has a finite logit (it picks something even when every
+        candidate is ruled out)."""
+        a = self.array
+        return a.selected >= 0 and bool(np.isfinite(a.data[a.selected].logit))
+
     def selected(self) -> int:
         return int(self.array.data[self.array.selected].id)
 
@@ -134,20 +140,25 @@ class Candidates:
 
 def sample_constrained(cands: Candidates, ctx: Any, idx: int, smpl: Any, grammar: Any,
                        bias: dict[int, float] | None = None) -> int:
-    """One token of a constrained sequence (see the module docstring); both samplers accept it."""
+    """One token of a constrained sequence (see the module docstring); both samplers accept it.
+    The token accepted is always one the grammar allows and the chain did not rule out (a
+    -inf bias); when there is none, DeadEnd."""
     llama_cpp.llama_sampler_apply(smpl, cands.fill(ctx, idx))
     token = cands.selected()
     if not cands.allows(grammar, token):
-        array = cands.fill_top(ctx, idx, min(TOP_FIRST, cands.n_vocab - 1), bias)
-        llama_cpp.llama_sampler_apply(grammar, array)
-        if not cands.any_allowed():
-            array = cands.fill(ctx, idx)
+        for array in (cands.fill_top(ctx, idx, min(TOP_FIRST, cands.n_vocab - 1), bias),
+                      cands.fill(ctx, idx)):
             llama_cpp.llama_sampler_apply(grammar, array)
             if not cands.any_allowed():
-                raise DeadEnd("the output constraint allows no next token (the grammar made "
-                              "from the schema dead-ends here); the answer was ended")
-        llama_cpp.llama_sampler_apply(smpl, array)
-        token = cands.selected()
+                continue
+            llama_cpp.llama_sampler_apply(smpl, array)
+            token = cands.selected()
+            if cands.selected_is_possible() and cands.allows(grammar, token):
+                break
+        else:
+            raise DeadEnd("the output constraint allows no next token (the grammar made from "
+                          "the schema, with the request's logit_bias, dead-ends here); the "
+                          "answer was ended")
     llama_cpp.llama_sampler_accept(grammar, token)
     llama_cpp.llama_sampler_accept(smpl, token)
     return token
