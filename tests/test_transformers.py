@@ -351,6 +351,29 @@ def _cos(a: list[float], b: list[float]) -> float:
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def test_tools_and_json_schema_through_the_sdk(hf: HF) -> None:
+    """The same constrained answers through our API server and the official SDK, streamed and
+    not (the worker-level tests above check them alone and inside the batch)."""
+    import jsonschema
+
+    c = hf.client()
+    kw = dict(model="smolhf", messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+              tools=[WEATHER, CLOCK], parallel_tool_calls=False, temperature=0, max_tokens=60,
+              tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    r = c.chat.completions.create(**kw)
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    streamed = "".join(d.function.arguments or "" for ch in c.chat.completions.create(
+        stream=True, **kw) for choice in ch.choices for d in choice.delta.tool_calls or [])
+    assert streamed == call.function.arguments
+    person = c.chat.completions.create(model="smolhf", response_format=PERSON, temperature=0,
+                                       messages=[{"role": "user", "content": "Invent a person."}],
+                                       max_tokens=60)
+    jsonschema.validate(json.loads(person.choices[0].message.content),
+                        PERSON["json_schema"]["schema"])
+
+
 def test_embeddings(hf: HF) -> None:
     c = hf.client()
     texts = ["A cat is sitting on the mat.", "A kitten rests on a rug.",

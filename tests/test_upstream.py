@@ -10,6 +10,7 @@ llama.cpp's server.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -135,6 +136,35 @@ def relay(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Re
 
 
 # -- llama.cpp's server as a managed upstream ---------------------------------------------------
+
+def test_tools_and_formats_pass_through_to_the_managed_server(relay: Relay) -> None:
+    """The openai engine passes tools, tool_choice and response formats to the upstream, which
+    enforces them its own way (llama-cpp-python's server: a named tool's schema, a JSON object
+    or schema), and its tool calls come back in OpenAI's shape, streamed and not."""
+    import jsonschema
+
+    c = relay.client()
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    kw = dict(model="managed-smol", temperature=0, max_tokens=60, tools=[tool],
+              messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+              tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    r = c.chat.completions.create(**kw)
+    calls = r.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(calls[0].function.arguments), tool["function"]["parameters"])
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
+    streamed = "".join(d.function.arguments or "" for ch in c.chat.completions.create(
+        stream=True, **kw) for choice in ch.choices for d in choice.delta.tool_calls or [])
+    assert json.loads(streamed) == json.loads(calls[0].function.arguments)
+    schema = {"type": "object", "properties": {"capital": {"type": "string"}},
+              "required": ["capital"]}
+    r = c.chat.completions.create(
+        model="managed-smol", temperature=0, max_tokens=60,
+        messages=[{"role": "user", "content": "The capital of France, as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
 
 def test_managed_worker_is_ready_before_it_serves(relay: Relay) -> None:
     up = upstream_of(relay.managed)

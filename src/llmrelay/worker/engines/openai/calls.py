@@ -27,7 +27,10 @@ class Call:
     extra_body: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, req: GenerationRequest, model: str) -> Call:
+    def of(cls, req: GenerationRequest, model: str, llama_cpp_python: bool = False) -> Call:
+        """`llama_cpp_python`: the upstream is llama-cpp-python's server (a managed one), which
+        takes a JSON schema as `{"type": "json_object", "schema": ...}` and ignores OpenAI's
+        `json_schema` type."""
         args: dict[str, Any] = {"model": model, "temperature": req.temperature,
                                 "top_p": req.top_p}
         if req.max_new_tokens is not None:
@@ -60,7 +63,8 @@ class Call:
                     args["tool_choice"] = req.tool_choice
                 args["parallel_tool_calls"] = req.parallel_tool_calls
             if req.response_format is not None:
-                args["response_format"] = req.response_format
+                args["response_format"] = (_as_json_object(req.response_format)
+                                           if llama_cpp_python else req.response_format)
             return cls(True, args, extra)
         args["prompt"] = req.prompt_token_ids if req.prompt_token_ids is not None else req.prompt
         if req.echo:
@@ -87,6 +91,13 @@ def choice_text(chat: bool, choice: Any) -> str:
         return getattr(choice, "text", None) or ""
     part = getattr(choice, "delta", None) or getattr(choice, "message", None)
     return (getattr(part, "content", None) or "") if part is not None else ""
+
+
+def _as_json_object(fmt: dict[str, Any]) -> dict[str, Any]:
+    if fmt.get("type") != "json_schema":
+        return fmt
+    schema = (fmt.get("json_schema") or {}).get("schema")
+    return {"type": "json_object", **({"schema": schema} if schema else {})}
 
 
 def choice_tool_calls(choice: Any) -> list[ToolCallDelta]:

@@ -197,7 +197,9 @@ class OpenAIEngine(Engine):
             self._running -= 1
 
     async def _generate(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
-        call = Call.of(req, self.model_for(req.model))
+        managed = self.options.managed
+        call = Call.of(req, self.model_for(req.model),
+                       llama_cpp_python=managed is not None and managed.server == "llama-cpp-server")
         stream = await self._create(call.chat, call.streamed())
         said: tuple[int, int] | None = None  # the upstream's usage, when it sends it
         pieces = 0  # tokens streamed, as far as the pieces tell
