@@ -17,6 +17,7 @@ import pytest
 
 from llmrelay.protocol import (
     ErrorCode,
+    Features,
     GenerateParams,
     ParamError,
     entries_of,
@@ -45,11 +46,15 @@ class ByteEngine(ThreadedEngine):
         self.started = threading.Event()  # the scheduler has taken a request
         self.step = threading.Event()  # set by a test to let the scheduler go on
         self.step.set()
+        self.permits: threading.Semaphore | None = None  # when set: one token per permit
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def context_length(self) -> int:
         return self.context
+
+    def features(self) -> Features:
+        return Features(continuation=True)
 
     def tokenize(self, text: str, chat: bool = False) -> list[int]:
         return list(text.encode())
@@ -78,8 +83,12 @@ class ByteEngine(ThreadedEngine):
                     return
                 gen = self.inbox.popleft()
             self.started.set()
-            for token in self.script:
+            for token in self.script[len(gen.forced):]:
+                while gen.replaying:  # resuming: the engine generates the earlier tokens again
+                    self.take(gen, gen.next_forced())  # type: ignore[arg-type]
                 self.step.wait(5)
+                if self.permits is not None:
+                    self.permits.acquire(timeout=5)
                 if self.take(gen, token) is not None:
                     break
                 self.wake()
@@ -203,6 +212,47 @@ def test_leaving_early_stops_the_generation() -> None:
         assert engine.started.is_set()
     finally:
         engine.close()
+
+
+def test_a_resumed_generation_continues_exactly_where_the_frames_stopped() -> None:
+    """Cut a generation after any chunk (a worker died there): another engine given the prompt
+    and the token ids received so far sends exactly the rest of the text (a character split
+    over tokens and a held-back partial stop string included), and counts the whole answer."""
+    text = "ab héllo ENDING ☃ END rest"
+    engine = ByteEngine(script(text))
+    engine.permits = threading.Semaphore(0)
+
+    async def slowly() -> list[Chunk]:  # one token at a time: a chunk per token where it can
+        out: list[Chunk] = []
+
+        async def read() -> None:
+            async for c in engine.generate(GenerationRequest(prompt="x", stop=["END "])):
+                out.append(c)
+
+        reader = asyncio.create_task(read())
+        while not reader.done():
+            engine.permits.release()  # type: ignore[union-attr]
+            await asyncio.sleep(0.01)
+        await reader
+        return out
+
+    try:
+        full = asyncio.run(slowly())
+    finally:
+        engine.close()
+    expected = text_of(full)
+    assert expected == "ab héllo ENDING ☃ "
+    received_ids: list[int] = []
+    received_text = ""
+    for chunk in full[:-1]:
+        received_ids += chunk.token_ids
+        received_text += chunk.text
+        rest = run(ByteEngine(script(text)), prompt="x", stop=["END "],
+                   generated=list(received_ids))
+        assert received_text + text_of(rest) == expected, (received_ids, text_of(rest))
+        assert rest[-1].completion_tokens == full[-1].completion_tokens
+        assert rest[-1].finish_reason == "stop"
+    assert received_ids and len(full) > 10  # many cut points, mid-character ones included
 
 
 # ---- the typed wire --------------------------------------------------------------------------

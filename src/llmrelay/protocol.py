@@ -31,8 +31,9 @@ EXT_TOKEN_IDS = "prompt_token_ids"  # accepts a prompt as token ids
 EXT_TOP_LOGPROBS = "top_logprobs"  # per-token logprob entries with alternatives
 EXT_TOOLS = "tools"  # tools, tool_choice, response_format, logit_bias; frames carry tool_calls
 EXT_FAIRNESS = "fairness"  # `key` (the API key's name) and `priority` order the worker's queue
+EXT_CONTINUATION = "continuation"  # delta frames carry `token_ids`; `generated_token_ids` resumes
 OUR_EXTENSIONS = [EXT_MESSAGES, EXT_DELTA, EXT_REQUEST_ID, EXT_TOKEN_IDS, EXT_TOP_LOGPROBS,
-                  EXT_TOOLS, EXT_FAIRNESS]
+                  EXT_TOOLS, EXT_FAIRNESS, EXT_CONTINUATION]
 
 
 class ErrorCode(IntEnum):
@@ -168,6 +169,9 @@ class GenerateParams(BaseModel):
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None  # json_object or json_schema
     logit_bias: dict[str, float] | None = None  # token id (as JSON keys are) -> bias
+    # Continuation (our `continuation` extension): the tokens an earlier worker generated for
+    # this request; the worker replays them (no text sent for them) and goes on from there.
+    generated_token_ids: list[int] | None = None
     # Fair sharing (our `fairness` extension): the API key's name, never the key itself.
     key: str | None = None
     priority: Literal["interactive", "batch"] | None = None
@@ -261,6 +265,7 @@ class Frame(TypedDict, total=False):
     finish_reason: str | None
     logprobs: DeltaLogprobs | LegacyLogprobs | None
     tool_calls: list[ToolCallWire]
+    token_ids: list[int]  # delta frames: the tokens generated since the last frame
 
 
 def new_call_id() -> str:
@@ -356,6 +361,7 @@ class Features(BaseModel):
     penalties: bool = False  # presence, frequency, repetition
     embeddings: bool = False
     embedding_dimensions: list[int] = Field(default_factory=list)
+    continuation: bool = False  # resumes another worker's generation from its token ids
     tools: bool = False  # tools and tool_choice, with calls valid against their schemas
     json_schema: bool = False  # response_format json_object / json_schema, enforced
     logit_bias: bool = False

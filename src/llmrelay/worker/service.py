@@ -129,6 +129,8 @@ class Framer:
                       "finish_reason": chunk.finish_reason}
         if self.delta:
             out["logprobs"] = {"content": chunk.logprobs} if chunk.logprobs else None
+            if chunk.token_ids:
+                out["token_ids"] = chunk.token_ids
         else:
             out["logprobs"] = to_legacy(self.entries, self.offsets) if self.entries else None
         if chunk.tool_calls:
@@ -154,6 +156,7 @@ class Framer:
             final["logprobs"] = ({"content": self.entries, "text_offset": self.offsets}
                                  if self.entries else None)
             final.pop("tool_calls", None)
+            final.pop("token_ids", None)
             if self.calls:
                 final["tool_calls"] = self.calls
         return final
@@ -311,6 +314,8 @@ class WorkerService:
                 return
             parser = toolcalls.ToolCallParser()
             async for chunk in chunks:
+                if chunk.replayed:  # resumed: what the earlier worker parsed (and sent) before
+                    parser.feed(chunk.replayed)
                 text, calls = parser.feed(chunk.text)
                 if chunk.finish_reason:
                     tail, more = parser.finish()

@@ -72,6 +72,7 @@ class GenerationRequest:
     parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    generated: list[int] = field(default_factory=list)  # resumed: tokens an earlier worker made
     key: str = ""  # the API key's name, for fair sharing
     priority: str = "interactive"
     # Set by the worker for engines that write tool calls as text (see toolcalls.py):
@@ -108,6 +109,7 @@ class GenerationRequest:
             parallel_tool_calls=p.parallel_tool_calls is not False,
             response_format=p.response_format,
             logit_bias=_logit_bias(p.logit_bias),
+            generated=list(p.generated_token_ids or []),
             key=p.key or "",
             priority=p.priority or "interactive",
         )
@@ -134,12 +136,17 @@ class Chunk:
     finish_reason: str | None = None
     logprobs: list[LogprobEntry] = field(default_factory=list)
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # the tokens generated since the last
+    # A resumed generation's first chunk: the text its replayed tokens had made (already sent
+    # by the earlier worker; the worker's tool-call parser reads it, nobody else).
+    replayed: str | None = None
 
     def merge(self, later: Chunk) -> Chunk:
         """This chunk followed by `later`, as one."""
         return Chunk(self.text + later.text, later.prompt_tokens, later.completion_tokens,
                      later.finish_reason, self.logprobs + later.logprobs,
-                     self.tool_calls + later.tool_calls)
+                     self.tool_calls + later.tool_calls, self.token_ids + later.token_ids,
+                     self.replayed if self.replayed is not None else later.replayed)
 
 
 class StopMatcher:

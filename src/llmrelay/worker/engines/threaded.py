@@ -34,6 +34,9 @@ from llmrelay.worker.engines.base import (
 )
 
 Item = Chunk | Exception | None  # a chunk; None: the end; an Exception: the end, failed
+# A token whose text is held back (half a character, a possible stop string) waits for the next
+# chunk; after this many such tokens a chunk goes anyway (no text), so its reader knows them.
+TOKENS_PER_CHUNK = 8
 
 
 class Mailbox:
@@ -79,7 +82,21 @@ class Generation:
         self.stops = StopMatcher(list(req.stop))
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.pending: list[LogprobEntry] = []  # logprobs not yet sent
+        self.sent = 0  # generated tokens already in a chunk
+        # Resumed from an earlier worker: these tokens are generated again first (the engine
+        # forces each as its next token, so the computation is the one the earlier worker
+        # did), their text only rebuilt, not sent.
+        self.forced: list[int] = list(req.generated)
+        self.replayed_text = ""
         self.done = False
+
+    @property
+    def replaying(self) -> bool:
+        return len(self.generated) < len(self.forced)
+
+    def next_forced(self) -> int | None:
+        """The token the engine must produce next, while replaying."""
+        return self.forced[len(self.generated)] if self.replaying else None
 
     @property
     def gone(self) -> bool:
@@ -94,7 +111,10 @@ class Generation:
         self.mailbox.wake()
 
     def chunk(self, text: str, finish_reason: str | None = None) -> Chunk:
-        out = Chunk(text, len(self.tokens), len(self.generated), finish_reason, self.pending)
+        new = self.generated[self.sent:]
+        self.sent = len(self.generated)
+        out = Chunk(text, len(self.tokens), len(self.generated), finish_reason, self.pending,
+                    token_ids=new)
         self.pending = []
         return out
 
@@ -203,16 +223,25 @@ class ThreadedEngine(Engine):
         n_prompt, n_ctx = len(tokens), self.context_length()
         if n_prompt == 0:
             raise EngineError("the prompt is empty", ErrorCode.PARAM_OUT_OF_RANGE)
-        if n_prompt >= n_ctx:
-            raise context_overflow(n_ctx, n_prompt)
+        if n_prompt + len(gen.forced) >= n_ctx:
+            raise context_overflow(n_ctx, n_prompt + len(gen.forced))
+        if gen.forced:
+            n_vocab = self.vocab_size()
+            bad = [t for t in gen.forced if not 0 <= t < n_vocab]
+            if bad:
+                raise EngineError(f"generated token id {bad[0]} is outside the vocabulary "
+                                  f"(0..{n_vocab - 1})", ErrorCode.PARAM_OUT_OF_RANGE)
+            if not self.features().continuation:
+                raise EngineError(f"the {self.name} engine cannot resume a generation",
+                                  ErrorCode.VALIDATION_TYPE_ERROR)
         room = n_ctx - n_prompt
         gen.tokens = tokens
         gen.max_new = room if req.max_new_tokens is None else min(req.max_new_tokens, room)
         self._refuse_if_closed()
-        if req.echo:
+        if req.echo and not gen.forced:
             gen.emit(Chunk(self.detokenize(tokens), n_prompt, 0))
-        if gen.max_new <= 0:
-            gen.emit(Chunk("", n_prompt, 0, "length"))
+        if gen.max_new <= len(gen.forced):
+            gen.emit(Chunk("", n_prompt, len(gen.forced), "length"))
             gen.emit(None)
             return
         self.prepare(gen)
@@ -251,6 +280,13 @@ class ThreadedEngine(Engine):
         reason when the generation ended (the scheduler then frees what it held for it)."""
         if gen.gone:
             return self.finish(gen, "abort")
+        if gen.replaying:
+            if token != gen.next_forced():  # never: the engine forces them (a bug if it did not)
+                self.fail(gen, EngineError(f"resuming: the engine produced token {token} where "
+                                           f"{gen.next_forced()} was generated before"))
+                return "error"
+            self._replay(gen, token)
+            return None
         if self.is_end(token) or token in gen.stop_ids:
             return self.finish(gen, "stop")
         if logprob is not None:
@@ -260,11 +296,24 @@ class ThreadedEngine(Engine):
         if hit:
             gen.post(gen.chunk(text))
             return self.finish(gen, "stop", stop_hit=True)
-        if text or gen.pending:
+        if text or gen.pending or len(gen.generated) - gen.sent >= TOKENS_PER_CHUNK:
             gen.post(gen.chunk(text))
         if len(gen.generated) >= gen.max_new:
             return self.finish(gen, "length")
         return None
+
+    def _replay(self, gen: Generation, token: int) -> None:
+        """One token of a resumed generation, generated again: its text rebuilds the decoder's
+        and the stop matcher's state (what the earlier worker sent); none of it is sent, but
+        the first chunk after the replay says it (`replayed`), for the worker's parser."""
+        gen.generated.append(token)
+        text, _ = gen.stops.feed(gen.decoder.decode(self.piece(gen, token)))
+        gen.replayed_text += text
+        if not gen.replaying:
+            gen.sent = len(gen.generated)
+            chunk = gen.chunk("")
+            chunk.replayed = gen.replayed_text
+            gen.post(chunk)
 
     def finish(self, gen: Generation, reason: str, stop_hit: bool = False) -> str:
         """End `gen` with `reason`: release the text held back (a possible stop string, half a

@@ -182,7 +182,10 @@ class LlamaCppEngine(ThreadedEngine):
     def features(self) -> Features:
         return Features(chat=True, completions=True, prompt_token_ids=True, logprobs=True,
                         top_logprobs=20, seed=True, penalties=True, tools=True, json_schema=True,
-                        logit_bias=True)
+                        logit_bias=True, continuation=True)
+
+    def status(self) -> dict[str, Any]:
+        return {"ready": True, "grammars_compiled": self.grammars.compiled}
 
     def tokenize(self, text: str, chat: bool = False) -> list[int]:
         tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
@@ -342,7 +345,11 @@ class LlamaCppEngine(ThreadedEngine):
                 seq.slot.cached.append(seq.next_token)
             else:
                 seq.slot.cached = list(seq.tokens)
-            if seq.grammar is None:
+            forced = seq.next_forced()
+            if forced is not None:  # resuming: the token the earlier worker generated here
+                sampling.force(self.candidates, seq.sampler, seq.grammar, forced)
+                token = forced
+            elif seq.grammar is None:
                 token = llama_cpp.llama_sampler_sample(seq.sampler, self.ctx, idx)
             else:
                 try:
@@ -355,12 +362,12 @@ class LlamaCppEngine(ThreadedEngine):
                     self.fail(seq, e)
                     continue
             logprob = (self._logprob(token, idx, seq.req.logprobs)
-                       if seq.req.logprobs is not None else None)
+                       if seq.req.logprobs is not None and forced is None else None)
             reason = self.take(seq, token, logprob)
             if reason is None:
                 seq.next_token = token
             else:
-                self._release(seq, active, keep_cache=reason != "abort")
+                self._release(seq, active, keep_cache=reason not in ("abort", "error"))
 
     def _release(self, seq: _Seq, active: list[_Seq], keep_cache: bool) -> None:
         if seq in active:

@@ -138,6 +138,19 @@ class Candidates:
         return bool(np.isfinite(self.one["logit"][0]))
 
 
+def force(cands: Candidates, smpl: Any, grammar: Any, token: int) -> None:
+    """`token` as a sequence's next, resuming another worker's generation: the samplers see it
+    as if they had drawn it (penalties and the grammar accept it; a seeded draw advances its
+    generator by the one draw it made there)."""
+    cands.one[0] = (token, 0.0, 0.0)
+    a = cands.one_array
+    a.size, a.selected, a.sorted = 1, -1, False
+    llama_cpp.llama_sampler_apply(smpl, ctypes.byref(a))
+    if grammar is not None:
+        llama_cpp.llama_sampler_accept(grammar, token)
+    llama_cpp.llama_sampler_accept(smpl, token)
+
+
 def sample_constrained(cands: Candidates, ctx: Any, idx: int, smpl: Any, grammar: Any,
                        bias: dict[int, float] | None = None) -> int:
     """One token of a constrained sequence (see the module docstring); both samplers accept it.
