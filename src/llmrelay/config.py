@@ -216,6 +216,13 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
         "often so proxies do not time the connection out",
     )
     p.add_argument(
+        "--max-migrations",
+        type=int,
+        default=2,
+        help="how often a started generation may move to another worker when its own fails "
+        "mid-answer (continuation: the client sees one unbroken answer); 0: never",
+    )
+    p.add_argument(
         "--table-refresh",
         type=float,
         default=1.0,

@@ -62,6 +62,9 @@ class ApiMetrics:
                                  "before the first token, or before the whole answer of a "
                                  "non-streamed request (the request moves on to another "
                                  "worker if one is left)", ["model"], registry=r)
+        self.migrations = Counter("llmrelay_api_migrations", "Started generations moved to "
+                                  "another worker mid-answer (continuation), by reason",
+                                  ["model", "reason"], registry=r)
 
         def live() -> Iterable[tuple[str, str, list[str], list[tuple[list[str], float]]]]:
             workers = list(table.workers.values())

@@ -268,6 +268,17 @@ class Frame(TypedDict, total=False):
     token_ids: list[int]  # delta frames: the tokens generated since the last frame
 
 
+def add_call_piece(calls: list[ToolCallWire], piece: ToolCallWire) -> None:
+    """Join a tool call's piece (from a delta frame) into whole calls, by its index."""
+    index = int(piece.get("index", 0))
+    while len(calls) <= index:
+        calls.append({"index": len(calls), "id": "", "name": "", "arguments": ""})
+    call = calls[index]
+    call["id"] = piece.get("id") or call["id"]
+    call["name"] = piece.get("name") or call["name"]
+    call["arguments"] += piece.get("arguments") or ""
+
+
 def new_call_id() -> str:
     """A tool call's id, as OpenAI writes them."""
     return f"call_{uuid.uuid4().hex[:24]}"

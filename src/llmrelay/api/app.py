@@ -46,6 +46,7 @@ def create_app(
     max_request_bytes: int = 4 * 1024 * 1024,
     request_timeout: float = 600.0,
     sse_keepalive: float = 10.0,
+    max_migrations: int = 2,
 ) -> FastAPI:
     headers = auth_headers(registration_token)
     table = WorkerTable(controllers)
@@ -55,7 +56,8 @@ def create_app(
         limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
         headers=headers,
     )
-    transport = WorkerTransport(table, side, FastChatAdapter(side), headers=headers)
+    transport = WorkerTransport(table, side, FastChatAdapter(side), headers=headers,
+                                max_migrations=max_migrations)
     pipeline = Pipeline(transport, Limits(request_timeout, sse_keepalive))
     keys = KeyChecker(api_keys or [])
 
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> None:
         args.allowed_headers, args.allow_credentials, args.table_refresh,
         token_from(args.registration_token, args.controller_address), args.max_request_bytes,
         args.request_timeout,
-        args.sse_keepalive,
+        args.sse_keepalive, args.max_migrations,
     )
     log.info("OpenAI-compatible API on http://%s:%d/v1 (%s)", args.host, args.port,
              "API keys required" if keys else "no API keys")

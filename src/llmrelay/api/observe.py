@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,6 +32,7 @@ class RequestRecord:
     first_token: float | None = None
     failovers: int = 0
     cancelled: bool = False
+    migrations: list[tuple[str, str, str]] = field(default_factory=list)  # (reason, from, to)
 
 
 _current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
@@ -62,6 +63,13 @@ def note_failover() -> None:
     rec = _current.get()
     if rec is not None:
         rec.failovers += 1
+
+
+def note_migration(reason: str, old: str, new: str) -> None:
+    """A started generation moved from worker `old` to `new` (api/migration.py)."""
+    rec = _current.get()
+    if rec is not None:
+        rec.migrations.append((reason, old, new))
 
 
 def note_cancelled() -> None:
@@ -112,6 +120,8 @@ class ObserveMiddleware:
         m.latency.labels(endpoint, model).observe(elapsed)
         if rec.failovers:
             m.failovers.labels(model).inc(rec.failovers)
+        for reason, _, _ in rec.migrations:
+            m.migrations.labels(model, reason).inc()
         if rec.prompt_tokens:
             m.prompt_tokens.labels(model).inc(rec.prompt_tokens)
         if rec.completion_tokens:
@@ -119,7 +129,8 @@ class ObserveMiddleware:
         if rec.first_token is not None:
             m.ttft.labels(model).observe(rec.first_token - rec.started)
         rid = (scope.get("state") or {}).get("request_id", "-")
-        log.info("request %s: %s %s model=%s -> %d, %d prompt + %d completion tokens, %.2f s%s",
+        moved = "".join(f", moved from {old} to {new} ({why})" for why, old, new in rec.migrations)
+        log.info("request %s: %s %s model=%s -> %d, %d prompt + %d completion tokens, %.2f s%s%s",
                  rid, scope["method"], scope["path"], model or "-", status, rec.prompt_tokens,
                  rec.completion_tokens, elapsed,
-                 f", {rec.failovers} failover(s)" if rec.failovers else "")
+                 f", {rec.failovers} failover(s)" if rec.failovers else "", moved)

@@ -20,6 +20,7 @@ import httpx
 
 from llmrelay.api.errors import APIError, from_worker
 from llmrelay.api.fastchat import CumulativeToDelta, FastChatAdapter, WorkerUnsuitable
+from llmrelay.api.migration import MigratingStream, join, resumable
 from llmrelay.api.observe import note_failover
 from llmrelay.api.table import Accept, Worker, WorkerTable
 from llmrelay.protocol import ErrorCode, dumps, iter_frame_batches, loads
@@ -86,8 +87,9 @@ class WorkerTransport:
 
     def __init__(self, table: WorkerTable, client: httpx.AsyncClient,
                  fastchat: FastChatAdapter | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, max_migrations: int = 2) -> None:
         self.table = table
+        self.max_migrations = max_migrations  # moves of a started generation (migration.py)
         self.client = client  # side questions; closed with the transport
         self.fastchat = fastchat or FastChatAdapter(client)
         self.headers = headers or {}
@@ -132,12 +134,27 @@ class WorkerTransport:
 
     async def open_stream(self, model: str, params: dict[str, Any],
                           keys: list[str] | None = None,
-                          accept: Accept | None = None) -> WorkerStream:
+                          accept: Accept | None = None) -> WorkerStream | MigratingStream:
         """Start a streamed generation (POST /worker_generate_stream) on a worker; it has sent
         its first frame when this returns. `params`: what our workers take (FastChat's workers
         get them translated). `keys`: the conversation's prefix keys, for `prefix` dispatch;
-        `accept`: which workers can take the request (tools.Constraints.honoured_by)."""
+        `accept`: which workers can take the request (tools.Constraints.honoured_by). On a
+        worker that can be resumed, the generation moves to another if its worker fails
+        mid-answer (migration.py)."""
+        stream = await self._open(model, params, keys, accept)
+        if self.max_migrations <= 0 or not resumable(stream.worker):
+            return stream
 
+        def resumes(w: Worker) -> bool:
+            return resumable(w) and (accept is None or accept(w))
+
+        async def reopen(again: dict[str, Any], avoid: set[str]) -> WorkerStream:
+            return await self._open(model, again, None, resumes, avoid)
+
+        return MigratingStream(stream, params, reopen, self.max_migrations)
+
+    async def _open(self, model: str, params: dict[str, Any], keys: list[str] | None,
+                    accept: Accept | None, exclude: set[str] | None = None) -> WorkerStream:
         async def start(worker: Worker, body: dict[str, Any], stack: contextlib.AsyncExitStack
                         ) -> tuple[dict[str, Any], WorkerStream]:
             response = await self._post(stack, worker.name + "/worker_generate_stream", body)
@@ -147,16 +164,20 @@ class WorkerTransport:
                                                 cumulative=not body.get("delta"))
 
         return await self._on_a_worker(model, self._generation(params), start, keep_open=True,
-                                       keys=keys, accept=accept)
+                                       keys=keys, accept=accept, exclude=exclude)
 
     async def generate_once(self, model: str, params: dict[str, Any],
                             keys: list[str] | None = None,
                             accept: Accept | None = None) -> dict[str, Any]:
-        """A whole generation in one answer (POST /worker_generate), as one delta frame: `text`
-        and `logprobs` cover the whole answer. One request and one JSON body instead of a frame
-        stream read frame by frame: all a non-streamed answer needs, for less of this server's
-        time. Our workers join their delta frames when asked for `delta`; FastChat's answer
-        with their last cumulative frame, turned into a delta from nothing here."""
+        """A whole generation as one delta frame: `text` and `logprobs` cover the whole answer.
+
+        Read as a stream of frames and joined here (migration.join), so a worker that fails
+        mid-answer hands the rest to another (continuation) instead of the answer starting over.
+        With `--max-migrations 0`: one request to POST /worker_generate and one JSON body (our
+        workers join their delta frames when asked for `delta`; FastChat's answer with their
+        last cumulative frame, turned into a delta from nothing here)."""
+        if self.max_migrations > 0:
+            return await join(await self.open_stream(model, params, keys, accept))
 
         async def once(worker: Worker, body: dict[str, Any], stack: contextlib.AsyncExitStack
                        ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -192,7 +213,7 @@ class WorkerTransport:
 
     async def _on_a_worker(self, model: str, body_for: BodyFor, attempt: Attempt[T],
                            keep_open: bool, keys: list[str] | None = None,
-                           accept: Accept | None = None) -> T:
+                           accept: Accept | None = None, exclude: set[str] | None = None) -> T:
         """Pick a worker and run `attempt` on it; on failure before its first frame, try
         another.
 
@@ -205,7 +226,7 @@ class WorkerTransport:
         down) are skipped; when all of them are, the answer is 429 with Retry-After.
         """
         table = self.table
-        tried: set[str] = set()
+        tried: set[str] = set(exclude or ())
         last_error = ""
         unsuitable = ""
         full = 0

@@ -36,6 +36,7 @@ from llmrelay.protocol import (
     LogprobEntry,
     ParamError,
     ToolCallWire,
+    add_call_piece,
     error_frame,
     loads,
     text_offsets,
@@ -135,14 +136,8 @@ class Framer:
             out["logprobs"] = to_legacy(self.entries, self.offsets) if self.entries else None
         if chunk.tool_calls:
             out["tool_calls"] = [d.wire() for d in chunk.tool_calls]  # type: ignore[misc]
-            for d in chunk.tool_calls:
-                while len(self.calls) <= d.index:
-                    self.calls.append({"index": len(self.calls), "id": "", "name": "",
-                                       "arguments": ""})
-                call = self.calls[d.index]
-                call["id"] = d.id or call["id"]
-                call["name"] = d.name or call["name"]
-                call["arguments"] += d.arguments
+            for piece in out["tool_calls"]:
+                add_call_piece(self.calls, piece)
         self.last = out
         return out
 

@@ -50,7 +50,7 @@ from llmrelay.worker.engines.hf.options import (
     load_error,
     torch_dtype,
 )
-from llmrelay.worker.engines.hf.sampling import request_processors, seeded
+from llmrelay.worker.engines.hf.sampling import Forced, request_processors, seeded
 from llmrelay.worker.engines.threaded import Generation, Mailbox, ThreadedEngine
 from llmrelay.worker.templates import ChatTemplateError
 
@@ -244,7 +244,7 @@ class TransformersEngine(ThreadedEngine):
         constrained = exact and self.grammars is not None
         return Features(chat=True, completions=True, prompt_token_ids=True, logprobs=False,
                         seed=True, penalties=True, tools=constrained, json_schema=constrained,
-                        logit_bias=exact)
+                        logit_bias=exact, continuation=exact)
 
     def tokenize(self, text: str, chat: bool = False) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=not chat)["input_ids"])
@@ -291,7 +291,9 @@ class TransformersEngine(ThreadedEngine):
             first.append(gen.guard)
         if req.logit_bias:
             first.append(LogitBias(req.logit_bias, self.n_vocab))
-        gen.procs = LogitsProcessorList([*first, *request_processors(len(gen.tokens), req, seed)])
+        last = [Forced(len(gen.tokens), gen.forced)] if gen.forced else []
+        gen.procs = LogitsProcessorList([*first, *request_processors(len(gen.tokens), req, seed),
+                                         *last])
 
     def take(self, gen: Generation, token: int,
              logprob: LogprobEntry | None = None) -> str | None:

@@ -87,3 +87,21 @@ def request_processors(n_prompt: int, req: GenerationRequest,
 def seeded(procs: LogitsProcessorList) -> bool:
     """Whether a request draws with its own seeded sampler."""
     return any(isinstance(p, SeededSampler) for p in procs)
+
+
+class Forced(LogitsProcessor):
+    """Resuming a generation another worker started: for the first tokens after the prompt,
+    only the token generated there is possible (after every other processor has run, so a
+    seeded sampler still makes its draw and stays where it was). Stateless: the position is
+    read off the ids, so it holds alone and inside the batch."""
+
+    def __init__(self, n_prompt: int, tokens: list[int]) -> None:
+        self.n_prompt, self.tokens = n_prompt, tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        at = input_ids.shape[1] - self.n_prompt
+        if at >= len(self.tokens):
+            return scores
+        out = torch.full_like(scores, -math.inf)
+        out[:, self.tokens[at]] = 0.0
+        return out
