@@ -374,6 +374,32 @@ def test_tools_and_json_schema_through_the_sdk(hf: HF) -> None:
                         PERSON["json_schema"]["schema"])
 
 
+def test_a_generation_resumes_on_another_worker(hf: HF) -> None:
+    """Continuation (the worker side of mid-stream failover): a greedy generation's first
+    tokens given back as `generated_token_ids` are generated again (forced, not sent) and the
+    answer goes on exactly as before."""
+    body = {"messages": [{"role": "user", "content": "Tell me a story about a dragon."}],
+            "delta": True, "echo": False, "temperature": 0, "max_new_tokens": 40}
+
+    def frames(extra: dict[str, Any]) -> list[dict[str, Any]]:
+        raw = httpx.post(hf.workers["smolhf"] + "/worker_generate_stream",
+                         json={**body, **extra}, timeout=300).content
+        return [json.loads(f) for f in raw.split(b"\0") if f]
+
+    full = frames({})
+    ids = [t for f in full for t in f.get("token_ids", [])]
+    text = "".join(f["text"] for f in full)
+    assert len(ids) == full[-1]["usage"]["completion_tokens"] > 10
+    cut, sent = 0, ""
+    for f in full[:4]:  # resume after the first frames
+        cut += len(f.get("token_ids", []))
+        sent += f["text"]
+    rest = frames({"generated_token_ids": ids[:cut]})
+    assert sent + "".join(f["text"] for f in rest) == text
+    assert [t for f in rest for t in f.get("token_ids", [])] == ids[cut:]
+    assert rest[-1]["usage"]["completion_tokens"] == full[-1]["usage"]["completion_tokens"]
+
+
 def test_embeddings(hf: HF) -> None:
     c = hf.client()
     texts = ["A cat is sitting on the mat.", "A kitten rests on a rug.",
