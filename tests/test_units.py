@@ -873,7 +873,8 @@ def test_normalize_joins_text_parts() -> None:
 
 
 @pytest.mark.parametrize(("bad", "param_prefix"), [
-    ({"role": "tool", "content": "result", "tool_call_id": "x"}, "messages[1].role"),
+    # a tool result must answer a call the assistant made
+    ({"role": "tool", "content": "result", "tool_call_id": "x"}, "messages[1].tool_call_id"),
     ({"role": "function", "content": "result", "name": "f"}, "messages[1].role"),
     ({"role": "wizard", "content": "abracadabra"}, "messages[1].role"),
     ({"role": "user", "content": None}, "messages[1].content"),
