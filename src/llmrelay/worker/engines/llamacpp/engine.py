@@ -182,7 +182,7 @@ class LlamaCppEngine(ThreadedEngine):
     def features(self) -> Features:
         return Features(chat=True, completions=True, prompt_token_ids=True, logprobs=True,
                         top_logprobs=20, seed=True, penalties=True, tools=True, json_schema=True,
-                        logit_bias=True)
+                        logit_bias=True, tokenize=True)
 
     def tokenize(self, text: str, chat: bool = False) -> list[int]:
         tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
