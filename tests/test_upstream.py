@@ -215,16 +215,38 @@ def test_chat_and_completions_through_llamacpp_server(relay: Relay) -> None:
     counted(usage, text_usage)
 
 
-def test_count_token_through_the_upstream_tokenizer(relay: Relay) -> None:
-    """/count_token asks the upstream's tokenize endpoint (llama.cpp's server: /extras/tokenize);
-    an upstream without one (another llmrelay) is refused with the reason."""
+def test_count_token_and_tokenize_through_the_upstream_tokenizer(relay: Relay,
+                                                                 stack: Stack) -> None:
+    """/count_token, /tokenize and /detokenize ask the upstream's own endpoints (llama.cpp's
+    server: /extras/tokenize and /extras/detokenize; another llmrelay: its /tokenize and
+    /detokenize), also through the API server; chat messages are counted by the upstream (a
+    one-token answer) and cannot be tokenized here (the upstream renders them)."""
     base = upstream_of(relay.managed)["base_url"].removesuffix("/v1")
     text = "How many tokens are in this sentence?"
     direct = httpx.post(base + "/extras/tokenize", json={"input": text}, timeout=30).json()
     r = httpx.post(relay.managed + "/count_token", json={"prompt": text}, timeout=30)
     assert r.json() == {"count": len(direct["tokens"]), "error_code": 0}
+    r = httpx.post(relay.api + "/tokenize", json={"model": "managed-smol", "prompt": text})
+    assert r.json()["tokens"] == direct["tokens"] and r.json()["max_model_len"] == 1024
+    r = httpx.post(relay.api + "/detokenize", json={"model": "managed-smol",
+                                                    "tokens": direct["tokens"]})
+    assert r.json()["prompt"].strip() == text
+    ours = httpx.post(stack.api + "/tokenize", json={"model": "smol", "prompt": text}).json()
     r = httpx.post(relay.remote + "/count_token", json={"prompt": text}, timeout=30)
-    assert r.json()["error_code"] == 40001 and "no tokenize endpoint" in r.json()["text"]
+    assert r.json() == {"count": ours["count"], "error_code": 0}
+    r = httpx.post(relay.api + "/tokenize", json={"model": "relay-smol", "prompt": text})
+    assert r.json()["tokens"] == ours["tokens"]
+    r = httpx.post(relay.api + "/detokenize", json={"model": "relay-smol",
+                                                    "tokens": ours["tokens"]})
+    assert r.json()["prompt"] == text
+    messages = [{"role": "user", "content": "Hi"}]
+    used = relay.client().chat.completions.create(model="managed-smol", messages=messages,
+                                                  max_tokens=1, temperature=0)
+    r = httpx.post(relay.managed + "/count_token", json={"prompt": messages}, timeout=30)
+    assert r.json() == {"count": used.usage.prompt_tokens, "error_code": 0}
+    r = httpx.post(relay.api + "/tokenize", json={"model": "managed-smol",
+                                                  "messages": messages})
+    assert r.status_code == 400 and "renders them" in r.json()["error"]["message"]
 
 
 def test_upstream_errors_keep_their_meaning(relay: Relay) -> None:

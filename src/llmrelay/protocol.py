@@ -32,8 +32,11 @@ EXT_TOP_LOGPROBS = "top_logprobs"  # per-token logprob entries with alternatives
 EXT_TOOLS = "tools"  # tools, tool_choice, response_format, logit_bias; frames carry tool_calls
 EXT_FAIRNESS = "fairness"  # `key` (the API key's name) and `priority` order the worker's queue
 EXT_CONTINUATION = "continuation"  # delta frames carry `token_ids`; `generated_token_ids` resumes
+# `/tokenize` and `/detokenize`; `/count_token` takes chat `messages` with `tools`; a frame that
+# ended at a stop string names it (`stop_sequence`)
+EXT_TOKENIZE = "tokenize"
 OUR_EXTENSIONS = [EXT_MESSAGES, EXT_DELTA, EXT_REQUEST_ID, EXT_TOKEN_IDS, EXT_TOP_LOGPROBS,
-                  EXT_TOOLS, EXT_FAIRNESS, EXT_CONTINUATION]
+                  EXT_TOOLS, EXT_FAIRNESS, EXT_CONTINUATION, EXT_TOKENIZE]
 
 
 class ErrorCode(IntEnum):
@@ -257,7 +260,8 @@ class ToolCallWire(TypedDict, total=False):
 class Frame(TypedDict, total=False):
     """One frame of a worker stream (JSON + NUL), or /worker_generate's whole answer.
     `error_code` 0 is success; otherwise `text` is the error's message. `finish_reason`
-    `tool_calls`: the answer ended after calling tools."""
+    `tool_calls`: the answer ended after calling tools. `stop_sequence` (ours, on the last
+    frame): the stop string that ended it, when the engine knows."""
 
     text: str
     error_code: int
@@ -266,6 +270,7 @@ class Frame(TypedDict, total=False):
     logprobs: DeltaLogprobs | LegacyLogprobs | None
     tool_calls: list[ToolCallWire]
     token_ids: list[int]  # delta frames: the tokens generated since the last frame
+    stop_sequence: str
 
 
 def add_call_piece(calls: list[ToolCallWire], piece: ToolCallWire) -> None:
@@ -376,6 +381,7 @@ class Features(BaseModel):
     tools: bool = False  # tools and tool_choice, with calls valid against their schemas
     json_schema: bool = False  # response_format json_object / json_schema, enforced
     logit_bias: bool = False
+    tokenize: bool = False  # gives token ids of a prompt and text of token ids
 
 
 class OurStatus(BaseModel):

@@ -21,11 +21,14 @@ from llmrelay.api.completions.serving import CompletionServing
 from llmrelay.api.embeddings.serving import EmbeddingServing
 from llmrelay.api.fastchat import FastChatAdapter
 from llmrelay.api.feed import ControllerFeed
+from llmrelay.api.messages import errors as anthropic_errors
+from llmrelay.api.messages.serving import MessagesServing
 from llmrelay.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from llmrelay.api.models.serving import ModelServing
 from llmrelay.api.observe import ObserveMiddleware
 from llmrelay.api.pipeline import Limits, Pipeline
 from llmrelay.api.table import WorkerTable
+from llmrelay.api.tokenize.serving import TokenServing
 from llmrelay.api.transport import WorkerTransport
 from llmrelay.config import split_csv
 from llmrelay.metrics import ApiMetrics
@@ -70,7 +73,7 @@ def create_app(
         await transport.aclose()
 
     app = FastAPI(title="llmrelay OpenAI-compatible API", lifespan=lifespan)
-    errors.install(app)
+    errors.install(app, {routes.MESSAGES: anthropic_errors.response})
     app.add_middleware(
         CORSMiddleware,
         allow_origins=allowed_origins or ["*"],
@@ -91,7 +94,9 @@ def create_app(
     guarded: list[Any] = [Depends(authorized)] if keys.enabled else []
     routes.mount(app, guarded, feed, metrics,
                  chat=ChatServing(table, pipeline), completions=CompletionServing(table, pipeline),
-                 embeddings=EmbeddingServing(table, transport), models=ModelServing(table))
+                 embeddings=EmbeddingServing(table, transport), models=ModelServing(table),
+                 messages=MessagesServing(table, pipeline, transport),
+                 tokens=TokenServing(table, transport))
     return app
 
 

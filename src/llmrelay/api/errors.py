@@ -2,12 +2,14 @@
 
 Every failure the API server can meet ends here: validation, unknown model, auth, no worker,
 worker errors (FastChat error codes mapped to statuses), and anything unexpected (a generic 500
-with no traceback; the traceback goes to the log).
+with no traceback; the traceback goes to the log). A front door with an error shape of its own
+(Anthropic's Messages API) gives `install` a `Shape` for its paths.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,6 +31,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        overloaded: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -37,6 +40,7 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        self.overloaded = overloaded  # the model's workers are full (not the caller's limit)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type,
@@ -60,7 +64,7 @@ def from_worker(error_code: int, text: str) -> APIError:
         return APIError(404, text, param="model", code="model_not_found")
     if error_code in (ErrorCode.RATE_LIMIT, ErrorCode.ENGINE_OVERLOADED):
         return APIError(429, text, type="rate_limit_exceeded", code="rate_limit_exceeded",
-                        headers={"Retry-After": "1"})
+                        headers={"Retry-After": "1"}, overloaded=True)
     return APIError(500, f"the model worker failed: {text}", type="server_error")
 
 
@@ -76,10 +80,26 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     return out
 
 
-def install(app: FastAPI) -> None:
+# An error in a front door's own shape (e.g. Anthropic's), for the paths it serves.
+Shape = Callable[[APIError], JSONResponse]
+
+
+def install(app: FastAPI, shapes: dict[str, Shape] | None = None) -> None:
+    """The error handlers: OpenAI's shape, except on the paths under a prefix of `shapes`
+    (the prefix itself, or below it), which get that shape."""
+    shaped = dict(shapes or {})
+
+    def render(request: Request, e: APIError) -> JSONResponse:
+        if shaped:
+            path = request.url.path
+            for prefix, shape in shaped.items():
+                if path == prefix or path.startswith(prefix + "/"):
+                    return shape(e)
+        return e.response()
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
-        return e.response()
+        return render(request, e)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -88,13 +108,14 @@ def install(app: FastAPI) -> None:
         param = _loc_to_param(tuple(first.get("loc", ())))
         msg = str(first.get("msg", "invalid request"))
         if first.get("type") == "json_invalid":
-            return bad_param("body", "The request body is not valid JSON.", None).response()
+            return render(request, bad_param("body", "The request body is not valid JSON.", None))
         if first.get("type") == "missing":
             message = f"Missing required parameter: '{param}'."
         else:
             message = f"Invalid value for '{param}': {msg}." if param else f"{msg}."
-        return APIError(400, message, param=param,
-                        code="invalid_value" if first.get("type") != "missing" else None).response()
+        return render(request, APIError(
+            400, message, param=param,
+            code="invalid_value" if first.get("type") != "missing" else None))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -105,10 +126,10 @@ def install(app: FastAPI) -> None:
         else:
             message = str(e.detail)
         err_type = "invalid_request_error" if e.status_code < 500 else "server_error"
-        return APIError(e.status_code, message, type=err_type).response()
+        return render(request, APIError(e.status_code, message, type=err_type))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return APIError(500, "The server had an error while processing your request.",
-                        type="server_error").response()
+        return render(request, APIError(500, "The server had an error while processing your "
+                                        "request.", type="server_error"))

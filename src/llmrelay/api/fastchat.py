@@ -83,6 +83,14 @@ class FastChatAdapter:
             raise WorkerUnsuitable(f"{worker.name} could not count tokens: {data.get('text')}")
         return int(data["count"])
 
+    async def rendered(self, worker: Worker, model: str, messages: list[dict[str, Any]]) -> str:
+        """Chat messages as the prompt the worker's conversation template makes of them."""
+        conv, _ = await self.info(worker, model)
+        try:
+            return conv.render(messages)
+        except ConvTemplateError as e:
+            raise APIError(400, str(e), param="messages") from e
+
     async def params(self, worker: Worker, ours: dict[str, Any]) -> dict[str, Any]:
         """FastChat worker params for one choice, from the params we would send our own
         workers. `ours["messages"]` (chat) are rendered with the worker's template, whose stop
@@ -94,10 +102,7 @@ class FastChatAdapter:
         stop_ids: list[int] | None = None
         messages = ours.get("messages")
         if messages is not None:
-            try:
-                prompt = conv.render(messages)
-            except ConvTemplateError as e:
-                raise APIError(400, str(e), param="messages") from e
+            prompt = await self.rendered(worker, model, messages)
             stop = conv.stops(stop)
             stop_ids = conv.stop_token_ids or None
         elif isinstance(ours.get("prompt"), str):

@@ -20,7 +20,8 @@ from llmrelay.metrics import ApiMetrics
 
 log = logging.getLogger("llmrelay.api")
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
+             "/v1/messages/count_tokens", "/v1/messages")
 
 
 @dataclass

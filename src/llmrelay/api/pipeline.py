@@ -383,10 +383,24 @@ class GenerationServing:
         note_model(body.model)
 
 
+@dataclass(frozen=True)
+class SSEFormat:
+    """How a front door writes its event stream: each chunk, an error mid-stream, the end."""
+
+    chunk: Callable[[Any], bytes] = sse
+    error: Callable[[APIError], bytes] = lambda e: sse(e.body())
+    done: bytes = SSE_DONE
+
+
+OPENAI_SSE = SSEFormat()  # `data:` lines, errors as OpenAI's error objects, then [DONE]
+
+
 async def sse_stream(chunks: Callable[[], AsyncIterator[list[Any]]],
-                     opening: Opening | None = None) -> AsyncIterator[bytes]:
+                     opening: Opening | None = None,
+                     fmt: SSEFormat = OPENAI_SSE) -> AsyncIterator[bytes]:
     """Serialize chunks as SSE, each list of chunks in one write; a failure mid-stream becomes
-    an error event, then [DONE]. `chunks` is called once the opening's streams are open.
+    an error event, then the end (`fmt`: OpenAI's by default). `chunks` is called once the
+    opening's streams are open.
 
     With an `opening` still waiting for busy workers, SSE comments keep the connection alive
     (so a proxy's read timeout does not cut it) until the generations start.
@@ -397,33 +411,35 @@ async def sse_stream(chunks: Callable[[], AsyncIterator[list[Any]]],
                 yield comment
         async for batch in chunks():
             if batch:
-                yield b"".join(sse(c) for c in batch)
+                yield b"".join(fmt.chunk(c) for c in batch)
     except APIError as e:
         log.warning("stream ended with an error: %s", e.message)
-        yield sse(e.body())
+        yield fmt.error(e)
     except Exception:
         log.exception("stream failed")
-        yield sse(APIError(500, "The server had an error while streaming.", "server_error").body())
+        yield fmt.error(APIError(500, "The server had an error while streaming.", "server_error"))
     finally:
         if opening is not None:
             await opening.close_if_unused()
-    yield SSE_DONE
+    if fmt.done:
+        yield fmt.done
 
 
 @dataclass
 class Streamed:
-    """A streamed answer: its chunks (made once the generations are open), and the opening to
-    close if they are never read."""
+    """A streamed answer: its chunks (made once the generations are open), the opening to
+    close if they are never read, and how its front door writes them."""
 
     chunks: Callable[[], AsyncIterator[list[Any]]]
     opening: Opening
+    fmt: SSEFormat = OPENAI_SSE
 
 
 def respond(answer: Any) -> Response:
     """The HTTP response for what a serving class answered: a response dataclass as JSON, or
     a `Streamed` answer as SSE."""
     if isinstance(answer, Streamed):
-        return ClosingStreamingResponse(sse_stream(answer.chunks, answer.opening),
+        return ClosingStreamingResponse(sse_stream(answer.chunks, answer.opening, answer.fmt),
                                         media_type="text/event-stream", headers=SSE_HEADERS,
                                         cleanup=answer.opening.close_if_unused)
     return FastJSONResponse(answer)

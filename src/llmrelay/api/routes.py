@@ -18,12 +18,17 @@ from llmrelay.api.completions.serving import CompletionServing
 from llmrelay.api.embeddings.protocol import EmbeddingRequest
 from llmrelay.api.embeddings.serving import EmbeddingServing
 from llmrelay.api.feed import ControllerFeed
+from llmrelay.api.messages.protocol import CountTokensRequest, MessagesRequest
+from llmrelay.api.messages.serving import MessagesServing
 from llmrelay.api.models.serving import ModelServing
 from llmrelay.api.pipeline import respond
+from llmrelay.api.tokenize.protocol import DetokenizeRequest, TokenizeRequest
+from llmrelay.api.tokenize.serving import TokenServing
 from llmrelay.metrics import ApiMetrics, metrics_response
 from llmrelay.status import rows as status_rows
 
 WEBUI = Path(__file__).parent / "webui"
+MESSAGES = "/v1/messages"
 # The chat page loads only its own files; model text is escaped before rendering, and this
 # policy forbids inline scripts and handlers even if something slipped through.
 WEBUI_HEADERS = {
@@ -36,7 +41,7 @@ WEBUI_HEADERS = {
 
 def mount(app: FastAPI, guarded: list[Depends], feed: ControllerFeed, metrics: ApiMetrics,
           chat: ChatServing, completions: CompletionServing, embeddings: EmbeddingServing,
-          models: ModelServing) -> None:
+          models: ModelServing, messages: MessagesServing, tokens: TokenServing) -> None:
     """Add every route to `app`; `guarded` are the dependencies that check API keys."""
     table = feed.table
 
@@ -60,6 +65,25 @@ def mount(app: FastAPI, guarded: list[Depends], feed: ControllerFeed, metrics: A
     @app.post("/v1/embeddings", dependencies=guarded)
     async def create_embeddings(request: Request, body: EmbeddingRequest) -> Any:
         return respond(await embeddings.create(body, request.receive))
+
+    # Anthropic's Messages API (its errors in Anthropic's shape: app.py gives errors.install
+    # the shape for these paths)
+    @app.post(MESSAGES, dependencies=guarded)
+    async def create_message(request: Request, body: MessagesRequest) -> Any:
+        return respond(await messages.create(body, request.state.request_id, request.receive))
+
+    @app.post(MESSAGES + "/count_tokens", dependencies=guarded)
+    async def count_message_tokens(body: CountTokensRequest) -> Any:
+        return respond(await messages.count_tokens(body))
+
+    # vLLM's and llama.cpp's tokenizer endpoints
+    @app.post("/tokenize", dependencies=guarded)
+    async def tokenize(body: TokenizeRequest) -> Any:
+        return respond(await tokens.tokenize(body))
+
+    @app.post("/detokenize", dependencies=guarded)
+    async def detokenize(body: DetokenizeRequest) -> Any:
+        return respond(await tokens.detokenize(body))
 
     @app.get("/metrics", dependencies=guarded)
     async def get_metrics() -> Any:

@@ -209,6 +209,23 @@ class WorkerTransport:
 
         return await self._on_a_worker(model, same, once, keep_open=False, accept=accept)
 
+    async def ask(self, model: str, path: str, body_for: BodyFor,
+                  accept: Accept | None = None) -> dict[str, Any]:
+        """A small question to a worker of `model` that `accept` takes (POST `path`, one JSON
+        answer: token counts, token ids), with failover like a generation. `body_for` builds the
+        body for the worker picked (FastChat's workers may need another)."""
+
+        async def once(worker: Worker, body: dict[str, Any], stack: contextlib.AsyncExitStack
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+            response = await self._post(stack, worker.name + path, body)
+            data = _answer(await response.read())
+            if response.status >= 400 and not data.get("error_code"):  # e.g. no such endpoint
+                data = {"text": f"{path} answered HTTP {response.status}",
+                        "error_code": int(ErrorCode.INTERNAL_ERROR)}
+            return data, data
+
+        return await self._on_a_worker(model, body_for, once, keep_open=False, accept=accept)
+
     # ---- failover ----------------------------------------------------------------------------
 
     async def _on_a_worker(self, model: str, body_for: BodyFor, attempt: Attempt[T],
@@ -285,7 +302,7 @@ class WorkerTransport:
         if full and full == len(tried):
             raise APIError(429, f"Every worker serving '{model}' is busy; retry shortly.",
                            type="rate_limit_exceeded", code="rate_limit_exceeded",
-                           headers={"Retry-After": "1"})
+                           headers={"Retry-After": "1"}, overloaded=True)
         if unsuitable and not last_error and not full:
             raise APIError(400, f"No worker of '{model}' can serve this request: {unsuitable}.")
         if last_error:

@@ -130,6 +130,14 @@ def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
     async def count_token(request: Request) -> Any:
         return await service.count_token(await body_of(request))
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Any:
+        return await service.tokenize(await body_of(request))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Any:
+        return await service.detokenize(await body_of(request))
+
     @app.post("/model_details")
     async def model_details() -> Any:
         return service.model_details()

@@ -134,6 +134,8 @@ class Framer:
                 out["token_ids"] = chunk.token_ids
         else:
             out["logprobs"] = to_legacy(self.entries, self.offsets) if self.entries else None
+        if chunk.stop_sequence is not None:
+            out["stop_sequence"] = chunk.stop_sequence
         if chunk.tool_calls:
             out["tool_calls"] = [d.wire() for d in chunk.tool_calls]  # type: ignore[misc]
             for piece in out["tool_calls"]:
@@ -349,12 +351,45 @@ class WorkerService:
     # ---- the small endpoints -----------------------------------------------------------------
 
     async def count_token(self, body: dict[str, Any]) -> dict[str, Any]:
+        """FastChat's `{"prompt": text}`; ours also chat messages as `prompt` (or `messages`),
+        with `tools` (see `prompt_request`)."""
         prompt = body.get("prompt")
-        if isinstance(prompt, list):  # our API server may count chat messages
-            prompt = await asyncio.to_thread(self.engine.render_chat, prompt)
+        if isinstance(prompt, list) or body.get("messages") is not None:
+            return {"count": await self.engine.count_prompt(self.prompt_request(body)),
+                    "error_code": 0}
         if not isinstance(prompt, str):
             raise EngineError("prompt must be a string", ErrorCode.VALIDATION_TYPE_ERROR)
         return {"count": await self.engine.count_tokens(prompt), "error_code": 0}
+
+    def prompt_request(self, body: dict[str, Any]) -> GenerationRequest:
+        """A prompt to count or tokenize, as a generation of it would read it: `prompt` (text,
+        or chat messages from our API server), `messages`, or `prompt_token_ids`; chat
+        messages with their `tools` and `tool_choice` put in them as for a generation
+        (`plan`). EngineError 40001 when refused."""
+        fields = {k: body[k] for k in ("model", "prompt", "messages", "prompt_token_ids", "tools",
+                                       "tool_choice", "parallel_tool_calls") if k in body}
+        if isinstance(fields.get("prompt"), list):
+            fields["messages"] = fields.pop("prompt")
+        try:
+            params = GenerateParams.parse(fields)
+        except ParamError as e:
+            raise refused(e) from None
+        req = GenerationRequest.from_params(params, self.engine.template_stops())
+        self.plan(req)
+        return req
+
+    async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The token ids of a prompt (`prompt_request`), as the model reads it."""
+        ids = await self.engine.prompt_ids(self.prompt_request(body))
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.context_length(),
+                "error_code": 0}
+
+    async def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The text of `tokens` (token ids)."""
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+            raise EngineError("tokens must be a list of token ids", ErrorCode.VALIDATION_TYPE_ERROR)
+        return {"prompt": await self.engine.text_of(tokens), "error_code": 0}
 
     def model_details(self) -> dict[str, Any]:
         return {"context_length": self.engine.context_length()}

@@ -90,29 +90,8 @@ class ChatCompletionRequest(SamplingRequest):
 
     def constraints(self) -> Constraints:
         """The tools, response format and logit bias, checked (400s naming the parameter)."""
-        tools = []
-        for i, t in enumerate(self.tools or []):
-            if t.type != "function":
-                raise bad_param(f"tools[{i}].type", f"Tool type '{t.type[:40]}' is not "
-                                "supported; only function tools are.", "unsupported_value")
-            f = t.function
-            tools.append(tool(f.name, f.parameters, f.description, f.strict,
-                              f"tools[{i}].function"))
-        choice = self.tool_choice
-        if isinstance(choice, dict):
-            name = (choice.get("function") or {}).get("name") if isinstance(
-                choice.get("function"), dict) else None
-            if choice.get("type") != "function" or not name:
-                raise bad_param("tool_choice", "tool_choice must be 'none', 'auto', 'required' "
-                                "or {'type': 'function', 'function': {'name': ...}}.")
-            choice = name
-        elif choice is not None and choice not in ("none", "auto", "required"):
-            raise bad_param("tool_choice", "tool_choice must be 'none', 'auto', 'required' or "
-                            "{'type': 'function', 'function': {'name': ...}}.")
-        chosen, named = choose(tools, choice)
-        out = Constraints(tools=tools, tool_choice=chosen, named=named,
-                          parallel=self.parallel_tool_calls is not False,
-                          logit_bias=logit_bias(self.logit_bias))
+        out = tool_constraints(self.tools, self.tool_choice, self.parallel_tool_calls)
+        out.logit_bias = logit_bias(self.logit_bias)
         fmt = self.response_format
         if fmt is not None:
             if fmt.type == "json_object":
@@ -130,6 +109,31 @@ class ChatCompletionRequest(SamplingRequest):
                                 f"'{fmt.type[:40]}' is not supported; use text, json_object or "
                                 "json_schema.", "unsupported_value")
         return out
+
+
+def tool_constraints(tools_in: list[ChatTool] | None, choice: str | dict[str, Any] | None,
+                     parallel: bool | None) -> Constraints:
+    """OpenAI's chat `tools`, `tool_choice` and `parallel_tool_calls`, checked (400s naming the
+    parameter)."""
+    tools = []
+    for i, t in enumerate(tools_in or []):
+        if t.type != "function":
+            raise bad_param(f"tools[{i}].type", f"Tool type '{t.type[:40]}' is not "
+                            "supported; only function tools are.", "unsupported_value")
+        f = t.function
+        tools.append(tool(f.name, f.parameters, f.description, f.strict, f"tools[{i}].function"))
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if isinstance(
+            choice.get("function"), dict) else None
+        if choice.get("type") != "function" or not name:
+            raise bad_param("tool_choice", "tool_choice must be 'none', 'auto', 'required' "
+                            "or {'type': 'function', 'function': {'name': ...}}.")
+        choice = name
+    elif choice is not None and choice not in ("none", "auto", "required"):
+        raise bad_param("tool_choice", "tool_choice must be 'none', 'auto', 'required' or "
+                        "{'type': 'function', 'function': {'name': ...}}.")
+    chosen, named = choose(tools, choice)
+    return Constraints(tools=tools, tool_choice=chosen, named=named, parallel=parallel is not False)
 
 
 def normalize_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ partial stop string, chat rendering, and what an engine declares it honours (`Fe
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -128,7 +129,9 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
 class Chunk:
     """New text since the previous chunk; the last chunk has `finish_reason` set
     (`stop`, `length`, or `abort` when the consumer left). `completion_tokens` counts every
-    token generated so far. A chunk may carry several tokens when its reader fell behind."""
+    token generated so far. A chunk may carry several tokens when its reader fell behind.
+    `stop_sequence`: on the last chunk, the stop string that ended the generation (when the
+    engine knows; None when an end token did, or the engine cannot tell)."""
 
     text: str
     prompt_tokens: int
@@ -140,13 +143,15 @@ class Chunk:
     # A resumed generation's first chunk: the text its replayed tokens had made (already sent
     # by the earlier worker; the worker's tool-call parser reads it, nobody else).
     replayed: str | None = None
+    stop_sequence: str | None = None
 
     def merge(self, later: Chunk) -> Chunk:
         """This chunk followed by `later`, as one."""
         return Chunk(self.text + later.text, later.prompt_tokens, later.completion_tokens,
                      later.finish_reason, self.logprobs + later.logprobs,
                      self.tool_calls + later.tool_calls, self.token_ids + later.token_ids,
-                     self.replayed if self.replayed is not None else later.replayed)
+                     self.replayed if self.replayed is not None else later.replayed,
+                     later.stop_sequence)
 
 
 class StopMatcher:
@@ -156,6 +161,7 @@ class StopMatcher:
         self.stops = [s for s in stops if s]  # an empty stop string would stop at once
         self.text = ""  # all text accepted so far
         self.emitted = 0  # how much of it has been released
+        self.matched: str | None = None  # the stop string that was hit
 
     def feed(self, new_text: str) -> tuple[str, bool]:
         """Add text; returns (text safe to release now, whether a stop string was hit)."""
@@ -165,7 +171,7 @@ class StopMatcher:
         for s in self.stops:
             i = self.text.find(s, start)
             if i >= 0 and (hit < 0 or i < hit):
-                hit = i
+                hit, self.matched = i, s
         if hit >= 0:
             out = self.text[self.emitted : hit]
             self.text = self.text[:hit]
@@ -217,6 +223,25 @@ class Engine(ABC):
 
     @abstractmethod
     async def count_tokens(self, text: str) -> int: ...
+
+    async def count_prompt(self, req: GenerationRequest) -> int:
+        """Tokens in a request's prompt: its text, or its chat messages rendered (with the
+        tools the worker put in them: `WorkerService.plan`)."""
+        if req.messages is None:
+            return await self.count_tokens(req.prompt or "")
+        return await self.count_tokens(await asyncio.to_thread(
+            self.render_chat, req.messages, req.template_tools))
+
+    async def prompt_ids(self, req: GenerationRequest) -> list[int]:
+        """The token ids the model reads for a request's prompt (text or chat messages), as a
+        generation of it would; `features().tokenize` says whether the engine can tell."""
+        raise EngineError(f"the {self.name} engine does not give token ids",
+                          ErrorCode.VALIDATION_TYPE_ERROR)
+
+    async def text_of(self, tokens: list[int]) -> str:
+        """The text of token ids (special tokens written out)."""
+        raise EngineError(f"the {self.name} engine does not turn token ids into text",
+                          ErrorCode.VALIDATION_TYPE_ERROR)
 
     def served_names(self) -> list[str]:
         """The names this engine itself knows its models by (an upstream server's model list),

@@ -76,7 +76,7 @@ class SyntheticEngine(Engine):
         for i in range(n):
             text, hit = stops.feed(("" if i == 0 else " ") + WORDS[i % len(WORDS)])
             if hit:
-                yield Chunk(text, n_prompt, i + 1, "stop")
+                yield Chunk(text, n_prompt, i + 1, "stop", stop_sequence=stops.matched)
                 return
             yield Chunk(text, n_prompt, i + 1)
         yield Chunk(stops.flush(), n_prompt, n, "length")

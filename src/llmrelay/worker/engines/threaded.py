@@ -110,11 +110,12 @@ class Generation:
         self.post(item)
         self.mailbox.wake()
 
-    def chunk(self, text: str, finish_reason: str | None = None) -> Chunk:
+    def chunk(self, text: str, finish_reason: str | None = None,
+              stop_sequence: str | None = None) -> Chunk:
         new = self.generated[self.sent:]
         self.sent = len(self.generated)
         out = Chunk(text, len(self.tokens), len(self.generated), finish_reason, self.pending,
-                    token_ids=new)
+                    token_ids=new, stop_sequence=stop_sequence)
         self.pending = []
         return out
 
@@ -194,6 +195,20 @@ class ThreadedEngine(Engine):
 
     async def count_tokens(self, text: str) -> int:
         return len(await asyncio.to_thread(self.tokenize, text))
+
+    async def count_prompt(self, req: GenerationRequest) -> int:
+        return len(await self.prompt_ids(req))
+
+    async def prompt_ids(self, req: GenerationRequest) -> list[int]:
+        return await asyncio.to_thread(self.prompt_tokens, req)
+
+    async def text_of(self, tokens: list[int]) -> str:
+        n_vocab = self.vocab_size()
+        bad = [t for t in tokens if not 0 <= t < n_vocab]
+        if bad:
+            raise EngineError(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})",
+                              ErrorCode.PARAM_OUT_OF_RANGE)
+        return await asyncio.to_thread(self.detokenize, tokens)
 
     def _mailbox_here(self) -> Mailbox:
         loop = asyncio.get_running_loop()
@@ -325,7 +340,7 @@ class ThreadedEngine(Engine):
         if not stop_hit:
             tail, _ = gen.stops.feed(gen.decoder.decode(b"", final=True))
             tail += gen.stops.flush()
-        gen.post(gen.chunk(tail, reason))
+        gen.post(gen.chunk(tail, reason, gen.stops.matched if stop_hit else None))
         gen.post(None)
         return reason
 

@@ -58,10 +58,22 @@ class EmbeddingEngine(Engine):
 
     def features(self) -> Features:
         return Features(chat=False, completions=False, embeddings=True,
-                        embedding_dimensions=[self.dim])
+                        embedding_dimensions=[self.dim], tokenize=True)
 
     async def count_tokens(self, text: str) -> int:
         return len(await asyncio.to_thread(lambda: self.tokenizer(text)["input_ids"]))
+
+    async def prompt_ids(self, req: GenerationRequest) -> list[int]:
+        if req.messages is not None:
+            self.render_chat(req.messages)  # refuses: no chat template
+        return await asyncio.to_thread(lambda: list(self.tokenizer(req.prompt or "")["input_ids"]))
+
+    async def text_of(self, tokens: list[int]) -> str:
+        bad = [t for t in tokens if not 0 <= t < self.tokenizer.vocab_size]
+        if bad:
+            raise EngineError(f"token id {bad[0]} is outside the vocabulary "
+                              f"(0..{self.tokenizer.vocab_size - 1})", ErrorCode.PARAM_OUT_OF_RANGE)
+        return str(await asyncio.to_thread(self.tokenizer.decode, tokens))
 
     def render_chat(self, messages: list[dict[str, Any]],
                     tools: list[dict[str, Any]] | None = None) -> str:

@@ -244,7 +244,7 @@ class TransformersEngine(ThreadedEngine):
         constrained = exact and self.grammars is not None
         return Features(chat=True, completions=True, prompt_token_ids=True, logprobs=False,
                         seed=True, penalties=True, tools=constrained, json_schema=constrained,
-                        logit_bias=exact, continuation=exact)
+                        logit_bias=exact, continuation=exact, tokenize=True)
 
     def tokenize(self, text: str, chat: bool = False) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=not chat)["input_ids"])

@@ -182,7 +182,7 @@ class LlamaCppEngine(ThreadedEngine):
     def features(self) -> Features:
         return Features(chat=True, completions=True, prompt_token_ids=True, logprobs=True,
                         top_logprobs=20, seed=True, penalties=True, tools=True, json_schema=True,
-                        logit_bias=True, continuation=True)
+                        logit_bias=True, continuation=True, tokenize=True)
 
     def status(self) -> dict[str, Any]:
         return {"ready": True, "grammars_compiled": self.grammars.compiled}

@@ -129,3 +129,10 @@ def usage_of(obj: Any) -> tuple[int, int] | None:
     if u is None:
         return None
     return int(getattr(u, "prompt_tokens", 0) or 0), int(getattr(u, "completion_tokens", 0) or 0)
+
+
+def stop_string(choice: Any, stops: list[str]) -> str | None:
+    """The stop string that ended an upstream's choice, when it says (vLLM's `stop_reason`
+    holds it; a token id there, or no such field, tells nothing)."""
+    said = getattr(choice, "stop_reason", None)
+    return said if isinstance(said, str) and said in stops else None

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
 import openai
@@ -28,6 +28,7 @@ from llmrelay.worker.engines.openai.calls import (
     choice_logprobs,
     choice_text,
     choice_tool_calls,
+    stop_string,
     usage_of,
 )
 from llmrelay.worker.engines.openai.errors import (
@@ -41,8 +42,9 @@ from llmrelay.worker.engines.openai.errors import (
 )
 from llmrelay.worker.engines.openai.health import Health
 from llmrelay.worker.engines.openai.options import Options
-from llmrelay.worker.engines.openai.tokens import TOKENIZERS, Counter
+from llmrelay.worker.engines.openai.tokens import DETOKENIZERS, TOKENIZERS, Counter
 
+T = TypeVar("T")
 CONNECT_TIMEOUT = 5.0
 # The pool: as many connections as requests in flight, 64 kept alive between them.
 LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64)
@@ -149,7 +151,7 @@ class OpenAIEngine(Engine):
         # The upstream decides the rest: its refusal comes back with its meaning.
         return Features(chat=True, completions=True, prompt_token_ids=True, logprobs=True,
                         top_logprobs=20, seed=True, penalties=True, embeddings=True,
-                        tools=True, json_schema=True, logit_bias=True)
+                        tools=True, json_schema=True, logit_bias=True, tokenize=True)
 
     def render_chat(self, messages: list[dict[str, Any]],
                     tools: list[dict[str, Any]] | None = None) -> str:
@@ -204,6 +206,7 @@ class OpenAIEngine(Engine):
         said: tuple[int, int] | None = None  # the upstream's usage, when it sends it
         pieces = 0  # tokens streamed, as far as the pieces tell
         finish: str | None = None
+        stop_hit: str | None = None  # the stop string that ended it, when the upstream says
         seen = 0  # chunks received
         try:
             async for chunk in stream:
@@ -219,6 +222,7 @@ class OpenAIEngine(Engine):
                                     said[1] if said else pieces, logprobs=lps, tool_calls=calls)
                     if choice.finish_reason:
                         finish = str(choice.finish_reason)
+                        stop_hit = stop_string(choice, req.stop)
         except openai.APIError as e:
             if seen or not is_dropped(e):
                 raise self._failure(e, "generation") from e
@@ -237,7 +241,8 @@ class OpenAIEngine(Engine):
                               ErrorCode.INTERNAL_ERROR)
         prompt = said[0] if said and said[0] > 0 else await self._count_prompt(call)
         # The upstream's own count when it gives one (the pieces also count an echoed prompt).
-        yield Chunk("", prompt, said[1] if said and said[1] > 0 else pieces, finish)
+        yield Chunk("", prompt, said[1] if said and said[1] > 0 else pieces, finish,
+                    stop_sequence=stop_hit)
 
     async def _count_prompt(self, call: Call) -> int:
         assert self._counter is not None
@@ -258,7 +263,8 @@ class OpenAIEngine(Engine):
         calls = choice_tool_calls(choice) if call.chat else []
         if text or calls:
             yield Chunk(text, prompt, completion, logprobs=lps, tool_calls=calls)
-        yield Chunk("", prompt, completion, str(choice.finish_reason or "stop"))
+        yield Chunk("", prompt, completion, str(choice.finish_reason or "stop"),
+                    stop_sequence=stop_string(choice, req.stop))
 
     # -- embeddings and counts ------------------------------------------------------------------
     async def embed(self, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
@@ -281,17 +287,54 @@ class OpenAIEngine(Engine):
 
     async def count_tokens(self, text: str) -> int:
         """Tokens in `text` by the upstream's tokenize endpoint (tokens.py)."""
+        return await self._ask(lambda c: c.count_text(text, self.model_for(None)),
+                               "token counting", "tokenize")
+
+    async def count_prompt(self, req: GenerationRequest) -> int:
+        """Chat messages are rendered by the upstream only: their count is its own, from a
+        one-token answer (tokens.py)."""
+        if req.messages is None:
+            return await self.count_tokens(req.prompt or "")
+        self.health.refuse_if_down()
+        assert self._counter is not None
+        call = Call.of(req, self.model_for(req.model))
+        try:
+            return await self._counter.chat_prompt_tokens(call)
+        except openai.APIError as e:
+            raise self._failure(e, "token count") from e
+        except ValueError as e:
+            raise EngineError(f"the upstream did not say the prompt's size ({e})") from e
+
+    async def prompt_ids(self, req: GenerationRequest) -> list[int]:
+        if req.messages is not None:
+            raise EngineError("token ids of chat messages are not offered by this worker: its "
+                              "upstream renders them with its own template (tokenize a prompt "
+                              "text instead)", ErrorCode.VALIDATION_TYPE_ERROR)
+        if req.prompt_token_ids is not None:
+            return list(req.prompt_token_ids)
+        text = req.prompt or ""
+        return await self._ask(lambda c: c.ids(text, self.model_for(req.model)), "tokenizing",
+                               "tokenize")
+
+    async def text_of(self, tokens: list[int]) -> str:
+        return await self._ask(lambda c: c.text(tokens, self.model_for(None)), "detokenizing",
+                               "detokenize")
+
+    async def _ask(self, question: Callable[[Counter], Awaitable[T | None]], what: str,
+                   kind: str) -> T:
+        """A question to the upstream's `kind` (tokenize, detokenize) endpoint (tokens.py)."""
         self.health.refuse_if_down()
         assert self._counter is not None
         try:
-            n = await self._counter.count_text(text, self.model_for(None))
+            answer = await question(self._counter)
         except openai.APIError as e:
-            raise self._failure(e, "token count") from e
-        except ValueError as e:  # its tokenize endpoint answered something else
-            raise EngineError(f"the upstream's token count is malformed ({e})") from e
-        if n is None:
+            raise self._failure(e, what) from e
+        except ValueError as e:  # its endpoint answered something else
+            raise EngineError(f"the upstream's {kind} answer is malformed ({e})") from e
+        if answer is None:
+            paths = TOKENIZERS if kind == "tokenize" else DETOKENIZERS
             raise EngineError(
-                f"token counting is not offered by this worker: its upstream {self.base_url} has "
-                f"no tokenize endpoint ({', '.join(p for p, _ in TOKENIZERS)} at its root)",
+                f"{what} is not offered by this worker: its upstream {self.base_url} has no "
+                f"{kind} endpoint ({', '.join(p for p, _ in paths)} at its root)",
                 ErrorCode.VALIDATION_TYPE_ERROR)
-        return n
+        return answer

@@ -1,0 +1,348 @@
+"""Anthropic's Messages API: the request (validated with pydantic) and its translation into the
+pipeline's terms (chat messages for the worker, `tools.Constraints`), and the responses
+(dataclasses written by `protocol.dumps`): the Message, whole, and the streamed events.
+
+Translation: `system` becomes a system message; a user message's `tool_result` blocks become
+tool messages answering the call they name (a result with `is_error` reads "Error: ..."), its
+text blocks a user message; an assistant message's `tool_use` blocks become its tool calls,
+their `input` as JSON text. Tools are function tools (`input_schema` is the parameters'
+schema); `tool_choice` `auto`/`any`/`tool`/`none` are chat's `auto`/`required`/a named
+function/`none`, `disable_parallel_tool_use` is `parallel_tool_calls: false`;
+`output_config.format` (a JSON schema) is the response schema. What cannot be served (images,
+documents, thinking, server tools, MCP servers) is a 400 naming it, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llmrelay.api.errors import bad_param
+from llmrelay.api.protocol import MAX_STOP
+from llmrelay.api.tools import Constraints, check_schema, choose, tool
+
+# ---- the request --------------------------------------------------------------------------------
+
+
+class Block(BaseModel):
+    """A content block: text, tool_use (assistant), tool_result (user); others are refused."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+    id: str | None = None  # tool_use
+    name: str | None = None
+    input: Any = None
+    tool_use_id: str | None = None  # tool_result
+    content: str | list[Block] | None = None
+    is_error: bool | None = None
+
+
+class InputMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[Block]
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: Any = None
+    description: str | None = None
+    input_schema: Any = None
+    type: str | None = None  # None or "custom": a client tool; anything else a server tool
+    strict: bool | None = None
+
+
+class ToolChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+# Fields of Anthropic's API that ask for what this server does not do: refused, not ignored.
+REFUSED_FIELDS = {
+    "mcp_servers": "MCP servers are not supported; give the tools to the request",
+    "container": "containers (code execution) are not supported",
+}
+
+
+class MessagesInput(BaseModel):
+    """What `/v1/messages` and `/v1/messages/count_tokens` share: the model and the prompt."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    messages: list[InputMessage] = Field(min_length=1)
+    system: str | list[Block] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
+
+    def refuse_unsupported(self) -> None:
+        if self.thinking and self.thinking.get("type") not in (None, "disabled"):
+            raise bad_param("thinking", "Extended thinking is not supported by this server; "
+                            "leave out 'thinking' (or set it to {'type': 'disabled'}).",
+                            "unsupported_parameter")
+        extra = self.model_extra or {}
+        for key, why in REFUSED_FIELDS.items():
+            if extra.get(key):
+                raise bad_param(key, f"'{key}': {why}.", "unsupported_parameter")
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """The conversation as chat messages for the worker (see the module docstring)."""
+        out: list[dict[str, Any]] = []
+        if self.system:
+            out.append({"role": "system", "content": _text(self.system, "system")})
+        called: set[str] = set()
+        for i, m in enumerate(self.messages):
+            param = f"messages[{i}]"
+            if m.role not in ("user", "assistant", "system"):
+                raise bad_param(f"{param}.role", f"Invalid role '{m.role[:40]}'; expected user "
+                                "or assistant.")
+            if isinstance(m.content, str) or m.role == "system":
+                out.append({"role": m.role, "content": _text(m.content, f"{param}.content")})
+            elif m.role == "assistant":
+                out.append(_assistant(m.content, param, called))
+            else:
+                out.extend(_user(m.content, param, called))
+        return out
+
+    def constraints(self) -> Constraints:
+        """The tools, tool choice and output format, checked (400s naming the parameter)."""
+        tools = []
+        for i, t in enumerate(self.tools or []):
+            param = f"tools[{i}]"
+            if t.type not in (None, "custom"):
+                raise bad_param(f"{param}.type", f"Tool type '{t.type[:60]}' (a server tool) is "
+                                "not supported; only client tools with an input_schema are.",
+                                "unsupported_value")
+            if t.input_schema is None:
+                raise bad_param(f"{param}.input_schema", f"{param} has no input_schema.")
+            schema = check_schema(t.input_schema, f"{param}.input_schema")
+            tools.append(tool(t.name, schema, t.description, t.strict, param))
+        choice, parallel = None, True
+        c = self.tool_choice
+        if c is not None:
+            parallel = not c.disable_parallel_tool_use
+            if c.type == "tool":
+                if not c.name:
+                    raise bad_param("tool_choice.name", "tool_choice of type 'tool' needs the "
+                                    "tool's name.")
+                choice = c.name
+            elif c.type in CHOICES:
+                choice = CHOICES[c.type]
+                if c.type != "none" and not tools:
+                    raise bad_param("tool_choice", f"tool_choice '{c.type}' needs tools.")
+            else:
+                raise bad_param("tool_choice.type", "tool_choice.type must be auto, any, tool "
+                                f"or none; got '{c.type[:40]}'.")
+        chosen, named = choose(tools, choice, "tool_choice")
+        out = Constraints(tools=tools, tool_choice=chosen, named=named, parallel=parallel)
+        fmt = (self.output_config or {}).get("format")
+        if fmt is not None:
+            if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+                raise bad_param("output_config.format", "output_config.format must be "
+                                "{'type': 'json_schema', 'schema': {...}}.")
+            out.response_schema = check_schema(fmt.get("schema"), "output_config.format.schema")
+        return out
+
+
+CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+
+
+class MessagesRequest(MessagesInput):
+    max_tokens: int = Field(ge=1)
+    stop_sequences: list[str] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None  # 0: off
+    metadata: dict[str, Any] | None = None
+    stream: bool | None = False
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _stops(cls, v: list[str] | None) -> list[str]:
+        if v and len(v) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        return [s for s in v or [] if s]
+
+
+class CountTokensRequest(MessagesInput):
+    pass
+
+
+def _text(content: str | list[Block], param: str) -> str:
+    """Text blocks (or a string) as one text; any other block is refused."""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, b in enumerate(content):
+        if b.type != "text" or b.text is None:
+            raise unsupported_block(b.type, f"{param}[{j}]")
+        texts.append(b.text)
+    return "\n".join(texts)
+
+
+def unsupported_block(kind: str, param: str) -> Exception:
+    return bad_param(param, f"Content block type '{kind[:40]}' is not supported here "
+                     f"({param}); this server reads text, tool_use and tool_result blocks.",
+                     "unsupported_value")
+
+
+def _assistant(blocks: list[Block], param: str, called: set[str]) -> dict[str, Any]:
+    texts, calls = [], []
+    for j, b in enumerate(blocks):
+        where = f"{param}.content[{j}]"
+        if b.type == "text" and b.text is not None:
+            texts.append(b.text)
+        elif b.type == "tool_use":
+            if not b.id or not b.name:
+                raise bad_param(where, f"{where} (tool_use) needs an id and a name.")
+            called.add(b.id)
+            args = b.input if b.input is not None else {}
+            calls.append({"id": b.id, "type": "function", "function": {
+                "name": b.name, "arguments": json.dumps(args, ensure_ascii=False)}})
+        else:
+            raise unsupported_block(b.type, where)
+    msg: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts)}
+    if calls:
+        msg["tool_calls"] = calls
+    return msg
+
+
+def _user(blocks: list[Block], param: str, called: set[str]) -> list[dict[str, Any]]:
+    """A user turn's blocks in order: tool results as tool messages, runs of text as user
+    messages."""
+    out: list[dict[str, Any]] = []
+    texts: list[str] = []
+    for j, b in enumerate(blocks):
+        where = f"{param}.content[{j}]"
+        if b.type == "text" and b.text is not None:
+            texts.append(b.text)
+            continue
+        if b.type != "tool_result":
+            raise unsupported_block(b.type, where)
+        if texts:
+            out.append({"role": "user", "content": "\n".join(texts)})
+            texts = []
+        if b.tool_use_id not in called:
+            raise bad_param(f"{where}.tool_use_id", f"{where} is a tool_result for "
+                            f"'{str(b.tool_use_id)[:80]}', which no earlier assistant tool_use "
+                            "block called.")
+        result = _text(b.content, f"{where}.content") if b.content is not None else ""
+        out.append({"role": "tool", "tool_call_id": b.tool_use_id,
+                    "content": f"Error: {result}" if b.is_error else result})
+    if texts or not out:
+        out.append({"role": "user", "content": "\n".join(texts)})
+    return out
+
+
+# ---- the responses ------------------------------------------------------------------------------
+# Fields in Anthropic's order, `type` first (orjson writes a dataclass's fields in order).
+
+
+@dataclass(kw_only=True)
+class TextBlock:
+    type: str = "text"
+    text: str
+
+
+@dataclass(kw_only=True)
+class ToolUseBlock:
+    type: str = "tool_use"
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+@dataclass(kw_only=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(kw_only=True)
+class Message:
+    id: str
+    type: str = "message"
+    role: str = "assistant"
+    model: str
+    content: list[TextBlock | ToolUseBlock]
+    stop_reason: str | None
+    stop_sequence: str | None
+    usage: Usage
+
+
+@dataclass
+class TokenCount:
+    input_tokens: int
+
+
+@dataclass(kw_only=True)
+class MessageStart:
+    type: str = "message_start"
+    message: Message
+
+
+@dataclass(kw_only=True)
+class BlockStart:
+    type: str = "content_block_start"
+    index: int
+    content_block: TextBlock | ToolUseBlock
+
+
+@dataclass(kw_only=True)
+class TextDelta:
+    type: str = "text_delta"
+    text: str
+
+
+@dataclass(kw_only=True)
+class InputJSONDelta:
+    type: str = "input_json_delta"
+    partial_json: str
+
+
+@dataclass(kw_only=True)
+class BlockDelta:
+    type: str = "content_block_delta"
+    index: int
+    delta: TextDelta | InputJSONDelta
+
+
+@dataclass(kw_only=True)
+class BlockStop:
+    type: str = "content_block_stop"
+    index: int
+
+
+@dataclass(kw_only=True)
+class StopDelta:
+    stop_reason: str
+    stop_sequence: str | None
+
+
+@dataclass(kw_only=True)
+class MessageDelta:
+    """The end: why, and the usage so far (cumulative: it replaces message_start's)."""
+
+    type: str = "message_delta"
+    delta: StopDelta
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Ping:
+    type: str = "ping"
+
+
+@dataclass(frozen=True)
+class MessageStop:
+    type: str = "message_stop"
+
+
+Event = MessageStart | BlockStart | BlockDelta | BlockStop | MessageDelta | Ping | MessageStop
