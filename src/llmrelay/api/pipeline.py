@@ -418,12 +418,17 @@ class Streamed:
     chunks: Callable[[], AsyncIterator[list[Any]]]
     opening: Opening
 
+    def body(self) -> AsyncIterator[bytes]:
+        """The SSE bytes: chat's and completions' `data:` lines, then [DONE]. A front door with
+        another event shape overrides this."""
+        return sse_stream(self.chunks, self.opening)
+
 
 def respond(answer: Any) -> Response:
     """The HTTP response for what a serving class answered: a response dataclass as JSON, or
     a `Streamed` answer as SSE."""
     if isinstance(answer, Streamed):
-        return ClosingStreamingResponse(sse_stream(answer.chunks, answer.opening),
+        return ClosingStreamingResponse(answer.body(),
                                         media_type="text/event-stream", headers=SSE_HEADERS,
                                         cleanup=answer.opening.close_if_unused)
     return FastJSONResponse(answer)
