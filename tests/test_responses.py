@@ -170,6 +170,9 @@ def test_retrieve_delete_and_input_items(rc: openai.OpenAI, stack: Stack) -> Non
     everything = [i.content[0].text for i in rc.responses.input_items.list(  # type: ignore[union-attr]
         r.id, limit=2, order="asc")]  # the SDK pages on by itself (after=last_id)
     assert everything == [f"Message {i}." for i in range(5)]
+    for query in ("include[]=message.output_text.logprobs", "include=x", "stream=true"):
+        raw = httpx.get(f"{stack.api}/v1/responses/{r.id}?{query}")
+        assert raw.status_code == 400 and raw.json()["error"]["param"] in ("include", "stream")
     assert rc.responses.delete(r.id) is None
     for call in (lambda: rc.responses.retrieve(r.id), lambda: rc.responses.delete(r.id),
                  lambda: rc.responses.input_items.list(r.id)):
@@ -191,7 +194,7 @@ class City(BaseModel):
 
 
 def test_json_schema_output(rc: openai.OpenAI) -> None:
-    r = rc.responses.create(model="smol", input="Describe a person as JSON.", temperature=0.7,
+    r = rc.responses.create(model="smol", input="Describe a person as JSON.", temperature=0,
                             max_output_tokens=150, text={"format": {
                                 "type": "json_schema", "name": "person", "schema": PERSON,
                                 "strict": True}})
