@@ -385,3 +385,29 @@ def test_stream_error_frame_becomes_response_failed() -> None:
         store.close()
 
     asyncio.run(main())
+
+
+def test_a_client_leaving_mid_stream_stops_the_workers_and_stores_nothing() -> None:
+    async def main() -> None:
+        fake = FakeTransport([{"text": "a"}, {"text": "b"}, {"text": "c", "finish_reason": "stop",
+                                                              "usage": USAGE}])
+        store = SqliteResponseStore(":memory:")
+        serving = ResponsesServing(table_of(entry("m")), Pipeline(fake), store)
+        streamed = await serving.create(req(stream=True), "rid", "", never_gone)
+        assert isinstance(streamed, ResponseStream)
+        body = streamed.body()
+        seen = b""
+        while b"response.output_text.delta" not in seen:  # the frames are being read
+            seen += await body.__anext__()
+        await body.aclose()  # what the server does when the client goes away
+        assert fake.streams and all(s.closed for s in fake.streams)
+        assert store.count() == 0
+        # left before the first event: the streams opened for it are closed too
+        streamed = await serving.create(req(stream=True), "rid2", "", never_gone)
+        assert isinstance(streamed, ResponseStream)
+        await streamed.body().aclose()
+        await streamed.opening.close_if_unused()
+        assert all(s.closed for s in fake.streams)
+        store.close()
+
+    asyncio.run(main())

@@ -12,6 +12,7 @@ answered are kept under the caller's key (`owner`: the hash of the API key, "" w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -69,8 +70,9 @@ class ResponseStream(Streamed):
 
     async def _body(self) -> AsyncIterator[bytes]:
         try:
-            async for batch in self.chunks():
-                yield b"".join(encode(e) for e in batch)
+            async with contextlib.aclosing(self.chunks()) as chunks:  # closed at once, not by GC
+                async for batch in chunks:
+                    yield b"".join(encode(e) for e in batch)
         finally:
             await self.opening.close_if_unused()
 
@@ -140,10 +142,11 @@ class ResponsesServing:
         try:
             async for _ in opening.keepalives():
                 yield [KEEPALIVE]
-            async for batch in opening.frames():
-                events = writer.feed(batch)
-                if events:
-                    yield list(events)
+            async with contextlib.aclosing(opening.frames()) as frames:  # stops the workers
+                async for batch in frames:
+                    events = writer.feed(batch)
+                    if events:
+                        yield list(events)
             last = writer.finish()
         except APIError as e:
             log.warning("response stream ended with an error: %s", e.message)
