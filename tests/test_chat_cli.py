@@ -1,6 +1,7 @@
 """`llmrelay chat` through a pseudo-terminal (pexpect): streamed answers, truncated history with
-the system prompt kept, reset/history/quit, Ctrl-C stopping an answer, and a failed request
-taken back out of the history with the reason shown."""
+the system prompt kept, reset/history/quit, Ctrl-C stopping an answer, a failed request
+taken back out of the history with the reason shown, and the same chat through the Responses
+API (`--api responses`)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,30 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_chat(stack: Stack) -> None:
     assert h[0] == "[user] Write a very long story about a dragon."
     assert h[1].startswith("[assistant] ")  # the partial answer stays
     child.sendline("quit")
+    child.expect(pexpect.EOF)
+
+
+def test_responses_api_chat(stack: Stack) -> None:
+    """`--api responses`: the same chat through /v1/responses (instructions + input items)."""
+    child = chat(stack.api, "--model", "smol", "--api", "responses", "--system", "Be terse.",
+                 "--max-tokens", "12", "--temperature", "0")
+    child.expect_exact("chatting with smol at ")
+    child.expect_exact("through /v1/responses")
+    child.expect_exact("you> ")
+    first = ask(child, "Name a colour.")
+    second = ask(child, "And a fruit?")
+    assert first and second
+    h = history(child)
+    assert h[0] == "[system] Be terse." and h[1] == "[user] Name a colour."
+    assert h[3] == "[user] And a fruit?" and h[4].startswith("[assistant]")
+    child.sendline("quit")
+    child.expect(pexpect.EOF)
+    child = chat(stack.api, "--model", "smoll", "--api", "responses")
+    child.expect_exact("you> ")
+    child.sendline("hello?")
+    child.expect_exact("error: the server answered 404: The model 'smoll' does not exist")
+    child.expect_exact("you> ")
+    child.sendeof()
     child.expect(pexpect.EOF)
 
 

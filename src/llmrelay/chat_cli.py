@@ -1,6 +1,7 @@
 """`llmrelay chat`: a multi-turn terminal chat with any OpenAI-compatible server (the seed's client).
 
-Answers stream as they are generated. The history keeps the last `--max-turns` exchanges (the
+Answers stream as they are generated, through chat completions or, with `--api responses`, the
+Responses API. The history keeps the last `--max-turns` exchanges (the
 system prompt always stays). Commands: `reset` (forget the conversation), `history` (show it),
 `quit` (or `exit`, Ctrl-D). A failed request takes the unanswered message back out of the
 history and says what went wrong; Ctrl-C during an answer stops it and keeps what was said.
@@ -79,6 +80,8 @@ def pick_model(client: openai.OpenAI, wanted: str | None) -> str:
 def stream_answer(client: openai.OpenAI, model: str, conv: Conversation, args: argparse.Namespace,
                   out: TextIO, parts: list[str]) -> None:
     """Print the answer as it streams, collecting its pieces in `parts` (kept if interrupted)."""
+    if getattr(args, "api", "chat") == "responses":
+        return stream_response(client, model, conv, args, out, parts)
     kwargs: dict[str, Any] = {}
     if args.temperature is not None:
         kwargs["temperature"] = args.temperature
@@ -97,6 +100,37 @@ def stream_answer(client: openai.OpenAI, model: str, conv: Conversation, args: a
         stream.close()  # on Ctrl-C this closes the connection: the server stops generating
 
 
+def stream_response(client: openai.OpenAI, model: str, conv: Conversation,
+                    args: argparse.Namespace, out: TextIO, parts: list[str]) -> None:
+    """The same through the Responses API (`--api responses`): the system prompt as
+    `instructions`, the turns as input items, nothing stored (the history is kept here)."""
+    import openai
+
+    kwargs: dict[str, Any] = {}
+    if args.temperature is not None:
+        kwargs["temperature"] = args.temperature
+    if args.max_tokens is not None:
+        kwargs["max_output_tokens"] = args.max_tokens
+    if conv.system:
+        kwargs["instructions"] = conv.system
+    stream = client.responses.create(model=model, input=conv.turns,  # type: ignore[arg-type]
+                                     store=False, stream=True, **kwargs)
+    try:
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                parts.append(event.delta)
+                out.write(event.delta)
+                out.flush()
+            elif event.type == "response.failed":
+                error = event.response.error
+                raise openai.APIError(error.message if error else "the response failed",
+                                      request=stream.response.request, body=None)
+            elif event.type == "error":
+                raise openai.APIError(event.message, request=stream.response.request, body=None)
+    finally:
+        stream.close()
+
+
 def run(args: argparse.Namespace) -> None:
     import openai
 
@@ -108,7 +142,8 @@ def run(args: argparse.Namespace) -> None:
     except openai.OpenAIError as e:
         raise SystemExit(f"error: cannot list models at {args.base_url}: {describe_error(e)}") from e
     conv = Conversation(args.system, args.max_turns)
-    print(f"chatting with {model} at {args.base_url} ({COMMANDS})", file=out, flush=True)
+    via = " through /v1/responses" if args.api == "responses" else ""
+    print(f"chatting with {model} at {args.base_url}{via} ({COMMANDS})", file=out, flush=True)
     while True:
         try:
             line = input("you> ")
@@ -166,3 +201,5 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--api", choices=["chat", "responses"], default="chat",
+                   help="chat completions (default) or the Responses API (/v1/responses)")

@@ -192,6 +192,25 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("LLMRELAY_API_KEYS_FILE"),
         help="file with one API key per line (keeps keys out of the process list)",
     )
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("LLMRELAY_DATA_DIR"),
+        help="folder of this API server's data (responses.sqlite: stored Responses); default: "
+        "api-HOST-PORT in the state folder (~/.local/state/llmrelay)",
+    )
+    p.add_argument(
+        "--responses-max-mb",
+        type=float,
+        default=512.0,
+        help="stored Responses kept in at most this many MiB; past it the oldest are evicted "
+        "(default 512)",
+    )
+    p.add_argument(
+        "--responses-max-age-days",
+        type=float,
+        default=30.0,
+        help="stored Responses are deleted after this many days (default 30, as OpenAI)",
+    )
     p.add_argument("--allowed-origins", type=_json_or_csv, default=["*"])
     p.add_argument("--allowed-methods", type=_json_or_csv, default=["*"])
     p.add_argument("--allowed-headers", type=_json_or_csv, default=["*"])

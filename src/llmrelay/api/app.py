@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +28,8 @@ from llmrelay.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from llmrelay.api.models.serving import ModelServing
 from llmrelay.api.observe import ObserveMiddleware
 from llmrelay.api.pipeline import Limits, Pipeline
+from llmrelay.api.responses.serving import ResponsesServing
+from llmrelay.api.responses.store import ResponseStore, SqliteResponseStore
 from llmrelay.api.table import WorkerTable
 from llmrelay.api.tokenize.serving import TokenServing
 from llmrelay.api.transport import WorkerTransport
@@ -50,7 +53,10 @@ def create_app(
     request_timeout: float = 600.0,
     sse_keepalive: float = 10.0,
     max_migrations: int = 2,
+    responses_store: ResponseStore | None = None,
 ) -> FastAPI:
+    """The app; `responses_store` keeps stored Responses (default: in memory, lost on exit;
+    `run` gives the SQLite file in the data folder)."""
     headers = auth_headers(registration_token)
     table = WorkerTable(controllers)
     feed = ControllerFeed(table, refresh=table_refresh, headers=headers)
@@ -63,6 +69,7 @@ def create_app(
                                 max_migrations=max_migrations)
     pipeline = Pipeline(transport, Limits(request_timeout, sse_keepalive))
     keys = KeyChecker(api_keys or [])
+    stored = responses_store or SqliteResponseStore(":memory:")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -71,6 +78,7 @@ def create_app(
         yield
         await feed.aclose()
         await transport.aclose()
+        stored.close()
 
     app = FastAPI(title="llmrelay OpenAI-compatible API", lifespan=lifespan)
     errors.install(app, {routes.MESSAGES: anthropic_errors.response})
@@ -96,8 +104,30 @@ def create_app(
                  chat=ChatServing(table, pipeline), completions=CompletionServing(table, pipeline),
                  embeddings=EmbeddingServing(table, transport), models=ModelServing(table),
                  messages=MessagesServing(table, pipeline, transport),
-                 tokens=TokenServing(table, transport))
+                 tokens=TokenServing(table, transport),
+                 responses=ResponsesServing(table, pipeline, stored))
     return app
+
+
+def data_dir(args: argparse.Namespace) -> Path:
+    """`--data-dir`, else a folder per API server in the state folder: `api-HOST-PORT`."""
+    if args.data_dir:
+        return Path(args.data_dir).expanduser()
+    from llmrelay.stackstate import state_dir
+
+    host = "".join(ch if ch.isalnum() or ch in ".-_" else "_" for ch in args.host or "all")
+    return state_dir() / f"api-{host}-{args.port}"
+
+
+def responses_store(args: argparse.Namespace, folder: Path) -> SqliteResponseStore:
+    """Stored Responses in `responses.sqlite` in the data folder, within the flags' limits."""
+    try:
+        return SqliteResponseStore(folder / "responses.sqlite",
+                                   max_bytes=int(args.responses_max_mb * 1024 * 1024),
+                                   max_age=args.responses_max_age_days * 86400.0)
+    except Exception as e:  # sqlite3.Error, OSError
+        raise SystemExit(f"error: cannot open the responses database in {folder} ({e}); "
+                         "choose another folder with --data-dir") from e
 
 
 def run(args: argparse.Namespace) -> None:
@@ -116,13 +146,16 @@ def run(args: argparse.Namespace) -> None:
         if not keys:
             raise SystemExit(f"error: --api-keys-file {args.api_keys_file} holds no key")
     warn_public_bind(args.host, "the API server", protected=bool(keys))
+    folder = data_dir(args)
+    stored = responses_store(args, folder)
     app = create_app(
         split_csv(args.controller_address), keys, args.allowed_origins, args.allowed_methods,
         args.allowed_headers, args.allow_credentials, args.table_refresh,
         token_from(args.registration_token, args.controller_address), args.max_request_bytes,
         args.request_timeout,
         args.sse_keepalive, args.max_migrations,
+        responses_store=stored,
     )
-    log.info("OpenAI-compatible API on http://%s:%d/v1 (%s)", args.host, args.port,
-             "API keys required" if keys else "no API keys")
+    log.info("OpenAI-compatible API on http://%s:%d/v1 (%s); stored responses in %s",
+             args.host, args.port, "API keys required" if keys else "no API keys", stored.path)
     serve(app, args.host, args.port, args.log_level, args.ssl, args.shutdown_timeout)

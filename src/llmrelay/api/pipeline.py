@@ -434,12 +434,17 @@ class Streamed:
     opening: Opening
     fmt: SSEFormat = OPENAI_SSE
 
+    def body(self) -> AsyncIterator[bytes]:
+        """The SSE bytes in `fmt` (chat's and completions' `data:` lines, then [DONE], by
+        default). A front door whose events are not one per chunk overrides this."""
+        return sse_stream(self.chunks, self.opening, self.fmt)
+
 
 def respond(answer: Any) -> Response:
     """The HTTP response for what a serving class answered: a response dataclass as JSON, or
     a `Streamed` answer as SSE."""
     if isinstance(answer, Streamed):
-        return ClosingStreamingResponse(sse_stream(answer.chunks, answer.opening, answer.fmt),
+        return ClosingStreamingResponse(answer.body(),
                                         media_type="text/event-stream", headers=SSE_HEADERS,
                                         cleanup=answer.opening.close_if_unused)
     return FastJSONResponse(answer)

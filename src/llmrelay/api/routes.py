@@ -22,6 +22,8 @@ from llmrelay.api.messages.protocol import CountTokensRequest, MessagesRequest
 from llmrelay.api.messages.serving import MessagesServing
 from llmrelay.api.models.serving import ModelServing
 from llmrelay.api.pipeline import respond
+from llmrelay.api.responses.protocol import ResponsesRequest
+from llmrelay.api.responses.serving import ResponsesServing, owner_of
 from llmrelay.api.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 from llmrelay.api.tokenize.serving import TokenServing
 from llmrelay.metrics import ApiMetrics, metrics_response
@@ -41,7 +43,8 @@ WEBUI_HEADERS = {
 
 def mount(app: FastAPI, guarded: list[Depends], feed: ControllerFeed, metrics: ApiMetrics,
           chat: ChatServing, completions: CompletionServing, embeddings: EmbeddingServing,
-          models: ModelServing, messages: MessagesServing, tokens: TokenServing) -> None:
+          models: ModelServing, messages: MessagesServing, tokens: TokenServing,
+          responses: ResponsesServing) -> None:
     """Add every route to `app`; `guarded` are the dependencies that check API keys."""
     table = feed.table
 
@@ -84,6 +87,33 @@ def mount(app: FastAPI, guarded: list[Depends], feed: ControllerFeed, metrics: A
     @app.post("/detokenize", dependencies=guarded)
     async def detokenize(body: DetokenizeRequest) -> Any:
         return respond(await tokens.detokenize(body))
+
+    def owner(request: Request) -> str:  # whose stored responses: the API key's hash
+        return owner_of(request.headers.get("authorization"), request.headers.get("x-api-key"),
+                        keyed=bool(guarded))
+
+    @app.post("/v1/responses", dependencies=guarded)
+    async def create_response(request: Request, body: ResponsesRequest) -> Any:
+        return respond(await responses.create(body, request.state.request_id, owner(request),
+                                              request.receive))
+
+    def include(request: Request) -> list[str]:  # the SDK sends include[]=..., curl include=...
+        return request.query_params.getlist("include") + request.query_params.getlist("include[]")
+
+    @app.get("/v1/responses/{response_id}", dependencies=guarded)
+    async def get_response(request: Request, response_id: str, stream: str | None = None) -> Any:
+        return respond(await responses.retrieve(owner(request), response_id, include(request),
+                                                stream))
+
+    @app.delete("/v1/responses/{response_id}", dependencies=guarded)
+    async def delete_response(request: Request, response_id: str) -> Any:
+        return respond(await responses.delete(owner(request), response_id))
+
+    @app.get("/v1/responses/{response_id}/input_items", dependencies=guarded)
+    async def list_input_items(request: Request, response_id: str, after: str | None = None,
+                               limit: str | None = None, order: str | None = None) -> Any:
+        return respond(await responses.input_items(owner(request), response_id, after, limit,
+                                                   order, include(request)))
 
     @app.get("/metrics", dependencies=guarded)
     async def get_metrics() -> Any:

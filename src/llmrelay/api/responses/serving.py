@@ -1,0 +1,229 @@
+"""The Responses API's endpoints with plain arguments: create (whole or streamed), retrieve,
+delete and list input items, over the shared pipeline and a `ResponseStore`.
+
+A request becomes the pipeline's one internal request: the stored conversation of
+`previous_response_id` (its input items and output, tool calls and their outputs included),
+then the request's own items, after `instructions` as a system message (instructions are not
+carried over from earlier responses, as OpenAI does); `tools`, `tool_choice` and `text.format`
+become api/tools.py's `Constraints`. The answer comes back as the Response object, or as its
+event stream (events.py). With `store` (the default) the Response and the conversation it
+answered are kept under the caller's key (`owner`: the hash of the API key, "" without keys).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from llmrelay.api.errors import APIError, bad_param
+from llmrelay.api.keys import digest
+from llmrelay.api.observe import note_model
+from llmrelay.api.pipeline import Opening, Pipeline, Streamed, sampling_params
+from llmrelay.api.protocol import SamplingRequest
+from llmrelay.api.responses.events import KEEPALIVE, Event, EventWriter, KeepAlive, encode, finish
+from llmrelay.api.responses.items import input_items, output_items, to_messages
+from llmrelay.api.responses.protocol import Response, ResponsesRequest, new_id
+from llmrelay.api.responses.store import ResponseStore, StoredResponse
+from llmrelay.api.table import WorkerTable
+from llmrelay.dispatch import conversation_keys
+from llmrelay.protocol import dumps, loads
+
+log = logging.getLogger("llmrelay.api")
+
+MAX_LIST = 100
+
+
+def owner_of(authorization: str | None, api_key: str | None, keyed: bool) -> str:
+    """Whose responses a request reads and writes: the SHA-256 of its API key (never the key
+    itself), or "" on a server without keys (where any client may read any response)."""
+    if not keyed:
+        return ""
+    scheme, _, token = (authorization or "").partition(" ")
+    secret = token.strip() if scheme.lower() == "bearer" else ""
+    secret = secret or (api_key or "").strip()
+    if not secret:
+        raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer "
+                       "YOUR_KEY'.", code="invalid_api_key")
+    return digest(secret)
+
+
+def not_found(response_id: str, param: str = "response_id") -> APIError:
+    return APIError(404, f"Response with id '{response_id[:100]}' not found.", param=param,
+                    code="not_found")
+
+
+def plain(obj: Any) -> Any:
+    """A Response (dataclasses) as the JSON it is stored as."""
+    return loads(dumps(obj))
+
+
+@dataclass
+class ResponseStream(Streamed):
+    """A streamed Response: `chunks` gives its events, a list per write."""
+
+    def body(self) -> AsyncIterator[bytes]:
+        return self._body()
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        try:
+            async with contextlib.aclosing(self.chunks()) as chunks:  # closed at once, not by GC
+                async for batch in chunks:
+                    yield b"".join(encode(e) for e in batch)
+        finally:
+            await self.opening.close_if_unused()
+
+
+class ResponsesServing:
+    def __init__(self, table: WorkerTable, pipeline: Pipeline, store: ResponseStore,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.table = table
+        self.pipeline = pipeline
+        self.store = store
+        self.clock = clock
+
+    # ---- POST /v1/responses -------------------------------------------------------------------
+
+    async def create(self, body: ResponsesRequest, request_id: str, owner: str,
+                     receive: Any) -> Response | ResponseStream:
+        """The answer to one request: the Response object, or its event stream."""
+        body.refuse_unsupported()
+        constraints = body.constraints()
+        items = input_items(body.input)
+        self.table.check_model(body.model)
+        note_model(body.model)
+        constraints.check_workers(self.table, body.model)
+        history: list[dict[str, Any]] = []
+        if body.previous_response_id:
+            prev = await self.store.get(owner, body.previous_response_id)
+            if prev is None:
+                raise not_found(body.previous_response_id, "previous_response_id")
+            history = prev.input_items + prev.response.get("output", [])
+        conversation = history + items
+        messages = to_messages(body.instructions, conversation, first_new=len(history))
+        if not any(m["role"] != "system" for m in messages):
+            raise bad_param("input", "input holds no message to answer.")
+        params = sampling_params(SamplingRequest(model=body.model, temperature=body.temperature,
+                                                 top_p=body.top_p), request_id)
+        params.update(messages=messages, max_new_tokens=body.max_output_tokens, echo=False,
+                      logprobs=None, **constraints.params())
+        keys = conversation_keys(messages) if self.table.dispatch_method == "prefix" else None
+        accept = constraints.honoured_by if constraints.needs() else None
+        head = Response(
+            id=new_id("resp"), created_at=int(self.clock()), instructions=body.instructions,
+            max_output_tokens=body.max_output_tokens, model=body.model,
+            parallel_tool_calls=body.parallel_tool_calls is not False,
+            previous_response_id=body.previous_response_id, store=body.store is not False,
+            temperature=params["temperature"], text=body.echo_text(),
+            tool_choice=body.echo_tool_choice(), tools=body.echo_tools(constraints.tools),
+            top_p=params["top_p"], user=body.user, metadata=body.metadata or {})
+
+        if not body.stream:
+            final = (await self.pipeline.answer_all(receive, body.model, [params], keys,
+                                                    accept))[0]
+            cut = final.get("finish_reason") == "length"
+            response = finish(head, output_items(final, cut), final, self.clock)
+            await self._save(owner, response, conversation)
+            return response
+
+        opening = self.pipeline.opening(receive, body.model, [params], keys, accept)
+        await opening.wait_briefly()
+        writer = EventWriter(head, self.clock)
+        return ResponseStream(lambda: self.events(writer, opening, owner, conversation), opening)
+
+    async def events(self, writer: EventWriter, opening: Opening, owner: str,
+                     conversation: list[dict[str, Any]]
+                     ) -> AsyncIterator[list[Event | KeepAlive]]:
+        """The stream's events, a list per write; keep-alives while workers are awaited."""
+        yield list(writer.start())
+        try:
+            async for _ in opening.keepalives():
+                yield [KEEPALIVE]
+            async with contextlib.aclosing(opening.frames()) as frames:  # stops the workers
+                async for batch in frames:
+                    events = writer.feed(batch)
+                    if events:
+                        yield list(events)
+            last = writer.finish()
+        except APIError as e:
+            log.warning("response stream ended with an error: %s", e.message)
+            last = writer.fail(e)
+        except Exception:
+            log.exception("response stream failed")
+            last = writer.fail(APIError(500, "The server had an error while streaming.",
+                                        "server_error"))
+        if writer.final is not None:
+            await self._save(owner, writer.final, conversation)
+        yield list(last)
+
+    async def _save(self, owner: str, response: Response,
+                    conversation: list[dict[str, Any]]) -> None:
+        if not response.store:
+            return
+        try:
+            await self.store.put(StoredResponse(response.id, owner, float(response.created_at),
+                                                plain(response), conversation))
+        except Exception:  # the answer still goes out; it cannot be continued or read back
+            log.exception("could not store response %s", response.id)
+
+    # ---- GET / DELETE /v1/responses/{id}, GET .../input_items ---------------------------------
+
+    async def _stored(self, owner: str, response_id: str) -> StoredResponse:
+        rec = await self.store.get(owner, response_id)
+        if rec is None:
+            raise not_found(response_id)
+        return rec
+
+    async def retrieve(self, owner: str, response_id: str, include: list[str] | None = None,
+                       stream: str | None = None) -> dict[str, Any]:
+        _refuse_include(include)
+        if stream not in (None, "", "false", "False", "0"):
+            raise bad_param("stream", "Replaying a stored response as events is not supported; "
+                            "retrieve it without stream.", "unsupported_value")
+        return (await self._stored(owner, response_id)).response
+
+    async def delete(self, owner: str, response_id: str) -> dict[str, Any]:
+        if not await self.store.delete(owner, response_id):
+            raise not_found(response_id)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+    async def input_items(self, owner: str, response_id: str, after: str | None = None,
+                          limit: str | int | None = None, order: str | None = None,
+                          include: list[str] | None = None) -> dict[str, Any]:
+        """The items the response answered (its conversation so far), a page at a time:
+        `order` desc (newest first, the default) or asc, `limit` 1-100 (default 20), `after`
+        an item id (the last of the previous page)."""
+        _refuse_include(include)
+        order = order or "desc"
+        if order not in ("asc", "desc"):
+            raise bad_param("order", f"order must be 'asc' or 'desc', not '{order[:20]}'.")
+        try:
+            count = 20 if limit is None else int(limit)
+        except ValueError:
+            count = 0
+        if not 1 <= count <= MAX_LIST:
+            raise bad_param("limit", f"limit must be a whole number from 1 to {MAX_LIST}.")
+        items = (await self._stored(owner, response_id)).input_items
+        if order == "desc":
+            items = items[::-1]
+        start = 0
+        if after is not None:
+            ids = [i.get("id") for i in items]
+            if after not in ids:
+                raise bad_param("after", f"No input item '{after[:100]}' in response "
+                                f"'{response_id[:100]}'.")
+            start = ids.index(after) + 1
+        page = items[start:start + count]
+        return {"object": "list", "data": page,
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": start + count < len(items)}
+
+
+def _refuse_include(include: list[str] | None) -> None:
+    for value in include or []:
+        raise bad_param("include", f"include '{value[:80]}' is not supported.",
+                        "unsupported_value")
