@@ -151,6 +151,20 @@ class Stack:
                              timeout=120, **kw)  # type: ignore[arg-type]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The processes' state folder (API servers' usage databases, stacks' tokens), here rather
+    than in the user's own; first of the session's fixtures (autouse)."""
+    path = tmp_path_factory.mktemp("state")
+    before = os.environ.get("LLMRELAY_STATE_DIR")
+    os.environ["LLMRELAY_STATE_DIR"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("LLMRELAY_STATE_DIR", None)
+    else:
+        os.environ["LLMRELAY_STATE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")

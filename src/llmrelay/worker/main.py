@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> None:
         register=not args.no_register,
         token=token,
         max_queue=args.max_queue,
+        fair_sharing=args.fair_sharing != "off",
     )
     serve(create_app(engine, settings), args.host, args.port, args.log_level, args.ssl,
           args.shutdown_timeout)
