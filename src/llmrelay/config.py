@@ -129,6 +129,10 @@ def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) ->
     p.add_argument("--fair-sharing", choices=["on", "off"], default="on",
                    help="on: waiting requests are admitted by priority class, then the API key "
                    "with the least service so far; off: first come, first served")
+    p.add_argument("--fair-reserve", type=int, default=1,
+                   help="with fair sharing: places beyond --limit-worker-concurrency that only a "
+                   "request whose API key has nothing running may take, so it starts at once "
+                   "on a worker another key fills (the engine holds that many more sequences)")
     p.add_argument("--no-register", action="store_true", help="do not register with a controller")
     p.add_argument("--seed", type=int, default=None, help="default sampling seed")
     p.add_argument("--heartbeat-interval", type=float, default=DEFAULT_HEARTBEAT_INTERVAL)

@@ -62,6 +62,7 @@ class WorkerSettings:
     token: str | None = None  # the cluster's registration token (security.py)
     max_queue: int = 32  # requests that may wait beyond the running ones
     fair_sharing: bool = True  # off: waiting requests run first come, first served
+    fair_reserve: int = 0  # places beyond the limit for keys with nothing running (fairness.py)
 
 
 class WorkerState:
@@ -72,8 +73,9 @@ class WorkerState:
     worker, then with 429. With `fair` off (`--fair-sharing off`) keys and priorities are
     ignored: first come, first served."""
 
-    def __init__(self, limit: int, max_queue: int = 32, fair: bool = True) -> None:
-        self.queue = FairQueue(limit)
+    def __init__(self, limit: int, max_queue: int = 32, fair: bool = True,
+                 reserve: int = 0) -> None:
+        self.queue = FairQueue(limit, reserve=reserve if fair else 0)
         self.fair = fair
         self.limit = self.queue.limit
         self.max_queue = max(0, max_queue)
@@ -110,7 +112,7 @@ class WorkerState:
             yield
         finally:
             self.served += 1
-            self.queue.release()
+            self.queue.release(key)
 
 
 class Framer:
@@ -176,7 +178,7 @@ class WorkerService:
         self.engine = engine
         self.settings = settings
         self.state = WorkerState(settings.limit_worker_concurrency, settings.max_queue,
-                                 settings.fair_sharing)
+                                 settings.fair_sharing, settings.fair_reserve)
         self.metrics = WorkerMetrics(self.state)
         self._conv: dict[str, Any] | None = None
 
@@ -199,6 +201,7 @@ class WorkerService:
                 "embedding_dimensions": features.embedding_dimensions,
                 "limit_worker_concurrency": self.state.limit,
                 "fair_sharing": self.state.fair,
+                "fair_reserve": self.state.queue.reserve,
                 "running": self.state.running,
                 "served": self.state.served,
                 "pid": os.getpid(),
