@@ -132,7 +132,10 @@ def key_store(args: argparse.Namespace) -> KeyStore:
 def limiter(args: argparse.Namespace, usage: UsageStore) -> LocalLimits:
     """The limits' counters, with today's tokens per key from the usage store already counted
     (so a restart does not hand out a fresh day's tokens)."""
-    minute, day = (float(x) for x in (args.limit_windows or "60,86400").split(","))
+    try:
+        minute, day = (float(x) for x in (args.limit_windows or "60,86400").split(","))
+    except ValueError:
+        raise SystemExit("error: --limit-windows takes MINUTE,DAY in seconds") from None
     counters = Limiter(minute=minute, day=day)
     since_midnight = time.time() % 86400.0
     for name, tokens in usage.today().items():
