@@ -124,3 +124,48 @@ def test_a_cancelled_waiter_leaves_the_queue() -> None:
         assert q.running == 1
 
     run(go())
+
+
+def test_reserve_lets_a_key_with_nothing_running_start_at_once() -> None:
+    q = FairQueue(limit=2, reserve=1)
+
+    async def go() -> None:
+        await q.acquire("A")
+        await q.acquire("A")
+        a3 = asyncio.create_task(q.acquire("A"))  # A alone never goes past the limit
+        await asyncio.sleep(0)
+        assert q.running == 2 and len(q.waiting) == 1
+        await asyncio.wait_for(q.acquire("B"), 1)  # nothing of B's runs: a reserve place
+        assert q.running == 3
+        c = asyncio.create_task(q.acquire("C"))  # the reserve is taken: C waits
+        await asyncio.sleep(0)
+        assert len(q.waiting) == 2 and not c.done()
+        q.release("B")  # back to the limit: only a key with nothing running may go past it
+        await asyncio.sleep(0)
+        assert c.done() and not a3.done() and q.running == 3
+        q.release("A")  # at the limit (A and C run): A's waiter still waits
+        await asyncio.sleep(0)
+        assert not a3.done() and q.running == 2
+        q.release("A")  # below it: A's waiter runs
+        await asyncio.sleep(0)
+        assert a3.done() and q.running_by_key == {"A": 1, "C": 1}
+        for k in ("A", "C"):
+            q.release(k)
+        assert q.running == 0 and q.running_by_key == {}
+
+    run(go())
+
+
+def test_without_a_reserve_every_key_waits_for_the_limit() -> None:
+    q = FairQueue(limit=1)
+
+    async def go() -> None:
+        await q.acquire("A")
+        b = asyncio.create_task(q.acquire("B"))
+        await asyncio.sleep(0)
+        assert not b.done()
+        q.release("A")
+        await asyncio.sleep(0)
+        assert b.done()
+
+    run(go())

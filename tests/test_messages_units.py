@@ -17,8 +17,10 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from test_api_units import FakeTransport, batches, entry, never_gone, table_of
 
-from llmrelay.api.auth import KeyChecker, authorization
+from llmrelay.api.access import Access
+from llmrelay.api.auth import authorization
 from llmrelay.api.errors import APIError, from_worker
+from llmrelay.api.keys import KeyStore
 from llmrelay.api.messages import errors as anthropic
 from llmrelay.api.messages.protocol import CountTokensRequest, MessagesRequest
 from llmrelay.api.messages.serving import MessagesServing, stop_reason, tool_use_id
@@ -301,14 +303,17 @@ def req_with(headers: dict[str, str]) -> Request:
 
 
 def test_x_api_key_is_checked_like_a_bearer_key() -> None:
-    keys = KeyChecker(["sk-1"])
-    keys.check(req_with({"x-api-key": "sk-1"}))
-    keys.check(req_with({"authorization": "Bearer sk-1"}))
+    access = Access(KeyStore(["sk-1"]))
+
+    def check(headers: dict[str, str]) -> str:
+        return access.authenticate(authorization(req_with(headers))).name
+
+    assert check({"x-api-key": "sk-1"}) == check({"authorization": "Bearer sk-1"})
     assert authorization(req_with({"x-api-key": " sk-1 "})) == "Bearer sk-1"
     for headers in ({"x-api-key": "sk-2"}, {}, {"x-api-key": ""},
                     {"authorization": "Bearer nope", "x-api-key": "sk-1"}):
         with pytest.raises(APIError) as e:
-            keys.check(req_with(headers))
+            check(headers)
         assert e.value.status == 401
 
 

@@ -93,9 +93,11 @@ def test_streamed_events_in_order(rc: openai.OpenAI) -> None:
                      "response.output_text.done", "response.content_part.done",
                      "response.output_item.done", types[-1]]
     assert final is not None and final.output_text == "".join(deltas)
-    whole = rc.responses.create(model="smol", input="Say hello.", max_output_tokens=30,
-                                temperature=0)
-    assert whole.output_text == final.output_text  # greedy: the same answer either way
+    assert final.usage is not None and 0 < final.usage.output_tokens <= 30
+    # Not compared with a non-streamed answer: the two may come from the two workers, whose
+    # prompt caches differ, and llama.cpp's logits differ in the last bits with the batch a
+    # prompt was read in (its server documents the same for cache_prompt): a tiny greedy model
+    # can then pick another word.
 
 
 def test_sdk_stream_helper_final_response(rc: openai.OpenAI) -> None:

@@ -442,6 +442,19 @@ def test_embeddings(hf: HF) -> None:
         c.embeddings.create(model="smolhf", input="hello")  # a chat model serves no embeddings
 
 
+def test_embeddings_usage_is_counted_as_answered(hf: HF) -> None:
+    """Embeddings are charged what their `usage` says (a server without keys: `anonymous`)."""
+    def counted() -> tuple[int, int, int]:
+        rows = [r for r in httpx.get(hf.api + "/v1/usage").json()["data"]
+                if r["model"] == "minilm" and r["key"] == "anonymous"]
+        return (sum(r["requests"] for r in rows), sum(r["prompt_tokens"] for r in rows),
+                sum(r["completion_tokens"] for r in rows))
+
+    before = counted()
+    r = hf.client().embeddings.create(model="minilm", input=["one two three", "four"])
+    assert counted() == (before[0] + 1, before[1] + r.usage.prompt_tokens, before[2])
+
+
 def test_features_in_status(hf: HF) -> None:
     """Each engine says what it honours: the chat model no logprobs but seed, penalties, tools,
     JSON schemas and logit bias, the embedding model embeddings only."""

@@ -1,4 +1,5 @@
-"""`llmrelay`: the project's own CLI (controller, worker, api, up). Nothing imports this module."""
+"""`llmrelay`: the project's own CLI (controller, worker, api, up, chat, status, keys, usage).
+Nothing imports this module."""
 
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="the cluster's registration token, if it has one "
                    "(default: env LLMRELAY_REGISTRATION_TOKEN)")
 
+    from llmrelay.keys_cli import add_keys_args, add_usage_args
+    p = sub.add_parser("keys", help="manage the API keys file (keys add NAME ...)")
+    add_keys_args(p)
+    p = sub.add_parser("usage", help="show usage per day, key and model (needs an admin key)")
+    add_usage_args(p)
+
     args = parser.parse_args(argv)
     if args.command == "controller":
         from llmrelay.controller.app import run
@@ -51,6 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         from llmrelay.chat_cli import run
     elif args.command == "status":
         from llmrelay.status import run
+    elif args.command == "keys":
+        from llmrelay.keys_cli import run_keys as run
+    elif args.command == "usage":
+        from llmrelay.keys_cli import run_usage as run
     else:
         parser.print_help()
         sys.exit(2)

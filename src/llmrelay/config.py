@@ -126,6 +126,13 @@ def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) ->
         "429 when every worker of a model is full)",
     )
     p.add_argument("--stream-interval", type=int, default=1, help="tokens per stream frame")
+    p.add_argument("--fair-sharing", choices=["on", "off"], default="on",
+                   help="on: waiting requests are admitted by priority class, then the API key "
+                   "with the least service so far; off: first come, first served")
+    p.add_argument("--fair-reserve", type=int, default=1,
+                   help="with fair sharing: places beyond --limit-worker-concurrency that only a "
+                   "request whose API key has nothing running may take, so it starts at once "
+                   "on a worker another key fills (the engine holds that many more sequences)")
     p.add_argument("--no-register", action="store_true", help="do not register with a controller")
     p.add_argument("--seed", type=int, default=None, help="default sampling seed")
     p.add_argument("--heartbeat-interval", type=float, default=DEFAULT_HEARTBEAT_INTERVAL)
@@ -190,13 +197,14 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--api-keys-file",
         default=os.environ.get("LLMRELAY_API_KEYS_FILE"),
-        help="file with one API key per line (keeps keys out of the process list)",
+        help="keys file (TOML: named, hashed keys with models, limits and a priority; made by "
+        "`llmrelay keys add`), or one API key per line (FastChat's way); re-read on change",
     )
     p.add_argument(
         "--data-dir",
         default=os.environ.get("LLMRELAY_DATA_DIR"),
-        help="folder of this API server's data (responses.sqlite: stored Responses); default: "
-        "api-HOST-PORT in the state folder (~/.local/state/llmrelay)",
+        help="folder of this API server's data (responses.sqlite: stored Responses; usage.sqlite: "
+        "usage per key); default: api-HOST-PORT in the state folder (~/.local/state/llmrelay)",
     )
     p.add_argument(
         "--responses-max-mb",
@@ -211,6 +219,8 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="stored Responses are deleted after this many days (default 30, as OpenAI)",
     )
+    # Tests only: the lengths of the limits' minute and day windows, in seconds.
+    p.add_argument("--limit-windows", default=None, help=argparse.SUPPRESS)
     p.add_argument("--allowed-origins", type=_json_or_csv, default=["*"])
     p.add_argument("--allowed-methods", type=_json_or_csv, default=["*"])
     p.add_argument("--allowed-headers", type=_json_or_csv, default=["*"])

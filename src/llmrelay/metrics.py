@@ -65,6 +65,19 @@ class ApiMetrics:
         self.migrations = Counter("llmrelay_api_migrations", "Started generations moved to "
                                   "another worker mid-answer (continuation), by reason",
                                   ["model", "reason"], registry=r)
+        # Per API key (the key's name, never the secret; `anonymous` on a server without
+        # keys): what the usage store counts, and the requests the key's limits refused.
+        self.key_requests = Counter("llmrelay_api_key_requests", "Requests answered per API "
+                                    "key and model", ["key", "model"], registry=r)
+        self.key_prompt_tokens = Counter("llmrelay_api_key_prompt_tokens", "Prompt tokens "
+                                         "charged per API key and model (as the answers' usage "
+                                         "says)", ["key", "model"], registry=r)
+        self.key_completion_tokens = Counter("llmrelay_api_key_completion_tokens",
+                                             "Completion tokens charged per API key and model",
+                                             ["key", "model"], registry=r)
+        self.key_rate_limited = Counter("llmrelay_api_key_rate_limited", "Requests refused "
+                                        "with 429 by a key's limits, by limit (requests, "
+                                        "tokens, concurrent)", ["key", "limit"], registry=r)
 
         def live() -> Iterable[tuple[str, str, list[str], list[tuple[list[str], float]]]]:
             workers = list(table.workers.values())

@@ -1,27 +1,32 @@
 """The API server's app: builds the worker table, the controller feed, the transport to workers
-(with the FastChat adapter) and the serving objects of the front doors; adds the middlewares
-(CORS, body limit, metrics and logs, request ids) and mounts the routes (routes.py)."""
+(with the FastChat adapter), the access rules (API keys, limits, usage: access.py) and the
+serving objects of the front doors; adds the middlewares (CORS, body limit, metrics and logs,
+request ids) and mounts the routes (routes.py). `run` reads the flags, the keys and the data
+folder (usage.sqlite)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from llmrelay.api import errors, routes
-from llmrelay.api.auth import KeyChecker
+from llmrelay.api.access import Access
+from llmrelay.api.auth import guard
 from llmrelay.api.chat.serving import ChatServing
 from llmrelay.api.completions.serving import CompletionServing
 from llmrelay.api.embeddings.serving import EmbeddingServing
 from llmrelay.api.fastchat import FastChatAdapter
 from llmrelay.api.feed import ControllerFeed
+from llmrelay.api.keys import KeysFileError, KeyStore
+from llmrelay.api.limits import Limiter, LimitStore, LocalLimits
 from llmrelay.api.messages import errors as anthropic_errors
 from llmrelay.api.messages.serving import MessagesServing
 from llmrelay.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
@@ -33,6 +38,7 @@ from llmrelay.api.responses.store import ResponseStore, SqliteResponseStore
 from llmrelay.api.table import WorkerTable
 from llmrelay.api.tokenize.serving import TokenServing
 from llmrelay.api.transport import WorkerTransport
+from llmrelay.api.usage import UsageStore
 from llmrelay.config import split_csv
 from llmrelay.metrics import ApiMetrics
 from llmrelay.security import auth_headers, token_from
@@ -42,7 +48,7 @@ log = logging.getLogger("llmrelay.api")
 
 def create_app(
     controllers: list[str],
-    api_keys: list[str] | None = None,
+    keys: KeyStore | None = None,
     allowed_origins: list[str] | None = None,
     allowed_methods: list[str] | None = None,
     allowed_headers: list[str] | None = None,
@@ -54,9 +60,12 @@ def create_app(
     sse_keepalive: float = 10.0,
     max_migrations: int = 2,
     responses_store: ResponseStore | None = None,
+    usage: UsageStore | None = None,
+    limits: LimitStore | None = None,
 ) -> FastAPI:
-    """The app; `responses_store` keeps stored Responses (default: in memory, lost on exit;
-    `run` gives the SQLite file in the data folder)."""
+    """The app; `keys` (none: no API keys), `usage` (where usage is counted), `limits` (the
+    counters of the keys' limits; default: in this process) and `responses_store` (stored
+    Responses; default: in memory, lost on exit) come from `run`."""
     headers = auth_headers(registration_token)
     table = WorkerTable(controllers)
     feed = ControllerFeed(table, refresh=table_refresh, headers=headers)
@@ -68,8 +77,9 @@ def create_app(
     transport = WorkerTransport(table, side, FastChatAdapter(side), headers=headers,
                                 max_migrations=max_migrations)
     pipeline = Pipeline(transport, Limits(request_timeout, sse_keepalive))
-    keys = KeyChecker(api_keys or [])
     stored = responses_store or SqliteResponseStore(":memory:")
+    metrics = ApiMetrics(table)
+    access = Access(keys or KeyStore(), limits, usage, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -79,6 +89,8 @@ def create_app(
         await feed.aclose()
         await transport.aclose()
         stored.close()
+        if usage is not None:
+            usage.close()
 
     app = FastAPI(title="llmrelay OpenAI-compatible API", lifespan=lifespan)
     errors.install(app, {routes.MESSAGES: anthropic_errors.response})
@@ -91,21 +103,15 @@ def create_app(
         expose_headers=["X-Request-ID"],
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
-    metrics = ApiMetrics(table)
-    app.add_middleware(ObserveMiddleware, metrics=metrics)  # inside RequestIdMiddleware
+    # inside RequestIdMiddleware; ends each request's accounting (access.finish)
+    app.add_middleware(ObserveMiddleware, metrics=metrics, finish=access.finish)
     app.add_middleware(RequestIdMiddleware)
-
-    async def authorized(request: Request) -> None:  # async: a sync one costs a thread hop
-        keys.check(request)
-
-    # Without keys there is nothing to check: no dependency to solve on every request.
-    guarded: list[Any] = [Depends(authorized)] if keys.enabled else []
-    routes.mount(app, guarded, feed, metrics,
+    routes.mount(app, guard(access), feed, metrics,
                  chat=ChatServing(table, pipeline), completions=CompletionServing(table, pipeline),
                  embeddings=EmbeddingServing(table, transport), models=ModelServing(table),
                  messages=MessagesServing(table, pipeline, transport),
                  tokens=TokenServing(table, transport),
-                 responses=ResponsesServing(table, pipeline, stored))
+                 responses=ResponsesServing(table, pipeline, stored), access=access)
     return app
 
 
@@ -128,6 +134,35 @@ def responses_store(args: argparse.Namespace, folder: Path) -> SqliteResponseSto
     except Exception as e:  # sqlite3.Error, OSError
         raise SystemExit(f"error: cannot open the responses database in {folder} ({e}); "
                          "choose another folder with --data-dir") from e
+def key_store(args: argparse.Namespace) -> KeyStore:
+    """The keys of `--api-keys` and `--api-keys-file` (a keys file, or FastChat's one key per
+    line); exits with the reason when the file cannot be used."""
+    try:
+        keys = KeyStore(split_csv(args.api_keys), args.api_keys_file)
+    except OSError as e:
+        raise SystemExit(f"error: cannot read --api-keys-file {args.api_keys_file}: "
+                         f"{e.strerror}") from e
+    except KeysFileError as e:
+        raise SystemExit(f"error: --api-keys-file: {e}") from e
+    if args.api_keys_file and not keys.keys():
+        log.warning("--api-keys-file %s holds no key yet: every request is refused until keys "
+                    "are added (`llmrelay keys add NAME --file %s`; read again on change)",
+                    args.api_keys_file, args.api_keys_file)
+    return keys
+
+
+def limiter(args: argparse.Namespace, usage: UsageStore) -> LocalLimits:
+    """The limits' counters, with today's tokens per key from the usage store already counted
+    (so a restart does not hand out a fresh day's tokens)."""
+    try:
+        minute, day = (float(x) for x in (args.limit_windows or "60,86400").split(","))
+    except ValueError:
+        raise SystemExit("error: --limit-windows takes MINUTE,DAY in seconds") from None
+    counters = Limiter(minute=minute, day=day)
+    since_midnight = time.time() % 86400.0
+    for name, tokens in usage.today().items():
+        counters.seed_daily(name, tokens, since_midnight)
+    return LocalLimits(counters)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -135,19 +170,15 @@ def run(args: argparse.Namespace) -> None:
     from llmrelay.runtime import serve, warn_public_bind
 
     setup_logging(args.log_level)
-    keys = split_csv(args.api_keys)
-    if args.api_keys_file:
-        try:
-            with open(args.api_keys_file, encoding="utf-8") as f:
-                keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
-        except OSError as e:
-            raise SystemExit(f"error: cannot read --api-keys-file {args.api_keys_file}: "
-                             f"{e.strerror}") from e
-        if not keys:
-            raise SystemExit(f"error: --api-keys-file {args.api_keys_file} holds no key")
-    warn_public_bind(args.host, "the API server", protected=bool(keys))
+    keys = key_store(args)
     folder = data_dir(args)
     stored = responses_store(args, folder)
+    try:
+        usage = UsageStore(folder / "usage.sqlite")
+    except Exception as e:  # sqlite3.Error, OSError
+        raise SystemExit(f"error: cannot open the usage database in {folder} ({e}); choose "
+                         "another folder with --data-dir") from e
+    warn_public_bind(args.host, "the API server", protected=keys.enabled)
     app = create_app(
         split_csv(args.controller_address), keys, args.allowed_origins, args.allowed_methods,
         args.allowed_headers, args.allow_credentials, args.table_refresh,
@@ -155,7 +186,11 @@ def run(args: argparse.Namespace) -> None:
         args.request_timeout,
         args.sse_keepalive, args.max_migrations,
         responses_store=stored,
+        usage=usage,
+        limits=limiter(args, usage),
     )
-    log.info("OpenAI-compatible API on http://%s:%d/v1 (%s); stored responses in %s",
-             args.host, args.port, "API keys required" if keys else "no API keys", stored.path)
+    n = len(keys.keys())
+    log.info("OpenAI-compatible API on http://%s:%d/v1 (%s); usage kept in %s; stored "
+             "responses in %s", args.host, args.port, f"{n} API key{'s' if n != 1 else ''} "
+             "required" if keys.enabled else "no API keys", usage.path, stored.path)
     serve(app, args.host, args.port, args.log_level, args.ssl, args.shutdown_timeout)

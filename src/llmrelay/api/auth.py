@@ -1,38 +1,22 @@
-"""API keys: `Authorization: Bearer <key>` (or Anthropic's `x-api-key: <key>`), compared in
-constant time; keys are never logged."""
+"""API keys on requests: `Authorization: Bearer <key>` (or Anthropic's `x-api-key: <key>`) ->
+the caller's `Key` (access.py looks it up), kept on the request (`request.state.key`, read with
+`caller`) and in its record (observe.py) for the limits, the usage and fair sharing on the
+workers. From then on only the key's name is used; the secret is never logged."""
 
 from __future__ import annotations
 
-import hmac
+from typing import Any
 
-from fastapi import Request
+from fastapi import Depends, Request
 
-from llmrelay.api.errors import APIError
+from llmrelay.api.access import Access
+from llmrelay.api.keys import Key
+from llmrelay.api.observe import note_key
 
 
-class KeyChecker:
-    def __init__(self, keys: list[str]) -> None:
-        self.keys = [k.encode() for k in keys if k]
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.keys)
-
-    def check(self, request: Request) -> None:
-        if not self.keys:
-            return
-        header = authorization(request)
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise APIError(401, "You didn't provide an API key. Send it as "
-                           "'Authorization: Bearer YOUR_KEY' (or 'x-api-key: YOUR_KEY').",
-                           code="invalid_api_key")
-        given = token.strip().encode()
-        ok = False
-        for key in self.keys:  # no early exit: every key is compared
-            ok |= hmac.compare_digest(given, key)
-        if not ok:
-            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+def caller(request: Request) -> Key | None:
+    """The request's API key (None on a server without keys)."""
+    return getattr(request.state, "key", None)
 
 
 def authorization(request: Request) -> str:
@@ -44,3 +28,17 @@ def authorization(request: Request) -> str:
         if key:
             return f"Bearer {key}"
     return header
+
+
+def guard(access: Access) -> list[Any]:
+    """The route dependencies that check API keys; none when the server has no keys (nothing
+    to solve on every request)."""
+    if not access.enabled:
+        return []
+
+    async def authorized(request: Request) -> None:  # async: a sync one costs a thread hop
+        key = access.authenticate(authorization(request))
+        request.state.key = key
+        note_key(key)
+
+    return [Depends(authorized)]

@@ -16,7 +16,8 @@
 The file is re-read when it changes (checked at most once a second), without a restart; a file
 that no longer parses keeps the keys last read, and says so in the log. A plain key list
 (`--api-keys`, or a keys file of one key per line, FastChat's way) still works: such keys have
-no limits, every model, and the name `key-N`.
+no limits, every model, the name `key-N` (N: its place in the list), and may read usage (the
+operator's own keys, as in FastChat, where every key may do everything).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def parse_keys(data: dict[str, Any], where: str = "keys file") -> dict[str, Key]
 
 
 def plain_keys(keys: list[str]) -> dict[str, Key]:
-    return {digest(k): Key(name=f"key-{i + 1}") for i, k in enumerate(keys) if k}
+    return {digest(k): Key(name=f"key-{i + 1}", admin=True) for i, k in enumerate(keys) if k}
 
 
 class KeyStore:
@@ -181,7 +182,9 @@ def add_key(path: Path, name: str, models: list[str] | None = None, priority: st
     if name in existing:
         raise KeysFileError(f"{path} already has a key named {name}")
     secret = "sk-" + secrets.token_urlsafe(32)
-    lines = [f"\n[keys.{name}]", f'hash = "{digest(secret)}"']
+    head = "\n" if text.strip() else ("# API keys of llmrelay (`llmrelay keys add`): only "
+                                       "their hashes are stored here.\n\n")
+    lines = [f"{head}[keys.{name}]", f'hash = "{digest(secret)}"']
     if models:
         lines.append("models = [" + ", ".join(f'"{m}"' for m in models) + "]")
     if priority != "interactive":

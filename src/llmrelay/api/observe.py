@@ -5,6 +5,11 @@
 and the transport note in it what only they know (the model once it is known to be served,
 tokens, the first token's time, failovers) through the small functions below, and the
 middleware logs and counts it when the answer ends.
+
+The record also carries the caller's API key (set by authentication) and the usage the answer
+reported; the middleware's `finish` hook (access.py: limits, the usage store, the per-key
+metrics) runs once per request, just before the last bytes of the answer go out, so a client
+that has its whole answer also finds it counted.
 """
 
 from __future__ import annotations
@@ -12,16 +17,21 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmrelay.metrics import ApiMetrics
 
+if TYPE_CHECKING:
+    from llmrelay.api.keys import Key
+
 log = logging.getLogger("llmrelay.api")
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
-             "/v1/messages/count_tokens", "/v1/messages")
+             "/v1/messages/count_tokens", "/v1/messages", "/v1/responses", "/v1/usage")
 
 
 @dataclass
@@ -34,6 +44,10 @@ class RequestRecord:
     failovers: int = 0
     cancelled: bool = False
     migrations: list[tuple[str, str, str]] = field(default_factory=list)  # (reason, from, to)
+    key: Key | None = None  # who asks (None: the server has no API keys)
+    admitted: bool = False  # counted against the key's limits (access.py)
+    billed: tuple[int, int] | None = None  # (prompt, completion) as the answer's `usage` says
+    status: int = 0  # the HTTP status, once the answer started
 
 
 _current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
@@ -58,6 +72,26 @@ def note_usage(prompt_tokens: int, completion_tokens: int) -> None:
     if rec is not None:
         rec.prompt_tokens += prompt_tokens
         rec.completion_tokens += completion_tokens
+
+
+def note_billed(prompt_tokens: int, completion_tokens: int) -> None:
+    """The usage an answer reports to its client (the pipeline's `usage_of`), which is what the
+    key is charged; without it (a stream cut short) the tokens the workers reported count."""
+    rec = _current.get()
+    if rec is not None:
+        rec.billed = (prompt_tokens, completion_tokens)
+
+
+def note_key(key: Key | None) -> None:
+    """The API key the request was authenticated with."""
+    rec = _current.get()
+    if rec is not None:
+        rec.key = key
+
+
+def current() -> RequestRecord | None:
+    """The record of the request being served here, if any."""
+    return _current.get()
 
 
 def note_failover() -> None:
@@ -88,9 +122,14 @@ def endpoint_of(path: str) -> str:
 
 
 class ObserveMiddleware:
-    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+    """`finish`: called once per `/v1` request with its record, just before the answer's last
+    body message is sent (or when the request ends without one)."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics,
+                 finish: Callable[[RequestRecord], Awaitable[None]] | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.finish = finish
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
@@ -98,19 +137,30 @@ class ObserveMiddleware:
             return
         rec = RequestRecord(started=time.monotonic())
         token = _current.set(rec)
-        status = 500
+        rec.status = 500
+        finished = False
+
+        async def finish() -> None:
+            nonlocal finished
+            if not finished and self.finish is not None:
+                finished = True
+                await self.finish(rec)
 
         async def send_status(message: Message) -> None:
-            nonlocal status
             if message["type"] == "http.response.start":
-                status = int(message["status"])
+                rec.status = int(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                await finish()
             await send(message)
 
         try:
             await self.app(scope, receive, send_status)
         finally:
             _current.reset(token)
-            self.record(scope, rec, 499 if rec.cancelled else status)
+            if rec.cancelled:
+                rec.status = 499
+            await finish()
+            self.record(scope, rec, rec.status)
 
     def record(self, scope: Scope, rec: RequestRecord, status: int) -> None:
         m = self.metrics

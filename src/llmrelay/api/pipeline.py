@@ -23,7 +23,13 @@ from starlette.responses import Response
 from starlette.types import Receive
 
 from llmrelay.api.errors import APIError, from_worker
-from llmrelay.api.observe import note_cancelled, note_first_token, note_model, note_usage
+from llmrelay.api.observe import (
+    note_billed,
+    note_cancelled,
+    note_first_token,
+    note_model,
+    note_usage,
+)
 from llmrelay.api.protocol import SamplingRequest, UsageInfo
 from llmrelay.api.table import Accept, WorkerTable
 from llmrelay.protocol import dumps
@@ -92,7 +98,8 @@ def finish_reason(reason: str | None) -> str:
 
 def usage_of(last: dict[int, dict[str, Any]], prompt_of: Callable[[int], int]) -> UsageInfo:
     """Usage over all choices (their last frames): each distinct prompt counted once,
-    completions summed."""
+    completions summed. This is what the request's API key is charged (observe.note_billed),
+    so front doors compute it for every answer, shown to the client or not."""
     prompts: dict[int, int] = {}
     completion = 0
     for i, f in last.items():
@@ -100,6 +107,7 @@ def usage_of(last: dict[int, dict[str, Any]], prompt_of: Callable[[int], int]) -
         prompts[prompt_of(i)] = int(u.get("prompt_tokens", 0))
         completion += int(u.get("completion_tokens", 0))
     prompt = sum(prompts.values())
+    note_billed(prompt, completion)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
                      total_tokens=prompt + completion)
 

@@ -1,16 +1,22 @@
 """The API server's routes, a few lines each over the serving objects: the OpenAI front doors
-(guarded by the API keys when set), the operator's endpoints, the web chat page."""
+(guarded by the API keys when set), the operator's endpoints, the web chat page.
+
+Every front door calls `access.enter(caller(request), model, table)` before serving: a model
+the key may not use is a 404 as if it did not exist, a key at a limit gets a 429 (access.py).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.params import Depends
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from llmrelay.api.access import Access, allowed_models
+from llmrelay.api.auth import caller
 from llmrelay.api.chat.protocol import ChatCompletionRequest
 from llmrelay.api.chat.serving import ChatServing
 from llmrelay.api.completions.protocol import CompletionRequest
@@ -44,48 +50,55 @@ WEBUI_HEADERS = {
 def mount(app: FastAPI, guarded: list[Depends], feed: ControllerFeed, metrics: ApiMetrics,
           chat: ChatServing, completions: CompletionServing, embeddings: EmbeddingServing,
           models: ModelServing, messages: MessagesServing, tokens: TokenServing,
-          responses: ResponsesServing) -> None:
+          responses: ResponsesServing, access: Access) -> None:
     """Add every route to `app`; `guarded` are the dependencies that check API keys."""
     table = feed.table
 
     @app.get("/v1/models", dependencies=guarded)
-    async def list_models() -> Any:
-        return respond(models.list())
+    async def list_models(request: Request) -> Any:
+        return respond(models.list(allowed_models(caller(request))))
 
     @app.get("/v1/models/{model:path}", dependencies=guarded)
-    async def get_model(model: str) -> Any:
-        return respond(models.get(model))
+    async def get_model(request: Request, model: str) -> Any:
+        return respond(models.get(model, allowed_models(caller(request))))
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
+        await access.enter(caller(request), body.model, table)
         return respond(await chat.create(body, request.state.request_id, request.receive))
 
     @app.post("/v1/completions", dependencies=guarded)
     async def text_completions(request: Request, body: CompletionRequest) -> Any:
+        await access.enter(caller(request), body.model, table)
         return respond(await completions.create(body, request.state.request_id,
                                                 request.receive))
 
     @app.post("/v1/embeddings", dependencies=guarded)
     async def create_embeddings(request: Request, body: EmbeddingRequest) -> Any:
+        await access.enter(caller(request), body.model, table)
         return respond(await embeddings.create(body, request.receive))
 
     # Anthropic's Messages API (its errors in Anthropic's shape: app.py gives errors.install
     # the shape for these paths)
     @app.post(MESSAGES, dependencies=guarded)
     async def create_message(request: Request, body: MessagesRequest) -> Any:
+        await access.enter(caller(request), body.model, table)
         return respond(await messages.create(body, request.state.request_id, request.receive))
 
     @app.post(MESSAGES + "/count_tokens", dependencies=guarded)
-    async def count_message_tokens(body: CountTokensRequest) -> Any:
+    async def count_message_tokens(request: Request, body: CountTokensRequest) -> Any:
+        table.check_model(body.model, allowed_models(caller(request)))
         return respond(await messages.count_tokens(body))
 
-    # vLLM's and llama.cpp's tokenizer endpoints
+    # vLLM's and llama.cpp's tokenizer endpoints (no generation: not counted against limits)
     @app.post("/tokenize", dependencies=guarded)
-    async def tokenize(body: TokenizeRequest) -> Any:
+    async def tokenize(request: Request, body: TokenizeRequest) -> Any:
+        table.check_model(body.model, allowed_models(caller(request)))
         return respond(await tokens.tokenize(body))
 
     @app.post("/detokenize", dependencies=guarded)
-    async def detokenize(body: DetokenizeRequest) -> Any:
+    async def detokenize(request: Request, body: DetokenizeRequest) -> Any:
+        table.check_model(body.model, allowed_models(caller(request)))
         return respond(await tokens.detokenize(body))
 
     def owner(request: Request) -> str:  # whose stored responses: the API key's hash
@@ -94,6 +107,7 @@ def mount(app: FastAPI, guarded: list[Depends], feed: ControllerFeed, metrics: A
 
     @app.post("/v1/responses", dependencies=guarded)
     async def create_response(request: Request, body: ResponsesRequest) -> Any:
+        await access.enter(caller(request), body.model, table)
         return respond(await responses.create(body, request.state.request_id, owner(request),
                                               request.receive))
 
@@ -114,6 +128,12 @@ def mount(app: FastAPI, guarded: list[Depends], feed: ControllerFeed, metrics: A
                                limit: str | None = None, order: str | None = None) -> Any:
         return respond(await responses.input_items(owner(request), response_id, after, limit,
                                                    order, include(request)))
+
+    @app.get("/v1/usage", dependencies=guarded)
+    async def get_usage(request: Request, since: str | None = Query(None),
+                        key: str | None = Query(None)) -> Any:
+        """Usage per day, key and model (admin keys only): `?since=YYYY-MM-DD&key=NAME`."""
+        return await access.report(caller(request), since, key)
 
     @app.get("/metrics", dependencies=guarded)
     async def get_metrics() -> Any:

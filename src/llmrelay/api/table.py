@@ -158,12 +158,16 @@ class WorkerTable:
         """Every worker of the model in the table, usable now or not."""
         return [w for w in self.workers.values() if model in w.model_names]
 
-    def check_model(self, model: str) -> None:
-        """404 for a model nobody serves (with the closest name); 503 if we know no workers."""
-        if any(model in w.model_names for w in self.workers.values()):
+    def check_model(self, model: str, allowed: Callable[[str], bool] | None = None) -> None:
+        """404 for a model nobody serves (with the closest name); 503 if we know no workers.
+
+        `allowed`: the models the caller may use (an API key's list); any other is answered
+        exactly as if nobody served it, and only allowed names are listed."""
+        if (allowed is None or allowed(model)) and any(
+                model in w.model_names for w in self.workers.values()):
             return
-        names = sorted(self.models())
-        if not names:
+        names = sorted(m for m in self.models() if allowed is None or allowed(m))
+        if not names and not self.workers:
             why = "" if self.controller_ok else (
                 f" The controller at {', '.join(self.controllers)} is not reachable.")
             raise APIError(503, f"No model workers are available right now.{why}",
@@ -173,10 +177,10 @@ class WorkerTable:
         hint = ""
         if close:
             hint = f" Did you mean '{next(n for n in names if n.lower() == close[0])}'?"
+        serves = f" This server serves: {', '.join(names)}." if names else ""
         raise APIError(
             404,
-            f"The model '{model[:100]}' does not exist. This server serves: "
-            f"{', '.join(names)}.{hint}",
+            f"The model '{model[:100]}' does not exist.{serves}{hint}",
             param="model", code="model_not_found",
         )
 

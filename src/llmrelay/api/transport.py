@@ -21,9 +21,9 @@ import httpx
 from llmrelay.api.errors import APIError, from_worker
 from llmrelay.api.fastchat import CumulativeToDelta, FastChatAdapter, WorkerUnsuitable
 from llmrelay.api.migration import MigratingStream, join, resumable
-from llmrelay.api.observe import note_failover
+from llmrelay.api.observe import current, note_failover
 from llmrelay.api.table import Accept, Worker, WorkerTable
-from llmrelay.protocol import ErrorCode, dumps, iter_frame_batches, loads
+from llmrelay.protocol import EXT_FAIRNESS, ErrorCode, dumps, iter_frame_batches, loads
 
 log = logging.getLogger("llmrelay.api")
 
@@ -126,8 +126,17 @@ class WorkerTransport:
         return response
 
     def _generation(self, params: dict[str, Any]) -> BodyFor:
+        """The generation's body for the worker picked. A worker that announces fair sharing
+        also gets the caller's API key name and priority class (observe.py's record of the
+        request), which order its queue; other workers get nothing new."""
+        rec = current()
+        key = rec.key if rec is not None else None
+
         async def body_for(worker: Worker) -> dict[str, Any]:
-            return await self.fastchat.body_for(worker, params)
+            body = await self.fastchat.body_for(worker, params)
+            if key is not None and EXT_FAIRNESS in worker.extensions:
+                body = {**body, "key": key.name, "priority": key.priority}
+            return body
         return body_for
 
     # ---- the three requests ------------------------------------------------------------------

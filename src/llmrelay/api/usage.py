@@ -1,20 +1,24 @@
 """Usage per API key: requests, prompt and completion tokens, by model and day, kept in an
 embedded SQLite database in the API server's data folder (WAL mode; survives restarts).
 
-`record` is called once per answered request, from the event loop: one small transaction on
-a dedicated thread, never blocking the loop. `report` is what `GET /v1/usage` and
-`llmrelay usage` show.
+`submit` (or `record`) is called once per answered request, from the event loop: one small
+transaction on a dedicated thread, never blocking the loop. `report` is what `GET /v1/usage` and
+`llmrelay usage` show; `report_async` runs it on that same thread, after every count submitted
+before it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("llmrelay.api")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -56,6 +60,24 @@ class UsageStore:
         await asyncio.get_running_loop().run_in_executor(
             self._pool, self.record_now, key, model, prompt_tokens, completion_tokens)
 
+    def submit(self, key: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """`record` without waiting for it (a failure is logged)."""
+        future = self._pool.submit(self.record_now, key, model, prompt_tokens, completion_tokens)
+        future.add_done_callback(_log_failure)
+
+    async def report_async(self, since: str | None = None, key: str | None = None
+                           ) -> list[dict[str, Any]]:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.report, since,
+                                                                key)
+
+    def today(self) -> dict[str, int]:
+        """Tokens (prompt + completion) per key today (UTC)."""
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        with self._lock:
+            rows = self._db.execute("SELECT key, SUM(prompt_tokens + completion_tokens) FROM "
+                                    "usage WHERE day = ? GROUP BY key", (day,)).fetchall()
+        return {k: int(n) for k, n in rows}
+
     def report(self, since: str | None = None, key: str | None = None) -> list[dict[str, Any]]:
         """Rows by day, key and model (newest day first); `since`: a YYYY-MM-DD date."""
         query = "SELECT day, key, model, requests, prompt_tokens, completion_tokens FROM usage"
@@ -78,3 +100,9 @@ class UsageStore:
         self._pool.shutdown(wait=True)
         with self._lock:
             self._db.close()
+
+
+def _log_failure(future: Any) -> None:
+    e = future.exception()
+    if e is not None:
+        log.error("could not write usage to the database: %s", e)

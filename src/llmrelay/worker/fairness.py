@@ -13,6 +13,14 @@ place frees, the waiting request admitted is:
 So a key sending 50 requests at once cannot starve a key sending one: the latter's counter
 stays lowest. Requests without a key share the key "". Plain Python with an injectable clock;
 the asyncio side only parks waiters on futures.
+
+Without preemption, a key arriving at a worker whose places are all held by another key still
+waits for one of them to end (a long generation: seconds). `reserve` places beyond the limit
+close that gap: a request whose key has nothing running may take one at once (the engine holds
+`limit + reserve` sequences; `--fair-reserve`). A key with a request running never uses them,
+so one key alone, or requests without keys, never run more than `limit` at once; and a place
+taken from the reserve goes back to it when any request ends (admission counts places, not
+which request took which).
 """
 
 from __future__ import annotations
@@ -40,8 +48,11 @@ class FairQueue:
     """Admission by priority class (with aging) and least virtual service per key."""
 
     def __init__(self, limit: int, prompt_weight: float = 1.0, completion_weight: float = 2.0,
-                 aging: float = DEFAULT_AGING, clock: Callable[[], float] = time.monotonic) -> None:
+                 aging: float = DEFAULT_AGING, clock: Callable[[], float] = time.monotonic,
+                 reserve: int = 0) -> None:
         self.limit = max(1, limit)
+        self.reserve = max(0, reserve)
+        self.running_by_key: dict[str, int] = {}
         self.prompt_weight = prompt_weight
         self.completion_weight = completion_weight
         self.aging = aging
@@ -72,17 +83,20 @@ class FairQueue:
         urgent = w.priority != "batch" or now - w.since >= self.aging
         return (0 if urgent else 1, self.counters.get(w.key, 0.0), w.order)
 
-    def next_waiter(self) -> Waiter | None:
-        """The waiting request to admit next (see the module docstring)."""
-        if not self.waiting:
-            return None
-        now = self.clock()
-        return min(self.waiting, key=lambda w: self._rank(w, now))
+    def _guest(self, key: str) -> bool:
+        """Whether a request of `key` may take a reserve place now."""
+        return (self.running_by_key.get(key, 0) == 0
+                and self.running < self.limit + self.reserve)
+
+    def _start(self, key: str) -> None:
+        self.running += 1
+        self.running_by_key[key] = self.running_by_key.get(key, 0) + 1
 
     async def acquire(self, key: str = "", priority: str = "interactive") -> None:
         """Wait for a place; cancellable (a cancelled waiter leaves the queue)."""
-        if self.running < self.limit and not self.waiting:
-            self.running += 1
+        if (self.running < self.limit and not self.waiting) or (
+                self.reserve and self._guest(key)):
+            self._start(key)
             return
         self._lift(key)
         w = Waiter(key, priority, self.clock(), next(self._order),
@@ -94,21 +108,37 @@ class FairQueue:
             if w in self.waiting:
                 self.waiting.remove(w)
             elif w.future.done() and not w.future.cancelled():
-                self.release()  # admitted and cancelled at once: give the place on
+                self.release(key)  # admitted and cancelled at once: give the place on
             raise
 
-    def release(self) -> None:
-        """A running request ended: its place goes to the next waiter."""
+    def release(self, key: str = "") -> None:
+        """A running request of `key` ended: its place goes to the next waiter."""
         self.running -= 1
+        n = self.running_by_key.get(key, 0) - 1
+        if n > 0:
+            self.running_by_key[key] = n
+        else:
+            self.running_by_key.pop(key, None)
         self._admit()
 
     def _admit(self) -> None:
         while self.running < self.limit:
-            w = self.next_waiter()
-            if w is None:
+            if not self._admit_one(list(self.waiting)):
                 return
+        while self.reserve:  # then keys with nothing running, into the reserve
+            if not self._admit_one([w for w in self.waiting if self._guest(w.key)]):
+                return
+
+    def _admit_one(self, candidates: list[Waiter]) -> bool:
+        """Admit the best of `candidates` (see the module docstring); False if none."""
+        now = self.clock()
+        while candidates:
+            w = min(candidates, key=lambda w: self._rank(w, now))
+            candidates.remove(w)
             self.waiting.remove(w)
             if w.future.done():  # cancelled while waiting
                 continue
-            self.running += 1
+            self._start(w.key)
             w.future.set_result(None)
+            return True
+        return False

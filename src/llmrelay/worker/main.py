@@ -53,6 +53,10 @@ def run(args: argparse.Namespace) -> None:
         args.host, args.port, controllers[0] if controllers else "")
     if args.limit_worker_concurrency < 1:
         sys.exit("error: --limit-worker-concurrency must be at least 1")
+    if args.fair_reserve < 0:
+        sys.exit("error: --fair-reserve must be 0 or more")
+    if args.fair_sharing == "off":
+        args.fair_reserve = 0  # the engines size their batch by it (limit + reserve)
     errors, warnings = fastchat_flags.check(args)  # GPTQ/AWQ/exllama/xft, --revision
     for w in warnings:
         log.warning("%s", w)
@@ -92,6 +96,8 @@ def run(args: argparse.Namespace) -> None:
         register=not args.no_register,
         token=token,
         max_queue=args.max_queue,
+        fair_sharing=args.fair_sharing != "off",
+        fair_reserve=args.fair_reserve,
     )
     serve(create_app(engine, settings), args.host, args.port, args.log_level, args.ssl,
           args.shutdown_timeout)

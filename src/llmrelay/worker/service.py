@@ -62,6 +62,8 @@ class WorkerSettings:
     register: bool = True
     token: str | None = None  # the cluster's registration token (security.py)
     max_queue: int = 32  # requests that may wait beyond the running ones
+    fair_sharing: bool = True  # off: waiting requests run first come, first served
+    fair_reserve: int = 0  # places beyond the limit for keys with nothing running (fairness.py)
 
 
 class WorkerState:
@@ -69,10 +71,13 @@ class WorkerState:
     a fair queue (fairness.py: priority class, then the key with the least service). The queue
     is bounded: past `max_queue` waiting requests, and while draining for shutdown, new
     requests are refused (EngineError 42903), which the API server answers by trying another
-    worker, then with 429."""
+    worker, then with 429. With `fair` off (`--fair-sharing off`) keys and priorities are
+    ignored: first come, first served."""
 
-    def __init__(self, limit: int, max_queue: int = 32) -> None:
-        self.queue = FairQueue(limit)
+    def __init__(self, limit: int, max_queue: int = 32, fair: bool = True,
+                 reserve: int = 0) -> None:
+        self.queue = FairQueue(limit, reserve=reserve if fair else 0)
+        self.fair = fair
         self.limit = self.queue.limit
         self.max_queue = max(0, max_queue)
         self.served = 0
@@ -101,12 +106,14 @@ class WorkerState:
     @contextlib.asynccontextmanager
     async def slot(self, key: str = "", priority: str = "interactive") -> AsyncIterator[None]:
         self.admit()
+        if not self.fair:
+            key, priority = "", "interactive"
         await self.queue.acquire(key, priority)
         try:
             yield
         finally:
             self.served += 1
-            self.queue.release()
+            self.queue.release(key)
 
 
 class Framer:
@@ -170,7 +177,8 @@ class WorkerService:
     def __init__(self, engine: Engine, settings: WorkerSettings) -> None:
         self.engine = engine
         self.settings = settings
-        self.state = WorkerState(settings.limit_worker_concurrency, settings.max_queue)
+        self.state = WorkerState(settings.limit_worker_concurrency, settings.max_queue,
+                                 settings.fair_sharing, settings.fair_reserve)
         self.metrics = WorkerMetrics(self.state)
         self._conv: dict[str, Any] | None = None
 
@@ -192,6 +200,8 @@ class WorkerService:
                 "embeddings": features.embeddings,
                 "embedding_dimensions": features.embedding_dimensions,
                 "limit_worker_concurrency": self.state.limit,
+                "fair_sharing": self.state.fair,
+                "fair_reserve": self.state.queue.reserve,
                 "running": self.state.running,
                 "served": self.state.served,
                 "pid": os.getpid(),

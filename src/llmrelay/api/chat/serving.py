@@ -145,7 +145,8 @@ class ChatServing(GenerationServing):
                                     finish_reason=finish_reason(f["finish_reason"]))]))
             yield out
             out = []
+        usage = usage_of(last, _one_prompt)  # charged to the API key even when not sent
         if include_usage:
             out.append(ChatCompletionUsageChunk(id=id_, created=created, model=model, choices=[],
-                                                usage=usage_of(last, _one_prompt)))
+                                                usage=usage))
         yield out

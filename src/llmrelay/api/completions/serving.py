@@ -132,6 +132,7 @@ class CompletionServing(GenerationServing):
                         CompletionChoice(index=i, text=text, logprobs=lp,
                                          finish_reason=finish_reason(reason) if reason else None)]))
             yield out
+        usage = usage_of(last, lambda i: i // n)  # charged to the API key even when not sent
         if include_usage:
             yield [CompletionWithUsage(id=id_, created=created, model=model, choices=[],
-                                       usage=usage_of(last, lambda i: i // n))]
+                                       usage=usage)]

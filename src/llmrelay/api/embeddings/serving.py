@@ -18,7 +18,7 @@ from llmrelay.api.embeddings.protocol import (
     EmbeddingUsage,
 )
 from llmrelay.api.errors import bad_param
-from llmrelay.api.observe import note_model
+from llmrelay.api.observe import note_model, note_usage
 from llmrelay.api.pipeline import until_disconnect
 from llmrelay.api.table import Worker, WorkerTable
 from llmrelay.api.transport import WorkerTransport
@@ -76,5 +76,6 @@ class EmbeddingServing:
                 value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
             out.append(Embedding(embedding=value, index=i))
         tokens = int(data.get("token_num", 0))
+        note_usage(tokens, 0)
         return EmbeddingList(data=out, model=model,
                              usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))

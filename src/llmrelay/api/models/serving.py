@@ -1,6 +1,9 @@
-"""The served model names, from the API server's worker table."""
+"""The served model names, from the API server's worker table; an API key with a model list
+sees only the models it may use (`allowed`)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from llmrelay.api.errors import APIError
 from llmrelay.api.models.protocol import Model, ModelList
@@ -31,14 +34,15 @@ class ModelServing:
         return Model(id=name, created=int(created), features=[k for k in FEATURES if k in have],
                      context_length=context)
 
-    def list(self) -> ModelList:
+    def list(self, allowed: Callable[[str], bool] | None = None) -> ModelList:
         models = self.table.models()
-        return ModelList(data=[self.model(m, models[m]) for m in sorted(models)])
+        return ModelList(data=[self.model(m, models[m]) for m in sorted(models)
+                               if allowed is None or allowed(m)])
 
-    def get(self, model: str) -> Model:
+    def get(self, model: str, allowed: Callable[[str], bool] | None = None) -> Model:
         models = self.table.models()
-        if model not in models:
-            self.table.check_model(model)  # raises the 404 (or 503) with the served names
+        if model not in models or (allowed is not None and not allowed(model)):
+            self.table.check_model(model, allowed)  # raises the 404 (or 503) with the names
             raise APIError(404, f"The model '{model}' does not exist.", param="model",
                            code="model_not_found")
         return self.model(model, models[model])

@@ -69,7 +69,8 @@ class Options:
                    max_gpu_memory=args.max_gpu_memory, load_8bit=args.load_8bit,
                    load_4bit=args.load_4bit, dtype=args.dtype, cpu_offloading=args.cpu_offloading,
                    context_length=args.context_length, chat_template=template,
-                   parallel=args.limit_worker_concurrency, seed=args.seed,
+                   parallel=args.limit_worker_concurrency + getattr(args, "fair_reserve", 0),
+                   seed=args.seed,
                    n_threads=args.n_threads, embed_truncate=args.embed_in_truncate)
         opts.device = check_flags(opts)
         return opts

@@ -45,7 +45,7 @@ class Options:
         return cls(path=model.path, device=check_flags(args, bool(llama_cpp.llama_supports_gpu_offload())),
                    context_length=args.context_length, n_threads=args.n_threads,
                    chat_template=template, seed=args.seed,
-                   parallel=args.limit_worker_concurrency,
+                   parallel=args.limit_worker_concurrency + getattr(args, "fair_reserve", 0),
                    kv_cache=args.kv_cache or "per-sequence")
 
 
