@@ -25,10 +25,12 @@ from llmrelay.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from llmrelay.api.models.serving import ModelServing
 from llmrelay.api.observe import ObserveMiddleware
 from llmrelay.api.pipeline import Limits, Pipeline
+from llmrelay.api.registryfeed import RegistryFeed
 from llmrelay.api.table import WorkerTable
 from llmrelay.api.transport import WorkerTransport
 from llmrelay.config import split_csv
 from llmrelay.metrics import ApiMetrics
+from llmrelay.registry.base import RegistryConfig, RegistryError, TableFeed, public_address
 from llmrelay.security import auth_headers, token_from
 
 log = logging.getLogger("llmrelay.api")
@@ -46,10 +48,15 @@ def create_app(
     max_request_bytes: int = 4 * 1024 * 1024,
     request_timeout: float = 600.0,
     sse_keepalive: float = 10.0,
+    registry: RegistryConfig | None = None,
+    address: str = "",
+    dispatch_method: str | None = None,
 ) -> FastAPI:
     headers = auth_headers(registration_token)
     table = WorkerTable(controllers)
-    feed = ControllerFeed(table, refresh=table_refresh, headers=headers)
+    feed: TableFeed = (RegistryFeed(table, registry, address, dispatch_method)
+                       if registry is not None else
+                       ControllerFeed(table, refresh=table_refresh, headers=headers))
     side = httpx.AsyncClient(  # side questions to workers (FastChat workers' templates, ...)
         timeout=httpx.Timeout(connect=3.0, read=600.0, write=30.0, pool=30.0),
         limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
@@ -109,12 +116,18 @@ def run(args: argparse.Namespace) -> None:
         if not keys:
             raise SystemExit(f"error: --api-keys-file {args.api_keys_file} holds no key")
     warn_public_bind(args.host, "the API server", protected=bool(keys))
+    try:
+        registry = RegistryConfig.from_args(args)
+    except RegistryError as e:
+        raise SystemExit(f"error: {e}") from e
     app = create_app(
         split_csv(args.controller_address), keys, args.allowed_origins, args.allowed_methods,
         args.allowed_headers, args.allow_credentials, args.table_refresh,
         token_from(args.registration_token, args.controller_address), args.max_request_bytes,
         args.request_timeout,
         args.sse_keepalive,
+        registry, public_address(args.host, args.port, registry, args.ssl),
+        getattr(args, "dispatch_method", None),
     )
     log.info("OpenAI-compatible API on http://%s:%d/v1 (%s)", args.host, args.port,
              "API keys required" if keys else "no API keys")

@@ -17,10 +17,10 @@ from llmrelay.api.completions.protocol import CompletionRequest
 from llmrelay.api.completions.serving import CompletionServing
 from llmrelay.api.embeddings.protocol import EmbeddingRequest
 from llmrelay.api.embeddings.serving import EmbeddingServing
-from llmrelay.api.feed import ControllerFeed
 from llmrelay.api.models.serving import ModelServing
 from llmrelay.api.pipeline import respond
 from llmrelay.metrics import ApiMetrics, metrics_response
+from llmrelay.registry.base import TableFeed
 from llmrelay.status import rows as status_rows
 
 WEBUI = Path(__file__).parent / "webui"
@@ -34,7 +34,7 @@ WEBUI_HEADERS = {
 }
 
 
-def mount(app: FastAPI, guarded: list[Depends], feed: ControllerFeed, metrics: ApiMetrics,
+def mount(app: FastAPI, guarded: list[Depends], feed: TableFeed, metrics: ApiMetrics,
           chat: ChatServing, completions: CompletionServing, embeddings: EmbeddingServing,
           models: ModelServing) -> None:
     """Add every route to `app`; `guarded` are the dependencies that check API keys."""
