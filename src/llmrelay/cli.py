@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         from llmrelay.launcher import run
     elif args.command == "chat":
         from llmrelay.chat_cli import run
+    elif args.command == "status" and args.registry:
+        from llmrelay.registry.clusterstatus import run
     elif args.command == "status":
         from llmrelay.status import run
     else:

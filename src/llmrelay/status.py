@@ -88,12 +88,7 @@ def fetch_table(controller: str, token: str | None = None, timeout: float = 5.0)
 
 def run(args: Any) -> None:
     """`llmrelay status`: print the controller's table; exit 1 with the reason if unreachable.
-    With `--registry`: the NATS registry's view instead (registry/clusterstatus.py)."""
-    if getattr(args, "registry", None):
-        from llmrelay.registry.clusterstatus import run as registry_status
-
-        registry_status(args)
-        return
+    (With `--registry` the CLI runs registry/clusterstatus.py instead.)"""
     from llmrelay.security import token_from
     from llmrelay.stackstate import token_path
 

@@ -17,6 +17,7 @@ from typing import Any
 from llmrelay.registry.base import RegistryConfig, RegistryError
 from llmrelay.registry.natskv import connect, decode, describe_error
 from llmrelay.registry.records import APIS, CONTROLLERS, RecordView
+from llmrelay.status import format_table, rows
 
 
 async def _node(cfg: RegistryConfig, url: str) -> dict[str, Any]:
@@ -102,8 +103,6 @@ def _columns(rows: list[list[str]]) -> str:
 
 
 def format_status(st: dict[str, Any]) -> str:
-    from llmrelay.status import format_table, rows
-
     roles = {r["server"]: r for r in st["replicas"]}
     lines = [f"NATS registry {st['registry']}, bucket {st['bucket']!r}"
              + (f" (R{st.get('configured_replicas')}, leader {st['leader']})"

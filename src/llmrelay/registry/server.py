@@ -6,9 +6,11 @@ environment's scripts folder (`<venv>/bin/nats-server`, listed in the package's 
 `nats-server` on PATH. `config()` writes a server's configuration: JetStream with its store in
 a given folder, credentials (a token or users), optionally a cluster with routes.
 
-`python -m llmrelay.registry.server CONFIG` is how `up` runs it: the parent-death signal is
-armed first (llmrelay.lifeline), then the process becomes nats-server (exec, which keeps the
-signal on Linux), so the server ends with `up` even on `kill -9` of `up`.
+`python -m llmrelay.registry.server --store DIR --port N` is how `up` runs it: the
+configuration is written in DIR (mode 0600; the token comes from LLMRELAY_REGISTRY_TOKEN, never
+the command line), the parent-death signal is armed (llmrelay.lifeline), then the process
+becomes nats-server (exec, which keeps the signal on Linux), so the server ends with `up` even
+on `kill -9` of `up`. `python -m llmrelay.registry.server CONFIG` runs a configuration as it is.
 """
 
 from __future__ import annotations
@@ -87,18 +89,35 @@ def write_config(path: Path, text: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m llmrelay.registry.server CONFIG`: end with `up`, then become nats-server."""
-    from llmrelay import lifeline
+    """Write the configuration (with `--store`), end with `up`, then become nats-server."""
+    import argparse
 
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        sys.exit("usage: python -m llmrelay.registry.server CONFIG")
+    from llmrelay import lifeline
+    from llmrelay.registry.base import TOKEN_ENV
+
     lifeline.hold()
+    p = argparse.ArgumentParser(prog="python -m llmrelay.registry.server")
+    p.add_argument("config", nargs="?", help="a nats-server configuration to run as it is")
+    p.add_argument("--store", help="write a one-node configuration, JetStream in this folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=4222)
+    args = p.parse_args(argv)
+    if args.store:
+        store = Path(args.store)
+        store.mkdir(parents=True, exist_ok=True)
+        os.chmod(store, 0o700)
+        path = write_config(store / "nats.conf", config(
+            "llmrelay-local", args.port, store / "jetstream", host=args.host,
+            token=os.environ.get(TOKEN_ENV) or None))
+    elif args.config:
+        path = Path(args.config)
+    else:
+        p.error("give a CONFIG file or --store")
     try:
         exe = binary()
     except RegistryError as e:
         sys.exit(f"error: {e}")
-    os.execv(exe, [exe, "-c", args[0]])
+    os.execv(exe, [exe, "-c", str(path)])
 
 
 if __name__ == "__main__":
