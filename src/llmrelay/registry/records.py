@@ -50,9 +50,11 @@ def split_key(key: str) -> tuple[str, str] | None:
     if kind not in KINDS or not ident:
         return None
     try:
-        return kind, base64.urlsafe_b64decode(ident + "=" * (-len(ident) % 4)).decode()
+        address = base64.b64decode(ident + "=" * (-len(ident) % 4), altchars=b"-_",
+                                   validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         return None
+    return (kind, address) if address else None
 
 
 def lease_of(record: dict[str, Any]) -> float:
