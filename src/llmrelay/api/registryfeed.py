@@ -40,7 +40,7 @@ class RegistryFeed:
     def apply(self) -> None:
         view = self.watch.view
         self.table.apply(view.table(self.dispatch_method))
-        self.table.controller_ok = self.watch.healthy or view.synced
+        self.table.controller_ok = self.watch.healthy  # (called when it changes too)
 
     def start(self) -> None:
         if not self._started:

@@ -72,15 +72,20 @@ class BucketWatch:
                                            self.what, reconnected=self._reconnected)
         self.bucket = await Bucket.open_until_done(self.nc, self.cfg, self.what)
         self._tasks += [asyncio.create_task(self._presence()), asyncio.create_task(self._expiry())]
+        failing = False
         while not self._closing:
             self.last_watch = time.monotonic()
             self._session = asyncio.create_task(self._watch(self.bucket))
             await asyncio.wait({self._session})
             if not self._session.cancelled() and self._session.exception() is not None:
                 e = self._session.exception()
-                log.warning("%s: the registry watch failed (%s: %s); watching anew", self.what,
-                            type(e).__name__, e)
+                if not failing:  # once per outage, not every half second
+                    log.warning("%s: the registry watch failed (%s: %s); trying again every "
+                                "%.1f s", self.what, type(e).__name__, e, self.interval)
+                failing = True
                 await asyncio.sleep(self.interval)
+            else:
+                failing = False
 
     async def _reconnected(self) -> None:
         self.resync()
@@ -147,6 +152,7 @@ class BucketWatch:
         if not self.healthy:
             self.healthy = True
             self.view.resume()
+            self._changed()
             log.info("%s: the registry watch delivers (%d workers)", self.what,
                      len(self.view.workers()))
 
@@ -181,6 +187,7 @@ class BucketWatch:
             stalled = now - self.last_echo > STALL_AFTER * self.interval
             if stalled and self.healthy:
                 self.healthy = False
+                self._changed()
                 log.warning("%s: no news from the registry for %.1f s; keeping the last table "
                             "(%d workers) and watching anew", self.what, now - self.last_echo,
                             len(self.view.workers()))
