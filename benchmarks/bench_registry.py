@@ -13,7 +13,7 @@ per request, sides alternating, medians over rounds):
 - `API, embedded registry` and `API, NATS registry`: POST /v1/chat/completions.
 
     .venv/bin/python benchmarks/bench_registry.py [--rounds 5] [--requests 100]
-        [--concurrency 16] [--seconds 3] [--max-tokens 16]
+        [--concurrency 16] [--seconds 3] [--max-tokens 16] [--nats-first]
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from nats_cluster import NatsCluster  # noqa: E402
 SIDES = ("worker direct", "API, embedded registry", "API, NATS registry")
 
 
-def sides(worker: str, embedded: str, nats: str, max_tokens: int) -> list[Side]:
+def sides(worker: str, embedded: str, nats: str, max_tokens: int,
+          nats_first: bool = False) -> list[Side]:
     worker_body = {"model": MODEL, "messages": MESSAGES, "max_new_tokens": max_tokens,
                    "temperature": 0.7, "delta": True, "echo": False, "request_id": "bench"}
 
@@ -55,7 +56,8 @@ def sides(worker: str, embedded: str, nats: str, max_tokens: int) -> list[Side]:
                         "/worker_generate_stream" if stream else "/worker_generate",
                         worker_body, stream,
                         lambda d: b'"finish_reason":"length"' in d.replace(b" ", b"")))
-        for name, base in (("API, embedded registry", embedded), ("API, NATS registry", nats)):
+        apis = [("API, embedded registry", embedded), ("API, NATS registry", nats)]
+        for name, base in apis[::-1] if nats_first else apis:
             out.append(Side(f"{name}, {kind}", base, "/v1/chat/completions", chat(stream), stream,
                             sse_done if stream else json_done))
     return out
@@ -92,6 +94,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=3.0, help="per throughput round")
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--nats-first", action="store_true",
+                    help="measure the NATS side before the embedded one in each round (a "
+                    "check that a difference is not the position in the round)")
     args = ap.parse_args()
     load_before = load_average()
     cluster = NatsCluster(Path(tempfile.mkdtemp(prefix="llmrelay-nats-")), size=3)
@@ -102,7 +107,7 @@ def main() -> None:
     try:
         cluster.start()
         worker, embedded, nats, pids = start(stack, cluster)
-        all_sides = sides(worker, embedded, nats, args.max_tokens)
+        all_sides = sides(worker, embedded, nats, args.max_tokens, args.nats_first)
         with httpx.Client(timeout=60) as client:
             for s in all_sides:
                 latency_round(s, 5, client)
