@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from llmrelay import __version__, lifeline
-from llmrelay.config import add_api_args, add_controller_args, add_worker_args
+from llmrelay.config import add_api_args, add_controller_args, add_registry_args, add_worker_args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,12 +32,13 @@ def main(argv: list[str] | None = None) -> None:
     from llmrelay.chat_cli import add_args as add_chat_args
     add_chat_args(p)
     p = sub.add_parser("status", help="show the controller's workers: models, addresses, queues, "
-                       "health")
+                       "health (with --registry: the NATS nodes, controllers, API servers too)")
     p.add_argument("--controller-address", default="http://127.0.0.1:21001",
                    help="controller URL (the first of a comma-separated list)")
     p.add_argument("--registration-token", default=None,
                    help="the cluster's registration token, if it has one "
                    "(default: env LLMRELAY_REGISTRATION_TOKEN)")
+    add_registry_args(p)
 
     from llmrelay.keys_cli import add_keys_args, add_usage_args
     p = sub.add_parser("keys", help="manage the API keys file (keys add NAME ...)")
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         from llmrelay.launcher import run
     elif args.command == "chat":
         from llmrelay.chat_cli import run
+    elif args.command == "status" and args.registry:
+        from llmrelay.registry.clusterstatus import run
     elif args.command == "status":
         from llmrelay.status import run
     elif args.command == "keys":

@@ -45,8 +45,30 @@ def _common(p: argparse.ArgumentParser, port: int) -> None:
     )
 
 
+def add_registry_args(p: argparse.ArgumentParser) -> None:
+    """`--registry` and its credentials: the NATS registry (docs/several-hosts.md)."""
+    g = p.add_argument_group("NATS registry (several hosts; default: the embedded controller)")
+    g.add_argument("--registry", default=None, metavar="URLS",
+                   help="NATS servers holding the registry, e.g. nats://h1:4222,nats://h2:4222 "
+                   "(user:password@ in a URL works too); without it, the controller is the "
+                   "registry")
+    g.add_argument("--registry-user", default=None,
+                   help="NATS user (default: env LLMRELAY_REGISTRY_USER)")
+    g.add_argument("--registry-password", default=None,
+                   help="NATS password (default: env LLMRELAY_REGISTRY_PASSWORD, which keeps "
+                   "it out of the process list)")
+    g.add_argument("--registry-token", default=None,
+                   help="NATS token (default: env LLMRELAY_REGISTRY_TOKEN)")
+    g.add_argument("--registry-tls-ca", default=None, help="CA file to verify the NATS servers")
+    g.add_argument("--registry-tls-cert", default=None, help="client certificate (TLS)")
+    g.add_argument("--registry-tls-key", default=None, help="client certificate's key (TLS)")
+    g.add_argument("--registry-bucket", default="llmrelay",
+                   help="the key-value bucket of this cluster (default llmrelay)")
+
+
 def add_controller_args(p: argparse.ArgumentParser) -> None:
     _common(p, 21001)
+    add_registry_args(p)
     p.add_argument(
         "--dispatch-method",
         choices=METHODS,
@@ -63,6 +85,7 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
 
 def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) -> None:
     _common(p, 21002)
+    add_registry_args(p)
     p.add_argument(
         "--worker-address",
         default=None,
@@ -184,6 +207,10 @@ def _json_or_csv(value: str) -> list[str]:
 
 def add_api_args(p: argparse.ArgumentParser) -> None:
     _common(p, 8000)
+    add_registry_args(p)
+    p.add_argument("--dispatch-method", choices=METHODS, default=None,
+                   help="with --registry: how a worker is picked (default: the controllers' "
+                   "method, else shortest_queue); without it the controller's table says")
     p.add_argument(
         "--controller-address",
         default="http://127.0.0.1:21001",

@@ -39,8 +39,9 @@ import httpx
 from llmrelay import lifeline
 from llmrelay.config import add_api_args, add_controller_args, add_worker_args
 from llmrelay.ports import bind_error, describe, listeners
+from llmrelay.registry import stack as stack_registry
 from llmrelay.security import TOKEN_ENV, auth_headers
-from llmrelay.stackstate import StackState, leftovers
+from llmrelay.stackstate import StackState, leftovers, stack_dir
 
 try:
     import tomllib
@@ -117,6 +118,8 @@ class Stack:
     api_url: str
     worker_urls: list[str]
     token: str | None = None
+    registry: stack_registry.RegistryPlan | None = None  # registry = ... (registry/stack.py)
+    nats: Child | None = None  # its local nats-server, started first
 
 
 def load_stack(path: str | None, log_dir: str | None) -> tuple[Stack, Path]:
@@ -134,7 +137,7 @@ def load_stack(path: str | None, log_dir: str | None) -> tuple[Stack, Path]:
             raise StackError(f"{path} is not valid TOML: {e}") from e
         base = p.parent
     unknown = set(data) - {"controller", "api", "worker", "workers", "log_dir",
-                           "registration_token"}
+                           "registration_token", *stack_registry.KEYS}
     if unknown:
         raise StackError(f"unknown section {sorted(unknown)[0]!r}; expected [controller], [api], "
                          "[[worker]] and log_dir")
@@ -150,9 +153,18 @@ def load_stack(path: str | None, log_dir: str | None) -> tuple[Stack, Path]:
     if not isinstance(token, str):
         raise StackError("registration_token must be a string")
     secret_env = {TOKEN_ENV: token}
-    c_argv = _argv(dict(data.get("controller", {})), "[controller]")
-    c_args = _parse(add_controller_args, c_argv, "[controller]")
+    c_args = _parse(add_controller_args, _argv(dict(data.get("controller", {})), "[controller]"),
+                    "[controller]")
     controller_url = f"http://{_client_host(c_args.host)}:{c_args.port}"
+    try:
+        registry = stack_registry.plan(data, stack_dir(controller_url))
+    except ValueError as e:
+        raise StackError(str(e)) from e
+    if registry is not None:  # every process gets --registry (and the local server's token)
+        data = registry.into(data)
+        workers = data["worker"]
+        secret_env.update(registry.env(token))
+    c_argv = _argv(dict(data.get("controller", {})), "[controller]")
     py = [sys.executable, "-m", "llmrelay.cli"]
     controller = Child("controller", py + ["controller"] + c_argv, controller_url,
                        logs / "controller.log", c_args.host, c_args.port, env=secret_env)
@@ -202,8 +214,11 @@ def load_stack(path: str | None, log_dir: str | None) -> tuple[Stack, Path]:
     api = Child("api", py + ["api"] + a_argv, api_url, logs / "api.log", a_args.host, a_args.port,
                 env=api_env)
     stack = Stack(controller, children, api, controller_url, api_url, [c.url for c in children],
-                  token)
-    for child in [controller, *children, api]:
+                  token, registry)
+    if registry is not None and registry.port is not None:
+        stack.nats = Child("nats", registry.server_argv(), registry.url, logs / "nats.log",
+                           "127.0.0.1", registry.port, env=secret_env)
+    for child in [*([stack.nats] if stack.nats else []), controller, *children, api]:
         assert child.port is not None
         _check_port(child.name, child.host, child.port)
     return stack, logs
@@ -354,6 +369,10 @@ class Launcher:
         s = self.stack
         t0 = time.monotonic()
         n = 2 + len(s.workers)
+        if s.nats is not None and s.registry is not None:
+            self.say(f"[0/{n}] starting the registry: a local nats-server on {s.nats.url}")
+            self.start(s.nats)
+            self.wait_ready(s.nats, lambda: s.registry.answers(s.token), "nats-server answering")
         self.say(f"[1/{n}] starting the controller on {s.controller_url}")
         self.start(s.controller)
         self.wait_ready(s.controller, lambda: httpx.get(s.controller_url + "/test_connection",
@@ -395,13 +414,16 @@ class Launcher:
         self.say(f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
                  f"\"content\": \"Hello!\"}}]}}'")
         self.say(f"  llmrelay status --controller-address {s.controller_url}")
+        for line in s.registry.banner(self.token_file) if s.registry is not None else []:
+            self.say(line)
         if self.token_file is not None:
             self.say(f"The registration token (controller and worker endpoints, their /metrics) is "
                      f"in {self.token_file}, readable only by you; `llmrelay status` finds it there.")
         self.say(f"Logs are kept in {self.log_dir}/. Press Ctrl-C to stop.")
 
     def children(self) -> list[Child]:
-        return [self.stack.controller, *self.stack.workers, self.stack.api]
+        nats = [self.stack.nats] if self.stack.nats is not None else []
+        return [*nats, self.stack.controller, *self.stack.workers, self.stack.api]
 
     def supervise(self) -> None:
         """Restart children that die, with backoff, until a signal asks to stop (Stopping)."""
@@ -429,7 +451,8 @@ class Launcher:
         self.signals_at_down = self.signals
         self.stopping = True
         # API first (stops taking requests), then workers (they deregister), then the controller.
-        for tier in ([self.stack.api], self.stack.workers, [self.stack.controller]):
+        for tier in ([self.stack.api], self.stack.workers, [self.stack.controller],
+                     [self.stack.nats] if self.stack.nats is not None else []):
             if self.hurry:
                 break
             live = self._alive(tier)

@@ -87,7 +87,8 @@ def fetch_table(controller: str, token: str | None = None, timeout: float = 5.0)
 
 
 def run(args: Any) -> None:
-    """`llmrelay status`: print the controller's table; exit 1 with the reason if unreachable."""
+    """`llmrelay status`: print the controller's table; exit 1 with the reason if unreachable.
+    (With `--registry` the CLI runs registry/clusterstatus.py instead.)"""
     from llmrelay.security import token_from
     from llmrelay.stackstate import token_path
 

@@ -33,6 +33,7 @@ from llmrelay.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from llmrelay.api.models.serving import ModelServing
 from llmrelay.api.observe import ObserveMiddleware
 from llmrelay.api.pipeline import Limits, Pipeline
+from llmrelay.api.registryfeed import RegistryFeed
 from llmrelay.api.responses.serving import ResponsesServing
 from llmrelay.api.responses.store import ResponseStore, SqliteResponseStore
 from llmrelay.api.table import WorkerTable
@@ -41,6 +42,7 @@ from llmrelay.api.transport import WorkerTransport
 from llmrelay.api.usage import UsageStore
 from llmrelay.config import split_csv
 from llmrelay.metrics import ApiMetrics
+from llmrelay.registry.base import RegistryConfig, RegistryError, TableFeed, public_address
 from llmrelay.security import auth_headers, token_from
 
 log = logging.getLogger("llmrelay.api")
@@ -62,13 +64,18 @@ def create_app(
     responses_store: ResponseStore | None = None,
     usage: UsageStore | None = None,
     limits: LimitStore | None = None,
+    registry: RegistryConfig | None = None,
+    address: str = "",
+    dispatch_method: str | None = None,
 ) -> FastAPI:
     """The app; `keys` (none: no API keys), `usage` (where usage is counted), `limits` (the
     counters of the keys' limits; default: in this process) and `responses_store` (stored
     Responses; default: in memory, lost on exit) come from `run`."""
     headers = auth_headers(registration_token)
     table = WorkerTable(controllers)
-    feed = ControllerFeed(table, refresh=table_refresh, headers=headers)
+    feed: TableFeed = (RegistryFeed(table, registry, address, dispatch_method)
+                       if registry is not None else
+                       ControllerFeed(table, refresh=table_refresh, headers=headers))
     side = httpx.AsyncClient(  # side questions to workers (FastChat workers' templates, ...)
         timeout=httpx.Timeout(connect=3.0, read=600.0, write=30.0, pool=30.0),
         limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
@@ -179,6 +186,10 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: cannot open the usage database in {folder} ({e}); choose "
                          "another folder with --data-dir") from e
     warn_public_bind(args.host, "the API server", protected=keys.enabled)
+    try:
+        registry = RegistryConfig.from_args(args)
+    except RegistryError as e:
+        raise SystemExit(f"error: {e}") from e
     app = create_app(
         split_csv(args.controller_address), keys, args.allowed_origins, args.allowed_methods,
         args.allowed_headers, args.allow_credentials, args.table_refresh,
@@ -188,6 +199,8 @@ def run(args: argparse.Namespace) -> None:
         responses_store=stored,
         usage=usage,
         limits=limiter(args, usage),
+        registry=registry, address=public_address(args.host, args.port, registry, args.ssl),
+        dispatch_method=getattr(args, "dispatch_method", None),
     )
     n = len(keys.keys())
     log.info("OpenAI-compatible API on http://%s:%d/v1 (%s); usage kept in %s; stored "

@@ -23,7 +23,6 @@ from llmrelay.api.completions.protocol import CompletionRequest
 from llmrelay.api.completions.serving import CompletionServing
 from llmrelay.api.embeddings.protocol import EmbeddingRequest
 from llmrelay.api.embeddings.serving import EmbeddingServing
-from llmrelay.api.feed import ControllerFeed
 from llmrelay.api.messages.protocol import CountTokensRequest, MessagesRequest
 from llmrelay.api.messages.serving import MessagesServing
 from llmrelay.api.models.serving import ModelServing
@@ -33,6 +32,7 @@ from llmrelay.api.responses.serving import ResponsesServing, owner_of
 from llmrelay.api.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 from llmrelay.api.tokenize.serving import TokenServing
 from llmrelay.metrics import ApiMetrics, metrics_response
+from llmrelay.registry.base import TableFeed
 from llmrelay.status import rows as status_rows
 
 WEBUI = Path(__file__).parent / "webui"
@@ -47,7 +47,7 @@ WEBUI_HEADERS = {
 }
 
 
-def mount(app: FastAPI, guarded: list[Depends], feed: ControllerFeed, metrics: ApiMetrics,
+def mount(app: FastAPI, guarded: list[Depends], feed: TableFeed, metrics: ApiMetrics,
           chat: ChatServing, completions: CompletionServing, embeddings: EmbeddingServing,
           models: ModelServing, messages: MessagesServing, tokens: TokenServing,
           responses: ResponsesServing, access: Access) -> None:

@@ -99,13 +99,15 @@ Accept = Callable[[Worker], bool]
 class WorkerTable:
     """What this API server knows about workers, and who it sends a request to.
 
-    `controllers` and `controller_ok` say where the table comes from (feed.py keeps them);
+    `controllers` and `controller_ok` say where the table comes from (feed.py or
+    registryfeed.py keeps them);
     they are only used in messages and metrics.
     """
 
     def __init__(self, controllers: Iterable[str] = (), rng: random.Random | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.controllers = [c.rstrip("/") for c in controllers]
+        self.source = "controller"  # or "registry" (the NATS registry, api/registryfeed.py)
         self.rng = rng
         self.clock = clock
         self.workers: dict[str, Worker] = {}
@@ -169,7 +171,7 @@ class WorkerTable:
         names = sorted(m for m in self.models() if allowed is None or allowed(m))
         if not names and not self.workers:
             why = "" if self.controller_ok else (
-                f" The controller at {', '.join(self.controllers)} is not reachable.")
+                f" The {self.source} at {', '.join(self.controllers)} is not reachable.")
             raise APIError(503, f"No model workers are available right now.{why}",
                            type="server_error", headers={"Retry-After": "2"})
         close = difflib.get_close_matches(model.lower(), [n.lower() for n in names], n=1,

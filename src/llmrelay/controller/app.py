@@ -1,5 +1,6 @@
 """The controller's HTTP face: FastChat's controller endpoints plus `/worker_table`, each a thin
-route over `ControllerService` (service.py). It never touches a model."""
+route over `ControllerService` (service.py). It never touches a model. With `--registry` its
+registry is the NATS one (bucket.py) instead of its own state."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from llmrelay.controller.registry import Registry
 from llmrelay.controller.service import ControllerService, Refused
 from llmrelay.metrics import metrics_response
+from llmrelay.registry.base import RegistryConfig, RegistryError, public_address
 from llmrelay.runtime import ClosingStreamingResponse
 from llmrelay.security import TokenGuard, token_from
 
@@ -30,18 +33,29 @@ async def _body(request: Request) -> dict[str, Any]:
 
 
 def create_app(dispatch_method: str = "shortest_queue", heartbeat_interval: float = 3.0,
-               token: str | None = None) -> FastAPI:
-    service = ControllerService(dispatch_method, heartbeat_interval, token)
-    registry = service.registry
+               token: str | None = None, registry_config: RegistryConfig | None = None,
+               address: str = "") -> FastAPI:
+    shared = None
+    if registry_config is not None:
+        from llmrelay.controller.bucket import BucketRegistry
+
+        shared = BucketRegistry(registry_config, address, dispatch_method, heartbeat_interval)
+    service = ControllerService(dispatch_method, heartbeat_interval, token, registry=shared)
+    registry: Registry = service.registry
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if shared is not None:
+            shared.start()
         task = asyncio.create_task(service.sweep())
-        log.info("controller ready: dispatch %s, heartbeat every %.1f s, expiry after %.1f s",
-                 dispatch_method, registry.heartbeat_interval, registry.expiration)
+        log.info("controller ready: dispatch %s, heartbeat every %.1f s, expiry after %.1f s%s",
+                 dispatch_method, registry.heartbeat_interval, registry.expiration,
+                 f", registry {registry_config.describe()}" if registry_config else "")
         yield
         task.cancel()
         await service.aclose()
+        if shared is not None:
+            await shared.aclose()
 
     app = FastAPI(title="llmrelay controller", lifespan=lifespan)
     app.add_middleware(TokenGuard, token=token, open_paths=frozenset({"/test_connection"}))
@@ -116,5 +130,10 @@ def run(args: argparse.Namespace) -> None:
     setup_logging(args.log_level)
     token = token_from(args.registration_token)
     warn_public_bind(args.host, "the controller", protected=bool(token))
-    app = create_app(args.dispatch_method, args.heartbeat_interval, token)
+    try:
+        registry = RegistryConfig.from_args(args)
+    except RegistryError as e:
+        raise SystemExit(f"error: {e}") from e
+    app = create_app(args.dispatch_method, args.heartbeat_interval, token, registry,
+                     public_address(args.host, args.port, registry, args.ssl))
     serve(app, args.host, args.port, args.log_level, args.ssl, args.shutdown_timeout)

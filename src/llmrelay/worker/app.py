@@ -1,5 +1,6 @@
 """The model worker's HTTP face: FastChat's worker endpoints, each a thin route over
-`WorkerService` (service.py), plus the worker's life with its controllers (lifecycle.py)."""
+`WorkerService` (service.py), plus the worker's record in the registry: with its controllers
+(lifecycle.py), or in the NATS registry with `--registry` (registry/member.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from fastapi.responses import JSONResponse
 
 from llmrelay.metrics import metrics_response
 from llmrelay.protocol import ErrorCode, error_frame, frame, loads
+from llmrelay.registry.base import Membership, RegistryConfig
+from llmrelay.registry.member import BucketMembership
 from llmrelay.runtime import ClientGone, ClosingStreamingResponse, FastJSONResponse, until_gone
 from llmrelay.security import TokenGuard, auth_headers
 from llmrelay.worker.engines.base import Engine, EngineError
@@ -28,14 +31,20 @@ __all__ = ["WorkerSettings", "create_app"]
 
 
 class Links:
-    """This worker's registrations with its controllers, and leaving them at shutdown."""
+    """This worker's registrations (with its controllers, or its record in the NATS registry),
+    and leaving them at shutdown."""
 
-    def __init__(self, service: WorkerService) -> None:
+    def __init__(self, service: WorkerService, registry: RegistryConfig | None = None) -> None:
         s = service.settings
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(5.0), headers=auth_headers(s.token))
-        self.links = [ControllerLink(self.client, c, s.worker_address, service.status,
-                                     s.heartbeat_interval)
-                      for c in s.controller_addresses] if s.register else []
+        self.links: list[Membership] = []
+        if s.register and registry is not None:
+            self.links = [BucketMembership(registry, s.worker_address, service.status,
+                                           s.heartbeat_interval)]
+        elif s.register:
+            self.links = [ControllerLink(self.client, c, s.worker_address, service.status,
+                                         s.heartbeat_interval)
+                          for c in s.controller_addresses]
         self.tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -54,9 +63,10 @@ class Links:
         await self.client.aclose()
 
 
-def create_app(engine: Engine, settings: WorkerSettings) -> FastAPI:
+def create_app(engine: Engine, settings: WorkerSettings,
+               registry: RegistryConfig | None = None) -> FastAPI:
     service = WorkerService(engine, settings)
-    links = Links(service)
+    links = Links(service, registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

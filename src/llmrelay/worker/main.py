@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 from llmrelay import fastchat_flags
 from llmrelay.config import split_csv
+from llmrelay.registry.base import RegistryConfig, RegistryError
 from llmrelay.runtime import PUBLIC_HOSTS
 from llmrelay.security import token_from
 from llmrelay.worker import engines
@@ -49,8 +50,14 @@ def run(args: argparse.Namespace) -> None:
     if args.gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
     controllers = split_csv(args.controller_address)
-    address = args.worker_address or default_worker_address(
-        args.host, args.port, controllers[0] if controllers else "")
+    try:
+        registry = RegistryConfig.from_args(args)
+    except RegistryError as e:
+        sys.exit(f"error: {e}")
+    # the outward address is the one that reaches the registry (the controller, or NATS)
+    reach = registry.servers[0].replace("nats://", "http://").replace("tls://", "http://") \
+        if registry is not None else (controllers[0] if controllers else "")
+    address = args.worker_address or default_worker_address(args.host, args.port, reach)
     if args.limit_worker_concurrency < 1:
         sys.exit("error: --limit-worker-concurrency must be at least 1")
     if args.fair_reserve < 0:
@@ -83,8 +90,8 @@ def run(args: argparse.Namespace) -> None:
         sys.exit(2)
     log.info("model ready in %.1f s", time.monotonic() - started)
     # With no flag or variable, the token of the `llmrelay up` stack at the controller, if any.
-    token = token_from(args.registration_token,
-                       None if args.no_register or not controllers else controllers[0])
+    token = token_from(args.registration_token, None if args.no_register or not controllers
+                       or registry is not None else controllers[0])
     warn_public_bind(args.host, "the worker", protected=bool(token))
     settings = WorkerSettings(
         worker_address=address,
@@ -99,5 +106,5 @@ def run(args: argparse.Namespace) -> None:
         fair_sharing=args.fair_sharing != "off",
         fair_reserve=args.fair_reserve,
     )
-    serve(create_app(engine, settings), args.host, args.port, args.log_level, args.ssl,
+    serve(create_app(engine, settings, registry), args.host, args.port, args.log_level, args.ssl,
           args.shutdown_timeout)
