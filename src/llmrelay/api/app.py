@@ -24,6 +24,8 @@ from llmrelay.api.feed import ControllerFeed
 from llmrelay.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from llmrelay.api.models.serving import ModelServing
 from llmrelay.api.observe import ObserveMiddleware
+from llmrelay.api.ondemand.loads import Loads
+from llmrelay.api.ondemand.middleware import OnDemandMiddleware
 from llmrelay.api.pipeline import Limits, Pipeline
 from llmrelay.api.table import WorkerTable
 from llmrelay.api.transport import WorkerTransport
@@ -46,6 +48,7 @@ def create_app(
     max_request_bytes: int = 4 * 1024 * 1024,
     request_timeout: float = 600.0,
     sse_keepalive: float = 10.0,
+    load_queue: int = 64,
 ) -> FastAPI:
     headers = auth_headers(registration_token)
     table = WorkerTable(controllers)
@@ -58,6 +61,7 @@ def create_app(
     transport = WorkerTransport(table, side, FastChatAdapter(side), headers=headers)
     pipeline = Pipeline(transport, Limits(request_timeout, sse_keepalive))
     keys = KeyChecker(api_keys or [])
+    loads = Loads(table, side, feed.fetch_once, load_queue)  # models on demand
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,6 +73,17 @@ def create_app(
 
     app = FastAPI(title="llmrelay OpenAI-compatible API", lifespan=lifespan)
     errors.install(app)
+
+    def key_accepted(scope: Any) -> bool:
+        try:
+            keys.check(Request(scope))
+        except errors.APIError:
+            return False
+        return True
+
+    # Innermost: a request for a model loaded on demand waits here for its load.
+    app.add_middleware(OnDemandMiddleware, loads=loads, authorized=key_accepted,
+                       keepalive=sse_keepalive)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=allowed_origins or ["*"],
@@ -89,7 +104,8 @@ def create_app(
     guarded: list[Any] = [Depends(authorized)] if keys.enabled else []
     routes.mount(app, guarded, feed, metrics,
                  chat=ChatServing(table, pipeline), completions=CompletionServing(table, pipeline),
-                 embeddings=EmbeddingServing(table, transport), models=ModelServing(table))
+                 embeddings=EmbeddingServing(table, transport),
+                 models=ModelServing(table, loads.declared))
     return app
 
 
@@ -115,6 +131,7 @@ def run(args: argparse.Namespace) -> None:
         token_from(args.registration_token, args.controller_address), args.max_request_bytes,
         args.request_timeout,
         args.sse_keepalive,
+        args.load_queue,
     )
     log.info("OpenAI-compatible API on http://%s:%d/v1 (%s)", args.host, args.port,
              "API keys required" if keys else "no API keys")

@@ -1,4 +1,7 @@
-"""OpenAI's model objects (dataclasses, written by `protocol.dumps`)."""
+"""OpenAI's model objects (dataclasses, written by `protocol.dumps`).
+
+`state` is ours: `loaded`, or for a model loaded on demand its state on its host (`loaded`,
+`loading`, `unloading`, `unloaded`)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ class Model:
     object: str = "model"
     created: int
     owned_by: str = "llmrelay"
+    state: str = "loaded"
 
 
 @dataclass(kw_only=True)
