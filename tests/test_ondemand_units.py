@@ -283,6 +283,14 @@ def test_a_just_loaded_model_is_kept_for_its_first_request() -> None:
     assert isinstance(p.step(), Wait)  # now it runs there
     p.activity("a", 0, 1, clock.t)
     assert p.step() == Evict("a")
+    # An admin's load is not kept for anyone: it can go at once.
+    r = pool(("a", 60), ("b", 60), capacity=100, clock=clock)
+    r.want("a", admin=True)
+    r.started("a")
+    r.loaded("a", "http://a", 1)
+    r.release("a", admin=True)
+    r.want("b")
+    assert r.step() == Evict("a")
     # Nobody came within the reservation: it can go.
     q = pool(("a", 60), ("b", 60), capacity=100, clock=clock)
     q.want("a")
@@ -319,7 +327,7 @@ def test_manual_models_load_only_for_an_admin() -> None:
         p.want("m")
     assert r.value.status == 400
     assert p.want("m", admin=True) is False
-    p.release("m")
+    p.release("m", admin=True)
     assert p.queue == ["m"]  # an admin's load goes on without the admin waiting
 
 

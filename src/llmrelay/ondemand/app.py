@@ -131,7 +131,7 @@ def create_app(service: HostService, token: str | None, admin_key: str | None) -
         try:
             if not body.get("wait", True):
                 if service.begin(model, admin=True) is not None:
-                    service.end(model)  # an admin's load goes on without anyone waiting
+                    service.end(model, admin=True)  # the load goes on without anyone waiting
                 return {"success": True, "model": model,
                         "state": service.pool.get(model).state}
             return {"success": True, **await until_gone(

@@ -219,8 +219,8 @@ class HostService:
         self.push()
         return outcome
 
-    def end(self, name: str) -> None:
-        self.pool.release(name)
+    def end(self, name: str, admin: bool = False) -> None:
+        self.pool.release(name, admin)
         self._wake.set()
 
     async def ensure(self, name: str, keep_alive: Any = None, admin: bool = False) -> dict[str, Any]:
@@ -230,7 +230,7 @@ class HostService:
             try:
                 await asyncio.shield(outcome)
             finally:
-                self.end(name)
+                self.end(name, admin)
         if keep_alive is not None:
             self.touch(name, keep_alive)
         e = self.pool.get(name)

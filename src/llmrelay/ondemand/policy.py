@@ -70,7 +70,9 @@ class Entry:
     keep: float | None = None  # idle time from a client's keep_alive hint (capped)
     address: str = ""
     pid: int = 0
-    wanted: int = 0  # requests (or API servers' loads) waiting for it
+    wanted: int = 0  # requests (or API servers' loads, or admins) waiting for it
+    requested: int = 0  # ... of which requests (not admins)
+    reserve: bool = False  # loaded for requests: kept for the first one (see `reserved`)
     sticky: bool = False  # an admin asked for the load: it happens even if every client leaves
     held_down: bool = False  # an admin unloaded it: a pinned model is not reloaded by itself
 
@@ -133,8 +135,9 @@ class Pool:
         return sum(e.need for e in self.entries.values() if e.state != UNLOADED)
 
     def reserved(self, e: Entry) -> bool:
-        """Just loaded for requests that have not reached it yet."""
-        return e.state == LOADED and e.requests == 0 and self.clock() - e.since < RESERVE_S
+        """Just loaded for requests that have not reached it yet (an admin's load is not)."""
+        return (e.state == LOADED and e.reserve and e.requests == 0
+                and self.clock() - e.since < RESERVE_S)
 
     def evictable(self, e: Entry) -> bool:
         return (e.state == LOADED and not e.spec.pin and e.busy == 0 and e.wanted == 0
@@ -192,15 +195,19 @@ class Pool:
         if admin:
             e.sticky = True
             e.held_down = False
+        else:
+            e.requested += 1
         if e.state != LOADING and name not in self.queue:
             self.queue.append(name)
         return False
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, admin: bool = False) -> None:
         """A caller of `want` stops waiting (served, refused, or gone). An entry nobody waits
         for any more leaves the queue, so a client that left costs no model its place."""
         e = self.get(name)
         e.wanted = max(0, e.wanted - 1)
+        if not admin:
+            e.requested = max(0, e.requested - 1)
         if e.wanted == 0 and not e.sticky and name in self.queue:
             self.queue.remove(name)
 
@@ -260,6 +267,7 @@ class Pool:
         self._enter(e, LOADED)
         e.address, e.pid = address, pid
         e.busy = e.requests = 0
+        e.reserve = e.requested > 0
         e.last_used = self.clock()
         e.failures, e.error, e.sticky = 0, "", False
 
