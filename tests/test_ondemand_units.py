@@ -550,3 +550,13 @@ def test_up_models_dir_alone(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(StackError, match="no .gguf file or HF folder"):
         load_stack(str(path), str(tmp_path / "logs"), str(empty))
+
+
+def test_unknown_model_is_a_404_naming_declared_models_too() -> None:
+    table = WorkerTable(["http://c"])
+    table.apply({"workers": []})
+    table.declared_names = lambda: ["gemma", "smol"]
+    with pytest.raises(APIError) as e:  # not "no workers available": the models exist
+        table.check_model("gema")
+    assert e.value.status == 404 and "gemma, smol" in e.value.message
+    assert "Did you mean 'gemma'" in e.value.message

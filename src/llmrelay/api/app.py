@@ -62,6 +62,7 @@ def create_app(
     pipeline = Pipeline(transport, Limits(request_timeout, sse_keepalive))
     keys = KeyChecker(api_keys or [])
     loads = Loads(table, side, feed.fetch_once, load_queue)  # models on demand
+    table.declared_names = lambda: loads.declared().keys()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

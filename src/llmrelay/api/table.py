@@ -115,6 +115,8 @@ class WorkerTable:
         self.inflight: dict[str, int] = {}  # worker -> this server's requests open on it
         self.down: dict[str, float] = {}  # worker -> its last heartbeat when it refused us
         self.affinity = Affinity()  # conversation prefix -> worker, for the `prefix` method
+        # Models declared for loading on demand (api/ondemand): they exist though not served.
+        self.declared_names: Callable[[], Iterable[str]] = tuple
 
     # ---- the controller's answers ------------------------------------------------------------
 
@@ -162,7 +164,7 @@ class WorkerTable:
         """404 for a model nobody serves (with the closest name); 503 if we know no workers."""
         if any(model in w.model_names for w in self.workers.values()):
             return
-        names = sorted(self.models())
+        names = sorted(set(self.models()) | set(self.declared_names()))
         if not names:
             why = "" if self.controller_ok else (
                 f" The controller at {', '.join(self.controllers)} is not reachable.")
