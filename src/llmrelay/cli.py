@@ -1,4 +1,5 @@
-"""`llmrelay`: the project's own CLI (controller, worker, api, up, chat, status, keys, usage).
+"""`llmrelay`: the project's own CLI (controller, worker, api, host, up, models, chat, status,
+keys, usage).
 Nothing imports this module."""
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ def main(argv: list[str] | None = None) -> None:
                    help="stack file (TOML); default: the bundled model on 127.0.0.1:8000")
     p.add_argument("--log-dir", default=None, help="where to keep each process's log "
                    "(default: the stack file's log_dir, else ./logs)")
+    p.add_argument("--models-dir", default=None, help="also declare every .gguf file and HF "
+                   "folder in this folder, loaded on demand (see docs/on-demand.md)")
+    p = sub.add_parser("host", help="declare models and load them on demand within a memory "
+                       "budget (one worker process per model)")
+    from llmrelay.ondemand.main import add_host_args
+    add_host_args(p)
+    p = sub.add_parser("models", help="list, load or unload models on demand (a host's admin "
+                       "endpoints)")
+    from llmrelay.ondemand.admin_cli import add_args as add_models_args
+    add_models_args(p)
     p = sub.add_parser("chat", help="chat in the terminal with any OpenAI-compatible server")
     from llmrelay.chat_cli import add_args as add_chat_args
     add_chat_args(p)
@@ -55,6 +66,10 @@ def main(argv: list[str] | None = None) -> None:
         from llmrelay.api.app import run
     elif args.command == "up":
         from llmrelay.launcher import run
+    elif args.command == "host":
+        from llmrelay.ondemand.main import run
+    elif args.command == "models":
+        from llmrelay.ondemand.admin_cli import run
     elif args.command == "chat":
         from llmrelay.chat_cli import run
     elif args.command == "status" and args.registry:

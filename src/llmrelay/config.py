@@ -279,6 +279,9 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
         "mid-answer (continuation: the client sees one unbroken answer); 0: never",
     )
     p.add_argument(
+        "--load-queue", type=int, default=64,
+        help="requests that may wait for one model to load on demand; more get 429")
+    p.add_argument(
         "--table-refresh",
         type=float,
         default=1.0,

@@ -22,7 +22,6 @@ Never leaving children behind:
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import secrets
 import signal
@@ -38,10 +37,12 @@ import httpx
 
 from llmrelay import lifeline
 from llmrelay.config import add_api_args, add_controller_args, add_worker_args
-from llmrelay.ports import bind_error, describe, listeners
+from llmrelay.ondemand import stack as ondemand
+from llmrelay.ondemand.catalog import to_argv
+from llmrelay.ports import bind_error, port_taken
 from llmrelay.registry import stack as stack_registry
 from llmrelay.security import TOKEN_ENV, auth_headers
-from llmrelay.stackstate import StackState, leftovers, stack_dir
+from llmrelay.stackstate import StackState, stack_dir
 
 try:
     import tomllib
@@ -65,19 +66,10 @@ DEFAULT_STACK: dict[str, Any] = {
 
 
 def _argv(section: dict[str, Any], where: str) -> list[str]:
-    argv: list[str] = []
-    for key, value in section.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            if value:
-                argv.append(flag)
-        elif isinstance(value, list):
-            argv += [flag, ",".join(str(v) for v in value)]
-        elif isinstance(value, (str, int, float)):
-            argv += [flag, str(value)]
-        else:
-            raise StackError(f"{where}: {key} must be a string, number, boolean or list")
-    return argv
+    try:
+        return to_argv(section, where)
+    except ValueError as e:
+        raise StackError(str(e)) from e
 
 
 def _parse(add: Any, argv: list[str], where: str) -> argparse.Namespace:
@@ -120,12 +112,16 @@ class Stack:
     token: str | None = None
     registry: stack_registry.RegistryPlan | None = None  # registry = ... (registry/stack.py)
     nats: Child | None = None  # its local nats-server, started first
+    admin_key: str = ""  # of the host, when models are loaded on demand
+    on_demand: list[str] = field(default_factory=list)
 
 
-def load_stack(path: str | None, log_dir: str | None) -> tuple[Stack, Path]:
+def load_stack(path: str | None, log_dir: str | None,
+               models_dir: str | None = None) -> tuple[Stack, Path]:
     """Read and check a stack file (or the default stack) into the commands to run."""
     if path is None:
-        data = DEFAULT_STACK
+        # --models-dir alone: the folder's models, on demand, and no default model
+        data = {"controller": {}, "api": {}} if models_dir else DEFAULT_STACK
         base = Path.cwd()
     else:
         p = Path(path)
@@ -137,7 +133,7 @@ def load_stack(path: str | None, log_dir: str | None) -> tuple[Stack, Path]:
             raise StackError(f"{path} is not valid TOML: {e}") from e
         base = p.parent
     unknown = set(data) - {"controller", "api", "worker", "workers", "log_dir",
-                           "registration_token", *stack_registry.KEYS}
+                           "registration_token", "host", *stack_registry.KEYS}
     if unknown:
         raise StackError(f"unknown section {sorted(unknown)[0]!r}; expected [controller], [api], "
                          "[[worker]] and log_dir")
@@ -145,7 +141,8 @@ def load_stack(path: str | None, log_dir: str | None) -> tuple[Stack, Path]:
     workers = data.get("worker", data.get("workers", []))
     if isinstance(workers, dict):
         workers = [workers]
-    if not workers:
+    workers, managed = ondemand.split([dict(w) for w in workers])  # on demand: for the host
+    if not workers and not managed and not models_dir:
         raise StackError("the stack has no [[worker]]")
 
     # The cluster secret: from the file or the environment, else a fresh one for this run.
@@ -199,6 +196,16 @@ def load_stack(path: str | None, log_dir: str | None) -> tuple[Stack, Path]:
         url = w_args.worker_address or f"http://{_client_host(w_args.host)}:{w_args.port}"
         children.append(Child(name, py + ["worker"] + w_argv, url, logs / f"{name}.log",
                               w_args.host, w_args.port, env=secret_env))
+    try:
+        host = ondemand.plan(managed, dict(data.get("host", {})), models_dir, base, controller_url,
+                             c_args.heartbeat_interval, logs, used_ports,
+                             max(1, (os.cpu_count() or 1) // (len(workers) + len(managed) or 1)))
+    except ValueError as e:
+        raise StackError(str(e)) from e
+    if host is not None:  # the host of the models loaded on demand: a worker for `up`
+        used_ports.add(host.port)
+        children.append(Child("host", host.argv, host.url, logs / "host.log", host.host,
+                              host.port, env={**secret_env, **host.env}))
 
     a = dict(data.get("api", {}))
     a.setdefault("controller_address", controller_url)
@@ -214,7 +221,8 @@ def load_stack(path: str | None, log_dir: str | None) -> tuple[Stack, Path]:
     api = Child("api", py + ["api"] + a_argv, api_url, logs / "api.log", a_args.host, a_args.port,
                 env=api_env)
     stack = Stack(controller, children, api, controller_url, api_url, [c.url for c in children],
-                  token, registry)
+                  token, registry, admin_key=host.admin_key if host else "",
+                  on_demand=host.models if host else [])
     if registry is not None and registry.port is not None:
         stack.nats = Child("nats", registry.server_argv(), registry.url, logs / "nats.log",
                            "127.0.0.1", registry.port, env=secret_env)
@@ -235,34 +243,6 @@ def _check_port(name: str, host: str, port: int) -> None:
         raise StackError(port_taken(name, host, port, err))
 
 
-def port_taken(name: str, host: str, port: int, err: OSError) -> str:
-    """Why `name` cannot listen on host:port, and what to do about it."""
-    where = f"{name}: cannot listen on {host}:{port} ({err.strerror or err})"
-    if err.errno != errno.EADDRINUSE:
-        return f"{where}: choose another host or port"
-    holders = listeners(port)
-    # a recorded process of ours that is alive: the listener itself where the system names it,
-    # else the one recorded on that port
-    ours = [x for x in leftovers() if (x.pid in holders if holders else x.port == port)]
-    if ours:
-        first = ours[0]
-        if first.up_alive:
-            return (f"{where}: an `llmrelay up` (pid {first.up_pid}) runs a stack there "
-                    f"(controller {first.controller_url}); stop it with Ctrl-C where it runs, or "
-                    f"`kill {first.up_pid}`")
-        pids = sorted({x.pid for x in leftovers() if x.up_pid == first.up_pid})
-        return (f"{where}: {describe(first.pid)}, the {first.name} of an earlier `llmrelay up` "
-                f"(pid {first.up_pid}, no longer running), still holds it. Stop what is left of "
-                f"that stack with `kill {' '.join(map(str, pids))}` (`kill -9` if they do not "
-                "stop), then start again")
-    if holders:
-        return (f"{where}: {', '.join(describe(p) for p in holders)} holds that port: stop it "
-                "or choose another port")
-    return (f"{where}: another program holds that port (this system does not say which; "
-            f"`ss -ltnp 'sport = :{port}'` or `lsof -iTCP:{port} -sTCP:LISTEN`, as root for "
-            "another user's process, can): stop it or choose another port")
-
-
 class Launcher:
     """Starts, watches and stops the children of one stack. Signals only set `signals`."""
 
@@ -273,6 +253,7 @@ class Launcher:
         self.out = out
         self.state = state
         self.token_file: Path | None = None
+        self.admin_key_file: Path | None = None
         self.stop_timeout = stop_timeout
         self.lock = threading.Lock()
         self.stopping = False
@@ -380,7 +361,8 @@ class Launcher:
                         "controller answering")
         for i, w in enumerate(s.workers):
             self.check_stop()
-            self.say(f"[{i + 2}/{n}] starting {w.name} on {w.url} (loading the model)")
+            self.say(f"[{i + 2}/{n}] starting {w.name} on {w.url} (" + (
+                "models on demand" if w.name == "host" else "loading the model") + ")")
             self.start(w)
 
         auth = auth_headers(s.token)
@@ -405,10 +387,13 @@ class Launcher:
             return r.status_code == 200 and want <= set(r.json().get("models", []))
 
         self.wait_ready(s.api, api_ready, "API listing every model")
-        model = sorted(want)[0]
+        model = sorted(want or s.on_demand)[0]
         self.say("")
         self.say(f"llmrelay is up in {time.monotonic() - t0:.1f} s: OpenAI-compatible API at "
-                 f"{s.api_url}/v1 serving {', '.join(sorted(want))}")
+                 f"{s.api_url}/v1 serving {', '.join(sorted(want)) or 'no model loaded yet'}")
+        if s.on_demand:
+            self.say(f"Loaded on demand: {', '.join(s.on_demand)}. `llmrelay models list` shows "
+                     f"them (the admin key is in {self.admin_key_file}).")
         self.say("Try:")
         self.say(f"  curl {s.api_url}/v1/chat/completions -H 'Content-Type: application/json' \\")
         self.say(f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
@@ -491,7 +476,7 @@ class Launcher:
 
 def run(args: argparse.Namespace) -> None:
     try:
-        stack, log_dir = load_stack(args.stack, args.log_dir)
+        stack, log_dir = load_stack(args.stack, args.log_dir, getattr(args, "models_dir", None))
     except StackError as e:
         sys.exit(f"error: {e}")
     state = StackState(stack.controller_url)
@@ -504,6 +489,8 @@ def run(args: argparse.Namespace) -> None:
         assert stack.token is not None
         try:
             launcher.token_file = state.begin(stack.token)
+            if stack.admin_key:
+                launcher.admin_key_file = state.write_admin_key(stack.admin_key)
         except OSError as e:
             raise StackError(f"cannot write the token file in {state.dir} ({e.strerror or e}): "
                              "set LLMRELAY_STATE_DIR to a folder you can write") from e

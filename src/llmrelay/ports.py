@@ -5,7 +5,8 @@ resolves to, `SO_REUSEADDR`, `IPV6_V6ONLY` on IPv6), so it agrees with what the 
 really do: TIME_WAIT connections left by a server that just stopped do not count, a listener
 does. `listeners()` names the processes listening on a port from /proc/net/tcp{,6} and
 /proc/<pid>/fd (Linux), else from `lsof` when installed; without either (or without the right to
-look at another user's processes) it says nothing rather than guess.
+look at another user's processes) it says nothing rather than guess. `port_taken()` says all of
+it to the user of `llmrelay up`, naming an earlier stack's leftovers (llmrelay.stackstate).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
+
+from llmrelay.stackstate import leftovers
 
 
 def bind_error(host: str, port: int) -> OSError | None:
@@ -112,3 +115,31 @@ def describe(pid: int) -> str:
     if len(cmd) > 100:
         cmd = cmd[:97] + "..."
     return f"pid {pid} ({cmd})" if cmd else f"pid {pid}"
+
+
+def port_taken(name: str, host: str, port: int, err: OSError) -> str:
+    """Why `name` cannot listen on host:port, and what to do about it."""
+    where = f"{name}: cannot listen on {host}:{port} ({err.strerror or err})"
+    if err.errno != errno.EADDRINUSE:
+        return f"{where}: choose another host or port"
+    holders = listeners(port)
+    # a recorded process of ours that is alive: the listener itself where the system names it,
+    # else the one recorded on that port
+    ours = [x for x in leftovers() if (x.pid in holders if holders else x.port == port)]
+    if ours:
+        first = ours[0]
+        if first.up_alive:
+            return (f"{where}: an `llmrelay up` (pid {first.up_pid}) runs a stack there "
+                    f"(controller {first.controller_url}); stop it with Ctrl-C where it runs, or "
+                    f"`kill {first.up_pid}`")
+        pids = sorted({x.pid for x in leftovers() if x.up_pid == first.up_pid})
+        return (f"{where}: {describe(first.pid)}, the {first.name} of an earlier `llmrelay up` "
+                f"(pid {first.up_pid}, no longer running), still holds it. Stop what is left of "
+                f"that stack with `kill {' '.join(map(str, pids))}` (`kill -9` if they do not "
+                "stop), then start again")
+    if holders:
+        return (f"{where}: {', '.join(describe(p) for p in holders)} holds that port: stop it "
+                "or choose another port")
+    return (f"{where}: another program holds that port (this system does not say which; "
+            f"`ss -ltnp 'sport = :{port}'` or `lsof -iTCP:{port} -sTCP:LISTEN`, as root for "
+            "another user's process, can): stop it or choose another port")

@@ -9,6 +9,8 @@ controller address, `stacks/<host>-<port>/`, holding:
   LLMRELAY_REGISTRATION_TOKEN is given; Prometheus reads it as `credentials_file`.
 - `up.json`: the pid of `up` and of each child with its port, so that a later `up` can tell
   "my own earlier children still hold these ports" from "another program holds this port".
+- `admin_key` (mode 0600), when the stack loads models on demand: the key of the host's admin
+  endpoints, which `llmrelay models` reads when no `--admin-key` is given.
 
 Both are removed when `up` stops cleanly. After a `kill -9` of `up` they stay behind; a stale
 record is recognised (its `up` process is gone) and its token is never used.
@@ -27,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 TOKEN_FILE = "token"
+ADMIN_KEY_FILE = "admin_key"
 RECORD_FILE = "up.json"
 _LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::", ""}
 
@@ -157,6 +160,13 @@ class StackState:
         self._save()
         return self.token_path
 
+    def write_admin_key(self, key: str) -> Path:
+        """Keep the host's admin key for `llmrelay models` (mode 0600); return its path."""
+        _private_dir(self.dir)
+        path = self.dir / ADMIN_KEY_FILE
+        _write_private(path, key + "\n")
+        return path
+
     def record(self, name: str, pid: int, port: int | None) -> None:
         """Note that child `name` now runs as `pid` on `port` (called at every (re)start)."""
         self.children[name] = {"pid": pid, "start": process_start(pid), "port": port}
@@ -174,7 +184,7 @@ class StackState:
         data = _read_record(self.record_path)
         if data is not None and data.get("up_pid") not in (None, os.getpid()):
             return  # another `up` has taken over this address since
-        for path in (self.token_path, self.record_path):
+        for path in (self.token_path, self.record_path, self.dir / ADMIN_KEY_FILE):
             try:
                 path.unlink()
             except FileNotFoundError:
@@ -199,6 +209,15 @@ def read_token(controller_url: str) -> str | None:
     A token file left by an `up` that is gone (killed with -9) is not used: it belongs to no
     running cluster, and a controller started by hand at that address has none or another.
     """
+    return _read_secret(controller_url, TOKEN_FILE)
+
+
+def read_admin_key(controller_url: str) -> str | None:
+    """The host admin key of the running stack whose controller is `controller_url`."""
+    return _read_secret(controller_url, ADMIN_KEY_FILE)
+
+
+def _read_secret(controller_url: str, name: str) -> str | None:
     d = stack_dir(controller_url)
     data = _read_record(d / RECORD_FILE)
     if data is None or not isinstance(data.get("up_pid"), int):
@@ -206,7 +225,7 @@ def read_token(controller_url: str) -> str | None:
     if not alive(data["up_pid"], data.get("up_start")):
         return None
     try:
-        path = d / TOKEN_FILE
+        path = d / name
         if path.stat().st_uid != os.getuid():
             return None
         token = path.read_text().strip()

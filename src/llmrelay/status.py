@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 
+from llmrelay.ondemand.sizes import fmt_bytes
+from llmrelay.ondemand.view import from_table, is_host
 from llmrelay.protocol import EXPIRY_BEATS
 
 COLUMNS = [("models", "MODELS"), ("address", "ADDRESS"), ("engine", "ENGINE"),
@@ -39,6 +41,8 @@ def rows(table: dict[str, Any]) -> list[dict[str, Any]]:
     interval = table.get("heartbeat_interval")
     out = []
     for w in table.get("workers", []):
+        if is_host(w.get("status")):
+            continue  # a host of models on demand: see declared_rows
         ours = (w.get("status") or {}).get("llmrelay") or {}
         beat = w.get("last_heart_beat")
         age = round(max(0.0, float(now) - float(beat)), 1) if now and beat else None
@@ -79,6 +83,23 @@ def format_table(table_rows: list[dict[str, Any]]) -> str:
                      for row in cells)
 
 
+def declared_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per model declared for loading on demand, with its state on its host."""
+    return [{"model": d.name, "state": d.state, "estimate": fmt_bytes(d.bytes) if d.bytes else "-",
+             "load": d.load + (", pinned" if d.pin else ""), "host": d.host,
+             "error": d.error or "-"} for d in sorted(from_table(table).values(),
+                                                      key=lambda d: d.name)]
+
+
+def format_declared(table_rows: list[dict[str, Any]]) -> str:
+    titles = {"model": "MODEL", "state": "STATE", "estimate": "MEMORY (EST.)", "load": "LOAD",
+              "host": "HOST", "error": "LAST ERROR"}
+    cells = [list(titles.values())] + [[str(r[k]) for k in titles] for r in table_rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(titles))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in cells)
+
+
 def fetch_table(controller: str, token: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     r = httpx.get(controller.rstrip("/") + "/worker_table", headers=headers, timeout=timeout)
@@ -103,7 +124,12 @@ def run(args: Any) -> None:
     except (httpx.HTTPError, ValueError) as e:
         raise SystemExit(f"error: controller {url} not reachable ({type(e).__name__}: {e})") from e
     models = sorted({m for w in table.get("workers", []) for m in w.get("model_names") or []})
-    print(f"controller {url}: {len(table.get('workers', []))} workers, "
+    workers = [w for w in table.get("workers", []) if not is_host(w.get("status"))]
+    print(f"controller {url}: {len(workers)} workers, "
           f"{len(models)} models ({', '.join(models) or 'none'}), dispatch "
           f"{table.get('dispatch_method', '?')}, heartbeat every {table.get('heartbeat_interval')} s")
     print(format_table(rows(table)))
+    declared = declared_rows(table)
+    if declared:
+        print(f"\nmodels loaded on demand ({len(declared)}):")
+        print(format_declared(declared))

@@ -19,7 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from llmrelay.api import errors, routes
 from llmrelay.api.access import Access
-from llmrelay.api.auth import guard
+from llmrelay.api.auth import guard, may_load
 from llmrelay.api.chat.serving import ChatServing
 from llmrelay.api.completions.serving import CompletionServing
 from llmrelay.api.embeddings.serving import EmbeddingServing
@@ -32,6 +32,8 @@ from llmrelay.api.messages.serving import MessagesServing
 from llmrelay.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from llmrelay.api.models.serving import ModelServing
 from llmrelay.api.observe import ObserveMiddleware
+from llmrelay.api.ondemand.loads import Loads
+from llmrelay.api.ondemand.middleware import OnDemandMiddleware
 from llmrelay.api.pipeline import Limits, Pipeline
 from llmrelay.api.registryfeed import RegistryFeed
 from llmrelay.api.responses.serving import ResponsesServing
@@ -67,6 +69,7 @@ def create_app(
     registry: RegistryConfig | None = None,
     address: str = "",
     dispatch_method: str | None = None,
+    load_queue: int = 64,
 ) -> FastAPI:
     """The app; `keys` (none: no API keys), `usage` (where usage is counted), `limits` (the
     counters of the keys' limits; default: in this process) and `responses_store` (stored
@@ -87,6 +90,8 @@ def create_app(
     stored = responses_store or SqliteResponseStore(":memory:")
     metrics = ApiMetrics(table)
     access = Access(keys or KeyStore(), limits, usage, metrics)
+    loads = Loads(table, side, feed.fetch_once, load_queue)  # models on demand
+    table.declared_names = lambda: loads.declared().keys()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -101,6 +106,10 @@ def create_app(
 
     app = FastAPI(title="llmrelay OpenAI-compatible API", lifespan=lifespan)
     errors.install(app, {routes.MESSAGES: anthropic_errors.response})
+
+    # Innermost: a request for a model loaded on demand waits here for its load.
+    app.add_middleware(OnDemandMiddleware, loads=loads, authorized=may_load(access),
+                       keepalive=sse_keepalive)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=allowed_origins or ["*"],
@@ -115,7 +124,8 @@ def create_app(
     app.add_middleware(RequestIdMiddleware)
     routes.mount(app, guard(access), feed, metrics,
                  chat=ChatServing(table, pipeline), completions=CompletionServing(table, pipeline),
-                 embeddings=EmbeddingServing(table, transport), models=ModelServing(table),
+                 embeddings=EmbeddingServing(table, transport),
+                 models=ModelServing(table, loads.declared),
                  messages=MessagesServing(table, pipeline, transport),
                  tokens=TokenServing(table, transport),
                  responses=ResponsesServing(table, pipeline, stored), access=access)
@@ -201,6 +211,7 @@ def run(args: argparse.Namespace) -> None:
         limits=limiter(args, usage),
         registry=registry, address=public_address(args.host, args.port, registry, args.ssl),
         dispatch_method=getattr(args, "dispatch_method", None),
+        load_queue=args.load_queue,
     )
     n = len(keys.keys())
     log.info("OpenAI-compatible API on http://%s:%d/v1 (%s); usage kept in %s; stored "

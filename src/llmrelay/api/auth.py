@@ -5,11 +5,14 @@ workers. From then on only the key's name is used; the secret is never logged.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Depends, Request
+from starlette.types import Scope
 
-from llmrelay.api.access import Access
+from llmrelay.api.access import Access, allowed_models
+from llmrelay.api.errors import APIError
 from llmrelay.api.keys import Key
 from llmrelay.api.observe import note_key
 
@@ -42,3 +45,20 @@ def guard(access: Access) -> list[Any]:
         note_key(key)
 
     return [Depends(authorized)]
+
+
+def may_load(access: Access) -> Callable[[Scope, str], bool]:
+    """For the on-demand middleware, which runs before the routes: whether a request's key may
+    use a model (and so have it loaded). A request it refuses goes on to the routes, whose
+    guard answers it."""
+    def check(scope: Scope, model: str) -> bool:
+        if not access.enabled:
+            return True
+        try:
+            key = access.authenticate(authorization(Request(scope)))
+        except APIError:
+            return False
+        allowed = allowed_models(key)
+        return allowed is None or allowed(model)
+
+    return check

@@ -117,6 +117,8 @@ class WorkerTable:
         self.inflight: dict[str, int] = {}  # worker -> this server's requests open on it
         self.down: dict[str, float] = {}  # worker -> its last heartbeat when it refused us
         self.affinity = Affinity()  # conversation prefix -> worker, for the `prefix` method
+        # Models declared for loading on demand (api/ondemand): they exist though not served.
+        self.declared_names: Callable[[], Iterable[str]] = tuple
 
     # ---- the controller's answers ------------------------------------------------------------
 
@@ -168,8 +170,9 @@ class WorkerTable:
         if (allowed is None or allowed(model)) and any(
                 model in w.model_names for w in self.workers.values()):
             return
-        names = sorted(m for m in self.models() if allowed is None or allowed(m))
-        if not names and not self.workers:
+        every = set(self.models()) | set(self.declared_names())
+        names = sorted(m for m in every if allowed is None or allowed(m))
+        if not every and not self.workers:
             why = "" if self.controller_ok else (
                 f" The {self.source} at {', '.join(self.controllers)} is not reachable.")
             raise APIError(503, f"No model workers are available right now.{why}",

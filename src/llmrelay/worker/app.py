@@ -20,6 +20,7 @@ from llmrelay.registry.base import Membership, RegistryConfig
 from llmrelay.registry.member import BucketMembership
 from llmrelay.runtime import ClientGone, ClosingStreamingResponse, FastJSONResponse, until_gone
 from llmrelay.security import TokenGuard, auth_headers
+from llmrelay.worker import activity
 from llmrelay.worker.engines.base import Engine, EngineError
 from llmrelay.worker.lifecycle import ControllerLink
 from llmrelay.worker.service import WorkerService, WorkerSettings, engine_error_frame
@@ -92,6 +93,7 @@ def create_app(engine: Engine, settings: WorkerSettings,
     app = FastAPI(title="llmrelay model worker", lifespan=lifespan)
     app.add_middleware(TokenGuard, token=settings.token)
     app.state.service = service
+    activity.install(app, service.state)  # what a host managing this worker asks (on demand)
 
     async def body_of(request: Request) -> dict[str, Any]:
         try:

@@ -1,4 +1,7 @@
-"""OpenAI's model objects (dataclasses, written by `protocol.dumps`)."""
+"""OpenAI's model objects (dataclasses, written by `protocol.dumps`).
+
+`state` is ours: `loaded`, or for a model loaded on demand its state on its host (`loaded`,
+`loading`, `unloading`, `unloaded`)."""
 
 from __future__ import annotations
 
@@ -12,9 +15,11 @@ class Model:
     created: int
     owned_by: str = "llmrelay"
     # Ours: what the model's workers honour (a request for anything else is a 400), and the
-    # context length of its workers (0: not known).
+    # context length of its workers (0: not known); `state` of a model loaded on demand
+    # (loaded, loading, unloaded, ...; docs/on-demand.md).
     features: list[str]
     context_length: int = 0
+    state: str = "loaded"
 
 
 @dataclass(kw_only=True)

@@ -1,13 +1,15 @@
-"""The served model names, from the API server's worker table; an API key with a model list
-sees only the models it may use (`allowed`)."""
+"""The served model names, from the API server's worker table, and the models declared for
+loading on demand (with their state on their host); an API key with a model list sees only the
+models it may use (`allowed`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from llmrelay.api.errors import APIError
 from llmrelay.api.models.protocol import Model, ModelList
 from llmrelay.api.table import WorkerTable
+from llmrelay.ondemand.view import Declared
 
 # Features in the order they are listed; a FastChat worker honours the first two.
 FEATURES = ("chat", "completions", "logprobs", "seed", "penalties", "prompt_token_ids",
@@ -15,8 +17,21 @@ FEATURES = ("chat", "completions", "logprobs", "seed", "penalties", "prompt_toke
 
 
 class ModelServing:
-    def __init__(self, table: WorkerTable) -> None:
+    def __init__(self, table: WorkerTable,
+                 declared: Callable[[], Mapping[str, Declared]] | None = None) -> None:
         self.table = table
+        self.declared = declared or dict
+
+    def _all(self) -> dict[str, Model]:
+        models = self.table.models()
+        out = {m: self.model(m, t) for m, t in models.items()}
+        for name, d in self.declared().items():
+            # Served by a worker that is not its host's (one always loaded): loaded.
+            elsewhere = any(w.name != d.address for w in self.table.serving(name))
+            model = out.get(name) or self.model(name, d.since)
+            model.state = "loaded" if elsewhere else d.state
+            out[name] = model
+        return out
 
     def model(self, name: str, created: float) -> Model:
         """A model with what at least one of its workers honours (requests are routed to one
@@ -35,14 +50,14 @@ class ModelServing:
                      context_length=context)
 
     def list(self, allowed: Callable[[str], bool] | None = None) -> ModelList:
-        models = self.table.models()
-        return ModelList(data=[self.model(m, models[m]) for m in sorted(models)
+        models = self._all()
+        return ModelList(data=[models[m] for m in sorted(models)
                                if allowed is None or allowed(m)])
 
     def get(self, model: str, allowed: Callable[[str], bool] | None = None) -> Model:
-        models = self.table.models()
+        models = self._all()
         if model not in models or (allowed is not None and not allowed(model)):
             self.table.check_model(model, allowed)  # raises the 404 (or 503) with the names
             raise APIError(404, f"The model '{model}' does not exist.", param="model",
                            code="model_not_found")
-        return self.model(model, models[model])
+        return models[model]

@@ -130,7 +130,10 @@ async function loadModels() {
   for (const m of data.data) {
     const opt = document.createElement("option");
     opt.value = m.id;
-    opt.textContent = m.id;
+    // A model loaded on demand says its state; choosing an unloaded one loads it on the
+    // first message (the answer then waits for the load).
+    opt.textContent = m.state && m.state !== "loaded" ? m.id + " (" + m.state + ")" : m.id;
+    opt.title = m.state === "unloaded" ? "loaded when you send a message" : "";
     select.append(opt);
   }
   if (previous && data.data.some((m) => m.id === previous)) select.value = previous;
@@ -188,6 +191,9 @@ async function send(text) {
   const ctrl = new AbortController();
   chat.abort = ctrl;
   busy(true);
+  const picked = $("model").selectedOptions[0];
+  const cold = picked && / \((unloaded|loading|unloading)\)$/.test(picked.textContent);
+  if (cold) setStatus("loading " + model + " (loaded on demand: the first answer waits for it)…");
   let text_ = "";
   let usage = null;
   let finish = null;
@@ -256,6 +262,7 @@ async function send(text) {
   } finally {
     chat.abort = null;
     busy(false);
+    if (cold) loadModels();  // its state has changed
   }
 }
 
