@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -368,3 +369,22 @@ def test_inexpressible_template_is_described_honestly(stack: Stack) -> None:
     assert "<start_of_turn>user\nHi<end_of_turn>" in rendered
     log = next(p for p in stack.procs.all if p.name.startswith("worker-gemma")).log()
     assert "cannot be expressed exactly as a FastChat conversation" in log
+
+
+def test_fastchat_worker_dying_mid_stream_ends_in_a_clean_error(interop: Interop) -> None:
+    """A FastChat worker cannot resume another's generation (no `continuation`): when it dies
+    mid-answer the stream ends in an error event, as before mid-stream failover, never a hang or
+    a cut without a word. Last in this module: it kills the module's FastChat worker."""
+    client = interop.client()
+    got: list[str] = []
+    stream = client.chat.completions.create(
+        model=FC_ONLY, temperature=0, max_tokens=400, stream=True,
+        messages=[{"role": "user", "content": "Count from 1 to 300, comma separated."}])
+    with pytest.raises(openai.APIError) as e:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                got.append(chunk.choices[0].delta.content)
+                if len(got) == 3:  # mid-answer: kill -9 the worker
+                    os.killpg(interop.fc_proc.proc.pid, signal.SIGKILL)
+    assert len(got) >= 3
+    assert "worker" in str(e.value.message).lower()

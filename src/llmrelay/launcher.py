@@ -38,7 +38,7 @@ import httpx
 from llmrelay import lifeline
 from llmrelay.config import add_api_args, add_controller_args, add_worker_args
 from llmrelay.ondemand import stack as ondemand
-from llmrelay.ondemand.catalog import to_argv
+from llmrelay.ondemand.catalog import parse_flags, to_argv
 from llmrelay.ports import bind_error, port_taken
 from llmrelay.registry import stack as stack_registry
 from llmrelay.security import TOKEN_ENV, auth_headers
@@ -73,16 +73,10 @@ def _argv(section: dict[str, Any], where: str) -> list[str]:
 
 
 def _parse(add: Any, argv: list[str], where: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=where, add_help=False, exit_on_error=False,
-                                     allow_abbrev=False)
-    add(parser)
     try:
-        args, unknown = parser.parse_known_args(argv)
-    except (argparse.ArgumentError, SystemExit) as e:
-        raise StackError(f"{where}: {e}") from e
-    if unknown:
-        raise StackError(f"{where}: unknown setting {unknown[0].lstrip('-').replace('-', '_')!r}")
-    return args
+        return parse_flags(add, argv, where)
+    except ValueError as e:
+        raise StackError(str(e)) from e
 
 
 @dataclass

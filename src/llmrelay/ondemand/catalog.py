@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,21 +85,28 @@ def to_argv(section: dict[str, Any], where: str) -> list[str]:
     return argv
 
 
+def parse_flags(add: Callable[[argparse.ArgumentParser], Any], argv: list[str],
+                where: str) -> argparse.Namespace:
+    """`argv` as the parser `add` builds reads it; CatalogError (naming `where`) for a bad value
+    or an unknown setting. The stack file's sections and the catalog's models share it."""
+    parser = argparse.ArgumentParser(prog=where, add_help=False, exit_on_error=False,
+                                     allow_abbrev=False)
+    add(parser)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise CatalogError(f"{where}: {e}") from e
+    if unknown:
+        raise CatalogError(f"{where}: unknown setting "
+                           f"{unknown[0].lstrip('-').replace('-', '_')!r}")
+    return args
+
+
 def worker_args(spec: ModelSpec) -> argparse.Namespace:
     """The spec's flags as `llmrelay worker` reads them (CatalogError for an unknown key)."""
     from llmrelay.config import add_worker_args
 
-    parser = argparse.ArgumentParser(prog=spec.name, add_help=False, exit_on_error=False,
-                                     allow_abbrev=False)
-    add_worker_args(parser)
-    try:
-        args, unknown = parser.parse_known_args(spec.argv())
-    except (argparse.ArgumentError, SystemExit) as e:
-        raise CatalogError(f"model {spec.name}: {e}") from e
-    if unknown:
-        raise CatalogError(f"model {spec.name}: unknown setting "
-                           f"{unknown[0].lstrip('-').replace('-', '_')!r}")
-    return args
+    return parse_flags(add_worker_args, spec.argv(), f"model {spec.name}")
 
 
 def is_managed(entry: dict[str, Any]) -> bool:

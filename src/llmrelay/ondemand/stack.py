@@ -8,7 +8,6 @@ lines only.
 
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 import sys
@@ -21,6 +20,7 @@ from llmrelay.ondemand.catalog import (
     check_unique,
     dumps_specs,
     is_managed,
+    parse_flags,
     scan_models_dir,
     spec_from_entry,
     to_argv,
@@ -85,15 +85,7 @@ def plan(managed: list[dict[str, Any]], section: dict[str, Any], models_dir: str
         section["port"] = port
     section.setdefault("worker_log_dir", str(log_dir))
     flags = to_argv(section, "[host]")
-    parser = argparse.ArgumentParser(prog="[host]", add_help=False, exit_on_error=False,
-                                     allow_abbrev=False)
-    add_host_args(parser)
-    try:
-        args, unknown = parser.parse_known_args(flags)
-    except (argparse.ArgumentError, SystemExit) as e:
-        raise CatalogError(f"[host]: {e}") from e
-    if unknown:
-        raise CatalogError(f"[host]: unknown setting {unknown[0].lstrip('-').replace('-', '_')!r}")
+    args = parse_flags(add_host_args, flags, "[host]")
     if args.models_dir or args.catalog:
         raise CatalogError("[host]: declare models with [[worker]] tables (load = \"on-demand\") "
                            "or `llmrelay up --models-dir`")
