@@ -317,3 +317,42 @@ def test_llamacpp_grammar_dead_end_ends_only_that_request() -> None:
         asyncio.run(go())
     finally:
         engine.close()
+
+
+def test_llamacpp_grammar_checks_the_likeliest_tokens_before_the_whole_vocabulary() -> None:
+    """In process: when the grammar refuses the greedy token but allows a likely one, the
+    sampler finds it among the likeliest candidates, without a pass over the whole vocabulary
+    (tens of thousands of tokens through the grammar: the cost constrained decoding must avoid)."""
+    import llama_cpp
+    import numpy as np
+
+    from llmrelay.worker.engines.llamacpp import sampling
+    from llmrelay.worker.engines.llamacpp.grammar import Grammar
+    from llmrelay.worker.models import resolve
+
+    llm = llama_cpp.Llama(str(resolve("smollm2").path), n_ctx=256, n_threads=1, verbose=False)
+    ctx, vocab = llm._ctx.ctx, llm._model.vocab
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    prompt = llm.tokenize(b"The capital of France is", add_bos=True)
+    tokens = (llama_cpp.llama_token * len(prompt))(*prompt)
+    assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(tokens, len(prompt))) == 0
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+    order = [int(t) for t in np.argsort(-logits)]
+    # the likeliest token whose text is plain letters, and not the greedy one
+    second = next(t for t in order[1:50] if llm.detokenize([t]).decode().strip().isalpha())
+    text = llm.detokenize([second]).decode()
+    cands = sampling.Candidates(n_vocab)
+    full_passes = []
+    fill = cands.fill
+    cands.fill = lambda c, i: full_passes.append(1) or fill(c, i)  # type: ignore[method-assign]
+    greedy = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    llama_cpp.llama_sampler_chain_add(greedy, llama_cpp.llama_sampler_init_greedy())
+    grammar = sampling.grammar_sampler(vocab, Grammar(f"root ::= {json.dumps(text)}\n"))
+    try:
+        token = sampling.sample_constrained(cands, ctx, -1, greedy, grammar)
+        assert order[0] != second and llm.detokenize([token]).decode() == text
+        assert len(full_passes) == 1  # the chain's first pick only; the grammar saw the top
+    finally:
+        llama_cpp.llama_sampler_free(grammar)
+        llama_cpp.llama_sampler_free(greedy)
+        llm.close()
