@@ -356,3 +356,36 @@ def test_llamacpp_grammar_checks_the_likeliest_tokens_before_the_whole_vocabular
         llama_cpp.llama_sampler_free(grammar)
         llama_cpp.llama_sampler_free(greedy)
         llm.close()
+
+
+def test_llamacpp_grammar_strings_refuse_raw_control_characters() -> None:
+    """JSON strings cannot hold a raw newline or tab (the converter's own rule let them through,
+    giving answers no JSON parser accepts); an escaped one is fine."""
+    import llama_cpp
+
+    from llmrelay.worker.constraints import Constraint
+    from llmrelay.worker.engines.llamacpp import sampling
+    from llmrelay.worker.engines.llamacpp.grammar import compile_constraint
+    from llmrelay.worker.models import resolve
+
+    llm = llama_cpp.Llama(str(resolve("smollm2").path), n_ctx=64, n_threads=1, verbose=False,
+                          vocab_only=True)
+    vocab = llm._model.vocab
+    cands = sampling.Candidates(llama_cpp.llama_vocab_n_tokens(vocab))
+
+    def one(text: str) -> int:
+        (token,) = llm.tokenize(text.encode(), add_bos=False, special=False)
+        return token
+
+    grammar = sampling.grammar_sampler(vocab, compile_constraint(Constraint(schema={
+        "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]})))
+    try:
+        for t in llm.tokenize(b'{"a": "x', add_bos=False):
+            llama_cpp.llama_sampler_accept(grammar, t)
+        assert not cands.allows(grammar, one("\n"))
+        assert not cands.allows(grammar, one("\t"))
+        assert cands.allows(grammar, one("y"))
+        assert cands.allows(grammar, one("\\"))  # an escape: \n written as two characters
+    finally:
+        llama_cpp.llama_sampler_free(grammar)
+        llm.close()

@@ -79,6 +79,18 @@ class Grammar:
     trigger: str | None = None
 
 
+# A character inside a JSON string: the converter's own rule (`[^"\\]`) lets raw control
+# characters through, which no JSON parser accepts; JSON (RFC 8259) and llama.cpp's newer
+# converter exclude them.
+STRICT_CHAR = (r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] '
+               r'[0-9a-fA-F] [0-9a-fA-F])')
+
+
+def strict_strings(rules: str) -> str:
+    """The converter's grammar with JSON's own rule for a string's characters."""
+    return re.sub(r"^char ::= .*$", lambda _: STRICT_CHAR, rules, count=1, flags=re.M)
+
+
 def compile_constraint(c: Constraint) -> Grammar:
     from llama_cpp.llama_grammar import SchemaConverter
 
@@ -91,7 +103,7 @@ def compile_constraint(c: Constraint) -> Grammar:
         value = conv.visit(conv.resolve_refs(c.schema, "input"), "constrained-value")
         answer = (conv.visit(conv.resolve_refs(c.alternative, "input"), "json-answer")
                   if c.alternative is not None else None)
-        rules = conv.format_grammar()
+        rules = strict_strings(conv.format_grammar())
     except Exception as e:  # the converter raises AssertionError, ValueError, KeyError, ...
         raise _refused(f"the JSON schema cannot be turned into a grammar: "
                        f"{type(e).__name__}: {e}") from e
