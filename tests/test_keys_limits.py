@@ -118,3 +118,21 @@ def test_usage_counts_survive_reopening(tmp_path: Path) -> None:
             for r in rows} == {("alice", "smol", 2, 13, 7), ("bob", "gemma", 1, 1, 1)}
     assert [r["key"] for r in again.report(key="bob")] == ["bob"]
     again.close()
+
+
+def test_submitted_usage_is_written_in_batches_and_never_lost_on_close(tmp_path: Path) -> None:
+    """Counts submitted from the event loop gather and are written together; a report sees
+    what is still pending, and closing the store writes the rest."""
+    db = tmp_path / "usage.sqlite"
+    store = UsageStore(db)
+    for i in range(200):
+        store.submit("alice" if i % 2 else "bob", "smol", 2, 3)
+    assert {r["key"]: r["requests"] for r in store.report()} == {"alice": 100, "bob": 100}
+    for _ in range(50):
+        store.submit("carol", "smol", 1, 1)
+    store.close()  # before FLUSH_DELAY: the close writes them
+    again = UsageStore(db)
+    rows = {r["key"]: (r["requests"], r["prompt_tokens"], r["completion_tokens"])
+            for r in again.report()}
+    assert rows == {"alice": (100, 200, 300), "bob": (100, 200, 300), "carol": (50, 50, 50)}
+    again.close()

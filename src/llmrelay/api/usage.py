@@ -1,10 +1,11 @@
 """Usage per API key: requests, prompt and completion tokens, by model and day, kept in an
 embedded SQLite database in the API server's data folder (WAL mode; survives restarts).
 
-`submit` (or `record`) is called once per answered request, from the event loop: one small
-transaction on a dedicated thread, never blocking the loop. `report` is what `GET /v1/usage` and
-`llmrelay usage` show; `report_async` runs it on that same thread, after every count submitted
-before it.
+`submit` is called once per answered request, from the event loop: it adds the counts in
+memory, and a dedicated thread writes what has gathered in one transaction FLUSH_DELAY later (a
+transaction per request cost the API server more CPU than the rest of a short request). So a
+kill -9 may lose the last FLUSH_DELAY's counts; a normal stop writes them (`close`). `report` is
+what `GET /v1/usage` and `llmrelay usage` show; it writes what is pending first.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("llmrelay.api")
+
+FLUSH_DELAY = 0.25  # seconds submitted counts wait, gathering, before they are written
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -45,25 +48,57 @@ class UsageStore:
         self._db.execute(SCHEMA)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="usage-db")
+        # (day, key, model) -> [requests, prompt tokens, completion tokens] not yet written
+        self._pending: dict[tuple[str, str, str], list[int]] = {}
+        self._pending_lock = threading.Lock()
+        self._flush_queued = False
 
     def record_now(self, key: str, model: str, prompt_tokens: int, completion_tokens: int,
                    when: float | None = None) -> None:
-        day = time.strftime("%Y-%m-%d", time.gmtime(time.time() if when is None else when))
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO usage VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (day, key, model) DO "
-                "UPDATE SET requests = requests + 1, prompt_tokens = prompt_tokens + "
-                "excluded.prompt_tokens, completion_tokens = completion_tokens + "
-                "excluded.completion_tokens", (day, key, model, prompt_tokens, completion_tokens))
-
-    async def record(self, key: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        await asyncio.get_running_loop().run_in_executor(
-            self._pool, self.record_now, key, model, prompt_tokens, completion_tokens)
+        """Count one request and write it (and anything pending) now."""
+        self._add(key, model, prompt_tokens, completion_tokens, when)
+        self.flush()
 
     def submit(self, key: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """`record` without waiting for it (a failure is logged)."""
-        future = self._pool.submit(self.record_now, key, model, prompt_tokens, completion_tokens)
-        future.add_done_callback(_log_failure)
+        """Count one request; written within FLUSH_DELAY, off the event loop."""
+        if self._add(key, model, prompt_tokens, completion_tokens):
+            self._pool.submit(self._flush_later).add_done_callback(_log_failure)
+
+    def _add(self, key: str, model: str, prompt_tokens: int, completion_tokens: int,
+             when: float | None = None) -> bool:
+        """Add to the pending counts; True if a write must be queued for them."""
+        day = time.strftime("%Y-%m-%d", time.gmtime(time.time() if when is None else when))
+        with self._pending_lock:
+            row = self._pending.setdefault((day, key, model), [0, 0, 0])
+            row[0] += 1
+            row[1] += prompt_tokens
+            row[2] += completion_tokens
+            queue, self._flush_queued = not self._flush_queued, True
+        return queue
+
+    def _flush_later(self) -> None:
+        time.sleep(FLUSH_DELAY)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write every pending count, in one transaction."""
+        with self._pending_lock:
+            rows, self._pending, self._flush_queued = self._pending, {}, False
+        if not rows:
+            return
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (day, key, model) DO "
+                    "UPDATE SET requests = requests + excluded.requests, prompt_tokens = "
+                    "prompt_tokens + excluded.prompt_tokens, completion_tokens = "
+                    "completion_tokens + excluded.completion_tokens",
+                    [(*k, *v) for k, v in rows.items()])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     async def report_async(self, since: str | None = None, key: str | None = None
                            ) -> list[dict[str, Any]]:
@@ -72,6 +107,7 @@ class UsageStore:
 
     def today(self) -> dict[str, int]:
         """Tokens (prompt + completion) per key today (UTC)."""
+        self.flush()
         day = time.strftime("%Y-%m-%d", time.gmtime())
         with self._lock:
             rows = self._db.execute("SELECT key, SUM(prompt_tokens + completion_tokens) FROM "
@@ -80,6 +116,7 @@ class UsageStore:
 
     def report(self, since: str | None = None, key: str | None = None) -> list[dict[str, Any]]:
         """Rows by day, key and model (newest day first); `since`: a YYYY-MM-DD date."""
+        self.flush()
         query = "SELECT day, key, model, requests, prompt_tokens, completion_tokens FROM usage"
         where, args = [], []
         if since:
@@ -98,6 +135,7 @@ class UsageStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self.flush()
         with self._lock:
             self._db.close()
 
