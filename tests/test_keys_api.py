@@ -116,6 +116,19 @@ def test_hashed_keys_file_model_lists_and_changes_without_restart(stack: Stack, 
     assert chat(bob, "gemma").status_code == 200
     assert httpx.post(api + "/v1/embeddings", headers=bearer(alice),
                       json={"model": "gemma", "input": "x"}).status_code == 404
+    # the other front doors too, with the key as Anthropic's x-api-key where that API takes it
+    for path_, body, headers in [
+            ("/v1/responses", {"model": "gemma", "input": "hi", "max_output_tokens": 1},
+             bearer(alice)),
+            ("/v1/messages", {"model": "gemma", "max_tokens": 1, "messages": Q},
+             {"x-api-key": alice}),
+            ("/v1/messages/count_tokens", {"model": "gemma", "messages": Q}, {"x-api-key": alice}),
+            ("/tokenize", {"model": "gemma", "prompt": "hi"}, bearer(alice))]:
+        r = httpx.post(api + path_, headers=headers, json=body, timeout=60)
+        assert r.status_code == 404, (path_, r.text)
+        assert "smol" in r.text, (path_, r.text)  # it names the models the key may use
+    assert httpx.post(api + "/v1/messages", headers={"x-api-key": alice}, timeout=60, json={
+        "model": "smol", "max_tokens": 1, "messages": Q}).status_code == 200
 
     # editing the file changes a key's models; removing a key ends it: no restart
     path.write_text(text.replace('models = ["smol"]', 'models = ["smol", "gemma"]'))
