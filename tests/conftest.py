@@ -150,6 +150,19 @@ class Stack:
         return openai.OpenAI(base_url=self.api + "/v1", api_key="none", max_retries=0,
                              timeout=120, **kw)  # type: ignore[arg-type]
 
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until the smol workers run and queue nothing (an earlier test's generations can
+        outlive it). A greedy answer of these tiny quantized models can change with what else
+        shares its batch (llama.cpp's kernels differ with the batch's size), so tests comparing
+        greedy answers start on idle workers."""
+        def idle() -> bool:
+            for url in self.smol_workers:
+                status = httpx.post(url + "/worker_get_status").json()
+                if status.get("queue_length") or (status.get("llmrelay") or {}).get("running"):
+                    return False
+            return True
+        wait_for(idle, timeout, "the shared smol workers to be idle")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

@@ -133,6 +133,7 @@ def test_concurrent_sdk_requests_with_different_parameters(stack: Stack) -> None
         return client.chat.completions.create(model="smol", messages=q, max_tokens=8, n=2,
                                               temperature=1.0, seed=3)
 
+    stack.wait_idle()
     alone = {"greedy": greedy(), "seeded": seeded()}
     with ThreadPoolExecutor(8) as pool:
         jobs = {name: pool.submit(fn) for name, fn in [

@@ -37,7 +37,8 @@ def test_chat_non_stream(client: openai.OpenAI) -> None:
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
-def test_stream_equals_non_stream_at_temperature_zero(client: openai.OpenAI) -> None:
+def test_stream_equals_non_stream_at_temperature_zero(client: openai.OpenAI, stack: Stack) -> None:
+    stack.wait_idle()
     full = client.chat.completions.create(model="smol", messages=Q, max_tokens=24, temperature=0)
     stream = client.chat.completions.create(model="smol", messages=Q, max_tokens=24,
                                             temperature=0, stream=True)
