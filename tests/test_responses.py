@@ -95,9 +95,9 @@ def test_streamed_events_in_order(rc: openai.OpenAI) -> None:
     assert final is not None and final.output_text == "".join(deltas)
     assert final.usage is not None and 0 < final.usage.output_tokens <= 30
     # Not compared with a non-streamed answer: the two may come from the two workers, whose
-    # prompt caches differ, and llama.cpp's logits differ in the last bits with the batch a
-    # prompt was read in (its server documents the same for cache_prompt): a tiny greedy model
-    # can then pick another word.
+    # caches and batches differ, and llama.cpp's logits differ with the batch a prompt is read
+    # in (its server documents the same for cache_prompt); for this tiny quantized model enough
+    # to pick another word (see Stack.wait_idle).
 
 
 def test_sdk_stream_helper_final_response(rc: openai.OpenAI) -> None:
