@@ -293,12 +293,21 @@ def test_store_owners_age_size_and_restart(tmp_path: Path) -> None:
 
 
 def test_owner_is_a_hash_of_the_key() -> None:
-    assert owner_of("Bearer sk-1", None, keyed=False) == ""
-    a = owner_of("Bearer sk-1", None, keyed=True)
+    from starlette.requests import Request
+
+    from llmrelay.api.auth import authorization
+
+    def header(**headers: str) -> str:  # as the route reads it (x-api-key as a Bearer key)
+        return authorization(Request({"type": "http", "headers": [
+            (k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]}))
+
+    assert owner_of(header(authorization="Bearer sk-1"), keyed=False) == ""
+    a = owner_of(header(authorization="Bearer sk-1"), keyed=True)
     assert a.startswith("sha256:") and "sk-1" not in a
-    assert owner_of(None, "sk-1", keyed=True) == a != owner_of("Bearer sk-2", None, keyed=True)
+    assert owner_of(header(x_api_key="sk-1"), keyed=True) == a != owner_of(
+        header(authorization="Bearer sk-2"), keyed=True)
     with pytest.raises(APIError) as e:
-        owner_of(None, None, keyed=True)
+        owner_of(header(), keyed=True)
     assert e.value.status == 401
 
 

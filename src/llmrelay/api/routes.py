@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from llmrelay.api.access import Access, allowed_models
-from llmrelay.api.auth import caller
+from llmrelay.api.auth import authorization, caller
 from llmrelay.api.chat.protocol import ChatCompletionRequest
 from llmrelay.api.chat.serving import ChatServing
 from llmrelay.api.completions.protocol import CompletionRequest
@@ -102,8 +102,7 @@ def mount(app: FastAPI, guarded: list[Depends], feed: TableFeed, metrics: ApiMet
         return respond(await tokens.detokenize(body))
 
     def owner(request: Request) -> str:  # whose stored responses: the API key's hash
-        return owner_of(request.headers.get("authorization"), request.headers.get("x-api-key"),
-                        keyed=bool(guarded))
+        return owner_of(authorization(request), keyed=bool(guarded))
 
     @app.post("/v1/responses", dependencies=guarded)
     async def create_response(request: Request, body: ResponsesRequest) -> Any:

@@ -37,14 +37,14 @@ log = logging.getLogger("llmrelay.api")
 MAX_LIST = 100
 
 
-def owner_of(authorization: str | None, api_key: str | None, keyed: bool) -> str:
+def owner_of(authorization: str, keyed: bool) -> str:
     """Whose responses a request reads and writes: the SHA-256 of its API key (never the key
-    itself), or "" on a server without keys (where any client may read any response)."""
+    itself), or "" on a server without keys (where any client may read any response).
+    `authorization`: the request's key as auth.authorization gives it (x-api-key included)."""
     if not keyed:
         return ""
-    scheme, _, token = (authorization or "").partition(" ")
+    scheme, _, token = authorization.partition(" ")
     secret = token.strip() if scheme.lower() == "bearer" else ""
-    secret = secret or (api_key or "").strip()
     if not secret:
         raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer "
                        "YOUR_KEY'.", code="invalid_api_key")
