@@ -94,7 +94,10 @@ def test_forced_tool_use_is_valid_against_its_input_schema(
     call = calls[0]
     assert call.id.startswith("toolu_") and call.name in allowed
     jsonschema.validate(call.input, SCHEMAS[call.name])
-    # Streamed: the same call, its input in input_json_delta pieces, parsed by the SDK.
+    # Streamed: a call of its own (the prompt is long: llama.cpp computes it in steps whose
+    # size depends on what the slot held, so greedy text can differ from the answer above; see
+    # "Same numbers" in the llama.cpp engine's docstring), its input in input_json_delta pieces
+    # that the SDK parses into the same input.
     with claude.messages.stream(model="smol", max_tokens=120, messages=ASK, tools=TOOLS,
                                 tool_choice=choice, extra_body=GREEDY) as stream:
         pieces = [e.delta.partial_json for e in stream
@@ -102,7 +105,8 @@ def test_forced_tool_use_is_valid_against_its_input_schema(
         final = stream.get_final_message()
     assert final.stop_reason == "tool_use" and len(pieces) > 1
     streamed = [b for b in final.content if b.type == "tool_use"][0]
-    assert streamed.input == call.input and json.loads("".join(pieces)) == call.input
+    assert streamed.name in allowed and json.loads("".join(pieces)) == streamed.input
+    jsonschema.validate(streamed.input, SCHEMAS[streamed.name])
 
 
 def test_tool_result_round_trip(claude: anthropic.Anthropic) -> None:

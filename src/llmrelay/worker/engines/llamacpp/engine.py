@@ -10,7 +10,8 @@ the event loop) is `threaded.ThreadedEngine`'s; this module is the llama.cpp sid
 
 The KV cache has `context_length` cells per slot. By default each sequence has a stream of its
 own (llama.cpp's non-unified cache, `--kv-cache per-sequence`): a sequence attends only over
-its own cells, so a greedy request gives the same text alone and inside any batch, and cached
+its own cells, so a greedy request gives the same text alone and inside any batch (a prompt
+longer than EXACT_ROWS tokens only as far as "Same numbers" below allows), and cached
 prompts of idle slots cost nothing. With streams, llama.cpp computes together only sequences
 whose ids follow each other in the batch, so each step writes its tokens in sequence-id order.
 `--kv-cache unified` makes it one pool for all sequences: every step then attends over every
@@ -24,6 +25,21 @@ and evaluates only the new suffix. Other requests take a free slot next to a bus
 keeps the busy slots' ids consecutive for llama.cpp's per-sequence streams.
 A cancelled request's cells are freed at once, and any slot's cells past the shared prefix are
 freed when a new request takes it.
+
+Same numbers however a prompt was split. llama.cpp's CPU attention computes a cell a little
+differently when its sequence had more than about 48 rows in the step (flash attention's tiled
+path): the cells of a long prompt evaluated in one piece differ from the same cells evaluated in
+other pieces, and a short request that reused the first cells of a slot that had held a long
+prompt answered differently from the same request on a fresh slot (seeded and greedy answers
+changed with the worker's history). Cells computed in steps of at most EXACT_ROWS rows of their
+sequence hold the same numbers whatever the split; each slot counts how many of its first cells
+are such (`_Slot.exact`), and a prefix shorter than MIN_PREFIX_REUSE is reused only that far, so a
+short prompt gives the same answer on any slot, alone or batched. A longer shared prefix (a
+conversation) is reused whole: recomputing it would cost more than the last bits are worth. A
+prompt of more than EXACT_ROWS tokens is evaluated in large steps (splitting every prompt into
+steps that small costs about a third of the prompt speed), so its answer can still differ a
+little with what the slot held and what shared the step, as in llama.cpp's own server
+(`cache_prompt`) and vLLM without batch invariance.
 """
 
 from __future__ import annotations
@@ -57,6 +73,10 @@ BATCH_TOKENS = 512  # tokens per llama_decode step (prompt chunks + one per gene
 # A cached prefix shorter than this (a chat template's header, a short system prompt) does not
 # decide the slot: keeping the busy slots' ids together does (see _pick_slot).
 MIN_PREFIX_REUSE = 64
+# A sequence's rows in one step up to this many: its cells hold the same numbers however its
+# prompt was split (measured with llama-cpp-python 0.3.36: 48 rows do, 64 do not; see the
+# module docstring and tests/test_batching.py).
+EXACT_ROWS = 48
 
 
 def gpu_available() -> bool:
@@ -78,6 +98,7 @@ class _Slot:
 
     seq_id: int
     cached: list[int] = field(default_factory=list)
+    exact: int = 0  # the first cells of `cached` computed in steps of at most EXACT_ROWS rows
     busy: bool = False
     last_used: float = 0.0
 
@@ -260,12 +281,15 @@ class LlamaCppEngine(ThreadedEngine):
             seq = self.inbox.popleft()
             slot = self._pick_slot(free, seq.tokens)
             n_keep = min(common_prefix(slot.cached, seq.tokens), len(seq.tokens) - 1)
+            if n_keep < MIN_PREFIX_REUSE:
+                n_keep = min(n_keep, slot.exact)  # see "Same numbers" in the module docstring
             if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, n_keep, -1):
                 llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
                 n_keep = 0
             log.debug("request %s: slot %d, %d of %d prompt tokens cached", seq.req.request_id,
                       slot.seq_id, n_keep, len(seq.tokens))
             slot.cached = seq.tokens[:n_keep]
+            slot.exact = min(slot.exact, n_keep)
             slot.busy = True
             seq.slot = slot
             seq.n_past = n_keep
@@ -300,6 +324,11 @@ class LlamaCppEngine(ThreadedEngine):
         n = 0
         outputs: list[tuple[_Seq, int]] = []
 
+        def rows(slot: _Slot, start: int, count: int) -> None:
+            """`count` rows of `slot`'s sequence from `start` go into this step."""
+            if count <= EXACT_ROWS and slot.exact == start:
+                slot.exact = start + count
+
         def put(token: int, pos: int, seq_id: int, logits: bool) -> None:
             nonlocal n
             b.token[n] = token
@@ -327,8 +356,10 @@ class LlamaCppEngine(ThreadedEngine):
                 pos = len(seq.tokens) + len(seq.generated) - 1
                 outputs.append((seq, n))
                 put(seq.next_token, pos, seq.slot.seq_id, True)
+                rows(seq.slot, pos, 1)
                 continue
             take = takes.get(id(seq), 0)
+            rows(seq.slot, seq.n_past, take)
             for i in range(seq.n_past, seq.n_past + take):
                 last = i == len(seq.tokens) - 1
                 if last:
@@ -383,6 +414,7 @@ class LlamaCppEngine(ThreadedEngine):
             if not keep_cache:
                 llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
                 slot.cached = []
+                slot.exact = 0
             slot.busy = False
             slot.last_used = time.monotonic()
             seq.slot = None
