@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,6 +255,13 @@ def _served(worker: str) -> int:
 
 def test_mixed_workers_share_the_load(interop: Interop) -> None:
     """shortest_queue: concurrent requests spread over our worker and the FastChat worker."""
+    def idle() -> bool:  # an earlier test's request still counted on one of them tips the split
+        rows = httpx.get(interop.controller + "/worker_table").json()["workers"]
+        return all(int(w.get("queue_length", 0)) == 0 for w in rows
+                   if SHARED in w.get("model_names", []))
+
+    wait_for(idle, 60, "both workers of the shared model to report an empty queue")
+    time.sleep(1.5)  # the API server copies the controller's table every 0.5 s
     before = _served(interop.our_worker)
     client = interop.client()
     results: list[str] = []
