@@ -93,6 +93,8 @@ class Cluster:
     hosts: dict[str, Host]
     procs: Procs
     models_dir: Path
+    fenced_api: str = ""  # keys from a keys file: "fenced" may use the model "keyed" only
+    fenced_key: str = ""
 
     def client(self, timeout: float = 300, key: str = "none", api: str | None = None
                ) -> openai.OpenAI:
@@ -136,6 +138,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, smol_hf_dir: Path) -> Iter
             "huge": {"model_path": "smollm2", "context_length": 65536, "n_threads": 1},
             "manual": {**smol, "load": "manual"},
             "keyed": smol,
+            "fenced": smol,  # never loaded: only a key that may not use it asks for it
             "brief": {**smol, "idle_unload": "1h", "keep_alive_max": "1s"},
             "smolhf": hf, "minilm": minilm}
     misc_budget = need(hf) + need(minilm) + 2 * s + s // 2
@@ -164,10 +167,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, smol_hf_dir: Path) -> Iter
             wait_for(lambda h=h: registered(controller, h.url), 60, f"host {name}")
         _, api = procs.api(controller)
         _, keyed_api = procs.api(controller, extra=("--api-keys", KEY))
+        keys_file = base / "keys.toml"
+        added = subprocess.run([str(Path(sys.executable).parent / "llmrelay"), "keys", "add", "fenced",
+                                "--file", str(keys_file), "--models", "keyed"],
+                               check=True, capture_output=True, text=True, timeout=60)
+        fenced_key = added.stdout.splitlines()[0].strip()
+        _, fenced_api = procs.api(controller, extra=("--api-keys-file", str(keys_file)))
         every = {m for models, _, _ in hosts_spec.values() for m in models}
         wait_for(lambda: every <= {m["id"] for m in httpx.get(api + "/v1/models").json()["data"]},
                  30, "declared models in the API")
-        c = Cluster(controller, api, keyed_api, hosts, procs, base)
+        c = Cluster(controller, api, keyed_api, hosts, procs, base, fenced_api, fenced_key)
         c.wait_state("p", "loaded")  # pinned: loaded at the host's start
         yield c
     finally:
@@ -392,6 +401,22 @@ def test_router_api_key_required(cluster: Cluster) -> None:
     r = cluster.client(api=cluster.keyed_api, key=KEY).chat.completions.create(
         model="keyed", messages=HI, max_tokens=4)
     assert r.choices[0].message.content and h.models()["keyed"]["loads"] == 1
+
+
+def test_a_key_cannot_make_a_host_load_a_model_it_may_not_use(cluster: Cluster) -> None:
+    """Keys with model lists (issue 20) in front of models on demand (issue 19): a request for
+    a declared model the key may not use is a 404 naming only the key's models, and the host
+    loads nothing; the key's own model answers."""
+    h = cluster.hosts["misc"]
+    assert cluster.state("fenced") != "loaded" and h.models()["fenced"]["loads"] == 0
+    c = cluster.client(api=cluster.fenced_api, key=cluster.fenced_key)
+    with pytest.raises(openai.NotFoundError) as e:
+        c.chat.completions.create(model="fenced", messages=HI, max_tokens=4)
+    assert e.value.code == "model_not_found"
+    assert h.models()["fenced"]["loads"] == 0
+    assert [m.id for m in c.models.list()] == ["keyed"]
+    r = c.chat.completions.create(model="keyed", messages=HI, max_tokens=4)
+    assert r.choices[0].message.content
 
 
 # ---- the issue's own scenarios ----------------------------------------------------------------------
