@@ -93,8 +93,8 @@ class Cluster:
     hosts: dict[str, Host]
     procs: Procs
     models_dir: Path
-    fenced_api: str = ""  # keys from a keys file: "fenced" may use the model "keyed" only
-    fenced_key: str = ""
+    fenced_api: str  # keys from a keys file: "fenced" may use the model "keyed" only
+    fenced_key: str
 
     def client(self, timeout: float = 300, key: str = "none", api: str | None = None
                ) -> openai.OpenAI:
@@ -413,6 +413,7 @@ def test_a_key_cannot_make_a_host_load_a_model_it_may_not_use(cluster: Cluster) 
     with pytest.raises(openai.NotFoundError) as e:
         c.chat.completions.create(model="fenced", messages=HI, max_tokens=4)
     assert e.value.code == "model_not_found"
+    assert "fenced" not in e.value.message.split("does not exist.")[1]  # only the key's models
     assert h.models()["fenced"]["loads"] == 0
     assert [m.id for m in c.models.list()] == ["keyed"]
     r = c.chat.completions.create(model="keyed", messages=HI, max_tokens=4)

@@ -102,6 +102,11 @@ class _Slot:
     busy: bool = False
     last_used: float = 0.0
 
+    def computing(self, start: int, count: int) -> None:
+        """`count` cells from `start` go into this step: still exact if few enough."""
+        if count <= EXACT_ROWS and self.exact == start:
+            self.exact = start + count
+
 
 class _Seq(Generation):
     """A request inside the scheduler: its slot, its place in the prompt, its sampler chain."""
@@ -324,11 +329,6 @@ class LlamaCppEngine(ThreadedEngine):
         n = 0
         outputs: list[tuple[_Seq, int]] = []
 
-        def rows(slot: _Slot, start: int, count: int) -> None:
-            """`count` rows of `slot`'s sequence from `start` go into this step."""
-            if count <= EXACT_ROWS and slot.exact == start:
-                slot.exact = start + count
-
         def put(token: int, pos: int, seq_id: int, logits: bool) -> None:
             nonlocal n
             b.token[n] = token
@@ -356,10 +356,10 @@ class LlamaCppEngine(ThreadedEngine):
                 pos = len(seq.tokens) + len(seq.generated) - 1
                 outputs.append((seq, n))
                 put(seq.next_token, pos, seq.slot.seq_id, True)
-                rows(seq.slot, pos, 1)
+                seq.slot.computing(pos, 1)
                 continue
             take = takes.get(id(seq), 0)
-            rows(seq.slot, seq.n_past, take)
+            seq.slot.computing(seq.n_past, take)
             for i in range(seq.n_past, seq.n_past + take):
                 last = i == len(seq.tokens) - 1
                 if last:
