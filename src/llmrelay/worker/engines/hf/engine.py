@@ -119,7 +119,7 @@ class TransformersEngine(ThreadedEngine):
         folder = path.parent if path.is_file() else path
         dtype = torch_dtype(options.dtype, "float32" if device == "cpu" else "float16")
         check_memory(path, device, options, 4 if gguf else dtype.itemsize)
-        kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "paged|sdpa", **gguf}
+        kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa", **gguf}
         if device == "cuda":
             kwargs.update(self._cuda_placement(options))
         log.info("loading %s with transformers %s on %s (%s%s)", path, transformers.__version__,
