@@ -329,7 +329,8 @@ def scrape_keyed(api: str, key: str) -> dict:  # type: ignore[type-arg]
 def test_a_flooding_key_does_not_starve_another_on_a_full_worker(
         stack: Stack, procs: Procs, tmp_path: Path, fair: str) -> None:
     """One place on the worker: key A queues five requests, then B one; B runs right after
-    the request running then, not after A's whole queue (which `--fair-sharing off` does)."""
+    the request running then (or the next), not after A's whole queue (which `--fair-sharing
+    off` does)."""
     _, worker = procs.worker(stack.controller, f"fair-{fair}",
                              extra=("--limit-worker-concurrency", "1", "--fair-sharing", fair))
     status = httpx.post(worker + "/worker_get_status").json()["llmrelay"]
@@ -351,7 +352,15 @@ def test_a_flooding_key_does_not_starve_another_on_a_full_worker(
                 done.append(name)
 
             tasks = [asyncio.create_task(one(a, f"a{i}")) for i in range(5)]
-            await asyncio.sleep(0.5)  # A's first runs, the others wait on the worker
+            # B comes once A's requests wait on the worker (at least three behind the one
+            # running): then B must run next, or right after the next, whatever the speed.
+            deadline = time.monotonic() + 30
+            while True:
+                status = (await c.post(worker + "/worker_get_status")).json()
+                if status["queue_length"] - status["llmrelay"]["running"] >= 3:
+                    break
+                assert time.monotonic() < deadline, f"A's requests never queued: {status}"
+                await asyncio.sleep(0.01)
             tasks.append(asyncio.create_task(one(b, "b")))
             await asyncio.gather(*tasks)
 
