@@ -146,9 +146,10 @@ PERSON = {"type": "object", "properties": {
     "required": ["name", "age", "story"], "additionalProperties": False}
 
 
-def _kill_mid_answer(pair: Pair, run: object) -> object:
-    """Run `run()` in a thread, kill the worker serving it once it is generating, return what
-    `run` returned; the killed worker comes back afterwards."""
+def _kill_mid_answer(pair: Pair, run: object, into: threading.Event | None = None) -> object:
+    """Run `run()` in a thread, kill the worker serving it once it is generating (and `into` is
+    set, for a stream: its first pieces came), return what `run` returned; the killed worker
+    comes back afterwards."""
     out: list[object] = []
     errors: list[BaseException] = []
 
@@ -169,7 +170,10 @@ def _kill_mid_answer(pair: Pair, run: object) -> object:
         return None
 
     wait_for(lambda: busy() is not None, 60, "a worker generating")
-    time.sleep(0.5)  # well into the answer
+    if into is None:
+        time.sleep(0.25)  # into the answer (120 tokens), not past it on a fast machine
+    else:
+        assert into.wait(60), "the stream never got its first pieces"
     url = busy()
     assert url is not None
     pair.workers.pop(url).kill()
@@ -187,11 +191,18 @@ def test_a_json_schema_answer_moved_mid_way_still_validates(pair: Pair) -> None:
                                                                       "schema": PERSON}})
     undisturbed = c.chat.completions.create(**kw).choices[0].message.content
 
-    def streamed() -> str:
-        return "".join(ch.choices[0].delta.content or "" for ch in
-                       c.chat.completions.create(stream=True, **kw) if ch.choices)
+    into = threading.Event()
 
-    moved = _kill_mid_answer(pair, streamed)
+    def streamed() -> str:
+        parts = []
+        for ch in c.chat.completions.create(stream=True, **kw):
+            if ch.choices and ch.choices[0].delta.content:
+                parts.append(ch.choices[0].delta.content)
+                if len(parts) == 4:
+                    into.set()  # mid-way: killed now, not after a fixed time it may outrun
+        return "".join(parts)
+
+    moved = _kill_mid_answer(pair, streamed, into)
     jsonschema.validate(json.loads(moved), PERSON)  # type: ignore[arg-type]
     assert moved == undisturbed
 
