@@ -45,6 +45,8 @@ def test_registration_rules(stack: Stack) -> None:
             "worker_name": bad, "check_heart_beat": True,
             "worker_status": {"model_names": ["evil"], "speed": 1, "queue_length": 0}})
         assert r.status_code == 400, bad
+        error = r.json()["error"]  # OpenAI's shape, all four fields
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], error
     # without a status, the controller asks the worker itself (FastChat's behaviour)
     worker = stack.smol_workers[0]
     r = httpx.post(c + "/register_worker", json={"worker_name": worker, "check_heart_beat": True})

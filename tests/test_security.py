@@ -35,6 +35,7 @@ def test_registration_token_guards_controller_and_workers(procs: Procs, token_en
     for path in ("/worker_table", "/list_models"):
         r = httpx.get(controller + path)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_registration_token"
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     stranger = {"worker_name": "http://127.0.0.1:9", "check_heart_beat": True,
                 "worker_status": {"model_names": ["smol"], "speed": 1, "queue_length": 0}}
     r = httpx.post(controller + "/register_worker", json=stranger)

@@ -58,6 +58,14 @@ class ErrorCode(IntEnum):
 SERVER_ERROR_MSG = "The worker failed while generating."
 
 
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape, `{"error": {message, type, param, code}}`, which every part of
+    llmrelay answers with (the API server, the controller, the on-demand host, the token
+    guard)."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
 def _plain(obj: Any) -> Any:
     """json's fallback for what it cannot write itself: dataclasses (orjson writes them)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

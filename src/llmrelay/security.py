@@ -10,11 +10,12 @@ constant time, never logged.
 from __future__ import annotations
 
 import hmac
-import json
 import os
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from llmrelay.protocol import dumps, error_body
 
 TOKEN_ENV = "LLMRELAY_REGISTRATION_TOKEN"
 
@@ -58,11 +59,9 @@ class TokenGuard:
                 or token_matches(Headers(scope=scope).get("authorization", ""), self.token)):
             await self.app(scope, receive, send)
             return
-        body = json.dumps({"error": {
-            "message": "This endpoint needs the cluster's registration token "
-                       "(Authorization: Bearer <token>; see --registration-token).",
-            "type": "invalid_request_error", "param": None, "code": "invalid_registration_token",
-        }}).encode()
+        body = dumps(error_body(
+            "This endpoint needs the cluster's registration token (Authorization: Bearer "
+            "<token>; see --registration-token).", code="invalid_registration_token"))
         await send({"type": "http.response.start", "status": 401, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         ]})

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmrelay.protocol import ErrorCode
+from llmrelay.protocol import ErrorCode, error_body
 
 log = logging.getLogger("llmrelay.api")
 
@@ -43,8 +43,7 @@ class APIError(Exception):
         self.overloaded = overloaded  # the model's workers are full (not the caller's limit)
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
+        return error_body(self.message, self.type, self.param, self.code)
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from llmrelay.controller.registry import Registry
 from llmrelay.controller.service import ControllerService, Refused
 from llmrelay.metrics import metrics_response
+from llmrelay.protocol import error_body
 from llmrelay.registry.base import RegistryConfig, RegistryError, public_address
 from llmrelay.runtime import ClosingStreamingResponse
 from llmrelay.security import TokenGuard, token_from
@@ -64,7 +65,7 @@ def create_app(dispatch_method: str = "shortest_queue", heartbeat_interval: floa
 
     @app.exception_handler(Refused)
     async def refused(request: Request, e: Refused) -> JSONResponse:
-        return JSONResponse({"error": {"message": str(e), "type": "invalid_request_error"}}, 400)
+        return JSONResponse(error_body(str(e)), 400)
 
     @app.post("/register_worker")
     async def register_worker(request: Request) -> Any:

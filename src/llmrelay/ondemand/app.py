@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 
 from llmrelay.ondemand.host import HostService
 from llmrelay.ondemand.policy import Refusal
-from llmrelay.protocol import loads
+from llmrelay.protocol import error_body, loads
 from llmrelay.runtime import ClientGone, until_gone
 from llmrelay.security import TokenGuard
 
@@ -32,8 +32,7 @@ ADMIN_PATHS = frozenset({"/admin/models", "/admin/load", "/admin/unload"})
 def error(status: int, message: str, code: str, retry_after: float | None = None) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else {}
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
-                        status_code=status, headers=headers)
+    return JSONResponse(error_body(message, kind, code=code), status_code=status, headers=headers)
 
 
 def refused(r: Refusal) -> JSONResponse:

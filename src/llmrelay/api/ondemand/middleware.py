@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmrelay.api.errors import APIError
 from llmrelay.api.ondemand.loads import MISSING, Loads
-from llmrelay.protocol import dumps, loads
+from llmrelay.protocol import dumps, error_body, loads
 from llmrelay.runtime import client_gone
 
 log = logging.getLogger("llmrelay.api")
@@ -83,7 +83,7 @@ def sse_error(body: bytes) -> bytes:
     try:
         data = loads(body)
     except ValueError:
-        data = {"error": {"message": body.decode(errors="replace")[:500], "type": "server_error"}}
+        data = error_body(body.decode(errors="replace")[:500], "server_error")
     return b"data: " + dumps(data) + b"\n\ndata: [DONE]\n\n"
 
 
