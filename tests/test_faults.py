@@ -193,14 +193,22 @@ def test_sigterm_on_worker_during_streams(procs: Procs) -> None:
     """SIGTERM: the worker deregisters at once, finishes its running streams, and exits;
     new requests go to the other worker."""
     _, controller = procs.controller()
-    w1, url1 = procs.worker(controller, "smol")
-    _, url2 = procs.worker(controller, "smol")
+    workers = {}  # url -> Proc
+    for _ in range(2):
+        proc, url = procs.worker(controller, "smol")
+        workers[url] = proc
     _, api = procs.api(controller)
-    wait_for(lambda: registered(controller, url1) and registered(controller, url2), 15)
+    wait_for(lambda: all(registered(controller, u) for u in workers), 15)
     with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(long_stream, api, 120) for _ in range(4)]
-        time.sleep(0.8)
-        assert w1.proc is not None
+        started = [threading.Event() for _ in range(4)]
+        futures = [pool.submit(long_stream, api, 120, e) for e in started]
+        assert all(e.wait(60) for e in started), "the streams never started"
+        # every stream is under way (120 tokens each, only the first came): stop the busier
+        running = {u: httpx.post(u + "/worker_get_status").json()["llmrelay"]["running"]
+                   for u in workers}
+        url1 = max(running, key=running.__getitem__)
+        w1 = workers[url1]
+        assert running[url1] > 0 and w1.proc is not None
         w1.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: not registered(controller, url1), 3, "deregistration on SIGTERM")
         results = [f.result(timeout=120) for f in futures]
@@ -266,10 +274,11 @@ def test_sigterm_on_api_server_drains_streams(procs: Procs) -> None:
     aproc, api = procs.api(controller)
     wait_for(lambda: "smol" in api_models(api), 15)
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(long_stream, api, 150) for _ in range(2)]
-        time.sleep(0.8)
+        started = [threading.Event() for _ in range(2)]
+        futures = [pool.submit(long_stream, api, 150, e) for e in started]
+        assert all(e.wait(60) for e in started), "the streams never started"
         assert aproc.proc is not None
-        aproc.proc.send_signal(signal.SIGTERM)
+        aproc.proc.send_signal(signal.SIGTERM)  # both streams under way
         results = [f.result(timeout=120) for f in futures]
     for seen in results:
         assert seen["events"][-1] == "[DONE]"
