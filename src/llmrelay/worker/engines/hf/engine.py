@@ -201,7 +201,10 @@ class TransformersEngine(ThreadedEngine):
         cbc = ContinuousBatchingConfig(
             per_request_processors=True, page_size=PAGE_SIZE,
             num_blocks=max(8, math.ceil(cache_tokens / PAGE_SIZE)),
-            max_blocks_per_request=math.ceil(self._n_ctx / PAGE_SIZE),
+            # the decode fast path (flash attention on a GPU) for a request as long as the
+            # context; elsewhere transformers turns it off, with a warning when it was asked for
+            max_blocks_per_request=math.ceil(self._n_ctx / PAGE_SIZE) if self.device == "cuda"
+            else None,
             max_requests_per_batch=self.parallel, seed=self.default_seed)
         manager = self.model.init_continuous_batching(generation_config=gc, continuous_batching_config=cbc)
         compat.check_manager(manager)
