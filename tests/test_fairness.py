@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
-from llmrelay.worker.fairness import FairQueue
+from llmrelay.protocol import ErrorCode
+from llmrelay.worker.engines.base import EngineError
+from llmrelay.worker.fairness import FairQueue, Full
 
 
 class Clock:
@@ -167,5 +170,78 @@ def test_without_a_reserve_every_key_waits_for_the_limit() -> None:
         q.release("A")
         await asyncio.sleep(0)
         assert b.done()
+
+    run(go())
+
+
+# ---- a full queue (the worker's --max-queue) ------------------------------------------------
+
+def test_a_full_queue_still_takes_a_key_with_nothing_running_into_the_reserve() -> None:
+    from llmrelay.worker.service import WorkerState
+
+    state = WorkerState(limit=1, max_queue=2, reserve=1)
+
+    async def go() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(state.slot("A"))
+            a = [asyncio.create_task(stack.enter_async_context(state.slot("A")))
+                 for _ in range(2)]
+            await asyncio.sleep(0)
+            assert (state.running, state.waiting) == (1, 2)
+            with pytest.raises(EngineError) as e:  # A's own flood is refused past the bound
+                state.admit("A")
+            assert e.value.code == ErrorCode.ENGINE_OVERLOADED
+            await asyncio.wait_for(stack.enter_async_context(state.slot("B")), 1)
+            assert state.running == 2 and state.queue.running_by_key == {"A": 1, "B": 1}
+            for t in a:
+                t.cancel()
+
+    run(go())
+
+
+def test_a_full_queue_pushes_out_the_heaviest_keys_newest_waiter() -> None:
+    q = FairQueue(limit=1, reserve=1)
+
+    async def go() -> None:
+        await q.acquire("A")
+        a = [asyncio.create_task(q.acquire("A")) for _ in range(4)]
+        await asyncio.sleep(0)
+        await q.acquire("B")  # nothing of B's runs: the reserve, no waiting place
+        assert q.make_room("B")  # A holds 5, B 1: A's newest waiter goes
+        b2 = asyncio.create_task(q.acquire("B"))
+        await asyncio.sleep(0)
+        assert q.make_room("B")  # A 4, B 2
+        b3 = asyncio.create_task(q.acquire("B"))
+        await asyncio.sleep(0)
+        assert not q.make_room("B")  # A 3, B 3: even, B's next is refused
+        assert len(q.waiting) == 4 and [w.key for w in q.waiting] == ["A", "A", "B", "B"]
+        for t in a[2:]:
+            with pytest.raises(Full):
+                await t
+        assert not any(t.done() for t in a[:2])
+        q.release("B")  # B's waiters have the least service: they run first
+        await asyncio.sleep(0)
+        assert b2.done() and not b3.done()
+        for t in (*a[:2], b3):
+            t.cancel()
+
+    run(go())
+
+
+def test_pushing_out_spares_a_key_alone_and_interactive_work() -> None:
+    q = FairQueue(limit=1, reserve=1)
+
+    async def go() -> None:
+        await q.acquire("A")
+        a = asyncio.create_task(q.acquire("A"))
+        await asyncio.sleep(0)
+        assert not q.make_room("A")  # one key alone (or no keys) never displaces itself
+        await q.acquire("C")  # the reserve
+        assert not q.make_room("C")  # A holds 2, C 1: a swap would only turn it round
+        assert not q.make_room("B", "batch")  # batch never pushes out interactive work
+        assert not a.done()
+        assert q.make_room("B")  # A holds 2, B nothing: A's waiter goes
+        with pytest.raises(Full):
+            await a
 
     run(go())

@@ -21,6 +21,13 @@ close that gap: a request whose key has nothing running may take one at once (th
 so one key alone, or requests without keys, never run more than `limit` at once; and a place
 taken from the reserve goes back to it when any request ends (admission counts places, not
 which request took which).
+
+The worker bounds how many may wait (`--max-queue`). A full queue still takes a request that
+would start at once in the reserve, and otherwise makes room by pushing out a waiter of the key
+holding the most places (running + waiting) when that key holds at least two more than the
+newcomer's key would before it came (`make_room`; the newest of that key's waiters, never an
+interactive one for a batch newcomer): a flooding key's own requests are the ones refused, not
+another key's few. The pushed-out waiter's `acquire` raises `Full`.
 """
 
 from __future__ import annotations
@@ -33,6 +40,10 @@ from dataclasses import dataclass, field
 
 PRIORITIES = ("interactive", "batch")
 DEFAULT_AGING = 30.0  # seconds after which a waiting batch request counts as interactive
+
+
+class Full(Exception):
+    """A waiter was pushed out of a full queue to make room for another key's request."""
 
 
 @dataclass
@@ -92,8 +103,33 @@ class FairQueue:
         self.running += 1
         self.running_by_key[key] = self.running_by_key.get(key, 0) + 1
 
+    def held(self, key: str) -> int:
+        """Places `key` holds: its requests running and waiting."""
+        return self.running_by_key.get(key, 0) + sum(w.key == key for w in self.waiting)
+
+    def make_room(self, key: str, priority: str = "interactive") -> bool:
+        """On a full queue: whether a request of `key` may still come in, pushing out another
+        key's waiter if needed (see the module docstring); False: refuse it."""
+        if self.reserve and self._guest(key):
+            return True  # it starts at once, in the reserve: it takes no waiting place
+        mine = self.held(key)
+        victims = [w for w in self.waiting if not w.future.done() and w.key != key
+                   and (priority == "batch") <= (w.priority == "batch")]
+        if not victims:
+            return False
+        heaviest = max({w.key for w in victims}, key=self.held)
+        if self.held(heaviest) < mine + 2:
+            return False
+        now = self.clock()
+        w = max((w for w in victims if w.key == heaviest), key=lambda w: self._rank(w, now))
+        self.waiting.remove(w)
+        w.future.set_exception(Full(f"pushed out by a request of a key holding fewer places "
+                                    f"({mine} against {self.held(heaviest) + 1})"))
+        return True
+
     async def acquire(self, key: str = "", priority: str = "interactive") -> None:
-        """Wait for a place; cancellable (a cancelled waiter leaves the queue)."""
+        """Wait for a place; cancellable (a cancelled waiter leaves the queue); raises `Full`
+        when pushed out of a full queue (`make_room`)."""
         if (self.running < self.limit and not self.waiting) or (
                 self.reserve and self._guest(key)):
             self._start(key)
@@ -107,7 +143,8 @@ class FairQueue:
         except BaseException:
             if w in self.waiting:
                 self.waiting.remove(w)
-            elif w.future.done() and not w.future.cancelled():
+            elif (w.future.done() and not w.future.cancelled()
+                  and w.future.exception() is None):
                 self.release(key)  # admitted and cancelled at once: give the place on
             raise
 

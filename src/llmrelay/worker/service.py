@@ -45,7 +45,7 @@ from llmrelay.protocol import (
 )
 from llmrelay.worker import constraints, toolcalls
 from llmrelay.worker.engines.base import Chunk, Engine, EngineError, GenerationRequest, refused
-from llmrelay.worker.fairness import FairQueue
+from llmrelay.worker.fairness import FairQueue, Full
 from llmrelay.worker.templates import ChatTemplateError
 
 log = logging.getLogger("llmrelay.worker")
@@ -71,8 +71,8 @@ class WorkerState:
     a fair queue (fairness.py: priority class, then the key with the least service). The queue
     is bounded: past `max_queue` waiting requests, and while draining for shutdown, new
     requests are refused (EngineError 42903), which the API server answers by trying another
-    worker, then with 429. With `fair` off (`--fair-sharing off`) keys and priorities are
-    ignored: first come, first served."""
+    worker, then with 429; a key's fair share survives a full queue (`admit`). With `fair`
+    off (`--fair-sharing off`) keys and priorities are ignored: first come, first served."""
 
     def __init__(self, limit: int, max_queue: int = 32, fair: bool = True,
                  reserve: int = 0) -> None:
@@ -95,20 +95,27 @@ class WorkerState:
     def queue_length(self) -> int:
         return self.running + self.waiting
 
-    def admit(self) -> None:
-        """Refuse at once when this worker cannot take the request (full or shutting down)."""
+    def admit(self, key: str = "", priority: str = "interactive") -> None:
+        """Refuse at once when this worker cannot take the request (full or shutting down).
+        With fair sharing a full queue still takes a request of a key with nothing running into
+        a free reserve place, or one of a key holding fewer places than another key does, which
+        loses its newest waiter (fairness.py, `make_room`)."""
         if self.draining:
             raise EngineError("this worker is shutting down", ErrorCode.ENGINE_OVERLOADED)
-        if self.running >= self.limit and self.waiting >= self.max_queue:
+        if self.running >= self.limit and self.waiting >= self.max_queue and not (
+                self.fair and self.queue.make_room(key, priority)):
             raise EngineError(f"this worker is full ({self.running} running, {self.waiting} "
                               "waiting)", ErrorCode.ENGINE_OVERLOADED)
 
     @contextlib.asynccontextmanager
     async def slot(self, key: str = "", priority: str = "interactive") -> AsyncIterator[None]:
-        self.admit()
         if not self.fair:
             key, priority = "", "interactive"
-        await self.queue.acquire(key, priority)
+        self.admit(key, priority)
+        try:
+            await self.queue.acquire(key, priority)
+        except Full as e:
+            raise EngineError(f"this worker is full: {e}", ErrorCode.ENGINE_OVERLOADED) from None
         try:
             yield
         finally:
