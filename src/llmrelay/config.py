@@ -228,6 +228,12 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
         "`llmrelay keys add`), or one API key per line (FastChat's way); re-read on change",
     )
     p.add_argument(
+        "--public-docs",
+        action="store_true",
+        help="keep /docs, /redoc and /openapi.json open to anyone when API keys are on (by "
+        "default they need a valid key, like the API they describe)",
+    )
+    p.add_argument(
         "--data-dir",
         default=os.environ.get("LLMRELAY_DATA_DIR"),
         help="folder of this API server's data (responses.sqlite: stored Responses; usage.sqlite: "
@@ -287,6 +293,14 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
         default=1.0,
         help="seconds between reads of the controller's worker table",
     )
+    p.add_argument(
+        "--model-grace", type=float, default=60.0,
+        help="seconds a model whose workers all left the table (a restart) is answered with "
+        "503 and Retry-After, not 404 (default 60)")
+    p.add_argument(
+        "--expect-models", default=None,
+        help="comma-separated model names answered with 503 and Retry-After, not 404, whenever "
+        "no worker serves them (`llmrelay up` passes the names its stack declares)")
 
 
 def split_csv(value: str | None) -> list[str]:

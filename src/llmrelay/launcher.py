@@ -36,7 +36,7 @@ from typing import Any, TextIO
 import httpx
 
 from llmrelay import lifeline
-from llmrelay.config import add_api_args, add_controller_args, add_worker_args
+from llmrelay.config import add_api_args, add_controller_args, add_worker_args, split_csv
 from llmrelay.ondemand import stack as ondemand
 from llmrelay.ondemand.catalog import parse_flags, to_argv
 from llmrelay.ports import bind_error, port_taken
@@ -163,6 +163,7 @@ def load_stack(path: str | None, log_dir: str | None,
     children: list[Child] = []
     used_ports = {c_args.port}
     names: set[str] = set()
+    served: list[str] = []  # the model names the stack's workers declare
     next_port = 21002
     for i, w in enumerate(workers):
         where = f"[[worker]] #{i + 1}"
@@ -181,6 +182,7 @@ def load_stack(path: str | None, log_dir: str | None,
         if w_args.port in used_ports:
             raise StackError(f"{where}: port {w_args.port} is used twice in the stack")
         used_ports.add(w_args.port)
+        served += [n for n in split_csv(w_args.model_names) if n not in served]
         label = (w_args.model_names or w_args.model_path).split(",")[0].strip()
         label = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in label)
         name = f"worker-{label}"
@@ -203,6 +205,8 @@ def load_stack(path: str | None, log_dir: str | None,
 
     a = dict(data.get("api", {}))
     a.setdefault("controller_address", controller_url)
+    if served:  # 503 with Retry-After, not 404, while their worker starts or restarts
+        a.setdefault("expect_models", ",".join(served))
     keys = a.pop("api_keys", None)
     api_env = dict(secret_env)
     if keys:

@@ -10,7 +10,7 @@ import argparse
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import httpx
@@ -38,7 +38,7 @@ from llmrelay.api.pipeline import Limits, Pipeline
 from llmrelay.api.registryfeed import RegistryFeed
 from llmrelay.api.responses.serving import ResponsesServing
 from llmrelay.api.responses.store import ResponseStore, SqliteResponseStore
-from llmrelay.api.table import WorkerTable
+from llmrelay.api.table import DEFAULT_GRACE, WorkerTable
 from llmrelay.api.tokenize.serving import TokenServing
 from llmrelay.api.transport import WorkerTransport
 from llmrelay.api.usage import UsageStore
@@ -70,12 +70,14 @@ def create_app(
     address: str = "",
     dispatch_method: str | None = None,
     load_queue: int = 64,
+    model_grace: float = DEFAULT_GRACE,
+    expected_models: Iterable[str] = (),
 ) -> FastAPI:
     """The app; `keys` (none: no API keys), `usage` (where usage is counted), `limits` (the
     counters of the keys' limits; default: in this process) and `responses_store` (stored
     Responses; default: in memory, lost on exit) come from `run`."""
     headers = auth_headers(registration_token)
-    table = WorkerTable(controllers)
+    table = WorkerTable(controllers, grace=model_grace, expected=expected_models)
     feed: TableFeed = (RegistryFeed(table, registry, address, dispatch_method)
                        if registry is not None else
                        ControllerFeed(table, refresh=table_refresh, headers=headers))
@@ -212,6 +214,8 @@ def run(args: argparse.Namespace) -> None:
         registry=registry, address=public_address(args.host, args.port, registry, args.ssl),
         dispatch_method=getattr(args, "dispatch_method", None),
         load_queue=args.load_queue,
+        model_grace=args.model_grace,
+        expected_models=split_csv(args.expect_models),
     )
     n = len(keys.keys())
     log.info("OpenAI-compatible API on http://%s:%d/v1 (%s); usage kept in %s; stored "

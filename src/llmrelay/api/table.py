@@ -8,6 +8,12 @@ Picking uses the controller's dispatch method (dispatch.py) plus what this serve
 the table does not yet: its own requests in flight, workers that just refused a connection
 (out of rotation until their next heartbeat), workers that say they are not ready (an upstream
 server down), and, for the `prefix` method, which worker served a conversation before.
+
+A model whose last worker left the table (a restart, a crash) is not unknown: for `grace`
+seconds after it was last served (`--model-grace`, default 60), and always for the names the
+stack declares (`expected`, from `llmrelay up`), a request for it gets 503 with `Retry-After`
+(its workers are restarting or unavailable), which clients retry, never the 404 a client takes
+as final. `/v1/models` lists only the models served (or declared on demand) now.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from llmrelay.protocol import EXT_DELTA, EXT_MESSAGES, EXT_TOKEN_IDS, Features, 
 log = logging.getLogger("llmrelay.api")
 
 _OURS = frozenset({EXT_MESSAGES, EXT_DELTA})
+DEFAULT_GRACE = 60.0  # seconds a model that was served answers 503, not 404, once its workers left
 
 
 @dataclass(slots=True)
@@ -105,7 +112,8 @@ class WorkerTable:
     """
 
     def __init__(self, controllers: Iterable[str] = (), rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, grace: float = DEFAULT_GRACE,
+                 expected: Iterable[str] = ()) -> None:
         self.controllers = [c.rstrip("/") for c in controllers]
         self.source = "controller"  # or "registry" (the NATS registry, api/registryfeed.py)
         self.rng = rng
@@ -119,6 +127,9 @@ class WorkerTable:
         self.affinity = Affinity()  # conversation prefix -> worker, for the `prefix` method
         # Models declared for loading on demand (api/ondemand): they exist though not served.
         self.declared_names: Callable[[], Iterable[str]] = tuple
+        self.grace = max(0.0, grace)
+        self.expected = frozenset(expected)  # names the stack declares: 503 while not served
+        self.gone: dict[str, float] = {}  # model -> when its last worker left the table
 
     # ---- the controller's answers ------------------------------------------------------------
 
@@ -139,9 +150,29 @@ class WorkerTable:
             w = workers.get(name)
             if w is None or w.last_heart_beat > beat:
                 del self.down[name]  # gone from the table, or alive again by its heartbeat
+        self._note_gone(self.models(), workers)
         self.workers = workers
         self.dispatch_method = table.get("dispatch_method", self.dispatch_method)
         self.loaded = True
+
+    def _note_gone(self, before: Iterable[str], workers: dict[str, Worker]) -> None:
+        """Remember when a model's last worker left; forget it once served again or after the
+        grace period."""
+        now = self.clock()
+        served = {m for w in workers.values() for m in w.model_names}
+        for m in before:
+            if m not in served:
+                self.gone[m] = now
+        for m, since in list(self.gone.items()):
+            if m in served or now - since > self.grace:
+                del self.gone[m]
+
+    def unavailable(self, model: str) -> bool:
+        """Not served now, but expected back: declared by the stack, or served less than
+        `grace` seconds ago."""
+        since = self.gone.get(model)
+        return model in self.expected or (since is not None
+                                          and self.clock() - since <= self.grace)
 
     def snapshot(self) -> dict[str, Any]:
         """The last copy in `/worker_table`'s shape (for the operator view)."""
@@ -163,13 +194,19 @@ class WorkerTable:
         return [w for w in self.workers.values() if model in w.model_names]
 
     def check_model(self, model: str, allowed: Callable[[str], bool] | None = None) -> None:
-        """404 for a model nobody serves (with the closest name); 503 if we know no workers.
+        """404 for a model nobody serves (with the closest name); 503 if we know no workers,
+        or the model's workers left and are expected back (`unavailable`).
 
         `allowed`: the models the caller may use (an API key's list); any other is answered
         exactly as if nobody served it, and only allowed names are listed."""
-        if (allowed is None or allowed(model)) and any(
-                model in w.model_names for w in self.workers.values()):
-            return
+        if allowed is None or allowed(model):
+            if any(model in w.model_names for w in self.workers.values()):
+                return
+            if self.unavailable(model):
+                raise APIError(503, f"The model '{model[:100]}' is not available right now: its "
+                               "workers are restarting or unavailable. Retry shortly.",
+                               type="server_error", param="model", code="model_unavailable",
+                               headers={"Retry-After": "2"})
         every = set(self.models()) | set(self.declared_names())
         names = sorted(m for m in every if allowed is None or allowed(m))
         if not every and not self.workers:
