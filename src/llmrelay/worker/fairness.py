@@ -25,9 +25,9 @@ which request took which).
 The worker bounds how many may wait (`--max-queue`). A full queue still takes a request that
 would start at once in the reserve, and otherwise makes room by pushing out a waiter of the key
 holding the most places (running + waiting) when that key holds at least two more than the
-newcomer's key would before it came (`make_room`; the newest of that key's waiters, never an
-interactive one for a batch newcomer): a flooding key's own requests are the ones refused, not
-another key's few. The pushed-out waiter's `acquire` raises `Full`.
+newcomer's key does (`make_room`; the newest of that key's waiters, never an interactive one
+for a batch newcomer): a flooding key's own requests are the ones refused, not another key's
+few. The pushed-out waiter's `acquire` raises `Full`.
 """
 
 from __future__ import annotations
