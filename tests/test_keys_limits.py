@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -120,19 +122,32 @@ def test_usage_counts_survive_reopening(tmp_path: Path) -> None:
     again.close()
 
 
-def test_submitted_usage_is_written_in_batches_and_never_lost_on_close(tmp_path: Path) -> None:
-    """Counts submitted from the event loop gather and are written together; a report sees
-    what is still pending, and closing the store writes the rest."""
+def test_recorded_usage_is_committed_before_record_returns_and_shares_transactions(
+        tmp_path: Path) -> None:
+    """`record` returns once its counts are committed (another connection sees them); counts
+    recorded while the writer is busy (here: another connection holds the write lock) go in
+    together, in one transaction; a lone request waits for no fixed delay, only its commit."""
     db = tmp_path / "usage.sqlite"
     store = UsageStore(db)
-    for i in range(200):
-        store.submit("alice" if i % 2 else "bob", "smol", 2, 3)
-    assert {r["key"]: r["requests"] for r in store.report()} == {"alice": 100, "bob": 100}
-    for _ in range(50):
-        store.submit("carol", "smol", 1, 1)
-    store.close()  # before FLUSH_DELAY: the close writes them
-    again = UsageStore(db)
-    rows = {r["key"]: (r["requests"], r["prompt_tokens"], r["completion_tokens"])
-            for r in again.report()}
-    assert rows == {"alice": (100, 200, 300), "bob": (100, 200, 300), "carol": (50, 50, 50)}
-    again.close()
+
+    def committed() -> dict[str, tuple[int, int, int]]:  # what a crash would leave
+        with sqlite3.connect(db) as other:
+            return {k: (n, p, c) for k, n, p, c in other.execute(
+                "SELECT key, requests, prompt_tokens, completion_tokens FROM usage")}
+
+    async def main() -> None:
+        await store.record("alice", "smol", 2, 3)
+        assert committed() == {"alice": (1, 2, 3)} and store.commits == 1
+        blocker = sqlite3.connect(db)
+        blocker.execute("BEGIN IMMEDIATE")  # the writer waits for this lock (busy timeout)
+        tasks = [asyncio.create_task(store.record("bob", "smol", 1, 1)) for _ in range(100)]
+        await asyncio.sleep(0)  # every task has handed its counts over
+        assert not any(t.done() for t in tasks)
+        blocker.rollback()
+        blocker.close()
+        await asyncio.gather(*tasks)
+        assert committed() == {"alice": (1, 2, 3), "bob": (100, 100, 100)}
+        assert store.commits <= 3  # 1 + at most 2 for the 100: the first may go alone
+
+    asyncio.run(main())
+    store.close()

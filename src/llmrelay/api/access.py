@@ -8,8 +8,9 @@
   exist (the message lists only the models the key may use); then the key's limits, a 429 in
   OpenAI's shape naming the limit (`type`: requests, tokens or concurrent) with `Retry-After`
   (whole seconds) and `retry-after-ms` (which the openai SDKs read first).
-- `finish`: once per request, as its answer ends (observe.py calls it): the tokens the answer's
-  `usage` reported go to the limits, the usage store and the per-key counters.
+- `finish`: once per request, as its answer ends (observe.py awaits it before the answer's last
+  bytes): the tokens the answer's `usage` reported go to the limits, the usage store (committed
+  to SQLite before it returns) and the per-key counters.
 - `report`: `GET /v1/usage`, for admin keys.
 
 Plain Python with no HTTP; routes.py calls it, tests drive it with their own stores.
@@ -107,8 +108,8 @@ class Access:
                 m.key_requests.labels(name, rec.model).inc()
                 m.key_prompt_tokens.labels(name, rec.model).inc(prompt)
                 m.key_completion_tokens.labels(name, rec.model).inc(completion)
-            if self.usage is not None:
-                self.usage.submit(name, rec.model, prompt, completion)
+            if self.usage is not None:  # committed before the answer's last bytes leave
+                await self.usage.record(name, rec.model, prompt, completion)
         except Exception:
             log.exception("could not count a request's usage")
 

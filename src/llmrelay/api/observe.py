@@ -8,8 +8,11 @@ middleware logs and counts it when the answer ends.
 
 The record also carries the caller's API key (set by authentication) and the usage the answer
 reported; the middleware's `finish` hook (access.py: limits, the usage store, the per-key
-metrics) runs once per request, just before the last bytes of the answer go out, so a client
-that has its whole answer also finds it counted.
+metrics) runs once per request and is awaited before the last bytes of the answer go out, so a
+client that has its whole answer also finds it counted, durably: a whole answer's single body
+message waits for it; a streamed answer's body calls `settle()` before each write, which runs
+the hook once the generation has ended (`note_complete`), so the final events (`[DONE]`,
+`message_stop`, `response.completed`) leave after it.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class RequestRecord:
     admitted: bool = False  # counted against the key's limits (access.py)
     billed: tuple[int, int] | None = None  # (prompt, completion) as the answer's `usage` says
     status: int = 0  # the HTTP status, once the answer started
+    complete: bool = False  # every generation of the answer ended (note_complete)
+    settle: Callable[[], Awaitable[None]] | None = None  # runs `finish` now (once), by the middleware
 
 
 _current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
@@ -80,6 +85,22 @@ def note_billed(prompt_tokens: int, completion_tokens: int) -> None:
     rec = _current.get()
     if rec is not None:
         rec.billed = (prompt_tokens, completion_tokens)
+
+
+def note_complete() -> None:
+    """Every generation of a streamed answer has ended: what is left to send is its last
+    events, which `settle` holds back until the answer is charged."""
+    rec = _current.get()
+    if rec is not None:
+        rec.complete = True
+
+
+async def settle() -> None:
+    """Called by a streamed answer's body before each write: once the generation ended, charge
+    the request (the middleware's `finish`, once) before the answer's last events go out."""
+    rec = _current.get()
+    if rec is not None and rec.complete and rec.settle is not None:
+        await rec.settle()
 
 
 def note_key(key: Key | None) -> None:
@@ -146,6 +167,7 @@ class ObserveMiddleware:
                 finished = True
                 await self.finish(rec)
 
+        rec.settle = finish
         async def send_status(message: Message) -> None:
             if message["type"] == "http.response.start":
                 rec.status = int(message["status"])

@@ -26,9 +26,11 @@ from llmrelay.api.errors import APIError, from_worker
 from llmrelay.api.observe import (
     note_billed,
     note_cancelled,
+    note_complete,
     note_first_token,
     note_model,
     note_usage,
+    settle,
 )
 from llmrelay.api.protocol import SamplingRequest, UsageInfo
 from llmrelay.api.table import Accept, WorkerTable
@@ -269,6 +271,7 @@ async def merged(streams: list[Stream], deadline: float | None = None
                 yield out
             if error is not None:
                 raise error
+        note_complete()  # what the answer sends from here on waits for its accounting
     except (asyncio.CancelledError, GeneratorExit):
         note_cancelled()  # the client went away (or the answer was abandoned)
         raise
@@ -419,6 +422,7 @@ async def sse_stream(chunks: Callable[[], AsyncIterator[list[Any]]],
                 yield comment
         async for batch in chunks():
             if batch:
+                await settle()  # the answer's last events leave after its usage is stored
                 yield b"".join(fmt.chunk(c) for c in batch)
     except APIError as e:
         log.warning("stream ended with an error: %s", e.message)
@@ -430,6 +434,7 @@ async def sse_stream(chunks: Callable[[], AsyncIterator[list[Any]]],
         if opening is not None:
             await opening.close_if_unused()
     if fmt.done:
+        await settle()
         yield fmt.done
 
 

@@ -1,11 +1,14 @@
 """Usage per API key: requests, prompt and completion tokens, by model and day, kept in an
 embedded SQLite database in the API server's data folder (WAL mode; survives restarts).
 
-`submit` is called once per answered request, from the event loop: it adds the counts in
-memory, and a dedicated thread writes what has gathered in one transaction FLUSH_DELAY later (a
-transaction per request cost the API server more CPU than the rest of a short request). So a
-kill -9 may lose the last FLUSH_DELAY's counts; a normal stop writes them (`close`). `report` is
-what `GET /v1/usage` and `llmrelay usage` show; it writes what is pending first.
+`record` is awaited once per answered request, before the answer's last bytes leave (observe.py
+and access.py see to that): it hands the counts to a dedicated writer thread and returns once
+the transaction that holds them has committed. The writer commits whatever has gathered while
+it was busy in one transaction (group commit): a lone request waits for one short commit, no
+fixed delay; many concurrent requests share one. A commit survives a crash of the process
+(kill -9): WAL mode with `synchronous=NORMAL` hands each commit to the operating system before
+it returns (a power cut may still lose the last commits; see docs/keys-and-limits.md).
+`report` is what `GET /v1/usage` and `llmrelay usage` show.
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ from typing import Any
 
 log = logging.getLogger("llmrelay.api")
 
-FLUSH_DELAY = 0.25  # seconds submitted counts wait, gathering, before they are written
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
     day TEXT NOT NULL,            -- UTC date, YYYY-MM-DD
@@ -35,9 +36,14 @@ CREATE TABLE IF NOT EXISTS usage (
 )
 """
 
+UPSERT = ("INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (day, key, model) DO UPDATE "
+          "SET requests = requests + excluded.requests, prompt_tokens = prompt_tokens + "
+          "excluded.prompt_tokens, completion_tokens = completion_tokens + "
+          "excluded.completion_tokens")
+
 
 class UsageStore:
-    """Counts per (day, key, model) in SQLite."""
+    """Counts per (day, key, model) in SQLite, written by one thread with group commit."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,59 +52,81 @@ class UsageStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(SCHEMA)
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="usage-db")
-        # (day, key, model) -> [requests, prompt tokens, completion tokens] not yet written
+        self._lock = threading.Lock()  # the connection
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="usage-read")  # report_async
+        # (day, key, model) -> [requests, prompt tokens, completion tokens] not yet written,
+        # and the futures of the requests whose counts they hold (resolved once committed)
         self._pending: dict[tuple[str, str, str], list[int]] = {}
-        self._pending_lock = threading.Lock()
-        self._flush_queued = False
+        self._waiters: list[asyncio.Future[None]] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self.commits = 0  # transactions written (concurrent requests share one)
+        self._writer = threading.Thread(target=self._write_loop, name="usage-db", daemon=True)
+        self._writer.start()
+
+    async def record(self, key: str, model: str, prompt_tokens: int,
+                     completion_tokens: int) -> None:
+        """Count one request; returns once its counts are committed (raises what the write
+        raised). Concurrent requests share one transaction."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with self._wake:
+            self._add(key, model, prompt_tokens, completion_tokens)
+            self._waiters.append(done)
+            self._wake.notify()
+        await done
 
     def record_now(self, key: str, model: str, prompt_tokens: int, completion_tokens: int,
                    when: float | None = None) -> None:
-        """Count one request and write it (and anything pending) now."""
-        self._add(key, model, prompt_tokens, completion_tokens, when)
+        """Count one request and write it (and anything pending) now, from this thread."""
+        with self._wake:
+            self._add(key, model, prompt_tokens, completion_tokens, when)
         self.flush()
-
-    def submit(self, key: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """Count one request; written within FLUSH_DELAY, off the event loop."""
-        if self._add(key, model, prompt_tokens, completion_tokens):
-            self._pool.submit(self._flush_later).add_done_callback(_log_failure)
 
     def _add(self, key: str, model: str, prompt_tokens: int, completion_tokens: int,
-             when: float | None = None) -> bool:
-        """Add to the pending counts; True if a write must be queued for them."""
+             when: float | None = None) -> None:
+        """Add to the pending counts (the caller holds `_wake`)."""
         day = time.strftime("%Y-%m-%d", time.gmtime(time.time() if when is None else when))
-        with self._pending_lock:
-            row = self._pending.setdefault((day, key, model), [0, 0, 0])
-            row[0] += 1
-            row[1] += prompt_tokens
-            row[2] += completion_tokens
-            queue, self._flush_queued = not self._flush_queued, True
-        return queue
+        row = self._pending.setdefault((day, key, model), [0, 0, 0])
+        row[0] += 1
+        row[1] += prompt_tokens
+        row[2] += completion_tokens
 
-    def _flush_later(self) -> None:
-        time.sleep(FLUSH_DELAY)
-        self.flush()
+    def _write_loop(self) -> None:
+        """The writer: waits for counts, commits all that gathered, again."""
+        while True:
+            with self._wake:
+                while not self._pending and not self._closed:
+                    self._wake.wait()
+                if not self._pending:
+                    return  # closed, nothing left
+            try:
+                self.flush()
+            except Exception as e:  # flush told the waiters; keep serving the next ones
+                log.error("could not write usage to the database: %s", e)
 
     def flush(self) -> None:
-        """Write every pending count, in one transaction."""
-        with self._pending_lock:
-            rows, self._pending, self._flush_queued = self._pending, {}, False
-        if not rows:
-            return
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany(
-                    "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (day, key, model) DO "
-                    "UPDATE SET requests = requests + excluded.requests, prompt_tokens = "
-                    "prompt_tokens + excluded.prompt_tokens, completion_tokens = "
-                    "completion_tokens + excluded.completion_tokens",
-                    [(*k, *v) for k, v in rows.items()])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        """Write every pending count, in one transaction; then wake the requests waiting for
+        them (with the error, if the write failed, which is raised here too)."""
+        with self._wake:
+            rows, self._pending = self._pending, {}
+            waiters, self._waiters = self._waiters, []
+        error: BaseException | None = None
+        try:
+            if rows:
+                with self._lock:
+                    self._db.execute("BEGIN")
+                    try:
+                        self._db.executemany(UPSERT, [(*k, *v) for k, v in rows.items()])
+                        self._db.execute("COMMIT")
+                        self.commits += 1
+                    except BaseException:
+                        self._db.execute("ROLLBACK")
+                        raise
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            _wake_waiters(waiters, error)
 
     async def report_async(self, since: str | None = None, key: str | None = None
                            ) -> list[dict[str, Any]]:
@@ -134,13 +162,34 @@ class UsageStore:
         return [dict(zip(names, r, strict=True)) for r in rows]
 
     def close(self) -> None:
+        """Write what is pending and close the database."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._writer.join()
         self._pool.shutdown(wait=True)
         self.flush()
         with self._lock:
             self._db.close()
 
 
-def _log_failure(future: Any) -> None:
-    e = future.exception()
-    if e is not None:
-        log.error("could not write usage to the database: %s", e)
+def _wake_waiters(waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    """Resolve the futures of committed counts: one call into each event loop, not one per
+    request."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    for f in waiters:
+        by_loop.setdefault(f.get_loop(), []).append(f)
+    for loop, futures in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, futures, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+
+def _resolve(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for f in futures:
+        if not f.done():
+            if error is None:
+                f.set_result(None)
+            else:
+                f.set_exception(error)

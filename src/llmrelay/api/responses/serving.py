@@ -21,7 +21,7 @@ from typing import Any
 
 from llmrelay.api.errors import APIError, bad_param
 from llmrelay.api.keys import digest
-from llmrelay.api.observe import note_model
+from llmrelay.api.observe import note_model, settle
 from llmrelay.api.pipeline import Opening, Pipeline, Streamed, sampling_params
 from llmrelay.api.protocol import SamplingRequest
 from llmrelay.api.responses.events import KEEPALIVE, Event, EventWriter, KeepAlive, encode, finish
@@ -72,6 +72,7 @@ class ResponseStream(Streamed):
         try:
             async with contextlib.aclosing(self.chunks()) as chunks:  # closed at once, not by GC
                 async for batch in chunks:
+                    await settle()  # the last events leave after the usage is stored
                     yield b"".join(encode(e) for e in batch)
         finally:
             await self.opening.close_if_unused()
