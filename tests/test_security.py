@@ -73,7 +73,8 @@ def test_api_keys_from_env_and_file(procs: Procs, tmp_path: Path,
     keys.write_text("# team keys\nfile-key-1\n\nfile-key-2\n")
     monkeypatch.setenv("LLMRELAY_API_KEYS", "env-key")
     _, api = procs.api(controller, extra=("--api-keys-file", str(keys)))
-    wait_for(lambda: httpx.get(api + "/health").json()["models"], 15)
+    wait_for(lambda: httpx.get(api + "/health", headers={"Authorization": "Bearer env-key"})
+             .json()["models"], 15)  # the details are for admin keys (plain keys are)
     for key, ok in [("env-key", True), ("file-key-2", True), ("# team keys", False),
                     ("file-key", False), ("", False)]:
         headers = {"Authorization": f"Bearer {key}"} if key else {}

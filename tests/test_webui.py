@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from conftest import Procs, Stack, wait_for
+from llmrelay.api.keys import add_key
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -240,6 +241,36 @@ def test_api_key_prompt_and_operator_view(stack: Stack, procs: Procs, tmp_path: 
         if os.environ.get("LLMRELAY_WEBUI_SCREENSHOT"):  # beside the chat's picture
             d.save_screenshot(str(Path(os.environ["LLMRELAY_WEBUI_SCREENSHOT"]).with_name(
                 "webui-workers.png")))
+    finally:
+        d.quit()
+
+
+def test_operator_view_says_so_to_a_key_that_is_not_admin(stack: Stack, procs: Procs,
+                                                          tmp_path: Path) -> None:
+    """The workers are for admin keys: a key fenced to one model chats, and the Workers tab
+    says why it shows nothing (no rows, no other model's name, no worker address)."""
+    keys = tmp_path / "keys.toml"
+    user = add_key(keys, "fenced", models=["smol"])
+    _, api = procs.api(stack.controller, extra=("--api-keys-file", str(keys), "--data-dir",
+                                                str(tmp_path / "data")))
+    assert httpx.get(api + "/api/workers",
+                     headers={"Authorization": f"Bearer {user}"}).status_code == 403
+    d = new_browser(tmp_path / "profile")
+    try:
+        d.get(api + "/")
+        dialog = d.find_element(By.ID, "api-key-dialog")
+        until(d, lambda: dialog.get_attribute("open") is not None, "the API key prompt", 30)
+        d.find_element(By.ID, "api-key").send_keys(user)
+        d.find_element(By.ID, "api-key-save").click()
+        until(d, lambda: [o.text for o in Select(d.find_element(By.ID, "model")).options]
+              == ["smol"], "only the key's model", 30)
+        d.find_element(By.ID, "tab-ops").click()
+        summary = d.find_element(By.ID, "ops-summary")
+        until(d, lambda: "admin keys only" in summary.text, "the refusal on the Workers tab", 30)
+        assert "admin = true" in summary.text
+        assert not d.find_elements(By.CSS_SELECTOR, "#ops-table tbody tr")
+        page = d.find_element(By.TAG_NAME, "body").text
+        assert "gemma" not in page and not any(w in page for w in stack.smol_workers)
     finally:
         d.quit()
 

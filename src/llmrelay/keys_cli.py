@@ -31,7 +31,10 @@ def add_keys_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--tpm", type=int, default=None, help="tokens per minute (prompt + completion)")
     a.add_argument("--concurrent", type=int, default=None, help="requests at once")
     a.add_argument("--tpd", type=int, default=None, help="tokens per day")
-    a.add_argument("--admin", action="store_true", help="may read usage (GET /v1/usage)")
+    a.add_argument("--admin", action="store_true", help="may read usage (GET /v1/usage), the "
+                   "metrics (GET /metrics), the workers (GET /api/workers) and /health's details")
+    a.add_argument("--metrics-only", action="store_true", help="a scrape credential: may read "
+                   "GET /metrics and nothing else (for Prometheus' `authorization`)")
 
 
 def add_usage_args(p: argparse.ArgumentParser) -> None:
@@ -57,7 +60,8 @@ def run_keys(args: argparse.Namespace) -> None:
     path = Path(args.file)
     try:
         secret = add_key(path, args.name, models=models or None, priority=args.priority,
-                         admin=args.admin, requests_per_minute=args.rpm,
+                         admin=args.admin, metrics_only=args.metrics_only,
+                         requests_per_minute=args.rpm,
                          tokens_per_minute=args.tpm, concurrent=args.concurrent,
                          tokens_per_day=args.tpd)
     except (KeysFileError, OSError, ValueError) as e:

@@ -380,9 +380,20 @@ class Launcher:
             st = httpx.post(w.url + "/worker_get_status", headers=auth, timeout=2).json()
             want.update(st["model_names"])
 
+        # /health lists the models to an admin key only (the stack's plain keys are admin keys)
+        plain = s.api.env.get("LLMRELAY_API_KEYS") or os.environ.get("LLMRELAY_API_KEYS") or ""
+        key = plain.split(",")[0].strip()
+        admin = {"Authorization": f"Bearer {key}"} if key else {}
+
         def api_ready() -> bool:
-            r = httpx.get(s.api_url + "/health", timeout=1)
-            return r.status_code == 200 and want <= set(r.json().get("models", []))
+            r = httpx.get(s.api_url + "/health", headers=admin, timeout=1)
+            if r.status_code != 200:
+                return False
+            # Without a key the launcher knows (keys file only) there is no list to wait for;
+            # the workers were ready before the API server started, which reads their table
+            # before it answers.
+            body = r.json()
+            return "models" not in body or want <= set(body["models"])
 
         self.wait_ready(s.api, api_ready, "API listing every model")
         model = sorted(want or s.on_demand)[0]

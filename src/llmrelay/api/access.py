@@ -12,6 +12,9 @@
   bytes): the tokens the answer's `usage` reported go to the limits, the usage store (committed
   to SQLite before it returns) and the per-key counters.
 - `report`: `GET /v1/usage`, for admin keys.
+- `check_operator` / `is_operator`: what only the operator sees, with keys on: the metrics, the
+  worker table, `/health`'s details, the usage (admin keys; `/metrics` also for `metrics_only`
+  keys, which may do nothing else). With no keys everything is open.
 
 Plain Python with no HTTP; routes.py calls it, tests drive it with their own stores.
 """
@@ -90,6 +93,33 @@ class Access:
         else:  # not a request observe.py follows: nothing would end it
             await self.limits.done(key, 0)
 
+    # ---- the operator's routes --------------------------------------------------------------
+
+    def check_key(self, key: Key) -> None:
+        """403 for a metrics-only key on any route but `/metrics`."""
+        if key.metrics_only:
+            raise APIError(403, "This API key may only read /metrics (metrics_only = true in "
+                           "the keys file).", code="insufficient_permissions")
+
+    def check_operator(self, key: Key | None, what: str, scrape: bool = False) -> None:
+        """403 unless `key` may read `what` (operator data): an admin key; with `scrape`
+        (`/metrics`), a metrics-only key too. Anyone on a server without keys."""
+        if not self.enabled or (key is not None and (key.admin or scrape and key.metrics_only)):
+            return
+        who = "`admin = true` or `metrics_only = true`" if scrape else "`admin = true`"
+        raise APIError(403, f"This API key may not read {what}: it needs {who} in the keys "
+                       "file.", code="insufficient_permissions")
+
+    def is_operator(self, authorization: str) -> bool:
+        """Whether an `Authorization` header presents an admin key (always, without keys);
+        never raises."""
+        if not self.enabled:
+            return True
+        try:
+            return self.authenticate(authorization).admin
+        except APIError:
+            return False
+
     # ---- when it ends -------------------------------------------------------------------------
 
     async def finish(self, rec: RequestRecord) -> None:
@@ -119,9 +149,7 @@ class Access:
                      of_key: str | None = None) -> dict[str, Any]:
         """Usage rows (day, key, model, requests, prompt and completion tokens), newest day
         first, for an admin key (or anyone on a server without keys)."""
-        if self.enabled and (key is None or not key.admin):
-            raise APIError(403, "This API key may not read usage: it needs `admin = true` in "
-                           "the keys file.", code="insufficient_permissions")
+        self.check_operator(key, "usage")
         if since is not None and not DAY_FORMAT.match(since):
             raise APIError(400, "since must be a date, YYYY-MM-DD (UTC).", param="since",
                            code="invalid_value")

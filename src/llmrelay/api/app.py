@@ -72,10 +72,12 @@ def create_app(
     load_queue: int = 64,
     model_grace: float = DEFAULT_GRACE,
     expected_models: Iterable[str] = (),
+    public_docs: bool = False,
 ) -> FastAPI:
     """The app; `keys` (none: no API keys), `usage` (where usage is counted), `limits` (the
     counters of the keys' limits; default: in this process) and `responses_store` (stored
-    Responses; default: in memory, lost on exit) come from `run`."""
+    Responses; default: in memory, lost on exit) come from `run`; `public_docs`: /docs, /redoc
+    and /openapi.json open to anyone even with keys on."""
     headers = auth_headers(registration_token)
     table = WorkerTable(controllers, grace=model_grace, expected=expected_models)
     feed: TableFeed = (RegistryFeed(table, registry, address, dispatch_method)
@@ -106,7 +108,9 @@ def create_app(
         if usage is not None:
             usage.close()
 
-    app = FastAPI(title="llmrelay OpenAI-compatible API", lifespan=lifespan)
+    # the docs' routes are routes.py's, guarded by the keys like the API they describe
+    app = FastAPI(title="llmrelay OpenAI-compatible API", lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None)
     errors.install(app, {routes.MESSAGES: anthropic_errors.response})
 
     # Innermost: a request for a model loaded on demand waits here for its load.
@@ -130,7 +134,8 @@ def create_app(
                  models=ModelServing(table, loads.declared),
                  messages=MessagesServing(table, pipeline, transport),
                  tokens=TokenServing(table, transport),
-                 responses=ResponsesServing(table, pipeline, stored), access=access)
+                 responses=ResponsesServing(table, pipeline, stored), access=access,
+                 public_docs=public_docs)
     return app
 
 
@@ -216,6 +221,7 @@ def run(args: argparse.Namespace) -> None:
         load_queue=args.load_queue,
         model_grace=args.model_grace,
         expected_models=split_csv(args.expect_models),
+        public_docs=args.public_docs,
     )
     n = len(keys.keys())
     log.info("OpenAI-compatible API on http://%s:%d/v1 (%s); usage kept in %s; stored "

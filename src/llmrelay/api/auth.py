@@ -41,10 +41,25 @@ def guard(access: Access) -> list[Any]:
 
     async def authorized(request: Request) -> None:  # async: a sync one costs a thread hop
         key = access.authenticate(authorization(request))
+        access.check_key(key)
         request.state.key = key
         note_key(key)
 
     return [Depends(authorized)]
+
+
+def operator_guard(access: Access, what: str, scrape: bool = False) -> list[Any]:
+    """The dependencies of a route only the operator may read (`what`, for the 403's message):
+    with keys on, an admin key (with `scrape`, a metrics-only key too); none without keys."""
+    if not access.enabled:
+        return []
+
+    async def operator(request: Request) -> None:
+        key = access.authenticate(authorization(request))
+        access.check_operator(key, what, scrape)
+        request.state.key = key
+
+    return [Depends(operator)]
 
 
 def may_load(access: Access) -> Callable[[Scope, str], bool]:
@@ -59,6 +74,6 @@ def may_load(access: Access) -> Callable[[Scope, str], bool]:
         except APIError:
             return False
         allowed = allowed_models(key)
-        return allowed is None or allowed(model)
+        return not key.metrics_only and (allowed is None or allowed(model))
 
     return check

@@ -11,12 +11,16 @@
     tokens_per_minute = 20000
     concurrent = 4
     tokens_per_day = 1000000
-    admin = true                       # may read /v1/usage
+    admin = true                       # may read /v1/usage, /metrics, /api/workers, /health's details
+
+    [keys.prometheus]
+    hash = "sha256:5e884..."
+    metrics_only = true                # may read /metrics and nothing else (a scrape credential)
 
 The file is re-read when it changes (checked at most once a second), without a restart; a file
 that no longer parses keeps the keys last read, and says so in the log. A plain key list
 (`--api-keys`, or a keys file of one key per line, FastChat's way) still works: such keys have
-no limits, every model, the name `key-N` (N: its place in the list), and may read usage (the
+no limits, every model, the name `key-N` (N: its place in the list), and are admin keys (the
 operator's own keys, as in FastChat, where every key may do everything).
 """
 
@@ -65,6 +69,7 @@ class Key:
     concurrent: int | None = None
     tokens_per_day: int | None = None
     admin: bool = False
+    metrics_only: bool = False  # a scrape credential: /metrics, nothing else
 
     def may_use(self, model: str) -> bool:
         return not self.models or any(fnmatch.fnmatchcase(model, m) for m in self.models)
@@ -88,7 +93,7 @@ def parse_keys(data: dict[str, Any], where: str = "keys file") -> dict[str, Key]
         if not isinstance(h, str) or not h.startswith("sha256:") or len(h) != 71:
             raise KeysFileError(f"{at}: hash must be 'sha256:' and 64 hex digits "
                                 "(make keys with `llmrelay keys add`)")
-        unknown = set(t) - {"hash", "models", "priority", "admin", *LIMITS}
+        unknown = set(t) - {"hash", "models", "priority", "admin", "metrics_only", *LIMITS}
         if unknown:
             raise KeysFileError(f"{at}: unknown setting(s) {', '.join(sorted(unknown))}")
         models = t.get("models", [])
@@ -105,10 +110,13 @@ def parse_keys(data: dict[str, Any], where: str = "keys file") -> dict[str, Key]
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise KeysFileError(f"{at}: {n} must be a whole number of at least 1")
             limits[n] = v
+        if t.get("admin") and t.get("metrics_only"):
+            raise KeysFileError(f"{at}: a key is admin or metrics_only, not both")
         if h in out:
             raise KeysFileError(f"{at}: the same key is also [keys.{out[h].name}]")
         out[h] = Key(name=str(name), models=tuple(models), priority=priority,
-                     admin=bool(t.get("admin", False)), **limits)
+                     admin=bool(t.get("admin", False)),
+                     metrics_only=bool(t.get("metrics_only", False)), **limits)
     return out
 
 
@@ -172,7 +180,7 @@ class KeyStore:
 
 
 def add_key(path: Path, name: str, models: list[str] | None = None, priority: str = "interactive",
-            admin: bool = False, **limits: int | None) -> str:
+            admin: bool = False, metrics_only: bool = False, **limits: int | None) -> str:
     """Make a new key NAME in the keys file (created 0600 if missing); returns the secret,
     which is stored nowhere."""
     if not name.replace("-", "").replace("_", "").isalnum():
@@ -194,6 +202,8 @@ def add_key(path: Path, name: str, models: list[str] | None = None, priority: st
             lines.append(f"{n} = {int(limits[n])}")  # type: ignore[arg-type]
     if admin:
         lines.append("admin = true")
+    if metrics_only:
+        lines.append("metrics_only = true")
     new = text + ("\n" if text and not text.endswith("\n") else "") + "\n".join(lines) + "\n"
     parse_keys(tomllib.loads(new), str(path))  # never write a file the server would refuse
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

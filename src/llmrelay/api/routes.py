@@ -1,5 +1,7 @@
 """The API server's routes, a few lines each over the serving objects: the OpenAI front doors
-(guarded by the API keys when set), the operator's endpoints, the web chat page.
+(guarded by the API keys when set), the operator's endpoints (with keys on: admin keys only;
+`/metrics` also for metrics-only keys; `/health` answers anyone, its details only to admins),
+the API docs (guarded by the keys unless `public_docs`), the web chat page.
 
 Every front door calls `access.enter(caller(request), model, table)` before serving: a model
 the key may not use is a 404 as if it did not exist, a key at a limit gets a 429 (access.py).
@@ -11,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.params import Depends
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from llmrelay.api.access import Access, allowed_models
-from llmrelay.api.auth import authorization, caller
+from llmrelay.api.auth import authorization, caller, operator_guard
 from llmrelay.api.chat.protocol import ChatCompletionRequest
 from llmrelay.api.chat.serving import ChatServing
 from llmrelay.api.completions.protocol import CompletionRequest
@@ -50,9 +53,22 @@ WEBUI_HEADERS = {
 def mount(app: FastAPI, guarded: list[Depends], feed: TableFeed, metrics: ApiMetrics,
           chat: ChatServing, completions: CompletionServing, embeddings: EmbeddingServing,
           models: ModelServing, messages: MessagesServing, tokens: TokenServing,
-          responses: ResponsesServing, access: Access) -> None:
+          responses: ResponsesServing, access: Access, public_docs: bool = False) -> None:
     """Add every route to `app`; `guarded` are the dependencies that check API keys."""
     table = feed.table
+    docs_guard = [] if public_docs else guarded
+
+    @app.get("/openapi.json", dependencies=docs_guard, include_in_schema=False)
+    async def openapi() -> Any:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", dependencies=docs_guard, include_in_schema=False)
+    async def swagger() -> Any:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title + " - docs")
+
+    @app.get("/redoc", dependencies=docs_guard, include_in_schema=False)
+    async def redoc() -> Any:
+        return get_redoc_html(openapi_url="/openapi.json", title=app.title + " - ReDoc")
 
     @app.get("/v1/models", dependencies=guarded)
     async def list_models(request: Request) -> Any:
@@ -134,15 +150,15 @@ def mount(app: FastAPI, guarded: list[Depends], feed: TableFeed, metrics: ApiMet
         """Usage per day, key and model (admin keys only): `?since=YYYY-MM-DD&key=NAME`."""
         return await access.report(caller(request), since, key)
 
-    @app.get("/metrics", dependencies=guarded)
+    @app.get("/metrics", dependencies=operator_guard(access, "the metrics", scrape=True))
     async def get_metrics() -> Any:
         return metrics_response(metrics.registry)
 
-    @app.get("/api/workers", dependencies=guarded)
+    @app.get("/api/workers", dependencies=operator_guard(access, "the workers"))
     async def api_workers() -> Any:
         """The worker table for the web page's operator view (as `llmrelay status` shows it):
-        read from the controller now, else this server's last copy. Guarded by the API keys,
-        since it shows internal addresses."""
+        read from the controller now, else this server's last copy. With keys on, for admin
+        keys only: it shows internal addresses and every model."""
         got = await feed.read()
         source, raw = got if got is not None else (
             "last copy (no controller reachable)", table.snapshot())
@@ -155,7 +171,11 @@ def mount(app: FastAPI, guarded: list[Depends], feed: TableFeed, metrics: ApiMet
                 "heartbeat_interval": raw.get("heartbeat_interval"), "workers": out}
 
     @app.get("/health")
-    async def health() -> Any:
+    async def health(request: Request) -> Any:
+        """Up or not for anyone; the details (controller, workers, models) only without keys
+        or to an admin key."""
+        if not access.is_operator(authorization(request)):
+            return {"status": "ok"}
         return {"status": "ok", "controller_reachable": table.controller_ok,
                 "workers": len(table.workers), "models": sorted(table.models())}
 

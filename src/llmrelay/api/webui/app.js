@@ -286,6 +286,14 @@ async function loadWorkers() {
     askForKey(await errorMessage(resp), () => { showOps(); });
     return;
   }
+  if (resp.status === 403) {
+    // a key that is not an admin key: say so once, show no rows, stop asking every 2 s
+    stopOps();
+    document.querySelector("#ops-table tbody").replaceChildren();
+    $("ops-summary").textContent = "The workers are shown to admin keys only: " +
+      await errorMessage(resp);
+    return;
+  }
   if (!resp.ok) { $("ops-summary").textContent = await errorMessage(resp); return; }
   const data = await resp.json();
   $("ops-summary").textContent = data.workers.length + " worker(s) · source: " + data.source +
