@@ -270,10 +270,13 @@ def test_chat_response_shape() -> None:
     assert r == {
         "id": "chatcmpl-x", "object": "chat.completion", "created": 7, "model": "m",
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "Hi!"},
-             "logprobs": {"content": json.loads(dumps(ENTRIES))}, "finish_reason": "length"},
-            {"index": 1, "message": {"role": "assistant", "content": "Yo"},
-             "logprobs": {"content": []}, "finish_reason": "stop"}],
+            {"index": 0, "message": {"role": "assistant", "content": "Hi!", "refusal": None,
+                                     "annotations": []},
+             "logprobs": {"content": json.loads(dumps(ENTRIES)), "refusal": None},
+             "finish_reason": "length"},
+            {"index": 1, "message": {"role": "assistant", "content": "Yo", "refusal": None,
+                                     "annotations": []},
+             "logprobs": {"content": [], "refusal": None}, "finish_reason": "stop"}],
         # one prompt for all choices: counted once
         "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
     plain = json.loads(dumps(ChatServing.response("c", 7, "m", finals[:1], logprobs=False)))
@@ -289,8 +292,8 @@ def test_chat_chunks_shape() -> None:
     out = asyncio.run(collect(ChatServing.chunks("c", 7, "m", 2, frames, logprobs=True,
                                                  include_usage=True)))
     head = {"id": "c", "object": "chat.completion.chunk", "created": 7, "model": "m"}
-    lp0 = {"content": json.loads(dumps(ENTRIES[:1]))}
-    lp1 = {"content": json.loads(dumps(ENTRIES[1:]))}
+    lp0 = {"content": json.loads(dumps(ENTRIES[:1])), "refusal": None}
+    lp1 = {"content": json.loads(dumps(ENTRIES[1:])), "refusal": None}
 
     def choice(i: int, delta: dict[str, Any], lp: Any = None, finish: Any = None) -> Any:
         return {**head, "choices": [{"index": i, "delta": delta, "logprobs": lp,

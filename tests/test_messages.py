@@ -189,7 +189,8 @@ def test_keys_as_x_api_key_or_bearer_and_busy_workers_are_529(procs: Procs) -> N
     body = {"model": "smol", "max_tokens": 4, "messages": ASK}
     r = httpx.post(api + "/v1/messages", json=body, timeout=60)
     assert r.status_code == 401 and r.json() == {"type": "error", "error": {
-        "type": "authentication_error", "message": r.json()["error"]["message"]}}
+        "type": "authentication_error", "message": r.json()["error"]["message"]},
+        "request_id": None}
     assert "x-api-key" in r.json()["error"]["message"]
     r = httpx.post(api + "/v1/messages", json=body, headers={"x-api-key": "sk-wrong"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"

@@ -168,21 +168,31 @@ def test_stop_reasons() -> None:
     assert tool_use_id(None).startswith("toolu_")
 
 
+# What usage says besides the token counts: no prompt cache, server tools, tier, region, thinking.
+NO_CACHE_USAGE = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                  "cache_creation": {"ephemeral_5m_input_tokens": 0,
+                                     "ephemeral_1h_input_tokens": 0},
+                  "server_tool_use": None, "service_tier": None, "inference_geo": None,
+                  "output_tokens_details": None}
+
+
 def test_whole_message_shape() -> None:
     final = {"text": "Sure.", "finish_reason": "tool_calls", "usage": USAGE, "tool_calls": [
         {"index": 0, "id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
         {"index": 1, "id": "call_2", "name": "get_weather", "arguments": '{"city": "Pa'}]}
     m = json.loads(dumps(MessagesServing.message("msg_r", "m", final, [])))
     assert m == {"id": "msg_r", "type": "message", "role": "assistant", "model": "m",
-                 "content": [{"type": "text", "text": "Sure."},
+                 "content": [{"type": "text", "text": "Sure.", "citations": None},
                              {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
-                              "input": {"city": "Paris"}},
+                              "input": {"city": "Paris"}, "caller": {"type": "direct"}},
                              {"type": "tool_use", "id": "toolu_2", "name": "get_weather",
-                              "input": {}}],  # cut short: not an object
-                 "stop_reason": "tool_use", "stop_sequence": None,
-                 "usage": {"input_tokens": 7, "output_tokens": 4}}
+                              "input": {},  # cut short: not an object
+                              "caller": {"type": "direct"}}],
+                 "stop_reason": "tool_use", "stop_sequence": None, "stop_details": None,
+                 "usage": {**NO_CACHE_USAGE, "input_tokens": 7, "output_tokens": 4},
+                 "container": None}
     assert list(m) == ["id", "type", "role", "model", "content", "stop_reason",
-                       "stop_sequence", "usage"]
+                       "stop_sequence", "stop_details", "usage", "container"]
 
 
 def events_of(frames: list[dict[str, Any]], stops: list[str] | None = None) -> list[Any]:
@@ -210,15 +220,19 @@ def test_events_in_anthropics_order_text_then_tool_calls() -> None:
         ("content_block_stop", 2), ("message_delta", None), ("message_stop", None)]
     start = events[0]["message"]
     assert start["id"] == "msg_r" and start["content"] == [] and start["stop_reason"] is None
-    assert start["usage"] == {"input_tokens": 7, "output_tokens": 1}
-    assert events[1]["content_block"] == {"type": "text", "text": ""}
+    assert start["usage"] == {**NO_CACHE_USAGE, "input_tokens": 7, "output_tokens": 1}
+    assert events[1]["content_block"] == {"type": "text", "text": "", "citations": None}
     assert events[3]["delta"] == {"type": "text_delta", "text": "Hel"}
     assert events[6]["content_block"] == {"type": "tool_use", "id": "toolu_a", "name": "f",
-                                          "input": {}}
+                                          "input": {}, "caller": {"type": "direct"}}
     assert "".join(e["delta"]["partial_json"] for e in events[7:9]) == '{"x": 1}'
     assert events[-2] == {"type": "message_delta",
-                          "delta": {"stop_reason": "tool_use", "stop_sequence": None},
-                          "usage": {"input_tokens": 7, "output_tokens": 4}}
+                          "delta": {"stop_reason": "tool_use", "stop_sequence": None,
+                                    "stop_details": None, "container": None},
+                          "usage": {"input_tokens": 7, "output_tokens": 4,
+                                    "cache_creation_input_tokens": 0,
+                                    "cache_read_input_tokens": 0, "server_tool_use": None,
+                                    "output_tokens_details": None}}
 
 
 def test_events_of_an_empty_answer_and_a_stop_sequence() -> None:
@@ -226,7 +240,8 @@ def test_events_of_an_empty_answer_and_a_stop_sequence() -> None:
                          "usage": USAGE}], ["END"])
     assert [e["type"] for e in events] == ["message_start", "ping", "message_delta",
                                            "message_stop"]
-    assert events[2]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+    assert events[2]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END",
+                                  "stop_details": None, "container": None}
 
 
 def test_serving_end_to_end_without_a_server() -> None:
@@ -240,7 +255,7 @@ def test_serving_end_to_end_without_a_server() -> None:
                                   WorkerTransport(table, httpx.AsyncClient()))
         body = request(system="sys", stop_sequences=["!", ""], temperature=0.2, top_k=0)
         whole = json.loads(dumps(await serving.create(body, "rid", never_gone)))
-        assert whole["content"] == [{"type": "text", "text": "Hello"}]
+        assert whole["content"] == [{"type": "text", "text": "Hello", "citations": None}]
         assert whole["stop_reason"] == "stop_sequence" and whole["stop_sequence"] == "!"
         p = fake.params[0]
         assert p["messages"][0] == {"role": "system", "content": "sys"}

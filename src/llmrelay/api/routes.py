@@ -30,6 +30,7 @@ from llmrelay.api.messages.protocol import CountTokensRequest, MessagesRequest
 from llmrelay.api.messages.serving import MessagesServing
 from llmrelay.api.models.serving import ModelServing
 from llmrelay.api.pipeline import respond
+from llmrelay.api.responses.compact import CompactRequest
 from llmrelay.api.responses.protocol import ResponsesRequest
 from llmrelay.api.responses.serving import ResponsesServing, owner_of
 from llmrelay.api.tokenize.protocol import DetokenizeRequest, TokenizeRequest
@@ -125,6 +126,12 @@ def mount(app: FastAPI, guarded: list[Depends], feed: TableFeed, metrics: ApiMet
         await access.enter(caller(request), body.model, table)
         return respond(await responses.create(body, request.state.request_id, owner(request),
                                               request.receive))
+
+    @app.post("/v1/responses/compact", dependencies=guarded)
+    async def compact_response(request: Request, body: CompactRequest) -> Any:
+        await access.enter(caller(request), body.model, table)
+        return respond(await responses.compact(body, request.state.request_id, owner(request),
+                                               request.receive))
 
     def include(request: Request) -> list[str]:  # the SDK sends include[]=..., curl include=...
         return request.query_params.getlist("include") + request.query_params.getlist("include[]")

@@ -199,6 +199,7 @@ def _call(c: ToolCallIn, param: str) -> dict[str, Any]:
 @dataclass
 class ChatLogprobs:
     content: list[LogprobEntry]
+    refusal: None = None  # required by OpenAI's schema (nullable): the models here never refuse
 
 
 @dataclass
@@ -218,6 +219,8 @@ class ToolCallOut:
 class ChatMessageOut:
     role: str = "assistant"
     content: str | None
+    refusal: None = None  # required by OpenAI's schema (nullable): no refusals here
+    annotations: tuple[()] = ()  # no web search: never any URL citation
 
 
 @dataclass(kw_only=True)
@@ -256,24 +259,38 @@ class ContentDelta:
 
 
 @dataclass
-class FunctionDelta:
+class ArgumentsDelta:
     arguments: str
-    name: str | None = None
+
+
+@dataclass
+class NamedArgumentsDelta:
+    name: str
+    arguments: str
 
 
 @dataclass
 class ToolCallDelta:
-    """A piece of a call: the first carries `id`, `type` and the name."""
+    """A later piece of a call: more of its arguments (no `id`, `type` or name: OpenAI's
+    schema types them as strings, so they are left out rather than null)."""
 
     index: int
-    function: FunctionDelta
-    id: str | None = None
-    type: str | None = None
+    function: ArgumentsDelta
+
+
+@dataclass
+class FirstToolCallDelta:
+    """A call's first piece: its `id`, `type` and name."""
+
+    index: int
+    id: str
+    function: NamedArgumentsDelta
+    type: str = "function"
 
 
 @dataclass
 class ToolCallsDelta:
-    tool_calls: list[ToolCallDelta]
+    tool_calls: list[ToolCallDelta | FirstToolCallDelta]
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 from starlette.types import Receive
 
 from llmrelay.api.chat.protocol import (
+    ArgumentsDelta,
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
@@ -25,8 +26,9 @@ from llmrelay.api.chat.protocol import (
     ChunkChoice,
     ContentDelta,
     EndDelta,
+    FirstToolCallDelta,
     FunctionCallOut,
-    FunctionDelta,
+    NamedArgumentsDelta,
     RoleDelta,
     ToolCallDelta,
     ToolCallOut,
@@ -59,6 +61,14 @@ def message(final: dict[str, Any]) -> ChatMessageOut:
     if not calls:
         return ChatMessageOut(content=text)
     return ChatMessageWithCalls(content=text or None, tool_calls=calls)
+
+
+def call_delta(d: dict[str, Any]) -> ToolCallDelta | FirstToolCallDelta:
+    """A worker's piece of a call as a chunk's: the first (it has the id) names the call."""
+    if d.get("id"):
+        return FirstToolCallDelta(index=d["index"], id=d["id"], function=NamedArgumentsDelta(
+            name=d.get("name") or "", arguments=d.get("arguments", "")))
+    return ToolCallDelta(index=d["index"], function=ArgumentsDelta(d.get("arguments", "")))
 
 
 def _one_prompt(i: int) -> int:
@@ -134,11 +144,7 @@ class ChatServing(GenerationServing):
                 if f.get("tool_calls"):
                     out.append(ChatCompletionChunk(id=id_, created=created, model=model, choices=[
                         ChunkChoice(index=i, delta=ToolCallsDelta([
-                            ToolCallDelta(index=d["index"], id=d.get("id"),
-                                          type="function" if d.get("id") else None,
-                                          function=FunctionDelta(d.get("arguments", ""),
-                                                                 d.get("name")))
-                            for d in f["tool_calls"]]))]))
+                            call_delta(d) for d in f["tool_calls"]]))]))
                 if f.get("finish_reason"):
                     out.append(ChatCompletionChunk(id=id_, created=created, model=model, choices=[
                         ChunkChoice(index=i, delta=END,

@@ -34,7 +34,8 @@ def status_of(e: APIError) -> int:
 def body(e: APIError) -> dict[str, Any]:
     status = status_of(e)
     kind = TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
-    return {"type": "error", "error": {"type": kind, "message": e.message}}
+    # request_id: null, as Anthropic's schema allows; the id is in the X-Request-ID header
+    return {"type": "error", "error": {"type": kind, "message": e.message}, "request_id": None}
 
 
 def response(e: APIError) -> JSONResponse:

@@ -242,13 +242,28 @@ def _user(blocks: list[Block], param: str, called: set[str]) -> list[dict[str, A
 
 
 # ---- the responses ------------------------------------------------------------------------------
-# Fields in Anthropic's order, `type` first (orjson writes a dataclass's fields in order).
+# Fields in Anthropic's order, `type` first (orjson writes a dataclass's fields in order). Every
+# field Anthropic's types require is there (its SDKs' `x: T | null`), null or 0 where this server
+# has nothing to report: no citations, server tools, containers, refusal details, service tiers;
+# no prompt cache of Anthropic's kind (`cache_control` is accepted, nothing is billed as written
+# to or read from a cache).
 
 
 @dataclass(kw_only=True)
 class TextBlock:
     type: str = "text"
     text: str
+    citations: None = None
+
+
+@dataclass(frozen=True)
+class DirectCaller:
+    """Who called a tool: the model itself (not a server tool)."""
+
+    type: str = "direct"
+
+
+DIRECT = DirectCaller()
 
 
 @dataclass(kw_only=True)
@@ -257,12 +272,29 @@ class ToolUseBlock:
     id: str
     name: str
     input: dict[str, Any]
+    caller: DirectCaller = DIRECT
+
+
+@dataclass(frozen=True)
+class CacheCreation:
+    ephemeral_5m_input_tokens: int = 0
+    ephemeral_1h_input_tokens: int = 0
+
+
+NO_CACHE = CacheCreation()
 
 
 @dataclass(kw_only=True)
 class Usage:
     input_tokens: int
     output_tokens: int
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation: CacheCreation = NO_CACHE
+    server_tool_use: None = None
+    service_tier: None = None
+    inference_geo: None = None
+    output_tokens_details: None = None
 
 
 @dataclass(kw_only=True)
@@ -274,7 +306,9 @@ class Message:
     content: list[TextBlock | ToolUseBlock]
     stop_reason: str | None
     stop_sequence: str | None
+    stop_details: None = None
     usage: Usage
+    container: None = None
 
 
 @dataclass
@@ -324,6 +358,20 @@ class BlockStop:
 class StopDelta:
     stop_reason: str
     stop_sequence: str | None
+    stop_details: None = None
+    container: None = None
+
+
+@dataclass(kw_only=True)
+class DeltaUsage:
+    """message_delta's usage (cumulative): Anthropic's MessageDeltaUsage."""
+
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    server_tool_use: None = None
+    output_tokens_details: None = None
 
 
 @dataclass(kw_only=True)
@@ -332,7 +380,7 @@ class MessageDelta:
 
     type: str = "message_delta"
     delta: StopDelta
-    usage: Usage
+    usage: DeltaUsage
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from llmrelay.api.messages.protocol import (
     BlockStart,
     BlockStop,
     CountTokensRequest,
+    DeltaUsage,
     Event,
     InputJSONDelta,
     Message,
@@ -95,6 +96,11 @@ def usage(frame: dict[str, Any]) -> Usage:
     u = frame.get("usage") or {}
     return Usage(input_tokens=int(u.get("prompt_tokens") or 0),
                  output_tokens=int(u.get("completion_tokens") or 0))
+
+
+def delta_usage(frame: dict[str, Any]) -> DeltaUsage:
+    u = usage(frame)
+    return DeltaUsage(input_tokens=u.input_tokens, output_tokens=u.output_tokens)
 
 
 class Blocks:
@@ -225,7 +231,7 @@ class MessagesServing(GenerationServing):
         out = blocks.end()
         reason, sequence = stop_reason(last, stops)
         out.append(MessageDelta(delta=StopDelta(stop_reason=reason, stop_sequence=sequence),
-                                usage=usage(last)))
+                                usage=delta_usage(last)))
         out.append(STOP)
         yield out
 

@@ -1,11 +1,12 @@
 """The Responses API's items, both ways.
 
 In: `input` (a string, or items: messages with `input_text` / `output_text` parts, messages
-without `type` as the OpenAI Agents SDK sends them, `function_call` echoed back, and
-`function_call_output`) -> stored items in OpenAI's item shape, each with an id (what
-`input_items` lists), and items -> the chat messages the pipeline takes (an assistant's calls as
-`tool_calls`, a call's output as a `tool` message answering it). Any other item or part type
-(images, files, built-in tool calls, references) is a 400 naming it.
+without `type` as the OpenAI Agents SDK sends them, `function_call` echoed back,
+`function_call_output`, and the `compaction` items of /v1/responses/compact) -> stored items in
+OpenAI's item shape, each with an id (what `input_items` lists), and items -> the chat messages
+the pipeline takes (an assistant's calls as `tool_calls`, a call's output as a `tool` message
+answering it, a compaction as an assistant message with its summary). Any other item or part
+type (images, files, built-in tool calls, references) is a 400 naming it.
 
 Out: a whole answer's frame -> output items (a `message` with its `output_text`, then a
 `function_call` per call).
@@ -17,6 +18,7 @@ import json
 from typing import Any
 
 from llmrelay.api.errors import bad_param
+from llmrelay.api.responses.compact import SUMMARY_PREFIX, decode
 from llmrelay.api.responses.protocol import FunctionCall, OutputItem, OutputMessage, OutputText, new_id
 from llmrelay.protocol import new_call_id
 
@@ -57,13 +59,17 @@ def _item(raw: Any, param: str) -> dict[str, Any]:
                 "call_id": _str(raw, "call_id", param),
                 "output": _output(raw.get("output"), f"{param}.output"),
                 "status": "completed"}
+    if kind == "compaction":  # what POST /v1/responses/compact answered (compact.py)
+        decode(raw.get("encrypted_content"), f"{param}.encrypted_content")
+        return {"id": _str(raw, "id", param, required=False) or new_id("cmp"),
+                "type": "compaction", "encrypted_content": raw["encrypted_content"]}
     if kind is None:
         raise bad_param(f"{param}.type", f"{param} needs a 'type' (or a 'role', for a "
                         "message).")
     hint = (" Send the item itself, or continue with previous_response_id."
             if kind == "item_reference" else "")
     raise bad_param(f"{param}.type", f"Item type '{str(kind)[:60]}' is not supported; "
-                    "supported: message, function_call, function_call_output." + hint,
+                    "supported: message, function_call, function_call_output, compaction." + hint,
                     "unsupported_value")
 
 
@@ -163,6 +169,9 @@ def to_messages(instructions: str | None, items: list[dict[str, Any]], first_new
                                 "made.")
             out.append({"role": "tool", "tool_call_id": item["call_id"],
                         "content": _output_text(item["output"])})
+        elif kind == "compaction":  # the summary of what it replaced, in the assistant's voice
+            out.append({"role": "assistant", "content": SUMMARY_PREFIX + decode(
+                item["encrypted_content"], f"{param}[{i - first_new}].encrypted_content")})
     return out
 
 

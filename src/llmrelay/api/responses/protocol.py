@@ -86,6 +86,8 @@ class ResponsesRequest(BaseModel):
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None  # include_obfuscation: we never obfuscate
     reasoning: dict[str, Any] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
 
     def refuse_unsupported(self) -> None:
         """400 naming a parameter this server cannot honour (see the module docstring)."""
@@ -177,6 +179,11 @@ class ResponsesRequest(BaseModel):
         """`tools` as the Response object repeats them (the schema always enforced: strict)."""
         return [{"type": "function", "name": t.name, "description": t.description,
                  "parameters": t.parameters, "strict": True} for t in tools]
+
+    def echo_ignored(self, key: str) -> str | None:
+        """A parameter of IGNORED as the Response object repeats it (None unless a string)."""
+        value = (self.model_extra or {}).get(key)
+        return value if isinstance(value, str) else None
 
     def echo_tool_choice(self) -> str | dict[str, Any]:
         if isinstance(self.tool_choice, dict):
@@ -281,11 +288,15 @@ class Response:
     tools: list[dict[str, Any]]
     top_logprobs: int = 0
     top_p: float
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     truncation: str = "disabled"
     usage: ResponseUsage | None = None
     user: str | None
     metadata: dict[str, str]
     completed_at: int | None = None
+    safety_identifier: str | None = None  # echoed as given; nothing here uses them
+    prompt_cache_key: str | None = None
 
 
 def error_code(e: APIError) -> str:

@@ -1,5 +1,5 @@
-"""The Responses API's endpoints with plain arguments: create (whole or streamed), retrieve,
-delete and list input items, over the shared pipeline and a `ResponseStore`.
+"""The Responses API's endpoints with plain arguments: create (whole or streamed), compact,
+retrieve, delete and list input items, over the shared pipeline and a `ResponseStore`.
 
 A request becomes the pipeline's one internal request: the stored conversation of
 `previous_response_id` (its input items and output, tool calls and their outputs included),
@@ -8,7 +8,7 @@ carried over from earlier responses, as OpenAI does); `tools`, `tool_choice` and
 become api/tools.py's `Constraints`. The answer comes back as the Response object, or as its
 event stream (events.py). With `store` (the default) the Response and the conversation it
 answered are kept under the caller's key (`owner`: the hash of the API key, "" without keys).
-"""
+`compact` summarises a conversation into a compaction item (compact.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,22 @@ from llmrelay.api.keys import digest
 from llmrelay.api.observe import note_model, settle
 from llmrelay.api.pipeline import Opening, Pipeline, Streamed, sampling_params
 from llmrelay.api.protocol import SamplingRequest
-from llmrelay.api.responses.events import KEEPALIVE, Event, EventWriter, KeepAlive, encode, finish
+from llmrelay.api.responses.compact import (
+    INSTRUCTION,
+    MAX_SUMMARY_TOKENS,
+    CompactRequest,
+    CompactResource,
+    compacted,
+)
+from llmrelay.api.responses.events import (
+    KEEPALIVE,
+    Event,
+    EventWriter,
+    KeepAlive,
+    encode,
+    finish,
+    usage,
+)
 from llmrelay.api.responses.items import input_items, output_items, to_messages
 from llmrelay.api.responses.protocol import Response, ResponsesRequest, new_id
 from llmrelay.api.responses.store import ResponseStore, StoredResponse
@@ -97,18 +112,15 @@ class ResponsesServing:
         self.table.check_model(body.model)
         note_model(body.model)
         constraints.check_workers(self.table, body.model)
-        history: list[dict[str, Any]] = []
-        if body.previous_response_id:
-            prev = await self.store.get(owner, body.previous_response_id)
-            if prev is None:
-                raise not_found(body.previous_response_id, "previous_response_id")
-            history = prev.input_items + prev.response.get("output", [])
+        history = await self._history(owner, body.previous_response_id)
         conversation = history + items
         messages = to_messages(body.instructions, conversation, first_new=len(history))
         if not any(m["role"] != "system" for m in messages):
             raise bad_param("input", "input holds no message to answer.")
-        params = sampling_params(SamplingRequest(model=body.model, temperature=body.temperature,
-                                                 top_p=body.top_p), request_id)
+        params = sampling_params(SamplingRequest(
+            model=body.model, temperature=body.temperature, top_p=body.top_p,
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty),
+            request_id)
         params.update(messages=messages, max_new_tokens=body.max_output_tokens, echo=False,
                       logprobs=None, **constraints.params())
         keys = conversation_keys(messages) if self.table.dispatch_method == "prefix" else None
@@ -120,7 +132,10 @@ class ResponsesServing:
             previous_response_id=body.previous_response_id, store=body.store is not False,
             temperature=params["temperature"], text=body.echo_text(),
             tool_choice=body.echo_tool_choice(), tools=body.echo_tools(constraints.tools),
-            top_p=params["top_p"], user=body.user, metadata=body.metadata or {})
+            top_p=params["top_p"], presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0, user=body.user,
+            metadata=body.metadata or {}, safety_identifier=body.echo_ignored("safety_identifier"),
+            prompt_cache_key=body.echo_ignored("prompt_cache_key"))
 
         if not body.stream:
             final = (await self.pipeline.answer_all(receive, body.model, [params], keys,
@@ -159,6 +174,39 @@ class ResponsesServing:
         if writer.final is not None:
             await self._save(owner, writer.final, conversation)
         yield list(last)
+
+    async def _history(self, owner: str, previous_response_id: str | None
+                       ) -> list[dict[str, Any]]:
+        """The stored conversation a request continues: its items and output."""
+        if not previous_response_id:
+            return []
+        prev = await self.store.get(owner, previous_response_id)
+        if prev is None:
+            raise not_found(previous_response_id, "previous_response_id")
+        return prev.input_items + prev.response.get("output", [])
+
+    # ---- POST /v1/responses/compact -----------------------------------------------------------
+
+    async def compact(self, body: CompactRequest, request_id: str, owner: str,
+                      receive: Any) -> CompactResource:
+        """The conversation compacted: its user, system and developer messages, then a
+        compaction item with the model's summary of it (compact.py)."""
+        body.refuse_unsupported()
+        items = input_items(body.input) if body.input is not None else []
+        self.table.check_model(body.model)
+        note_model(body.model)
+        history = await self._history(owner, body.previous_response_id)
+        conversation = history + items
+        messages = to_messages(body.instructions, conversation, first_new=len(history))
+        if not any(m["role"] != "system" for m in messages):
+            raise bad_param("input", "input holds no message to compact.")
+        params = sampling_params(SamplingRequest(model=body.model, temperature=0.0), request_id)
+        params.update(messages=messages + [{"role": "user", "content": INSTRUCTION}],
+                      max_new_tokens=MAX_SUMMARY_TOKENS, echo=False, logprobs=None)
+        final = (await self.pipeline.answer_all(receive, body.model, [params]))[0]
+        return CompactResource(id=new_id("resp"), created_at=int(self.clock()),
+                               output=compacted(conversation, (final.get("text") or "").strip()),
+                               usage=usage(final))
 
     async def _save(self, owner: str, response: Response,
                     conversation: list[dict[str, Any]]) -> None:
