@@ -17,8 +17,15 @@ whole response read); added latency = a side's p50 (p95) minus the direct call's
 `--seconds`; requests/s. Sides alternate (order reversed every other round) so a noisy
 neighbour hits them alike; medians over rounds.
 
+`--keys`: our API servers require an API key (a keys file with one key, as `llmrelay keys add`
+makes it; usage is then counted under its name). `--baseline SRC`: a second llmrelay API server
+run from another source tree's `src` folder (e.g. a `git worktree` of an older commit), on the
+same controller and worker, as the side `llmrelay baseline API`: two versions compared in one
+run. `--no-fastchat`: leave FastChat's sides out (no FastChat venv needed).
+
     .venv/bin/python benchmarks/bench_routing.py [--rounds 5] [--requests 100]
-        [--concurrency 16] [--seconds 3] [--max-tokens 16]
+        [--concurrency 16] [--seconds 3] [--max-tokens 16] [--keys] [--baseline SRC]
+        [--no-fastchat]
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import asyncio
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,11 +43,16 @@ from pathlib import Path
 import httpx
 from _stack import Stack, free_port, load_average, spawn, wait_for
 
+from llmrelay.api.keys import add_key
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fastchat_env import build_fastchat_env  # noqa: E402
 
 MODEL = "synth"
 MESSAGES = [{"role": "user", "content": "Say something."}]
+OURS = "llmrelay API"
+BASELINE = "llmrelay baseline API"
+FASTCHAT = "FastChat API"
 
 
 def pct(values: list[float], p: float) -> float:
@@ -51,17 +64,19 @@ class Side:
     """How to send one request of one kind to one target (sync and async)."""
 
     def __init__(self, name: str, base: str, path: str, body: dict, stream: bool,
-                 done: Callable[[bytes], bool]) -> None:
+                 done: Callable[[bytes], bool], headers: dict[str, str] | None = None) -> None:
         self.name, self.base, self.path, self.body, self.stream = name, base, path, body, stream
         self.done = done  # checks the response really carried the whole answer
+        self.headers = headers or {}
 
     def once(self, client: httpx.Client) -> float:
         t0 = time.perf_counter()
         if self.stream:
-            with client.stream("POST", self.base + self.path, json=self.body) as r:
+            with client.stream("POST", self.base + self.path, json=self.body,
+                               headers=self.headers) as r:
                 data = b"".join(r.iter_raw())
         else:
-            r = client.post(self.base + self.path, json=self.body)
+            r = client.post(self.base + self.path, json=self.body, headers=self.headers)
             data = r.content
         dt = time.perf_counter() - t0
         if r.status_code != 200 or not self.done(data):
@@ -70,16 +85,20 @@ class Side:
 
     async def once_async(self, client: httpx.AsyncClient) -> None:
         if self.stream:
-            async with client.stream("POST", self.base + self.path, json=self.body) as r:
+            async with client.stream("POST", self.base + self.path, json=self.body,
+                                     headers=self.headers) as r:
                 data = b"".join([c async for c in r.aiter_raw()])
         else:
-            r = await client.post(self.base + self.path, json=self.body)
+            r = await client.post(self.base + self.path, json=self.body, headers=self.headers)
             data = r.content
         if r.status_code != 200 or not self.done(data):
             raise RuntimeError(f"{self.name}: bad answer {r.status_code} {data[-300:]!r}")
 
 
-def sides(worker: str, ours: str, fastchat: str, max_tokens: int) -> list[Side]:
+def sides(worker: str, apis: dict[str, str], max_tokens: int,
+          headers: dict[str, str]) -> list[Side]:
+    """The worker called directly, then each API server of `apis` (name -> URL); ours (not
+    FastChat's) with `headers` (the API key)."""
     worker_body = {"model": MODEL, "messages": MESSAGES, "max_new_tokens": max_tokens,
                    "temperature": 0.7, "delta": True, "echo": False, "request_id": "bench"}
     words = " ".join("The quick brown fox jumps over the lazy dog .".split()[:3])
@@ -100,10 +119,10 @@ def sides(worker: str, ours: str, fastchat: str, max_tokens: int) -> list[Side]:
                         "/worker_generate_stream" if stream else "/worker_generate",
                         worker_body, stream,
                         lambda d: b'"finish_reason":"length"' in d.replace(b" ", b"")))
-        out.append(Side(f"llmrelay API, {kind}", ours, "/v1/chat/completions", chat(stream),
-                        stream, sse_done if stream else json_done))
-        out.append(Side(f"FastChat API, {kind}", fastchat, "/v1/chat/completions", chat(stream),
-                        stream, sse_done if stream else json_done))
+        for who, url in apis.items():
+            out.append(Side(f"{who}, {kind}", url, "/v1/chat/completions", chat(stream), stream,
+                            sse_done if stream else json_done,
+                            None if who == FASTCHAT else headers))
     return out
 
 
@@ -134,34 +153,56 @@ def cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start(stack: Stack, fc_python: Path) -> tuple[str, str, str, dict[str, int]]:
-    """Our controller + API server, FastChat's controller + API server, one synthetic worker
-    registered with both controllers. Returns the worker's and both API servers' addresses,
-    and the API servers' process ids."""
+def start_ours(stack: Stack, argv: list[str], src: str | None, name: str) -> tuple[str, int]:
+    """One of our API servers on our controller (from `src` when given: PYTHONPATH)."""
+    port = free_port()
+    proc = spawn([sys.executable, "-m", "llmrelay.cli", "api", "--port", str(port),
+                  "--controller-address", stack.controller, "--table-refresh", "0.5", *argv],
+                 stack.logs / f"{name}.log", {"PYTHONPATH": src} if src else None)
+    stack.procs.append(proc)
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: httpx.get(url + "/health").status_code == 200, 60, f"the {name} server")
+    return url, proc.pid
+
+
+def start(stack: Stack, fc_python: Path | None, keys: str | None, baseline: str | None
+          ) -> tuple[str, dict[str, str], dict[str, int]]:
+    """Our controller + API server (and the baseline's), FastChat's controller + API server
+    (unless `fc_python` is None), one synthetic worker registered with both controllers.
+    Returns the worker's address, the API servers' names -> addresses and process ids."""
     ours = stack.start_controller()
-    fc_port, fc_api_port = free_port(), free_port()
-    fc_controller = f"http://127.0.0.1:{fc_port}"
-    fc_api = f"http://127.0.0.1:{fc_api_port}"
+    controllers = ours
     env = {"LOGDIR": str(stack.logs), "CUDA_VISIBLE_DEVICES": ""}
-    stack.procs.append(spawn([str(fc_python), "-m", "fastchat.serve.controller", "--host",
-                              "127.0.0.1", "--port", str(fc_port)],
-                             stack.logs / "fastchat-controller.log", env, stack.logs))
-    wait_for(lambda: httpx.post(fc_controller + "/list_models").status_code == 200, 60,
-             "FastChat's controller")
+    if fc_python is not None:
+        fc_port, fc_api_port = free_port(), free_port()
+        fc_controller = f"http://127.0.0.1:{fc_port}"
+        fc_api = f"http://127.0.0.1:{fc_api_port}"
+        controllers = f"{ours},{fc_controller}"
+        stack.procs.append(spawn([str(fc_python), "-m", "fastchat.serve.controller", "--host",
+                                  "127.0.0.1", "--port", str(fc_port)],
+                                 stack.logs / "fastchat-controller.log", env, stack.logs))
+        wait_for(lambda: httpx.post(fc_controller + "/list_models").status_code == 200, 60,
+                 "FastChat's controller")
     worker = stack.start_worker(names=MODEL, extra=(
-        "--engine", "synthetic", "--controller-address", f"{ours},{fc_controller}",
+        "--engine", "synthetic", "--controller-address", controllers,
         "--limit-worker-concurrency", "256", "--max-queue", "256"))
-    stack.start_api()
-    our_api = stack.procs[-1]
-    fc_api_proc = spawn([str(fc_python), "-m", "fastchat.serve.openai_api_server",
-                         "--host", "127.0.0.1", "--port", str(fc_api_port),
-                         "--controller-address", fc_controller],
-                        stack.logs / "fastchat-api.log", env, stack.logs)
-    stack.procs.append(fc_api_proc)
-    wait_for(lambda: MODEL in httpx.get(fc_api + "/v1/models").text, 120, "FastChat's API server")
-    stack.wait_models(1)
-    return worker, stack.api, fc_api, {"llmrelay API": our_api.pid,
-                                       "FastChat API": fc_api_proc.pid}
+    apis: dict[str, str] = {}
+    pids: dict[str, int] = {}
+    for name, src in ((OURS, None), *(((BASELINE, baseline),) if baseline else ())):
+        argv = ["--data-dir", str(stack.logs / f"data-{len(apis)}")]
+        if keys:
+            argv += ["--api-keys-file", keys]
+        apis[name], pids[name] = start_ours(stack, argv, src, name.replace(" ", "-"))
+    if fc_python is not None:
+        fc_api_proc = spawn([str(fc_python), "-m", "fastchat.serve.openai_api_server",
+                             "--host", "127.0.0.1", "--port", str(fc_api_port),
+                             "--controller-address", fc_controller],
+                            stack.logs / "fastchat-api.log", env, stack.logs)
+        stack.procs.append(fc_api_proc)
+        wait_for(lambda: MODEL in httpx.get(fc_api + "/v1/models").text, 120,
+                 "FastChat's API server")
+        apis[FASTCHAT], pids[FASTCHAT] = fc_api, fc_api_proc.pid
+    return worker, apis, pids
 
 
 def main() -> None:
@@ -171,16 +212,30 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=3.0, help="per throughput round")
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--keys", action="store_true", help="our API servers require an API key")
+    ap.add_argument("--baseline", metavar="SRC", default=None,
+                    help="also run an API server from this source tree's src folder")
+    ap.add_argument("--no-fastchat", action="store_true", help="leave FastChat's sides out")
     args = ap.parse_args()
-    fc_python = build_fastchat_env()
+    fc_python = None if args.no_fastchat else build_fastchat_env()
     load_before = load_average()
     stack = Stack()
+    headers: dict[str, str] = {}
+    keys_file = None
+    if args.keys:
+        keys_file = str(Path(tempfile.mkdtemp(prefix="llmrelay-bench-keys-")) / "keys.toml")
+        headers = {"Authorization": f"Bearer {add_key(Path(keys_file), 'bench')}"}
     lat: dict[str, list[float]] = {}
     rps: dict[str, list[float]] = {}
     cpu: dict[str, float] = {}
     try:
-        worker, ours, fastchat, pids = start(stack, fc_python)
-        all_sides = sides(worker, ours, fastchat, args.max_tokens)
+        worker, apis, pids = start(stack, fc_python, keys_file, args.baseline)
+        for name, url in apis.items():
+            wait_for(lambda url=url, name=name: MODEL in httpx.get(
+                url + "/v1/models", headers=None if name == FASTCHAT else headers).text, 60,
+                f"the model in the {name} server")
+        time.sleep(1.0)  # one table refresh more, so every API server sees the worker
+        all_sides = sides(worker, apis, args.max_tokens, headers)
         with httpx.Client(timeout=60) as client:
             for s in all_sides:  # warm-up (FastChat caches the conversation template)
                 latency_round(s, 5, client)
@@ -201,14 +256,15 @@ def main() -> None:
     print(f"\nSynthetic worker ({args.max_tokens} tokens per answer, instantly); latency: "
           f"{args.rounds} x {args.requests} sequential requests per side; throughput: "
           f"{args.concurrency} concurrent clients, {args.rounds} x {args.seconds:.0f} s per side; "
-          f"sides alternating\n")
+          f"sides alternating{'; API keys on' if args.keys else ''}\n")
+    ref = FASTCHAT if FASTCHAT in apis else BASELINE if BASELINE in apis else OURS
     print("| side | p50 ms | p95 ms | added p50 ms | added p95 ms | req/s (median) | "
-          "req/s vs FastChat | API server CPU ms / request |")
+          f"req/s vs {ref} | API server CPU ms / request |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for kind in ("stream", "non-stream"):
         direct = [x * 1000 for x in lat[f"worker direct, {kind}"]]
-        fc_rps = statistics.median(rps[f"FastChat API, {kind}"])
-        for who in ("worker direct", "llmrelay API", "FastChat API"):
+        ref_rps = statistics.median(rps[f"{ref}, {kind}"])
+        for who in ("worker direct", *apis):
             name = f"{who}, {kind}"
             v = [x * 1000 for x in lat[name]]
             p50, p95 = statistics.median(v), pct(v, 95)
@@ -218,14 +274,16 @@ def main() -> None:
             per = (f"{cpu[name] * 1000 / (sum(rps[name]) * args.seconds):.2f}"
                    if name in cpu else "")
             print(f"| {name} | {p50:.2f} | {p95:.2f} | {added} | {med:.0f} | "
-                  f"{med / fc_rps:.2f} | {per} |")
+                  f"{med / ref_rps:.2f} | {per} |")
     ratios = []
     for kind in ("stream", "non-stream"):
         d = statistics.median(lat[f"worker direct, {kind}"])
-        o = statistics.median(lat[f"llmrelay API, {kind}"]) - d
-        f = statistics.median(lat[f"FastChat API, {kind}"]) - d
-        ratios.append(f"{kind}: llmrelay adds {o * 1000:.2f} ms p50, FastChat {f * 1000:.2f} ms "
-                      f"({o / f:.2f}x)")
+        added = {who: statistics.median(lat[f"{who}, {kind}"]) - d for who in apis}
+        line = f"{kind}: " + ", ".join(f"{who} adds {a * 1000:.2f} ms p50"
+                                        for who, a in added.items())
+        if ref != OURS:
+            line += f" (llmrelay / {ref}: {added[OURS] / added[ref]:.2f}x)"
+        ratios.append(line)
     print("\n" + "\n".join(ratios))
     print(f"\nbefore: {load_before}; after: {load_average()}")
 
