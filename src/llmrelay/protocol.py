@@ -86,11 +86,15 @@ def dumps(obj: Any) -> bytes:
 
 def loads(data: bytes | str) -> Any:
     """JSON from bytes or text: orjson, else json (which also reads NaN and Infinity, as
-    Python workers such as FastChat's may write them). Raises ValueError."""
+    Python workers such as FastChat's may write them). Raises ValueError, also for JSON nested
+    too deeply to read (json's RecursionError)."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
-        return json.loads(data)
+        try:
+            return json.loads(data)
+        except RecursionError:
+            raise ValueError("the JSON nests arrays and objects too deeply") from None
 
 
 def frame(obj: dict[str, Any]) -> bytes:
@@ -279,6 +283,7 @@ class Frame(TypedDict, total=False):
     tool_calls: list[ToolCallWire]
     token_ids: list[int]  # delta frames: the tokens generated since the last frame
     stop_sequence: str
+    param: str  # an error frame (ours): the request field that was refused
 
 
 def add_call_piece(calls: list[ToolCallWire], piece: ToolCallWire) -> None:
@@ -302,8 +307,12 @@ def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def error_frame(message: str, code: int) -> Frame:
-    return {"text": message, "error_code": int(code)}
+def error_frame(message: str, code: int, param: str | None = None) -> Frame:
+    """An error frame; `param` (ours, optional) names the request field that was refused."""
+    out: Frame = {"text": message, "error_code": int(code)}
+    if param:
+        out["param"] = param
+    return out
 
 
 # ---- logprobs: one converter each way between the two shapes ----------------------------------

@@ -20,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from llmrelay.api import errors, routes
 from llmrelay.api.access import Access
 from llmrelay.api.auth import guard, may_load
+from llmrelay.api.body import CheckedRoute
 from llmrelay.api.chat.serving import ChatServing
 from llmrelay.api.completions.serving import CompletionServing
 from llmrelay.api.embeddings.serving import EmbeddingServing
@@ -112,6 +113,7 @@ def create_app(
     app = FastAPI(title="llmrelay OpenAI-compatible API", lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None)
     errors.install(app, {routes.MESSAGES: anthropic_errors.response})
+    app.router.route_class = CheckedRoute  # bodies nested too deeply, lone surrogates: 400s
 
     # Innermost: a request for a model loaded on demand waits here for its load.
     app.add_middleware(OnDemandMiddleware, loads=loads, authorized=may_load(access),

@@ -53,12 +53,14 @@ def bad_param(param: str, message: str, code: str | None = "invalid_value") -> A
     return APIError(400, message, param=param, code=code)
 
 
-def from_worker(error_code: int, text: str) -> APIError:
-    """A worker's FastChat error code -> an OpenAI error with the matching status."""
+def from_worker(error_code: int, text: str, param: Any = None) -> APIError:
+    """A worker's FastChat error code -> an OpenAI error with the matching status; `param`: the
+    field the worker named in its error frame (ours), if any."""
     if error_code == ErrorCode.CONTEXT_OVERFLOW:
         return APIError(400, text, param="messages", code="context_length_exceeded")
     if error_code in (ErrorCode.VALIDATION_TYPE_ERROR, ErrorCode.PARAM_OUT_OF_RANGE):
-        return APIError(400, text, code="invalid_value")
+        return APIError(400, text, param=param if isinstance(param, str) else None,
+                        code="invalid_value")
     if error_code == ErrorCode.INVALID_MODEL:
         return APIError(404, text, param="model", code="model_not_found")
     if error_code in (ErrorCode.RATE_LIMIT, ErrorCode.ENGINE_OVERLOADED):

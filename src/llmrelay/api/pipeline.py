@@ -258,7 +258,8 @@ async def merged(streams: list[Stream], deadline: float | None = None
                 else:
                     for f in item:
                         if f.get("error_code"):
-                            error = from_worker(int(f["error_code"]), str(f.get("text", "")))
+                            error = from_worker(int(f["error_code"]), str(f.get("text", "")),
+                                                f.get("param"))
                             break
                         if f.get("text"):
                             note_first_token()

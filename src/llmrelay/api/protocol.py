@@ -25,6 +25,9 @@ class StreamOptions(BaseModel):
 
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+# A limit on generated tokens: no model reads two billion, and past 64 bits no worker could.
+MAX_TOKENS = 2**31 - 1
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
 
 
 class SamplingRequest(BaseModel):
@@ -36,7 +39,7 @@ class SamplingRequest(BaseModel):
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     top_k: int | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: MaxTokens | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None

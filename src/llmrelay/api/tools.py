@@ -21,19 +21,32 @@ from jsonschema.validators import validator_for
 
 from llmrelay.api.errors import APIError, bad_param
 from llmrelay.api.table import Worker, WorkerTable
+from llmrelay.jsonguard import depth
 from llmrelay.protocol import EXT_TOOLS
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_TOOLS = 128
+MAX_SCHEMA_DEPTH = 64  # levels of objects and arrays in a schema (docs/reliability.md)
 BIAS_RANGE = 100.0
+TOKEN_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() also takes "²"
+MAX_TOKEN_ID = 2**31 - 1  # (each engine refuses ids past its own vocabulary)
 
 
 def check_schema(schema: Any, param: str) -> dict[str, Any]:
-    """A JSON schema object, or a 400 naming `param` and what is wrong with it."""
+    """A JSON schema object, or a 400 naming `param` and what is wrong with it (also for one
+    nested more than MAX_SCHEMA_DEPTH levels, which the validator and the grammars would
+    recurse through)."""
     if not isinstance(schema, dict):
         raise bad_param(param, f"{param} must be a JSON schema object.")
+    too_deep = bad_param(param, f"{param} nests more than {MAX_SCHEMA_DEPTH} levels of "
+                         "objects and arrays, which this server does not accept.",
+                         "nested_too_deep")
+    if depth(schema) > MAX_SCHEMA_DEPTH:
+        raise too_deep
     try:
         validator_for(schema).check_schema(schema)
+    except RecursionError:  # (a $ref cycle or the like that the depth does not show)
+        raise too_deep from None
     except SchemaError as e:
         where = "/".join(str(p) for p in e.path)
         raise bad_param(param, f"{param} is not a valid JSON schema: {e.message}"
@@ -175,8 +188,9 @@ def logit_bias(bias: Any, param: str = "logit_bias") -> dict[str, float]:
         raise bad_param(param, "logit_bias must map token ids to numbers.")
     out = {}
     for k, v in bias.items():
-        if not str(k).isdigit():
-            raise bad_param(param, f"logit_bias keys must be token ids; got {str(k)[:40]!r}.")
+        if not TOKEN_ID.fullmatch(str(k)) or int(k) > MAX_TOKEN_ID:
+            raise bad_param(param, f"logit_bias keys must be token ids (0 to {MAX_TOKEN_ID}); "
+                            f"got {str(k)[:40]!r}.")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or abs(v) > BIAS_RANGE:
             raise bad_param(param, f"logit_bias values must be numbers from -100 to 100; got "
                             f"{v!r} for token {k}.")

@@ -305,7 +305,7 @@ class WorkerTransport:
                                 worker.name, last_error)
                     note_failover()
                     continue
-                raise from_worker(code, str(first.get("text", "")))
+                raise from_worker(code, str(first.get("text", "")), first.get("param"))
             table.remember(keys, worker.name)
             return result
         if full and full == len(tried):

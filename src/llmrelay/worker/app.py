@@ -23,7 +23,12 @@ from llmrelay.security import TokenGuard, auth_headers
 from llmrelay.worker import activity
 from llmrelay.worker.engines.base import Engine, EngineError
 from llmrelay.worker.lifecycle import ControllerLink
-from llmrelay.worker.service import WorkerService, WorkerSettings, engine_error_frame
+from llmrelay.worker.service import (
+    WorkerService,
+    WorkerSettings,
+    check_text,
+    engine_error_frame,
+)
 from llmrelay.worker.templates import ChatTemplateError
 
 log = logging.getLogger("llmrelay.worker")
@@ -96,13 +101,15 @@ def create_app(engine: Engine, settings: WorkerSettings,
     activity.install(app, service.state)  # what a host managing this worker asks (on demand)
 
     async def body_of(request: Request) -> dict[str, Any]:
+        raw = await request.body()
         try:
-            data = loads(await request.body())
+            data = loads(raw)
         except ValueError as e:
             raise EngineError(f"the body is not valid JSON: {e}",
                               ErrorCode.VALIDATION_TYPE_ERROR) from e
         if not isinstance(data, dict):
             raise EngineError("the body must be a JSON object", ErrorCode.VALIDATION_TYPE_ERROR)
+        check_text(raw, data)
         return data
 
     async def refused(request: Request, e: Exception) -> JSONResponse:

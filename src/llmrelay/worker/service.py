@@ -27,6 +27,7 @@ from typing import Any
 
 from llmrelay import __version__
 from llmrelay.fastchat_conv import STYLES_0_2_36, describe
+from llmrelay.jsonguard import SURROGATE_MESSAGE, surrogate_in
 from llmrelay.metrics import WorkerMetrics
 from llmrelay.protocol import (
     OUR_EXTENSIONS,
@@ -175,7 +176,7 @@ class Framer:
 
 def engine_error_frame(e: Exception) -> Frame:
     err = refused(e)
-    return error_frame(str(err), err.code)
+    return error_frame(str(err), err.code, err.param)
 
 
 class WorkerService:
@@ -225,6 +226,7 @@ class WorkerService:
         except ValueError as e:
             raise EngineError(f"the body is not valid JSON: {e}",
                               ErrorCode.VALIDATION_TYPE_ERROR) from e
+        check_text(body, data)
         try:
             params = GenerateParams.parse(data)
         except ParamError as e:
@@ -269,7 +271,7 @@ class WorkerService:
             err = refused(e)
             outcome = "refused" if err.code == ErrorCode.ENGINE_OVERLOADED else "invalid"
             log.info("request %s refused: %s", req.request_id, err)
-            yield error_frame(str(err), err.code)
+            yield error_frame(str(err), err.code, err.param)
             return
         except Exception as e:  # never a silent cut: the reader gets an error frame
             outcome = "error"
@@ -448,6 +450,14 @@ class WorkerService:
         async with self.state.slot():
             vectors, n = await self.engine.embed(texts)
         return {"embedding": vectors, "token_num": n}
+
+
+def check_text(body: bytes, data: Any) -> None:
+    """EngineError 40001 naming the field when the body's text holds a lone surrogate (the
+    tokenizer could not encode it): the input's fault, never the worker's."""
+    where = surrogate_in(body, data)
+    if where is not None:
+        raise EngineError(f"{where} {SURROGATE_MESSAGE}", ErrorCode.VALIDATION_TYPE_ERROR, where)
 
 
 def _is_int(value: Any) -> bool:

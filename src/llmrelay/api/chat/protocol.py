@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmrelay.api.errors import bad_param
-from llmrelay.api.protocol import ResponseHead, SamplingRequest, UsageInfo
+from llmrelay.api.protocol import MaxTokens, ResponseHead, SamplingRequest, UsageInfo
 from llmrelay.api.tools import Constraints, check_schema, check_tool_results, choose, logit_bias, tool
 from llmrelay.protocol import LogprobEntry
 
@@ -79,7 +79,7 @@ class ResponseFormat(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list[ChatTool] | None = None

@@ -21,7 +21,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmrelay.api.errors import bad_param
-from llmrelay.api.protocol import MAX_STOP
+from llmrelay.api.protocol import MAX_STOP, MaxTokens
 from llmrelay.api.tools import Constraints, check_schema, choose, tool
 
 # ---- the request --------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 
 
 class MessagesRequest(MessagesInput):
-    max_tokens: int = Field(ge=1)
+    max_tokens: MaxTokens
     stop_sequences: list[str] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
@@ -202,6 +202,9 @@ def _assistant(blocks: list[Block], param: str, called: set[str]) -> dict[str, A
         elif b.type == "tool_use":
             if not b.id or not b.name:
                 raise bad_param(where, f"{where} (tool_use) needs an id and a name.")
+            if b.input is not None and not isinstance(b.input, dict):
+                raise bad_param(f"{where}.input", f"{where}.input (tool_use) must be an object "
+                                f"of the tool's arguments; got {type(b.input).__name__}.")
             called.add(b.id)
             args = b.input if b.input is not None else {}
             calls.append({"id": b.id, "type": "function", "function": {

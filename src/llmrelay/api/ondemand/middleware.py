@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmrelay.api.errors import APIError
 from llmrelay.api.ondemand.loads import MISSING, Loads
+from llmrelay.jsonguard import too_deep
 from llmrelay.protocol import dumps, error_body, loads
 from llmrelay.runtime import client_gone
 
@@ -88,7 +89,10 @@ def sse_error(body: bytes) -> bytes:
 
 
 def peek(body: bytes) -> tuple[str, Any, bool] | None:
-    """(model, keep_alive or MISSING, stream) of a JSON body; None if it names no model."""
+    """(model, keep_alive or MISSING, stream) of a JSON body; None if it names no model, or
+    nests too deeply to be read (the route refuses it: body.py)."""
+    if too_deep(body):
+        return None
     try:
         data = loads(body)
     except ValueError:

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmrelay.api.errors import APIError, bad_param
+from llmrelay.api.protocol import MaxTokens
 from llmrelay.api.tools import Constraints, check_schema, choose, tool
 
 # Accepted and without effect here: they tune OpenAI's own service.
@@ -71,7 +72,7 @@ class ResponsesRequest(BaseModel):
     model: str = Field(min_length=1)
     input: str | list[Any]
     instructions: str | None = None
-    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_output_tokens: MaxTokens | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     tools: list[Any] | None = None

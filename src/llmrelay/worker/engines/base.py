@@ -25,11 +25,14 @@ from llmrelay.worker.toolcalls import ToolCallDelta, speaks_tools
 
 
 class EngineError(Exception):
-    """A request the engine cannot serve; `code` is a FastChat error code."""
+    """A request the engine cannot serve; `code` is a FastChat error code, `param` the request
+    field at fault when one is (sent in the error frame, so the API server can name it)."""
 
-    def __init__(self, message: str, code: int = ErrorCode.INTERNAL_ERROR) -> None:
+    def __init__(self, message: str, code: int = ErrorCode.INTERNAL_ERROR,
+                 param: str | None = None) -> None:
         super().__init__(message)
         self.code = int(code)
+        self.param = param
 
 
 def refused(e: Exception) -> EngineError:
@@ -38,6 +41,9 @@ def refused(e: Exception) -> EngineError:
         return e
     if isinstance(e, (ChatTemplateError, ParamError)):
         return EngineError(str(e), getattr(e, "code", ErrorCode.VALIDATION_TYPE_ERROR))
+    if isinstance(e, UnicodeError):  # text no encoding can write (a lone surrogate): the input's
+        return EngineError(f"the input holds text that cannot be encoded ({e.reason})",
+                           ErrorCode.VALIDATION_TYPE_ERROR)
     return EngineError(f"internal error in the worker: {type(e).__name__}")
 
 
@@ -122,7 +128,8 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
     try:
         return {int(k): float(v) for k, v in bias.items()}
     except ValueError:
-        raise EngineError("logit_bias keys must be token ids", ErrorCode.VALIDATION_TYPE_ERROR) from None
+        raise EngineError("logit_bias keys must be token ids", ErrorCode.VALIDATION_TYPE_ERROR,
+                          "logit_bias") from None
 
 
 @dataclass

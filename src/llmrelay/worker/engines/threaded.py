@@ -234,6 +234,12 @@ class ThreadedEngine(Engine):
         if req.logprobs is not None and not self.features().logprobs:
             raise EngineError(f"logprobs are not served by the {self.name} engine",
                               ErrorCode.PARAM_OUT_OF_RANGE)
+        if req.logit_bias:  # (llama.cpp would wrap an id past 32 bits and bias another token)
+            n_vocab = self.vocab_size()
+            bad = [t for t in req.logit_bias if not 0 <= t < n_vocab]
+            if bad:
+                raise EngineError(f"logit_bias: token id {bad[0]} is outside the vocabulary "
+                                  f"(0..{n_vocab - 1})", ErrorCode.PARAM_OUT_OF_RANGE, "logit_bias")
         tokens = self.prompt_tokens(req)
         n_prompt, n_ctx = len(tokens), self.context_length()
         if n_prompt == 0:
