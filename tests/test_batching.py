@@ -203,3 +203,72 @@ def test_short_prompt_answers_the_same_whatever_its_slot_held_before() -> None:
         asyncio.run(go())
     finally:
         engine.close()
+
+
+def test_a_long_prompt_is_split_while_streams_decode_and_they_keep_their_answers() -> None:
+    """In process, with the real model: a long prompt arriving while three greedy streams decode
+    is evaluated in several small steps beside their tokens, and every stream still gives its
+    exact answer alone; a lone long prompt on the idle engine goes in whole-batch steps. The
+    budget's measurements are pinned (a prompt row costs what a decode row does: the policy's
+    floor, 8 rows a step), so what it decides does not depend on this machine's load; the
+    engine reports each step's rows to it."""
+    import asyncio
+
+    from llmrelay.worker.engines.base import GenerationRequest
+    from llmrelay.worker.engines.llamacpp import Options, load
+    from llmrelay.worker.engines.llamacpp.engine import BATCH_TOKENS
+    from llmrelay.worker.engines.llamacpp.prefill import PrefillBudget
+    from llmrelay.worker.models import resolve
+
+    class Pinned(PrefillBudget):
+        def __init__(self) -> None:
+            super().__init__(BATCH_TOKENS, per_decode_row=1.0, per_prompt_row=1.0)
+            self.steps: list[tuple[int, int]] = []  # (decode rows, prompt rows) of each step
+
+        def observe(self, decoding: int, prompt_rows: int, seconds: float) -> None:
+            self.steps.append((decoding, prompt_rows))
+
+    engine = load(Options(resolve("smollm2").path, context_length=1024, n_threads=2, parallel=4))
+    budget = engine.prefill = Pinned()
+    prompts = ["1, 2, 3, 4, 5,", "Once upon a time", CHAT]
+    story = "The history of the lighthouse keepers of the northern coast. " * 50
+    longs = [engine.tokenize(story), engine.tokenize("Chapter two. " + story)]
+    assert min(len(t) for t in longs) > BATCH_TOKENS
+
+    def splits() -> int:
+        return int(engine.status()["prefill"]["split_steps"])
+
+    async def text(req: GenerationRequest, first: asyncio.Event | None = None) -> str:
+        out = ""
+        async for chunk in engine.generate(req):
+            out += chunk.text
+            if first is not None:
+                first.set()
+        return out
+
+    def stream(prompt: str) -> GenerationRequest:
+        return GenerationRequest(prompt=prompt, max_new_tokens=40, temperature=0)
+
+    def long_request(i: int) -> GenerationRequest:  # two texts: no cached prefix to reuse
+        return GenerationRequest(prompt_token_ids=longs[i], max_new_tokens=2, temperature=0)
+
+    async def go() -> None:
+        alone = [await text(stream(p)) for p in prompts]
+        assert await text(long_request(0))
+        assert (0, BATCH_TOKENS) in budget.steps and splits() == 0  # idle: whole-batch steps
+        firsts = [asyncio.Event() for _ in prompts]
+        tasks = [asyncio.create_task(text(stream(p), f))
+                 for p, f in zip(prompts, firsts, strict=True)]
+        await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), 120)
+        del budget.steps[:]
+        assert await text(long_request(1))
+        batched = await asyncio.gather(*tasks)
+        assert batched == alone
+        beside = [rows for decoding, rows in budget.steps if decoding and rows]
+        assert len(beside) >= 3 and max(beside) == budget.floor, budget.steps
+        assert splits() >= len(beside)
+
+    try:
+        asyncio.run(go())
+    finally:
+        engine.close()

@@ -5,8 +5,12 @@ generated), and a single scheduler thread owns it. Each step it builds one `llam
 the next token of every generating sequence plus a chunk of any prompt still being evaluated,
 runs one `llama_decode`, and samples every sequence from its own logits with its own llama.cpp
 sampler chain (temperature, top_p, top_k, penalties, seed). Requests join and leave between
-steps. What every threaded engine shares (prompt rules, stop handling, the hand-off of chunks to
-the event loop) is `threaded.ThreadedEngine`'s; this module is the llama.cpp side.
+steps. While sequences are generating, a prompt gets only as many rows per step as keep the
+step within about twice the time of their tokens alone, as measured (`prefill.PrefillBudget`:
+chunked prefill with a time budget), so a long prompt no longer stalls every running stream for
+seconds; with nothing generating it takes the whole batch. What every threaded engine shares
+(prompt rules, stop handling, the hand-off of chunks to the event loop) is
+`threaded.ThreadedEngine`'s; this module is the llama.cpp side.
 
 The KV cache has `context_length` cells per slot. By default each sequence has a stream of its
 own (llama.cpp's non-unified cache, `--kv-cache per-sequence`): a sequence attends only over
@@ -62,6 +66,7 @@ from llmrelay.worker.engines.base import EngineError, GenerationRequest
 from llmrelay.worker.engines.llamacpp import sampling
 from llmrelay.worker.engines.llamacpp.grammar import Grammar, GrammarCache
 from llmrelay.worker.engines.llamacpp.options import KV_CACHE_LAYOUTS, Options
+from llmrelay.worker.engines.llamacpp.prefill import PrefillBudget
 from llmrelay.worker.engines.threaded import Generation, Mailbox, ThreadedEngine
 
 log = logging.getLogger("llmrelay.worker")
@@ -169,6 +174,8 @@ class LlamaCppEngine(ThreadedEngine):
         self.inbox: deque[_Seq] = deque()
         self.grammars = GrammarCache()
         self.candidates = sampling.Candidates(self.n_vocab)
+        self.prefill = PrefillBudget(BATCH_TOKENS)  # prompt rows per step while others decode
+        self.split_steps = 0  # steps whose prompt rows the time budget cut while others decoded
         self.thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self.thread.start()
         log.info(
@@ -211,7 +218,18 @@ class LlamaCppEngine(ThreadedEngine):
                         logit_bias=True, continuation=True, tokenize=True)
 
     def status(self) -> dict[str, Any]:
-        return {"ready": True, "grammars_compiled": self.grammars.compiled}
+        return {"ready": True, "grammars_compiled": self.grammars.compiled,
+                "prefill": self.prefill_status()}
+
+    def prefill_status(self) -> dict[str, Any]:
+        """The chunked-prefill budget as measured so far (see prefill.py)."""
+        p = self.prefill
+
+        def ms(seconds: float | None) -> float | None:
+            return None if seconds is None else round(seconds * 1000, 3)
+
+        return {"split_steps": self.split_steps, "ms_per_decode_row": ms(p.per_decode_row),
+                "ms_per_prompt_row": ms(p.per_prompt_row)}
 
     def tokenize(self, text: str, chat: bool = False) -> list[int]:
         tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
@@ -338,14 +356,20 @@ class LlamaCppEngine(ThreadedEngine):
             b.logits[n] = logits
             n += 1
 
-        # Every generating sequence gets its next token; prompts share what is left of the batch,
-        # in arrival order.
-        budget = BATCH_TOKENS - sum(1 for s in active if s.n_past >= len(s.tokens))
+        # Every generating sequence gets its next token; prompts share the rows the time budget
+        # allows (all that is left of the batch when nothing decodes), in arrival order.
+        started = time.perf_counter()
+        decoding = sum(1 for s in active if s.n_past >= len(s.tokens))
+        budget = self.prefill.rows(decoding)
         takes: dict[int, int] = {}
         for seq in active:
             if seq.n_past < len(seq.tokens) and budget > 0:
                 takes[id(seq)] = min(budget, len(seq.tokens) - seq.n_past)
                 budget -= takes[id(seq)]
+        prompt_rows = sum(takes.values())
+        waiting = sum(len(s.tokens) - s.n_past for s in active if s.n_past < len(s.tokens))
+        if decoding and prompt_rows < min(waiting, BATCH_TOKENS - decoding):
+            self.split_steps += 1  # the time budget, not the batch's size, cut the prompts
         # The batch is written in sequence-id order: with a KV stream per sequence, llama.cpp
         # computes together only sequences whose ids follow each other in the batch (one
         # sub-batch per run of consecutive ids); in arrival order, 8 sequences could take up to
@@ -399,6 +423,7 @@ class LlamaCppEngine(ThreadedEngine):
                 seq.next_token = token
             else:
                 self._release(seq, active, keep_cache=reason not in ("abort", "error"))
+        self.prefill.observe(decoding, prompt_rows, time.perf_counter() - started)
 
     def _release(self, seq: _Seq, active: list[_Seq], keep_cache: bool) -> None:
         if seq in active:
