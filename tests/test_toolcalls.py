@@ -47,13 +47,15 @@ RECORDED = {
 }
 
 
-def parse(pieces: list[str]) -> tuple[str, list[ToolCallDelta]]:
-    parser = ToolCallParser()
+def parse(pieces: list[str], **options: bool) -> tuple[str, list[ToolCallDelta]]:
+    parser = ToolCallParser(**options)
     content, deltas = "", []
     for p in pieces:
         c, d = parser.feed(p)
         content += c
         deltas += d
+        if parser.repeated:  # the worker ends the generation there
+            break
     c, d = parser.finish()
     return content + c, deltas + d
 
@@ -93,3 +95,53 @@ def test_arguments_stream_in_pieces_after_the_name() -> None:
     assert seen[0].name == "get_weather" and seen[0].arguments == ""
     assert len([d for d in seen if d.arguments]) > 5  # not one piece at the end
     assert json.loads("".join(d.arguments for d in seen)) == {"city": "Paris", "unit": "c"}
+
+
+OTHER = '{"name": "get_weather", "arguments": {"city": "Lyon", "unit": "c"}}'
+SAME_REORDERED = '{"name": "get_weather", "arguments": {"unit": "c", "city": "Paris"}}'
+PARIS = ("get_weather", '{"city": "Paris", "unit": "c"}')
+LYON = ("get_weather", '{"city": "Lyon", "unit": "c"}')
+# (text, content, calls, the turn ended at a repeat); parsed with hold_repeats (parallel calls)
+HELD = {
+    "a repeated call ends the turn": (
+        f"<tool_call>\n{WEATHER}\n</tool_call>\n<tool_call>\n{SAME_REORDERED}\n</tool_call>\n"
+        f"<tool_call>\n{WEATHER}\n</tool_call>", "", [PARIS], True),
+    "different calls are all kept": (
+        f"<tool_call>\n{WEATHER}\n</tool_call>\n<tool_call>\n{OTHER}\n</tool_call>", "",
+        [PARIS, LYON], False),
+    "a repeat after two calls": (
+        f"<tool_call>\n{WEATHER}\n</tool_call>\n<tool_call>\n{OTHER}\n</tool_call>\n"
+        f"<tool_call>\n{OTHER}\n</tool_call>", "", [PARIS, LYON], True),
+    "a later call cut short is dropped": (
+        f'<tool_call>\n{WEATHER}\n</tool_call>\n<tool_call>\n{{"name": "get_weather", '
+        '"arguments": {"ci', "", [PARIS], False),
+    "the start of a further marker is no text": (
+        f"<tool_call>\n{WEATHER}\n</tool_call>\n<tool", "", [PARIS], False),
+}
+
+
+@pytest.mark.parametrize("name", list(HELD))
+def test_calls_after_the_first_are_held_and_a_repeat_ends_the_turn(name: str) -> None:
+    text, content, calls, repeated = HELD[name]
+    for pieces in ([text], *([text[:cut], text[cut:]] for cut in range(1, len(text))), list(text)):
+        parser = ToolCallParser(hold_repeats=True)
+        got_content, got = "", []
+        for p in pieces:
+            c, d = parser.feed(p)
+            got_content += c
+            got += d
+            if parser.repeated:
+                break
+        c, d = parser.finish()
+        got_content, got = got_content + c, got + d
+        assert (got_content, calls_of(got), parser.repeated) == (content, calls, repeated), pieces
+
+
+@pytest.mark.parametrize("tail", ["\n<", "\n<tool", "\n<tool_call", " <tool_c"])
+def test_a_cut_marker_after_calls_or_in_a_forced_call_is_never_text(tail: str) -> None:
+    after_call = f"<tool_call>\n{WEATHER}\n</tool_call>{tail}"
+    for pieces in ([after_call], list(after_call)):
+        content, deltas = parse(pieces)
+        assert (content, calls_of(deltas)) == ("", [PARIS])
+    assert parse([tail.lstrip()], forced=True)[0] == ""
+    assert parse(["Hello" + tail])[0] == "Hello" + tail  # free text may end with '<'

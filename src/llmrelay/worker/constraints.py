@@ -9,8 +9,9 @@ its batch, per sequence, and caches compiled forms per distinct constraint (`key
 `CompiledCache`).
 
 Builders:
-- `for_tools`: a call of one of the tools (or the one named by `tool_choice`), its arguments
-  valid against the tool's JSON schema; several when `parallel_tool_calls`.
+- `for_tools`: a call of one of the tools (or exactly one call of the one named by
+  `tool_choice`), its arguments valid against the tool's JSON schema; up to MAX_PARALLEL_CALLS
+  when `parallel_tool_calls` (the worker ends the turn at the first repeated call).
 - `for_response_format`: `json_object` (any JSON object) or `json_schema` (that schema).
 """
 
@@ -70,8 +71,11 @@ def for_tools(tools: list[dict[str, Any]], tool_choice: Any, parallel: bool,
     schemas = [call_schema(t) for t in chosen]
     schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
     forced = tool_choice == "required" or isinstance(tool_choice, dict)
+    # A named choice is exactly one call of that function (OpenAI: "call exactly one specific
+    # function"), whatever parallel_tool_calls says.
+    several = parallel and not isinstance(tool_choice, dict)
     return Constraint(schema=schema, open=OPEN + "\n", close="\n" + CLOSE,
-                      max_blocks=MAX_PARALLEL_CALLS if parallel else 1,
+                      max_blocks=MAX_PARALLEL_CALLS if several else 1,
                       lazy=not forced and response_schema is None,
                       alternative=None if forced else response_schema)
 

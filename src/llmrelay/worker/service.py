@@ -328,18 +328,25 @@ class WorkerService:
                 async for chunk in chunks:
                     yield chunk
                 return
-            parser = toolcalls.ToolCallParser()
+            named = isinstance(req.tool_choice, dict)
+            parser = toolcalls.ToolCallParser(
+                hold_repeats=req.parallel_tool_calls and not named,
+                forced=named or req.tool_choice == "required")
             async for chunk in chunks:
                 if chunk.replayed:  # resumed: what the earlier worker parsed (and sent) before
                     parser.feed(chunk.replayed)
                 text, calls = parser.feed(chunk.text)
-                if chunk.finish_reason:
+                reason = chunk.finish_reason
+                if parser.repeated:  # a call made twice: the turn ends with the calls so far
+                    reason = "stop"
+                if reason:
                     tail, more = parser.finish()
                     text, calls = text + tail, calls + more
-                reason = chunk.finish_reason
                 if reason == "stop" and parser.calls:
                     reason = "tool_calls"
                 yield dataclasses.replace(chunk, text=text, tool_calls=calls, finish_reason=reason)
+                if reason:
+                    return  # closing the engine's generation ends it (a repeated call)
 
     async def answer(self, req: GenerationRequest, delta: bool) -> Frame:
         """The whole answer as one frame (`Framer.whole`), or the error frame."""

@@ -15,6 +15,15 @@ recorded outputs at every position). Constrained generation (constraints.py) wri
 before the arguments, which lets arguments stream as they come; a call written another way
 (an unconstrained model) is parsed whole at its closing marker.
 
+With `hold_repeats` (parallel calls allowed), every call after the first is held until it is
+whole; one identical to a call already made in the turn (same name, same arguments as JSON) is
+dropped and `repeated` is set, so that the generation can be ended there: repeating a call is
+what a small model falls into, and its repetitions would run until the length limit. A call
+after the first that the length limit cuts short is dropped too (its arguments would not
+parse). What is held back at the end that can only be the start of a further call's marker
+(`"\n<tool"` cut by the length limit) is dropped once a call was made, or when a call is
+`forced`, never given as text.
+
 `generic_messages` is the prompt for models whose chat template knows no tools: the tool list
 and the call format in a system message, earlier calls and results written as text.
 """
@@ -72,11 +81,18 @@ class _Call:
 class ToolCallParser:
     """Streams content and tool calls out of generated text (see the module docstring)."""
 
-    def __init__(self) -> None:
-        self.calls = 0  # calls started
+    def __init__(self, hold_repeats: bool = False, forced: bool = False) -> None:
+        self.calls = 0  # calls started (and not dropped)
+        self.repeated = False  # a call repeated one made before: the turn should end
+        self.hold_repeats = hold_repeats
+        self.forced = forced  # a call is forced: nothing but calls is ever text
         self._held = ""  # content not released yet: the start of a marker, or only spaces
         self._call: _Call | None = None
         self._deltas: list[ToolCallDelta] = []
+        self._holding: list[ToolCallDelta] | None = None  # the current call's, until whole
+        self._made: set[tuple[str, str]] = set()  # (name, arguments) of the whole calls
+        self._name = ""  # the current call's name and arguments text
+        self._arguments = ""
 
     def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
         """Add generated text; returns (content to send, tool-call deltas to send)."""
@@ -102,8 +118,16 @@ class ToolCallParser:
             else:
                 self._start(parsed[0])
                 self._args(parsed[1])
+                self._ended()
+        elif call is not None:
+            if call.args_end >= 0:
+                self._ended()
+            elif self._holding is not None:  # a later call cut short: its arguments won't parse
+                self._holding = None
+                self.calls -= 1
         held, self._held = self._held, ""
-        if held.strip() or (held and not self.calls):
+        marker = (self.calls or self.forced) and _partial_marker(held.rstrip())
+        if (held.strip() and not marker) or (held and not self.calls and not self.forced):
             content += held
         return content, self._take()
 
@@ -160,6 +184,7 @@ class ToolCallParser:
                 if call.name_end < 0:
                     self._start(parsed[0])
                 self._args(parsed[1])
+        self._ended()
         return "", rest
 
     def _scan_args(self, call: _Call) -> None:
@@ -199,17 +224,40 @@ class ToolCallParser:
         call.scanned += i - begin
 
     def _start(self, name: str) -> None:
-        self._deltas.append(ToolCallDelta(self.calls, new_call_id(), name))
+        self._name, self._arguments = name, ""
+        if self.hold_repeats and self.calls > 0:
+            self._holding = []
+        self._out().append(ToolCallDelta(self.calls, new_call_id(), name))
         self.calls += 1
 
     def _args(self, text: str) -> None:
         if not text:
             return
+        self._arguments += text
         index = self.calls - 1
-        if self._deltas and self._deltas[-1].index == index:
-            self._deltas[-1].arguments += text
+        out = self._out()
+        if out and out[-1].index == index:
+            out[-1].arguments += text
         else:
-            self._deltas.append(ToolCallDelta(index, arguments=text))
+            out.append(ToolCallDelta(index, arguments=text))
+
+    def _out(self) -> list[ToolCallDelta]:
+        return self._holding if self._holding is not None else self._deltas
+
+    def _ended(self) -> None:
+        """The current call is whole: remember it; a held one is sent, or dropped as a repeat."""
+        if not self._name:
+            return
+        made = (self._name, _canonical(self._arguments))
+        self._name = ""
+        holding, self._holding = self._holding, None
+        if made in self._made and holding is not None:
+            self.calls -= 1
+            self.repeated = True
+            return
+        self._made.add(made)
+        if holding:
+            self._deltas += holding
 
 
 def _partial_marker(text: str) -> int:
@@ -218,6 +266,14 @@ def _partial_marker(text: str) -> int:
         if text.endswith(OPEN[:n]):
             return n
     return 0
+
+
+def _canonical(arguments: str) -> str:
+    """Arguments JSON text in one spelling (keys sorted, no spaces), for comparing calls."""
+    try:
+        return json.dumps(json.loads(arguments or "{}"), sort_keys=True, separators=(",", ":"))
+    except ValueError:
+        return arguments.strip()
 
 
 def _whole(block: str) -> tuple[str, str] | None:
@@ -257,7 +313,7 @@ def tool_prompt(tools: list[dict[str, Any]], tool_choice: Any, parallel: bool) -
         text += " Call a function now."
     else:
         text += " If no function is needed, answer the user directly."
-    if parallel:
+    if parallel and not isinstance(tool_choice, dict):
         text += " You may call several functions, each in its own block."
     return text
 
