@@ -252,6 +252,16 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="stored Responses are deleted after this many days (default 30, as OpenAI)",
     )
+    p.add_argument("--files-max-mb", type=float, default=200.0,
+                   help="largest file an upload may hold, in MiB (default 200, as OpenAI's "
+                   "batch input); see docs/batch-api.md")
+    p.add_argument("--files-max-mb-per-key", type=float, default=2048.0,
+                   help="all the files of one API key (batch outputs included) in at most "
+                   "this many MiB; past it uploads are refused (default 2048)")
+    p.add_argument("--max-open-batches", type=int, default=16,
+                   help="batches one API key may have not yet ended (default 16)")
+    # Tests only: how many seconds a batch's completion window of "24h" lasts.
+    p.add_argument("--batch-window", type=float, default=86400.0, help=argparse.SUPPRESS)
     # Tests only: the lengths of the limits' minute and day windows, in seconds.
     p.add_argument("--limit-windows", default=None, help=argparse.SUPPRESS)
     p.add_argument("--allowed-origins", type=_json_or_csv, default=["*"])

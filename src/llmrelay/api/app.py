@@ -17,9 +17,12 @@ import httpx
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from llmrelay.api import errors, routes
+from llmrelay.api import batch, errors, routes
 from llmrelay.api.access import Access
 from llmrelay.api.auth import guard, may_load
+from llmrelay.api.batch.execute import Doors
+from llmrelay.api.batch.state import BatchLimits
+from llmrelay.api.batch.store import BatchStore
 from llmrelay.api.body import CheckedRoute
 from llmrelay.api.chat.serving import ChatServing
 from llmrelay.api.completions.serving import CompletionServing
@@ -74,11 +77,14 @@ def create_app(
     model_grace: float = DEFAULT_GRACE,
     expected_models: Iterable[str] = (),
     public_docs: bool = False,
+    batch_store: BatchStore | None = None,
+    batch_limits: BatchLimits | None = None,
 ) -> FastAPI:
     """The app; `keys` (none: no API keys), `usage` (where usage is counted), `limits` (the
     counters of the keys' limits; default: in this process) and `responses_store` (stored
     Responses; default: in memory, lost on exit) come from `run`; `public_docs`: /docs, /redoc
-    and /openapi.json open to anyone even with keys on."""
+    and /openapi.json open to anyone even with keys on; `batch_store` (files and batches;
+    default: in memory) and `batch_limits` for the Files and Batch APIs."""
     headers = auth_headers(registration_token)
     table = WorkerTable(controllers, grace=model_grace, expected=expected_models)
     feed: TableFeed = (RegistryFeed(table, registry, address, dispatch_method)
@@ -93,6 +99,8 @@ def create_app(
                                 max_migrations=max_migrations)
     pipeline = Pipeline(transport, Limits(request_timeout, sse_keepalive))
     stored = responses_store or SqliteResponseStore(":memory:")
+    files = batch_store or BatchStore(":memory:")
+    limits_of_batches = batch_limits or BatchLimits()
     metrics = ApiMetrics(table)
     access = Access(keys or KeyStore(), limits, usage, metrics)
     loads = Loads(table, side, feed.fetch_once, load_queue)  # models on demand
@@ -102,10 +110,13 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await feed.fetch_once()
         feed.start()
+        await runner.start()  # batches a restart interrupted go on
         yield
+        await runner.aclose()
         await feed.aclose()
         await transport.aclose()
         stored.close()
+        files.close()
         if usage is not None:
             usage.close()
 
@@ -126,7 +137,8 @@ def create_app(
         allow_credentials=allow_credentials,
         expose_headers=["X-Request-ID"],
     )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes,  # uploads: their own
+                       paths={"/v1/files": limits_of_batches.max_file_bytes + 64 * 1024})
     # inside RequestIdMiddleware; ends each request's accounting (access.finish)
     app.add_middleware(ObserveMiddleware, metrics=metrics, finish=access.finish)
     app.add_middleware(RequestIdMiddleware)
@@ -138,6 +150,10 @@ def create_app(
                  tokens=TokenServing(table, transport),
                  responses=ResponsesServing(table, pipeline, stored), access=access,
                  public_docs=public_docs)
+    runner = batch.mount(app, guard(access), table, Doors(
+        ChatServing(table, pipeline), CompletionServing(table, pipeline),
+        EmbeddingServing(table, transport), ResponsesServing(table, pipeline, stored)),
+        files, limits_of_batches, usage)
     return app
 
 
@@ -160,6 +176,19 @@ def responses_store(args: argparse.Namespace, folder: Path) -> SqliteResponseSto
     except Exception as e:  # sqlite3.Error, OSError
         raise SystemExit(f"error: cannot open the responses database in {folder} ({e}); "
                          "choose another folder with --data-dir") from e
+def batch_store(args: argparse.Namespace, folder: Path) -> tuple[BatchStore, BatchLimits]:
+    """Files and batches in the responses' database (`responses.sqlite`), the files' bytes in
+    `files/` beside it; the limits of the flags."""
+    try:
+        store = BatchStore(folder / "responses.sqlite")
+    except Exception as e:  # sqlite3.Error, OSError
+        raise SystemExit(f"error: cannot open the files and batches in {folder} ({e}); "
+                         "choose another folder with --data-dir") from e
+    mib = 1024 * 1024
+    return store, BatchLimits(int(args.files_max_mb * mib), int(args.files_max_mb_per_key * mib),
+                              args.max_open_batches, args.batch_window)
+
+
 def key_store(args: argparse.Namespace) -> KeyStore:
     """The keys of `--api-keys` and `--api-keys-file` (a keys file, or FastChat's one key per
     line); exits with the reason when the file cannot be used."""
@@ -199,6 +228,7 @@ def run(args: argparse.Namespace) -> None:
     keys = key_store(args)
     folder = data_dir(args)
     stored = responses_store(args, folder)
+    files, limits_of_batches = batch_store(args, folder)
     try:
         usage = UsageStore(folder / "usage.sqlite")
     except Exception as e:  # sqlite3.Error, OSError
@@ -224,6 +254,8 @@ def run(args: argparse.Namespace) -> None:
         model_grace=args.model_grace,
         expected_models=split_csv(args.expect_models),
         public_docs=args.public_docs,
+        batch_store=files,
+        batch_limits=limits_of_batches,
     )
     n = len(keys.keys())
     log.info("OpenAI-compatible API on http://%s:%d/v1 (%s); usage kept in %s; stored "

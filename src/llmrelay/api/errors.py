@@ -9,7 +9,7 @@ with no traceback; the traceback goes to the log). A front door with an error sh
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -81,6 +81,22 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     return out
 
 
+def from_validation(errors: Sequence[Any]) -> APIError:
+    """The 400 for pydantic's (or FastAPI's) validation errors: the first one, naming its
+    parameter (also used for the request lines of a batch, api/batch/)."""
+    first = errors[0] if errors else {}
+    param = _loc_to_param(tuple(first.get("loc", ())))
+    msg = str(first.get("msg", "invalid request"))
+    if first.get("type") == "json_invalid":
+        return bad_param("body", "The request body is not valid JSON.", None)
+    if first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'."
+    else:
+        message = f"Invalid value for '{param}': {msg}." if param else f"{msg}."
+    return APIError(400, message, param=param,
+                    code="invalid_value" if first.get("type") != "missing" else None)
+
+
 # An error in a front door's own shape (e.g. Anthropic's), for the paths it serves.
 Shape = Callable[[APIError], JSONResponse]
 
@@ -104,19 +120,7 @@ def install(app: FastAPI, shapes: dict[str, Shape] | None = None) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        errors = e.errors()
-        first = errors[0] if errors else {}
-        param = _loc_to_param(tuple(first.get("loc", ())))
-        msg = str(first.get("msg", "invalid request"))
-        if first.get("type") == "json_invalid":
-            return render(request, bad_param("body", "The request body is not valid JSON.", None))
-        if first.get("type") == "missing":
-            message = f"Missing required parameter: '{param}'."
-        else:
-            message = f"Invalid value for '{param}': {msg}." if param else f"{msg}."
-        return render(request, APIError(
-            400, message, param=param,
-            code="invalid_value" if first.get("type") != "missing" else None))
+        return render(request, from_validation(e.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:

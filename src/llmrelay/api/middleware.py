@@ -47,20 +47,22 @@ class BodyTooLarge(HTTPException):
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over the limit: by Content-Length up front, else while reading."""
+    """413 for bodies over the limit: by Content-Length up front, else while reading. `paths`:
+    other limits for some exact paths (file uploads)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, paths: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.paths = paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.paths.get(scope["path"], self.max_bytes)
         length = Headers(scope=scope).get("content-length", "")
-        if length.isdigit() and int(length) > self.max_bytes:
-            await APIError(413, BodyTooLarge(self.max_bytes).detail).response()(
-                scope, receive, send)
+        if length.isdigit() and int(length) > limit:
+            await APIError(413, BodyTooLarge(limit).detail).response()(scope, receive, send)
             return
         seen = 0
 
@@ -69,8 +71,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)  # FastAPI re-raises HTTPExceptions as is
+                if seen > limit:
+                    raise BodyTooLarge(limit)  # FastAPI re-raises HTTPExceptions as is
             return message
 
         await self.app(scope, limited, send)

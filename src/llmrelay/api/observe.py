@@ -110,6 +110,12 @@ def note_key(key: Key | None) -> None:
         rec.key = key
 
 
+def begin(rec: RequestRecord) -> None:
+    """Make `rec` the record of the task running now: a request served without HTTP (a batch's
+    line, api/batch/execute.py), whose task's context ends with it."""
+    _current.set(rec)
+
+
 def current() -> RequestRecord | None:
     """The record of the request being served here, if any."""
     return _current.get()

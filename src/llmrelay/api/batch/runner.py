@@ -1,0 +1,282 @@
+"""Runs batches in this API server: each batch's lines through the front doors' serving objects
+(execute.py) at the workers' lowest priority, enough of them at once to fill the model's
+workers, each answer committed before the next is counted; then the output and error files.
+
+- **How many at once**: for a model, the sum over its workers of their concurrency limit plus
+  one (so a worker never idles between two lines), shared by every batch of that model. The
+  lines carry priority `batch`, so a worker's fair queue admits interactive requests first:
+  interactive latency holds while an idle cluster still runs the batch at full speed.
+- **Exactly once**: a line's answer is committed (store.record_line) before it counts as
+  done. A restarted API server resumes every unfinished batch (`start`) with the lines that
+  have no answer yet; the lines that were running when it died run again, the others never.
+- **Failing lines**: a 4xx is the line's answer (error file). A model with no worker free or
+  none at all (429, 503) is waited for, retrying until the batch stops; a worker failure (500,
+  502, 504) is retried `RETRIES` times, then answered.
+- **Stopping**: a cancel (`cancel`) or the end of the window stops the lines in flight (their
+  tasks are cancelled, which closes their generations on the workers) and launches no more;
+  the batch finalizes with what it has, the rest in the error file (`batch_cancelled`,
+  `batch_expired`).
+- **Usage**: each line's tokens go to the batch's `usage` and to the usage store under its
+  key, with the model named `MODEL (batch)` so `llmrelay usage` shows batch tokens apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llmrelay.api.batch.execute import Doors
+from llmrelay.api.batch.lines import Line, read
+from llmrelay.api.batch.state import BatchRecord, FileRecord, new_id
+from llmrelay.api.batch.store import BatchStore
+from llmrelay.api.keys import Key
+from llmrelay.api.table import WorkerTable
+from llmrelay.api.usage import UsageStore
+from llmrelay.protocol import dumps
+
+log = logging.getLogger("llmrelay.api")
+
+WAIT = frozenset({429, 503})  # no worker free, or none: wait for one
+RETRY = frozenset({500, 502, 504})  # a worker failed: try again, a few times
+RETRIES = 3
+BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)
+DEFAULT_CONCURRENCY = 5  # a worker that does not say its limit (FastChat's)
+
+
+def capacity(table: WorkerTable, model: str) -> int:
+    """Lines of `model` to keep in flight: each worker's concurrency limit plus one."""
+    total = 0
+    for w in table.serving(model):
+        limit = w.ours.limit_worker_concurrency if w.ours is not None else 0
+        total += (limit or DEFAULT_CONCURRENCY) + 1
+    return max(1, total)
+
+
+class Slots:
+    """The lines in flight for one model, across its batches, up to `capacity`, re-read as
+    workers come and go."""
+
+    def __init__(self, size: Callable[[], int]) -> None:
+        self.size = size
+        self.used = 0
+        self._freed = asyncio.Condition()
+
+    async def acquire(self) -> None:
+        async with self._freed:
+            while self.used >= self.size():
+                with contextlib.suppress(TimeoutError):  # workers may have joined meanwhile
+                    await asyncio.wait_for(self._freed.wait(), 1.0)
+            self.used += 1
+
+    async def release(self) -> None:
+        async with self._freed:
+            self.used -= 1
+            self._freed.notify()
+
+
+def output_line(custom_id: str, status: int, body: dict[str, Any], request_id: str
+                ) -> dict[str, Any]:
+    return {"id": new_id("batch_req_"), "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": request_id, "body": body},
+            "error": None}
+
+
+def unanswered_line(custom_id: str, ending: str) -> dict[str, Any]:
+    why = ("the batch was cancelled" if ending == "cancelled"
+           else "the batch's completion window ended")
+    return {"id": new_id("batch_req_"), "custom_id": custom_id, "response": None,
+            "error": {"code": f"batch_{ending}",
+                      "message": f"This request was not executed: {why} first."}}
+
+
+class BatchRunner:
+    def __init__(self, store: BatchStore, table: WorkerTable, doors: Doors,
+                 usage: UsageStore | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.table = table
+        self.doors = doors
+        self.usage = usage
+        self.clock = clock
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.records: dict[str, BatchRecord] = {}  # the running batches' records
+        self.stopping: dict[str, str] = {}  # batch id -> cancelled | expired
+        self._stop: dict[str, asyncio.Event] = {}
+        self._slots: dict[str, Slots] = {}
+
+    # ---- control ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume every batch not yet ended (after a restart)."""
+        for rec in await self.store.call(self.store.unfinished):
+            log.info("batch %s: resuming (%s, %d of %d lines answered)", rec.id, rec.status,
+                     rec.completed + rec.failed, rec.total)
+            self.launch(rec)
+
+    def launch(self, rec: BatchRecord) -> None:
+        if rec.id not in self.tasks:
+            self.records[rec.id] = rec
+            self._stop[rec.id] = asyncio.Event()
+            self.tasks[rec.id] = asyncio.create_task(self._run(rec), name=f"batch {rec.id}")
+
+    async def cancel(self, rec: BatchRecord) -> BatchRecord:
+        """Its owner cancels a batch (`rec` as just read from the store): `cancelling`, its
+        lines stopped, then `cancelled` once finalized. 409 for a batch that has ended."""
+        running = self.records.get(rec.id, rec)
+        running.cancel(self.clock())
+        await self.store.call(self.store.put_batch, running)
+        if rec.id in self.tasks:
+            self.stop(rec.id, "cancelled")
+        elif running.status == "cancelling":
+            self.launch(running)
+        return running
+
+    def stop(self, batch_id: str, why: str) -> None:
+        """Stop a running batch's lines (`why`: cancelled or expired); it then finalizes."""
+        self.stopping.setdefault(batch_id, why)
+        event = self._stop.get(batch_id)
+        if event is not None:
+            event.set()
+
+    async def aclose(self) -> None:
+        """Shutting down: stop the tasks, leaving every batch as stored (resumed at start)."""
+        tasks = list(self.tasks.values())
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+
+    # ---- one batch -------------------------------------------------------------------------
+
+    async def _run(self, rec: BatchRecord) -> None:
+        try:
+            if rec.status in ("in_progress", "cancelling"):
+                ending = await self._lines(rec)
+                rec.finalize(ending, self.clock())
+                await self.store.call(self.store.put_batch, rec)
+            if rec.status == "finalizing":
+                await self._finalize(rec)
+            log.info("batch %s: %s (%d completed, %d failed of %d)", rec.id, rec.status,
+                     rec.completed, rec.failed, rec.total)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("batch %s failed", rec.id)
+            rec.fail([{"code": "server_error", "message": "The server had an error while "
+                       "running this batch.", "param": None, "line": None}], self.clock())
+            await self.store.call(self.store.put_batch, rec)
+        finally:
+            self.tasks.pop(rec.id, None)
+            self.records.pop(rec.id, None)
+            self._stop.pop(rec.id, None)
+            self.stopping.pop(rec.id, None)
+
+    def _ending(self, rec: BatchRecord) -> str | None:
+        if rec.status == "cancelling" or self.stopping.get(rec.id) == "cancelled":
+            return "cancelled"
+        if self.stopping.get(rec.id) == "expired" or self.clock() >= rec.expires_at:
+            return "expired"
+        return None
+
+    async def _lines(self, rec: BatchRecord) -> str:
+        """Run the lines not yet answered; how the batch ends (completed, cancelled, expired)."""
+        ending = self._ending(rec)
+        if ending is not None:
+            return ending
+        data = await self.store.call(self.store.read_file, rec.input_file_id)
+        answered = await self.store.call(self.store.answered, rec.id)
+        todo = [line for line in read(data) if line.number not in answered]
+        stop = self._stop[rec.id]
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(max(0.0, rec.expires_at - self.clock()), self.stop, rec.id,
+                                "expired")
+        model = rec.model or ""
+        slots = self._slots.get(model)
+        if slots is None:
+            slots = self._slots[model] = Slots(lambda: capacity(self.table, model))
+        key = Key(name=rec.key_name, priority="batch")
+        running: set[asyncio.Task[None]] = set()
+        try:
+            for line in todo:
+                acquired = asyncio.ensure_future(slots.acquire())
+                stopped = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({acquired, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                if stop.is_set():
+                    if not acquired.cancel():
+                        await slots.release()
+                    break
+                task = asyncio.create_task(self._line(rec, line, key, slots))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            waiting = asyncio.ensure_future(stop.wait())
+            while running and not stop.is_set():
+                await asyncio.wait({waiting, *running}, return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+        finally:
+            timer.cancel()
+            for t in list(running):
+                t.cancel()
+            for t in list(running):
+                with contextlib.suppress(BaseException):
+                    await t
+        return self._ending(rec) or "completed"
+
+    async def _line(self, rec: BatchRecord, line: Line, key: Key, slots: Slots) -> None:
+        try:
+            request_id = f"{rec.id}-{line.number}"
+            failures = 0
+            while True:
+                status, body, prompt, completion = await self.doors.run(
+                    rec.endpoint, line.body, request_id, rec.owner, key)
+                if status in WAIT or status in RETRY and failures < RETRIES:
+                    failures += status in RETRY
+                    delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
+                    log.info("batch %s line %d: %d, again in %.1f s", rec.id, line.number,
+                             status, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                break
+            result = output_line(line.custom_id, status, body, request_id)
+            new = await self.store.call(self.store.record_line, rec, line.number, status == 200,
+                                        result, prompt, completion)
+            if new and self.usage is not None and prompt + completion:
+                await self.usage.record(rec.key_name, f"{rec.model} (batch)", prompt, completion)
+        finally:
+            await slots.release()
+
+    async def _finalize(self, rec: BatchRecord) -> None:
+        """Write the output and error files (input order), then end the batch."""
+        ending = rec.ending or "completed"
+        data = await self.store.call(self.store.read_file, rec.input_file_id)
+        results = await self.store.call(lambda: list(self.store.results(rec.id)))
+        by_line = {n: (ok, body) for n, ok, body in results}
+        out: list[bytes] = []
+        err: list[bytes] = []
+        for line in read(data):
+            got = by_line.get(line.number)
+            if got is None:
+                err.append(dumps(unanswered_line(line.custom_id, ending)))
+            else:
+                (out if got[0] else err).append(bytes(got[1]))
+        now = int(self.clock())
+        files: list[tuple[FileRecord, Path]] = []
+        ids: list[str | None] = []
+        for kind, rows in (("output", out), ("error", err)):
+            if not rows:
+                ids.append(None)
+                continue
+            content = b"\n".join(rows) + b"\n"
+            staged = await self.store.call(self.store.staging)
+            await self.store.call(staged.write_bytes, content)
+            f = FileRecord(new_id("file-"), rec.owner, f"{rec.id}_{kind}.jsonl", "batch_output",
+                           len(content), now)
+            files.append((f, staged))
+            ids.append(f.id)
+        rec.finish(ids[0], ids[1], self.clock())
+        await self.store.call(self.store.finish_batch, rec, files)
