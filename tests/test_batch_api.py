@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -289,3 +291,21 @@ def test_each_key_sees_only_its_own_files_and_batches(batches: Batches) -> None:
     alice.files.delete(fid)
     with pytest.raises(openai.NotFoundError):
         alice.files.retrieve(fid)
+
+
+def test_llmrelay_batch_run_writes_the_results_in_input_order(batches: Batches,
+                                                              tmp_path: Path) -> None:
+    requests = tmp_path / "requests.jsonl"
+    bodies = [{"messages": [{"role": "user", "content": f"Hi {i}"}], "max_tokens": 2}
+              for i in range(6)]
+    requests.write_text("".join(json.dumps(b) + "\n" for b in bodies))
+    out = tmp_path / "results.jsonl"
+    done = subprocess.run([sys.executable, "-m", "llmrelay.cli", "batch", "run", str(requests),
+                           "-o", str(out), "--model", "smol", "--base-url",
+                           batches.api + "/v1", "--poll", "0.2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["custom_id"] for r in rows] == [f"line-{i}" for i in range(1, 7)]
+    assert all(r["response"]["status_code"] == 200 for r in rows)
+    assert "6/6" in done.stderr  # the progress bar's last state

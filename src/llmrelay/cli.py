@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     add_keys_args(p)
     p = sub.add_parser("usage", help="show usage per day, key and model (needs an admin key)")
     add_usage_args(p)
+    p = sub.add_parser("batch", help="run a JSONL of requests through an API server's Batch API "
+                       "(batch run requests.jsonl -o results.jsonl)")
+    from llmrelay.batch_cli import add_args as add_batch_args
+    add_batch_args(p)
 
     args = parser.parse_args(argv)
     if args.command == "controller":
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         from llmrelay.keys_cli import run_keys as run
     elif args.command == "usage":
         from llmrelay.keys_cli import run_usage as run
+    elif args.command == "batch":
+        from llmrelay.batch_cli import run
     else:
         parser.print_help()
         sys.exit(2)
