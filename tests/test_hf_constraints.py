@@ -16,7 +16,12 @@ import torch  # noqa: E402
 
 from llmrelay.worker.constraints import Constraint, for_tools  # noqa: E402
 from llmrelay.worker.engines.base import EngineError  # noqa: E402
-from llmrelay.worker.engines.hf.constraints import Grammars, LogitBias, grammar_text  # noqa: E402
+from llmrelay.worker.engines.guidance import Grammars, grammar_text  # noqa: E402
+from llmrelay.worker.engines.hf.constraints import (  # noqa: E402
+    Constrained,
+    LogitBias,
+    load_grammars,
+)
 
 N_VOCAB = 49152
 EOS = 2  # <|im_end|>
@@ -36,7 +41,9 @@ def tok() -> Any:
 
 @pytest.fixture(scope="module")
 def grammars(tok: Any) -> Grammars:
-    return Grammars(tok, N_VOCAB, [EOS])
+    g = load_grammars(tok, N_VOCAB, [EOS])
+    assert g is not None
+    return g
 
 
 def drive(proc: Any, tok: Any, n_prompt: int, text: str) -> list[int]:
@@ -58,13 +65,13 @@ def test_a_schema_is_compiled_once_and_enforced_compactly(grammars: Grammars, to
     c = Constraint(schema={"type": "object", "properties": {"n": {"type": "integer"}},
                            "required": ["n"]})
     before = grammars.compiled
-    p = grammars.processor(c, 3)
-    grammars.processor(Constraint(schema=dict(c.schema)), 3)  # same constraint: cached
+    p = Constrained.of(grammars, c, 3)
+    Constrained.of(grammars, Constraint(schema=dict(c.schema)), 3)  # same constraint: cached
     assert grammars.compiled == before + 1
     steps = drive(p, tok, 3, '{"n": 42}')
     assert steps[-1] == 1  # the object is complete: only the end token
     # compact JSON: ": " and nothing else after a key
-    q = grammars.processor(c, 0)
+    q = Constrained.of(grammars, c, 0)
     scores = q(torch.tensor([tok.encode('{"n"', add_special_tokens=False)]), torch.zeros(1, N_VOCAB))
     allowed = {tok.decode([t]) for t in torch.isfinite(scores[0]).nonzero().flatten().tolist()}
     assert allowed and all(":".startswith(a) or a.startswith(":") for a in allowed), allowed
@@ -75,7 +82,7 @@ def test_tool_calls_between_markers(grammars: Grammars, tok: Any) -> None:
     c = for_tools([WEATHER], "required", parallel=True)
     assert c is not None and not c.lazy
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-    steps = drive(grammars.processor(c, 5), tok, 5, call + "\n" + call)
+    steps = drive(Constrained.of(grammars, c, 5), tok, 5, call + "\n" + call)
     assert steps[0] < 10  # it must open a call at once
     text = grammar_text(c)
     assert text.startswith("start: block") and "%json" in text and "{0,7}" in text
@@ -84,7 +91,7 @@ def test_tool_calls_between_markers(grammars: Grammars, tok: Any) -> None:
 def test_lazy_constraint_starts_at_the_marker(grammars: Grammars, tok: Any) -> None:
     c = for_tools([WEATHER], "auto", parallel=False)
     assert c is not None and c.lazy
-    p = grammars.processor(c, 2)
+    p = Constrained.of(grammars, c, 2)
     free = "Let me check. "
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
     steps = drive(p, tok, 2, free + call)
@@ -92,7 +99,7 @@ def test_lazy_constraint_starts_at_the_marker(grammars: Grammars, tok: Any) -> N
     assert min(steps[:n_free]) == N_VOCAB  # free text until the marker is complete
     assert max(steps[n_free:n_free + 3]) < 100 and steps[-1] == 1  # then the call's JSON
     # a marker that ends inside a token: the rest of that token is checked too
-    q = grammars.processor(c, 0)
+    q = Constrained.of(grammars, c, 0)
     ids = tok.encode("ok <tool_call>\n{", add_special_tokens=False)
     scores = q(torch.tensor([ids]), torch.zeros(1, N_VOCAB))
     allowed = torch.isfinite(scores[0]).nonzero().flatten().tolist()
@@ -103,8 +110,8 @@ def test_alternative_answer_or_calls(grammars: Grammars, tok: Any) -> None:
     answer = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     c = for_tools([WEATHER], "auto", parallel=False, response_schema=answer)
     assert c is not None and c.alternative is not None
-    drive(grammars.processor(c, 0), tok, 0, '{"ok": true}')
-    drive(grammars.processor(c, 0), tok, 0,
+    drive(Constrained.of(grammars, c, 0), tok, 0, '{"ok": true}')
+    drive(Constrained.of(grammars, c, 0), tok, 0,
           '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>')
 
 
@@ -120,7 +127,7 @@ def test_unenforceable_schemas_are_refused_naming_why(grammars: Grammars, schema
               Constraint(schema={"type": "object", "properties": {"a": schema}})
               if isinstance(schema, dict) else Constraint(schema=schema, open="<a>", close="</a>")):
         with pytest.raises(EngineError) as e:
-            grammars.processor(c, 0)
+            Constrained.of(grammars, c, 0)
         assert e.value.code == 40001 and named in str(e.value), str(e.value)
         assert "\n" not in str(e.value)
 
@@ -128,11 +135,11 @@ def test_unenforceable_schemas_are_refused_naming_why(grammars: Grammars, schema
 def test_a_client_cannot_loosen_the_schema(grammars: Grammars) -> None:
     lenient = {"type": "object", "not": {"type": "string"}, "x-guidance": {"lenient": True}}
     with pytest.raises(EngineError, match="not"):
-        grammars.processor(Constraint(schema=lenient), 0)
+        Constrained.of(grammars, Constraint(schema=lenient), 0)
 
 
 def test_a_dead_end_ends_with_an_error_and_a_possible_token(grammars: Grammars) -> None:
-    p = grammars.processor(Constraint(schema={"type": "integer"}), 0)
+    p = Constrained.of(grammars, Constraint(schema={"type": "integer"}), 0)
     scores = torch.full((1, N_VOCAB), float("-inf"))  # nothing the grammar allows is possible
     out = p(torch.tensor([[1]])[:, :0], scores)
     assert p.error is not None and "allows no next token" in str(p.error)
@@ -140,7 +147,7 @@ def test_a_dead_end_ends_with_an_error_and_a_possible_token(grammars: Grammars) 
 
 
 def test_a_broken_matcher_allows_only_the_end(grammars: Grammars, tok: Any) -> None:
-    p = grammars.processor(Constraint(schema={"type": "integer"}), 0)
+    p = Constrained.of(grammars, Constraint(schema={"type": "integer"}), 0)
     ids = tok.encode("hello", add_special_tokens=False)  # not an integer: the matcher fails
     out = p(torch.tensor([ids]), torch.zeros(1, N_VOCAB))
     assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [EOS] and p.error is None
@@ -167,7 +174,7 @@ def test_objects_that_list_their_properties_get_only_those(grammars: Grammars, t
     after = tok.encode('{"a": 1', add_special_tokens=False)
 
     def allows_more(schema: dict[str, Any]) -> bool:
-        scores = grammars.processor(Constraint(schema=schema), 0)(torch.tensor([after]),
+        scores = Constrained.of(grammars, Constraint(schema=schema), 0)(torch.tensor([after]),
                                                                    torch.zeros(1, N_VOCAB))
         return bool(torch.isfinite(scores[0, tok.encode(",", add_special_tokens=False)[0]]))
 

@@ -12,6 +12,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
+import structured_cases
 from conftest import Stack
 
 WEATHER = {"type": "function", "function": {
@@ -197,6 +198,22 @@ def test_sdk_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
     assert isinstance(city, City) and city.name
 
 
+def test_sdk_parse_with_bounds_stays_within_them(client: openai.OpenAI) -> None:
+    """A pydantic model with Field(ge=0, le=150) and max_length (minimum/maximum/maxLength in
+    the SDK's strict schema) through `.parse()`: accepted and respected, over several prompts."""
+    structured_cases.parse_people(client, "smol")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_strict_mode_keyword_family_is_enforced(client: openai.OpenAI, stream: bool) -> None:
+    structured_cases.every_family(client, "smol", stream)
+
+
+def test_unenforceable_keywords_are_refused_naming_them(client: openai.OpenAI) -> None:
+    refused = structured_cases.refusals(client, "smol")
+    assert all(b["code"] == "invalid_value" for b in refused.values()), refused
+
+
 def test_logit_bias_changes_the_greedy_answer(client: openai.OpenAI) -> None:
     kw = dict(model="smol", messages=[{"role": "user", "content": "What is the capital of France?"}],
               temperature=0, max_tokens=6)
@@ -242,12 +259,12 @@ def test_unmatched_tool_result_and_unenforceable_keyword(client: openai.OpenAI) 
         client.chat.completions.create(model="smol", max_tokens=5, messages=[
             *ASK, {"role": "tool", "tool_call_id": "call_nobody", "content": "21 C"}])
     assert e.value.body["param"] == "messages[1].tool_call_id"
-    bounded = {"type": "function", "function": {"name": "age", "parameters": {
-        "type": "object", "properties": {"years": {"type": "integer", "minimum": 0}}}}}
+    unique = {"type": "function", "function": {"name": "tags", "parameters": {
+        "type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}}}
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="smol", messages=ASK, tools=[bounded],
+        client.chat.completions.create(model="smol", messages=ASK, tools=[unique],
                                        tool_choice="required", max_tokens=5)
-    assert "'minimum'" in e.value.body["message"]
+    assert '"uniqueItems"' in e.value.body["message"]
     # the worker keeps serving
     assert client.chat.completions.create(model="smol", messages=ASK, max_tokens=3).choices
 
@@ -319,15 +336,16 @@ def test_llamacpp_grammar_dead_end_ends_only_that_request() -> None:
         engine.close()
 
 
-def test_llamacpp_grammar_checks_the_likeliest_tokens_before_the_whole_vocabulary() -> None:
-    """In process: when the grammar refuses the greedy token but allows a likely one, the
-    sampler finds it among the likeliest candidates, without a pass over the whole vocabulary
-    (tens of thousands of tokens through the grammar: the cost constrained decoding must avoid)."""
+def test_llamacpp_constrained_draw_asks_the_matcher_about_the_chains_pick_first() -> None:
+    """In process: when the matcher allows the chain's pick, that token is taken without a mask
+    over the whole vocabulary; when it refuses it, the mask is computed once and the chain picks
+    the likeliest token it allows."""
     import llama_cpp
+    import llguidance
     import numpy as np
 
+    from llmrelay.worker.engines.guidance import Guide
     from llmrelay.worker.engines.llamacpp import sampling
-    from llmrelay.worker.engines.llamacpp.grammar import Grammar
     from llmrelay.worker.models import resolve
 
     llm = llama_cpp.Llama(str(resolve("smollm2").path), n_ctx=256, n_threads=1, verbose=False)
@@ -340,52 +358,56 @@ def test_llamacpp_grammar_checks_the_likeliest_tokens_before_the_whole_vocabular
     order = [int(t) for t in np.argsort(-logits)]
     # the likeliest token whose text is plain letters, and not the greedy one
     second = next(t for t in order[1:50] if llm.detokenize([t]).decode().strip().isalpha())
-    text = llm.detokenize([second]).decode()
+    grammars = sampling.grammars(vocab, n_vocab)
     cands = sampling.Candidates(n_vocab)
-    full_passes = []
-    fill = cands.fill
-    cands.fill = lambda c, i: full_passes.append(1) or fill(c, i)  # type: ignore[method-assign]
     greedy = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     llama_cpp.llama_sampler_chain_add(greedy, llama_cpp.llama_sampler_init_greedy())
-    grammar = sampling.grammar_sampler(vocab, Grammar(f"root ::= {json.dumps(text)}\n"))
+
+    def guide(text: str) -> tuple[Guide, list[int]]:
+        lark = llguidance.LLMatcher.grammar_from_lark(f"start: {json.dumps(text)}")
+        g = Guide(grammars, llguidance.LLMatcher(grammars.tokenizer, lark, log_level=0), None)
+        masks: list[int] = []
+        allowed = g.allowed
+        g.allowed = lambda width: masks.append(width) or allowed(width)  # type: ignore[method-assign]
+        return g, masks
+
     try:
-        token = sampling.sample_constrained(cands, ctx, -1, greedy, grammar)
-        assert order[0] != second and llm.detokenize([token]).decode() == text
-        assert len(full_passes) == 1  # the chain's first pick only; the grammar saw the top
+        for target, masked in ((order[0], False), (second, True)):
+            g, masks = guide(llm.detokenize([target]).decode())
+            token = sampling.sample_constrained(cands, ctx, -1, greedy, g)
+            assert token == target and len(masks) == (1 if masked else 0)
+            assert g.matcher.is_accepting()  # the guide took the token
     finally:
-        llama_cpp.llama_sampler_free(grammar)
         llama_cpp.llama_sampler_free(greedy)
         llm.close()
 
 
-def test_llamacpp_grammar_strings_refuse_raw_control_characters() -> None:
-    """JSON strings cannot hold a raw newline or tab (the converter's own rule let them through,
-    giving answers no JSON parser accepts); an escaped one is fine."""
+def test_llamacpp_constrained_strings_refuse_raw_control_characters() -> None:
+    """JSON strings cannot hold a raw newline or tab (no JSON parser accepts them); an escaped
+    one is fine."""
     import llama_cpp
 
     from llmrelay.worker.constraints import Constraint
     from llmrelay.worker.engines.llamacpp import sampling
-    from llmrelay.worker.engines.llamacpp.grammar import compile_constraint
     from llmrelay.worker.models import resolve
 
     llm = llama_cpp.Llama(str(resolve("smollm2").path), n_ctx=64, n_threads=1, verbose=False,
                           vocab_only=True)
     vocab = llm._model.vocab
-    cands = sampling.Candidates(llama_cpp.llama_vocab_n_tokens(vocab))
 
     def one(text: str) -> int:
         (token,) = llm.tokenize(text.encode(), add_bos=False, special=False)
         return token
 
-    grammar = sampling.grammar_sampler(vocab, compile_constraint(Constraint(schema={
-        "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]})))
     try:
-        for t in llm.tokenize(b'{"a": "x', add_bos=False):
-            llama_cpp.llama_sampler_accept(grammar, t)
-        assert not cands.allows(grammar, one("\n"))
-        assert not cands.allows(grammar, one("\t"))
-        assert cands.allows(grammar, one("y"))
-        assert cands.allows(grammar, one("\\"))  # an escape: \n written as two characters
+        grammars = sampling.grammars(vocab, llama_cpp.llama_vocab_n_tokens(vocab))
+        guide = grammars.guide(Constraint(schema={
+            "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}))
+        guide.feed(llm.tokenize(b'{"a": "x', add_bos=False))
+        assert not guide.allows(one("\n")) and not guide.allows(one("\t"))
+        assert guide.allows(one("y"))
+        assert guide.allows(one("\\"))  # an escape: \n written as two characters
+        allowed = guide.allowed(llama_cpp.llama_vocab_n_tokens(vocab))
+        assert allowed[one("y")] and not allowed[one("\n")]
     finally:
-        llama_cpp.llama_sampler_free(grammar)
         llm.close()

@@ -22,7 +22,8 @@ import numpy as np
 import openai
 import pytest
 
-from conftest import Procs, api_models, registered, wait_for
+import structured_cases
+from conftest import Procs, Stack, api_models, registered, wait_for
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -372,6 +373,23 @@ def test_tools_and_json_schema_through_the_sdk(hf: HF) -> None:
                                        max_tokens=60)
     jsonschema.validate(json.loads(person.choices[0].message.content),
                         PERSON["json_schema"]["schema"])
+
+
+def test_sdk_parse_with_bounds_stays_within_them(hf: HF) -> None:
+    """As on the llama.cpp engine (test_tools.py): Field(ge=0, le=150) and max_length through
+    `.parse()`, respected over several prompts."""
+    structured_cases.parse_people(hf.client(), "smolhf")
+
+
+def test_every_strict_mode_keyword_family_is_enforced(hf: HF) -> None:
+    structured_cases.every_family(hf.client(), "smolhf")
+
+
+def test_unenforceable_keywords_get_the_same_400_as_on_llamacpp(hf: HF, stack: Stack) -> None:
+    """One compilation for both engines: the same keywords refused with the same error body."""
+    here = structured_cases.refusals(hf.client(), "smolhf")
+    llamacpp = openai.OpenAI(base_url=stack.api + "/v1", api_key="none", max_retries=0)
+    assert here == structured_cases.refusals(llamacpp, "smol")
 
 
 def test_a_generation_resumes_on_another_worker(hf: HF) -> None:

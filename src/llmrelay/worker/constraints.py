@@ -3,10 +3,10 @@
 A `Constraint` describes the text a generation may produce in library-neutral terms: JSON
 values of a schema, optionally between literal markers (tool calls), one or several, and
 either from the start or only from the moment the model writes the opening marker (`lazy`:
-`tool_choice: auto`, where the model may also answer in plain text). Each engine compiles it
-with its own machinery (llama.cpp: a GBNF grammar sampler; transformers: llguidance) inside
-its batch, per sequence, and caches compiled forms per distinct constraint (`key`,
-`CompiledCache`).
+`tool_choice: auto`, where the model may also answer in plain text). The engines that sample
+themselves (llama.cpp, transformers) compile it with llguidance (engines/guidance.py, the same
+grammar and refusals for both) and enforce it inside their batch, per sequence; compiled forms
+are cached per distinct constraint (`key`, `CompiledCache`).
 
 Builders:
 - `for_tools`: a call of one of the tools (or exactly one call of the one named by

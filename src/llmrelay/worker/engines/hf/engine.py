@@ -41,7 +41,7 @@ from llmrelay.protocol import ErrorCode, Features, LogprobEntry
 from llmrelay.worker import templates
 from llmrelay.worker.engines.base import EngineError, GenerationRequest
 from llmrelay.worker.engines.hf import compat
-from llmrelay.worker.engines.hf.constraints import Constrained, Grammars, LogitBias
+from llmrelay.worker.engines.hf.constraints import Constrained, LogitBias, load_grammars
 from llmrelay.worker.engines.hf.options import (
     GiB,
     Options,
@@ -157,7 +157,7 @@ class TransformersEngine(ThreadedEngine):
             own=getattr(tok, "chat_template", None), requested=options.chat_template,
             architecture=getattr(cfg, "model_type", ""),
             bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
-        self.grammars = Grammars.load(tok, self.n_vocab, sorted(self.eos_ids))
+        self.grammars = load_grammars(tok, self.n_vocab, sorted(self.eos_ids))
         self.inbox: deque[_Seq] = deque()
         self.batch: dict[str, _Seq] = {}  # the requests in the batch manager, by their id there
         self.batch_lock = threading.Lock()
@@ -290,7 +290,7 @@ class TransformersEngine(ThreadedEngine):
                 raise EngineError("output constraints need llguidance, which this worker lacks",
                                   ErrorCode.VALIDATION_TYPE_ERROR)
             # compiled here (cached): a schema it cannot enforce is refused before queueing
-            gen.guard = self.grammars.processor(req.constraint, len(gen.tokens))
+            gen.guard = Constrained.of(self.grammars, req.constraint, len(gen.tokens))
             first.append(gen.guard)
         if req.logit_bias:
             first.append(LogitBias(req.logit_bias, self.n_vocab))

@@ -63,8 +63,8 @@ from llama_cpp import Llama
 from llmrelay.protocol import Features, LogprobEntry, logprob_entry
 from llmrelay.worker import templates
 from llmrelay.worker.engines.base import EngineError, GenerationRequest
+from llmrelay.worker.engines.guidance import Guide
 from llmrelay.worker.engines.llamacpp import sampling
-from llmrelay.worker.engines.llamacpp.grammar import Grammar, GrammarCache
 from llmrelay.worker.engines.llamacpp.options import KV_CACHE_LAYOUTS, Options
 from llmrelay.worker.engines.llamacpp.prefill import PrefillBudget
 from llmrelay.worker.engines.threaded import Generation, Mailbox, ThreadedEngine
@@ -122,8 +122,7 @@ class _Seq(Generation):
         self.n_past = 0  # prompt tokens already in the KV cache
         self.next_token = -1  # sampled, not yet decoded
         self.sampler: Any = None
-        self.grammar_spec: Grammar | None = None  # the compiled constraint, if any
-        self.grammar: Any = None  # its sampler: this sequence's grammar state
+        self.guide: Guide | None = None  # its constraint's matcher, if any
 
 
 class LlamaCppEngine(ThreadedEngine):
@@ -172,7 +171,7 @@ class LlamaCppEngine(ThreadedEngine):
         self.batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
         self.slots = [_Slot(i) for i in range(self.parallel)]
         self.inbox: deque[_Seq] = deque()
-        self.grammars = GrammarCache()
+        self.grammars = sampling.grammars(self.vocab, self.n_vocab)
         self.candidates = sampling.Candidates(self.n_vocab)
         self.prefill = PrefillBudget(BATCH_TOKENS)  # prompt rows per step while others decode
         self.split_steps = 0  # steps whose prompt rows the time budget cut while others decoded
@@ -251,11 +250,12 @@ class LlamaCppEngine(ThreadedEngine):
         return self.llm.detokenize([token])
 
     def prepare(self, gen: Generation) -> None:
-        """Compile the request's constraint (cached per distinct constraint); a schema the
-        grammar cannot enforce is refused here, before the request is queued."""
+        """Compile the request's constraint (cached per distinct constraint) into its own
+        matcher; a schema llguidance cannot enforce is refused here, before the request is
+        queued."""
         assert isinstance(gen, _Seq)
         if gen.req.constraint is not None:
-            gen.grammar_spec = self.grammars.get(gen.req.constraint)
+            gen.guide = self.grammars.guide(gen.req.constraint)
 
     def submit(self, gen: Generation) -> None:
         assert isinstance(gen, _Seq)
@@ -338,8 +338,6 @@ class LlamaCppEngine(ThreadedEngine):
         req = seq.req
         seed = req.seed if req.seed is not None else self.default_seed
         seq.sampler = sampling.chain(req, self.n_vocab, seed, seq.tokens)
-        if seq.grammar_spec is not None:
-            seq.grammar = sampling.grammar_sampler(self.vocab, seq.grammar_spec)
 
     def _step(self, active: list[_Seq]) -> None:
         """One llama_decode over every active sequence, then one token sampled for each."""
@@ -402,15 +400,14 @@ class LlamaCppEngine(ThreadedEngine):
                 seq.slot.cached = list(seq.tokens)
             forced = seq.next_forced()
             if forced is not None:  # resuming: the token the earlier worker generated here
-                sampling.force(self.candidates, seq.sampler, seq.grammar, forced)
+                sampling.force(self.candidates, seq.sampler, seq.guide, forced)
                 token = forced
-            elif seq.grammar is None:
+            elif seq.guide is None:
                 token = llama_cpp.llama_sampler_sample(seq.sampler, self.ctx, idx)
             else:
                 try:
                     token = sampling.sample_constrained(self.candidates, self.ctx, idx,
-                                                        seq.sampler, seq.grammar,
-                                                        seq.req.logit_bias)
+                                                        seq.sampler, seq.guide)
                 except sampling.DeadEnd as e:
                     log.warning("request %s: %s", seq.req.request_id, e)
                     self._release(seq, active, keep_cache=False)
@@ -431,9 +428,7 @@ class LlamaCppEngine(ThreadedEngine):
         if seq.sampler is not None:
             llama_cpp.llama_sampler_free(seq.sampler)
             seq.sampler = None
-        if seq.grammar is not None:
-            llama_cpp.llama_sampler_free(seq.grammar)
-            seq.grammar = None
+        seq.guide = None
         slot = seq.slot
         if slot is not None:
             if not keep_cache:

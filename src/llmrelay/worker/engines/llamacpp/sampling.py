@@ -1,37 +1,35 @@
 """A sequence's llama.cpp samplers: its chain (logit bias, penalties, top-k, top-p,
-temperature, the seeded draw or greedy), and, for a constrained request, its grammar.
+temperature, the seeded draw or greedy), and, for a constrained request, its llguidance `Guide`
+(engines/guidance.py, shared with the transformers engine).
 
-An unconstrained token is drawn with `llama_sampler_sample` (the chain, in C). A constrained one
-is drawn as llama.cpp's own server does it, never letting the grammar meet a token it rejects
-(llama.cpp aborts the process then): the chain picks a token, the grammar checks that one
-token; only if it is refused is the grammar applied to the candidates and the chain run again
-on what is left. The grammar goes through the 128 likeliest tokens first (after the request's
-logit bias), then the 2048 likeliest, and through the whole vocabulary only if none of those is
-allowed: a whole pass costs over ten milliseconds on a 49k vocabulary, the short ones well under
-one each. A
-grammar that leaves no candidate at all (a dead end) raises DeadEnd, which ends that request
-with an error and nothing else.
+An unconstrained token is drawn with `llama_sampler_sample` (the chain, in C); so is a token of a
+lazy constraint before its opening marker (free text, the same draw as without tools). A
+constrained one is drawn by letting the chain pick a token and asking the matcher about that one
+token (a few microseconds); only if it is refused does the matcher compute its mask over the
+whole vocabulary, the refused tokens' logits become -inf and the chain runs again on the rest.
+Most steps of a schema-following answer are the first kind: the model already writes what the
+schema wants. A mask that leaves no token the chain can pick (a dead end, or every allowed token
+banned by a -inf logit_bias) raises DeadEnd, which ends that request with an error and nothing
+else.
 """
 
 from __future__ import annotations
 
 import ctypes
 import random
+import warnings
 from typing import Any
 
 import llama_cpp
 import numpy as np
 
-from llmrelay.worker.engines.base import EngineError, GenerationRequest
-from llmrelay.worker.engines.llamacpp.grammar import Grammar
+from llmrelay.worker.engines.base import GenerationRequest
+from llmrelay.worker.engines.guidance import DeadEnd, Grammars, Guide
+
+__all__ = ["Candidates", "DeadEnd", "chain", "force", "grammars", "sample_constrained"]
 
 PENALTY_LAST_N = 64  # llama.cpp's default window for repetition/frequency/presence penalties
-TOP_FIRST = (128, 2048)  # candidates the grammar checks before the whole vocabulary
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
-
-
-class DeadEnd(EngineError):
-    """The grammar allows no token: the constrained text cannot go on."""
 
 
 def chain(req: GenerationRequest, n_vocab: int, seed: int | None, history: list[int]) -> Any:
@@ -62,18 +60,21 @@ def chain(req: GenerationRequest, n_vocab: int, seed: int | None, history: list[
     return smpl
 
 
-def grammar_sampler(vocab: Any, grammar: Grammar) -> Any:
-    """A fresh grammar sampler (its own state) for one sequence."""
-    text = grammar.gbnf.encode()
-    if grammar.trigger is None:
-        smpl = llama_cpp.llama_sampler_init_grammar(vocab, text, b"root")
-    else:
-        patterns = (ctypes.c_char_p * 1)(grammar.trigger.encode())
-        smpl = llama_cpp.llama_sampler_init_grammar_lazy_patterns(vocab, text, b"root", patterns,
-                                                                   1, None, 0)
-    if not smpl:  # never add a NULL sampler to anything: llama.cpp would dereference it
-        raise EngineError("llama.cpp refused the grammar made from the schema")
-    return smpl
+def grammars(vocab: Any, n_vocab: int) -> Grammars:
+    """The model's constraints: its llguidance tokenizer from llguidance's own llama.cpp bridge
+    (which reads every token's bytes, made on the first constrained request), every
+    end-of-generation token of the vocabulary its end tokens."""
+    eog = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+
+    def tokenizer() -> Any:
+        import llguidance.llamacpp
+
+        with warnings.catch_warnings():  # a deprecated llama_cpp call per token
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return llguidance.llamacpp.lltokenizer_from_vocab(vocab, n_vocab=n_vocab,
+                                                              eos_token=eog or None)
+
+    return Grammars(tokenizer, eog)
 
 
 class Candidates:
@@ -99,21 +100,9 @@ class Candidates:
         self.data["p"] = 0.0
         return self._array(self.n_vocab)
 
-    def fill_top(self, ctx: Any, idx: int, k: int, bias: dict[int, float] | None) -> Any:
-        """The `k` likeliest tokens (after `bias`) with their logits."""
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, idx),
-                                       shape=(self.n_vocab,))
-        if bias:
-            logits = logits.copy()
-            for t, b in bias.items():
-                if 0 <= t < self.n_vocab:
-                    logits[t] += b
-        top = np.argpartition(-logits, k)[:k]
-        raw = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
-        self.data["id"][:k] = top
-        self.data["logit"][:k] = raw[top]  # the chain adds the bias itself
-        self.data["p"][:k] = 0.0
-        return self._array(k)
+    def keep(self, allowed: np.ndarray) -> None:
+        """After `fill`: the tokens not `allowed` get a -inf logit."""
+        np.copyto(self.data["logit"], -np.inf, where=~allowed)
 
     def _array(self, size: int) -> Any:
         a = self.array
@@ -132,50 +121,39 @@ class Candidates:
     def selected(self) -> int:
         return int(self.array.data[self.array.selected].id)
 
-    def allows(self, grammar: Any, token: int) -> bool:
-        self.one[0] = (token, 1.0, 0.0)
-        self.one_array.size, self.one_array.selected, self.one_array.sorted = 1, -1, False
-        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self.one_array))
-        return bool(np.isfinite(self.one["logit"][0]))
 
-
-def force(cands: Candidates, smpl: Any, grammar: Any, token: int) -> None:
+def force(cands: Candidates, smpl: Any, guide: Guide | None, token: int) -> None:
     """`token` as a sequence's next, resuming another worker's generation: the samplers see it
-    as if they had drawn it (penalties and the grammar accept it; a seeded draw advances its
+    as if they had drawn it (penalties and the matcher accept it; a seeded draw advances its
     generator by the one draw it made there)."""
     cands.one[0] = (token, 0.0, 0.0)
     a = cands.one_array
     a.size, a.selected, a.sorted = 1, -1, False
     llama_cpp.llama_sampler_apply(smpl, ctypes.byref(a))
-    if grammar is not None:
-        llama_cpp.llama_sampler_accept(grammar, token)
+    if guide is not None:
+        guide.feed([token])
     llama_cpp.llama_sampler_accept(smpl, token)
 
 
-def sample_constrained(cands: Candidates, ctx: Any, idx: int, smpl: Any, grammar: Any,
-                       bias: dict[int, float] | None = None) -> int:
-    """One token of a constrained sequence (see the module docstring); both samplers accept it.
-    The token accepted is always one the grammar allows and the chain did not rule out (a
-    -inf bias); when there is none, DeadEnd."""
+def sample_constrained(cands: Candidates, ctx: Any, idx: int, smpl: Any, guide: Guide) -> int:
+    """One token of a constrained sequence (see the module docstring); the chain and the guide
+    accept it. The token is always one the guide allows and the chain did not rule out (a -inf
+    bias); when there is none, DeadEnd."""
+    if not guide.active:  # a lazy constraint before its marker: free text
+        token = int(llama_cpp.llama_sampler_sample(smpl, ctx, idx))
+        guide.feed([token])
+        return token
     llama_cpp.llama_sampler_apply(smpl, cands.fill(ctx, idx))
     token = cands.selected()
-    if not cands.allows(grammar, token):
-        # filled one at a time: every tier is the same array, refilled
-        tiers = [k for k in TOP_FIRST if k < cands.n_vocab]
-        arrays = (cands.fill_top(ctx, idx, k, bias) if k else cands.fill(ctx, idx)
-                  for k in (*tiers, 0))
-        for array in arrays:
-            llama_cpp.llama_sampler_apply(grammar, array)
-            if not cands.any_allowed():
-                continue
-            llama_cpp.llama_sampler_apply(smpl, array)
-            token = cands.selected()
-            if cands.selected_is_possible() and cands.allows(grammar, token):
-                break
-        else:
-            raise DeadEnd("the output constraint allows no next token (the grammar made from "
-                          "the schema, with the request's logit_bias, dead-ends here); the "
-                          "answer was ended")
-    llama_cpp.llama_sampler_accept(grammar, token)
+    if not (cands.selected_is_possible() and guide.allows(token)):
+        array = cands.fill(ctx, idx)
+        cands.keep(guide.allowed(cands.n_vocab))
+        if not cands.any_allowed():
+            raise DeadEnd()
+        llama_cpp.llama_sampler_apply(smpl, array)
+        token = cands.selected()
+        if not cands.selected_is_possible():
+            raise DeadEnd()
+    guide.feed([token])
     llama_cpp.llama_sampler_accept(smpl, token)
     return token
