@@ -22,6 +22,7 @@ from llmrelay.api.completions.protocol import CompletionRequest
 from llmrelay.api.completions.serving import CompletionServing
 from llmrelay.api.errors import APIError
 from llmrelay.api.fastchat import CumulativeToDelta, FastChatAdapter, WorkerUnsuitable
+from llmrelay.api.frames import Delta
 from llmrelay.api.pipeline import Limits, Pipeline, Streamed, sse_stream
 from llmrelay.api.table import Worker, WorkerTable
 from llmrelay.api.transport import WorkerTransport
@@ -249,13 +250,19 @@ async def never_gone() -> dict[str, Any]:
 
 
 async def batches(*items: list[tuple[int, dict[str, Any]]]
-                  ) -> AsyncIterator[list[tuple[int, dict[str, Any]]]]:
+                  ) -> AsyncIterator[list[tuple[int, Delta]]]:
+    """Worker frames (JSON objects) as the transport hands them on: parsed, in batches."""
     for item in items:
-        yield item
+        yield [(i, Delta.of(f)) for i, f in item]
 
 
 async def collect(chunks: AsyncIterator[list[Any]]) -> list[dict[str, Any]]:
     return [json.loads(dumps(c)) for batch in [b async for b in chunks] for c in batch]
+
+
+def typed(frames: list[dict[str, Any]]) -> list[Delta]:
+    """Worker frames as the transport parses them."""
+    return [Delta.of(f) for f in frames]
 
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
@@ -266,7 +273,8 @@ def test_chat_response_shape() -> None:
     finals = [{"text": "Hi!", "finish_reason": "length", "usage": USAGE,
                "logprobs": {"content": ENTRIES, "text_offset": [0, 2]}},
               {"text": "Yo", "finish_reason": "eos", "usage": {**USAGE, "completion_tokens": 1}}]
-    r = json.loads(dumps(ChatServing.response("chatcmpl-x", 7, "m", finals, logprobs=True)))
+    r = json.loads(dumps(ChatServing.response("chatcmpl-x", 7, "m", typed(finals),
+                                              logprobs=True)))
     assert r == {
         "id": "chatcmpl-x", "object": "chat.completion", "created": 7, "model": "m",
         "choices": [
@@ -279,7 +287,8 @@ def test_chat_response_shape() -> None:
              "logprobs": {"content": [], "refusal": None}, "finish_reason": "stop"}],
         # one prompt for all choices: counted once
         "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
-    plain = json.loads(dumps(ChatServing.response("c", 7, "m", finals[:1], logprobs=False)))
+    plain = json.loads(dumps(ChatServing.response("c", 7, "m", typed(finals[:1]),
+                                                  logprobs=False)))
     assert plain["choices"][0]["logprobs"] is None
 
 
@@ -320,7 +329,7 @@ def test_completion_response_offsets_and_usage_per_prompt() -> None:
                "logprobs": {"content": ENTRIES, "text_offset": [10, 12]}},  # after an echo
               {"text": "Hi!", "usage": USAGE, "logprobs": {"content": ENTRIES}},
               {"text": "x", "finish_reason": "length", "usage": USAGE}]
-    r = json.loads(dumps(CompletionServing.response("cmpl-x", 7, "m", 1, finals, True)))
+    r = json.loads(dumps(CompletionServing.response("cmpl-x", 7, "m", 1, typed(finals), True)))
     assert r["object"] == "text_completion" and r["id"] == "cmpl-x"
     assert r["choices"][0]["logprobs"] == {
         "text_offset": [10, 12], "tokens": ["Hi", "!"], "token_logprobs": [-0.1, -0.2],
@@ -330,7 +339,7 @@ def test_completion_response_offsets_and_usage_per_prompt() -> None:
     assert [c["finish_reason"] for c in r["choices"]] == ["stop", "stop", "length"]
     # n=1: three prompts, each counted
     assert r["usage"] == {"prompt_tokens": 15, "completion_tokens": 6, "total_tokens": 21}
-    two = json.loads(dumps(CompletionServing.response("c", 7, "m", 3, finals, False)))
+    two = json.loads(dumps(CompletionServing.response("c", 7, "m", 3, typed(finals), False)))
     assert two["usage"]["prompt_tokens"] == 5  # n=3: one prompt
     assert two["choices"][0]["logprobs"] is None
 
@@ -357,9 +366,9 @@ class FakeStream:
         self.items = items
         self.closed = False
 
-    async def batches(self) -> AsyncIterator[list[dict[str, Any]]]:
+    async def batches(self) -> AsyncIterator[list[Delta]]:
         for item in self.items:
-            yield item
+            yield typed(item)
 
     async def aclose(self) -> None:
         self.closed = True
@@ -380,10 +389,10 @@ class FakeTransport:
         return self.streams[-1]
 
     async def generate_once(self, model: str, params: dict[str, Any],
-                            keys: list[str] | None = None, accept: Any = None) -> dict[str, Any]:
+                            keys: list[str] | None = None, accept: Any = None) -> Delta:
         self.params.append(params)
-        return {"text": "".join(f.get("text", "") for f in self.frames),
-                **{k: v for f in self.frames for k, v in f.items() if k != "text"}}
+        return Delta.of({"text": "".join(f.get("text", "") for f in self.frames),
+                         **{k: v for f in self.frames for k, v in f.items() if k != "text"}})
 
 
 def sse_events(body: bytes) -> list[Any]:

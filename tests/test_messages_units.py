@@ -20,6 +20,7 @@ from test_api_units import FakeTransport, batches, entry, never_gone, table_of
 from llmrelay.api.access import Access
 from llmrelay.api.auth import authorization
 from llmrelay.api.errors import APIError, from_worker
+from llmrelay.api.frames import Delta
 from llmrelay.api.keys import KeyStore
 from llmrelay.api.messages import errors as anthropic
 from llmrelay.api.messages.protocol import CountTokensRequest, MessagesRequest
@@ -156,13 +157,14 @@ USAGE = {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
 
 
 def test_stop_reasons() -> None:
-    assert stop_reason({"finish_reason": "tool_calls"}, []) == ("tool_use", None)
-    assert stop_reason({"finish_reason": "length"}, ["x"]) == ("max_tokens", None)
-    assert stop_reason({"finish_reason": "stop"}, ["x"]) == ("end_turn", None)
-    assert stop_reason({"finish_reason": "stop", "stop_sequence": "x"}, ["x"]) == \
+    assert stop_reason(Delta.of({"finish_reason": "tool_calls"}), []) == ("tool_use", None)
+    assert stop_reason(Delta.of({"finish_reason": "length"}), ["x"]) == ("max_tokens", None)
+    assert stop_reason(Delta.of({"finish_reason": "stop"}), ["x"]) == ("end_turn", None)
+    assert stop_reason(Delta.of({"finish_reason": "stop", "stop_sequence": "x"}), ["x"]) == \
         ("stop_sequence", "x")
     # a template's own stop string is not one the client asked for
-    assert stop_reason({"finish_reason": "stop", "stop_sequence": "<|im_end|>"}, ["x"]) == \
+    assert stop_reason(Delta.of({"finish_reason": "stop", "stop_sequence": "<|im_end|>"}),
+                       ["x"]) == \
         ("end_turn", None)
     assert tool_use_id("call_abc") == "toolu_abc" and tool_use_id("toolu_q") == "toolu_q"
     assert tool_use_id(None).startswith("toolu_")
@@ -180,7 +182,7 @@ def test_whole_message_shape() -> None:
     final = {"text": "Sure.", "finish_reason": "tool_calls", "usage": USAGE, "tool_calls": [
         {"index": 0, "id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
         {"index": 1, "id": "call_2", "name": "get_weather", "arguments": '{"city": "Pa'}]}
-    m = json.loads(dumps(MessagesServing.message("msg_r", "m", final, [])))
+    m = json.loads(dumps(MessagesServing.message("msg_r", "m", Delta.of(final), [])))
     assert m == {"id": "msg_r", "type": "message", "role": "assistant", "model": "m",
                  "content": [{"type": "text", "text": "Sure.", "citations": None},
                              {"type": "tool_use", "id": "toolu_1", "name": "get_weather",

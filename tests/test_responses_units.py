@@ -19,6 +19,7 @@ from pydantic import TypeAdapter
 from test_api_units import FakeTransport, entry, never_gone, table_of
 
 from llmrelay.api.errors import APIError
+from llmrelay.api.frames import Delta
 from llmrelay.api.pipeline import Limits, Pipeline
 from llmrelay.api.responses.events import KEEPALIVE, EventWriter, encode
 from llmrelay.api.responses.items import input_items, output_items, to_messages
@@ -157,20 +158,25 @@ def test_unsupported_items_and_parts_are_400s_naming_the_type() -> None:
 
 
 def test_whole_answers_become_output_items() -> None:
-    items = plain(output_items({"text": "Hi", "tool_calls": [
-        {"id": "call_a", "name": "f", "arguments": "{}"}]}))
+    items = plain(output_items(Delta.of({"text": "Hi", "tool_calls": [
+        {"id": "call_a", "name": "f", "arguments": "{}"}]})))
     assert [i["type"] for i in items] == ["message", "function_call"]
     assert items[0]["content"] == [{"type": "output_text", "text": "Hi", "annotations": [],
                                     "logprobs": []}]
     assert items[1]["call_id"] == "call_a" and items[1]["id"].startswith("fc_")
-    only_call = plain(output_items({"text": "", "tool_calls": [{"id": "c", "name": "f",
-                                                                 "arguments": "{"}]}, True))
+    only_call = plain(output_items(Delta.of({"text": "", "tool_calls": [{"id": "c", "name": "f",
+                                                                 "arguments": "{"}]}), True))
     assert [i["type"] for i in only_call] == ["function_call"]
     assert only_call[0]["status"] == "incomplete"
-    assert plain(output_items({"text": ""}))[0]["content"][0]["text"] == ""
+    assert plain(output_items(Delta.of({"text": ""})))[0]["content"][0]["text"] == ""
 
 
 # ---- the event sequence ---------------------------------------------------------------------------
+
+
+def feed(w: EventWriter, frames: list[tuple[int, dict[str, Any]]]) -> list[Any]:
+    """Worker frames (JSON objects), parsed as the transport does, fed to the writer."""
+    return list(w.feed([(i, Delta.of(f)) for i, f in frames]))
 
 
 def replay(events: list[Any]) -> tuple[list[str], ResponseStreamState[Any]]:
@@ -191,13 +197,13 @@ def replay(events: list[Any]) -> tuple[list[str], ResponseStreamState[Any]]:
 def test_text_then_calls_stream_in_the_sdk_order() -> None:
     w = EventWriter(head(), now=lambda: 9.0)
     events = w.start()
-    events += w.feed([(0, {"text": "Let"}), (0, {"text": " me"})])
-    events += w.feed([(0, {"tool_calls": [{"index": 0, "id": "call_a", "name": "get_weather"}]}),
+    events += feed(w, [(0, {"text": "Let"}), (0, {"text": " me"})])
+    events += feed(w, [(0, {"tool_calls": [{"index": 0, "id": "call_a", "name": "get_weather"}]}),
                       (0, {"tool_calls": [{"index": 0, "arguments": '{"city":'}]})])
-    events += w.feed([(0, {"tool_calls": [{"index": 0, "arguments": ' "Paris"}'},
+    events += feed(w, [(0, {"tool_calls": [{"index": 0, "arguments": ' "Paris"}'},
                                           {"index": 1, "id": "call_b", "name": "get_weather",
                                            "arguments": "{}"}]})])
-    events += w.feed([(0, {"finish_reason": "tool_calls", "usage": USAGE})])
+    events += feed(w, [(0, {"finish_reason": "tool_calls", "usage": USAGE})])
     events += w.finish()
     types, state = replay(events)
     assert types == [
@@ -229,7 +235,7 @@ def test_text_then_calls_stream_in_the_sdk_order() -> None:
 
 def test_length_limit_is_incomplete_and_errors_fail() -> None:
     w = EventWriter(head(max_output_tokens=2))
-    events = w.start() + w.feed([(0, {"text": "Hi"}), (0, {"text": "!", "finish_reason": "length",
+    events = w.start() + feed(w, [(0, {"text": "Hi"}), (0, {"text": "!", "finish_reason": "length",
                                                             "usage": USAGE})]) + w.finish()
     types, _ = replay(events)
     assert types[-1] == "response.incomplete"
@@ -240,7 +246,7 @@ def test_length_limit_is_incomplete_and_errors_fail() -> None:
     SDKResponse.model_validate(final)
 
     w = EventWriter(head())
-    events = w.start() + w.feed([(0, {"text": "Hi"})]) + w.fail(APIError(500, "worker died",
+    events = w.start() + feed(w, [(0, {"text": "Hi"})]) + w.fail(APIError(500, "worker died",
                                                                         "server_error"))
     types, _ = replay(events)
     assert types[-2:] == ["response.output_item.done", "response.failed"]
@@ -251,7 +257,7 @@ def test_length_limit_is_incomplete_and_errors_fail() -> None:
 
     # nothing said, nothing called: an empty message, as a whole answer has
     w = EventWriter(head())
-    types, state = replay(w.start() + w.feed([(0, {"finish_reason": "stop", "usage": USAGE})])
+    types, state = replay(w.start() + feed(w, [(0, {"finish_reason": "stop", "usage": USAGE})])
                           + w.finish())
     assert "response.output_item.added" in types and state._completed_response is not None
     assert state._completed_response.output_text == ""

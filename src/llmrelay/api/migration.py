@@ -23,15 +23,9 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from llmrelay.api.frames import CallPiece, Delta
 from llmrelay.api.observe import note_migration
-from llmrelay.protocol import (
-    EXT_CONTINUATION,
-    ErrorCode,
-    LogprobEntry,
-    ToolCallWire,
-    add_call_piece,
-    text_offsets,
-)
+from llmrelay.protocol import EXT_CONTINUATION, ErrorCode, LogprobEntry, text_offsets
 
 log = logging.getLogger("llmrelay.api")
 
@@ -39,7 +33,7 @@ log = logging.getLogger("llmrelay.api")
 class Stream(Protocol):
     worker: Any
 
-    def batches(self) -> AsyncIterator[list[dict[str, Any]]]: ...
+    def batches(self) -> AsyncIterator[list[Delta]]: ...
 
     async def aclose(self) -> None: ...
 
@@ -71,7 +65,7 @@ class MigratingStream:
         self.token_ids: list[int] = []  # every token received, in order
         self.finished = False
 
-    async def batches(self) -> AsyncIterator[list[dict[str, Any]]]:
+    async def batches(self) -> AsyncIterator[list[Delta]]:
         while True:
             try:
                 async for batch in self.stream.batches():
@@ -91,20 +85,20 @@ class MigratingStream:
                     raise
                 await self._move(e)
 
-    def _take(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _take(self, batch: list[Delta]) -> list[Delta]:
         """The frames to pass on; an error frame of a broken worker raises WorkerLost."""
         out = []
         for f in batch:
-            code = int(f.get("error_code") or 0)
+            code = f.error_code
             if code >= ErrorCode.INTERNAL_ERROR and self._may_move():
-                raise WorkerLost(f"the worker failed mid-answer ({str(f.get('text'))[:200]})")
+                raise WorkerLost(f"the worker failed mid-answer ({f.text[:200]})")
             if code:
                 out.append(f)
                 self.finished = True
                 break
-            self.token_ids += f.get("token_ids") or ()
+            self.token_ids += f.token_ids
             out.append(f)
-            if f.get("finish_reason"):
+            if f.finish_reason:
                 self.finished = True
                 break
         return out
@@ -132,33 +126,44 @@ class MigratingStream:
         await self.stream.aclose()
 
 
-async def join(stream: Stream) -> dict[str, Any]:
-    """A whole answer as one delta frame from a generation's frames: its text, logprob entries
-    with each one's offset in the text, tool calls joined by index, the last usage and finish
-    reason; an error frame as it is."""
-    text = ""
+async def join(stream: Stream) -> Delta:
+    """A whole answer as one Delta from a generation's frames: its text and reasoning, logprob
+    entries with each one's offset in the text, tool calls joined by index, the last usage,
+    finish reason and stop string; an error frame as it is."""
+    text: list[str] = []
+    reasoning: list[str] = []
+    length = 0
     entries: list[LogprobEntry] = []
     offsets: list[int] = []
-    calls: list[ToolCallWire] = []
-    last: dict[str, Any] = {"error_code": 0}
+    calls: list[CallPiece] = []
+    last = Delta()
     try:
         async for batch in stream.batches():
             for f in batch:
-                if f.get("error_code"):
+                if f.error_code:
                     return f
-                lp = (f.get("logprobs") or {}).get("content") or []
-                offsets += text_offsets(lp, len(text))
-                entries += lp
-                text += f.get("text") or ""
-                for piece in f.get("tool_calls") or ():
+                if f.logprobs:
+                    offsets += text_offsets(f.logprobs, length)
+                    entries += f.logprobs
+                text.append(f.text)
+                length += len(f.text)
+                reasoning.append(f.reasoning)
+                for piece in f.tool_calls:
                     add_call_piece(calls, piece)
                 last = f
     finally:
         await stream.aclose()
-    out = {**last, "text": text, "error_code": 0}
-    out.pop("token_ids", None)
-    out["logprobs"] = {"content": entries, "text_offset": offsets} if entries else None
-    out.pop("tool_calls", None)
-    if calls:
-        out["tool_calls"] = calls
-    return out
+    return Delta(text="".join(text), reasoning="".join(reasoning), tool_calls=calls,
+                 logprobs=entries or None, text_offset=offsets if entries else None,
+                 usage=last.usage, finish_reason=last.finish_reason,
+                 stop_sequence=last.stop_sequence)
+
+
+def add_call_piece(calls: list[CallPiece], piece: CallPiece) -> None:
+    """Join a tool call's piece (from a delta frame) into whole calls, by its index."""
+    while len(calls) <= piece.index:
+        calls.append(CallPiece(len(calls)))
+    call = calls[piece.index]
+    call.id = piece.id or call.id
+    call.name = piece.name or call.name
+    call.arguments += piece.arguments

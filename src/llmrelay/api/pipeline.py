@@ -22,7 +22,8 @@ import aiohttp
 from starlette.responses import Response
 from starlette.types import Receive
 
-from llmrelay.api.errors import APIError, from_worker
+from llmrelay.api.errors import APIError
+from llmrelay.api.frames import Delta, TokenUsage
 from llmrelay.api.observe import (
     note_billed,
     note_cancelled,
@@ -51,6 +52,7 @@ T = TypeVar("T")
 DEFAULT_TEMPERATURE = 0.7
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_DONE = b"data: [DONE]\n\n"
+NO_USAGE = TokenUsage()
 
 
 def sse(obj: Any) -> bytes:
@@ -98,20 +100,27 @@ def finish_reason(reason: str | None) -> str:
     return reason if reason in ("stop", "length", "tool_calls") else "stop"
 
 
-def usage_of(last: dict[int, dict[str, Any]], prompt_of: Callable[[int], int]) -> UsageInfo:
+def usage_of(last: dict[int, Delta], prompt_of: Callable[[int], int]) -> TokenUsage:
     """Usage over all choices (their last frames): each distinct prompt counted once,
-    completions summed. This is what the request's API key is charged (observe.note_billed),
-    so front doors compute it for every answer, shown to the client or not."""
+    completions (and the reasoning within them) summed. This is what the request's API key is
+    charged (observe.note_billed), so front doors compute it for every answer, shown to the
+    client or not."""
     prompts: dict[int, int] = {}
-    completion = 0
+    completion = reasoning = 0
     for i, f in last.items():
-        u = f.get("usage") or {}
-        prompts[prompt_of(i)] = int(u.get("prompt_tokens", 0))
-        completion += int(u.get("completion_tokens", 0))
+        u = f.usage or NO_USAGE
+        prompts[prompt_of(i)] = u.prompt_tokens
+        completion += u.completion_tokens
+        reasoning += u.reasoning_tokens
     prompt = sum(prompts.values())
     note_billed(prompt, completion)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion)
+    return TokenUsage(prompt, completion, reasoning)
+
+
+def openai_usage(u: TokenUsage) -> UsageInfo:
+    """Chat's and completions' `usage` object."""
+    return UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                     total_tokens=u.total_tokens)
 
 
 # ---- generations on workers ---------------------------------------------------------------------
@@ -120,7 +129,7 @@ def usage_of(last: dict[int, dict[str, Any]], prompt_of: Callable[[int], int]) -
 class Stream(Protocol):
     """One open generation (transport.WorkerStream)."""
 
-    def batches(self) -> AsyncIterator[list[dict[str, Any]]]: ...
+    def batches(self) -> AsyncIterator[list[Delta]]: ...
 
     async def aclose(self) -> None: ...
 
@@ -133,7 +142,7 @@ class Generations(Protocol):
 
     async def generate_once(self, model: str, params: dict[str, Any],
                             keys: list[str] | None = None,
-                            accept: Accept | None = None) -> dict[str, Any]: ...
+                            accept: Accept | None = None) -> Delta: ...
 
 
 @dataclass
@@ -176,12 +185,12 @@ class Pipeline:
 
     async def answer_all(self, receive: Receive, model: str, params: list[dict[str, Any]],
                          keys: list[str] | None = None,
-                         accept: Accept | None = None) -> list[dict[str, Any]]:
-        """A non-streamed request's answers, one whole delta frame per choice, all generated at
+                         accept: Accept | None = None) -> list[Delta]:
+        """A non-streamed request's answers, one whole Delta per choice, all generated at
         once; all or nothing. Cancelled (which stops the workers) when the client leaves; 504
         past the request timeout."""
 
-        async def all_answers() -> list[dict[str, Any]]:
+        async def all_answers() -> list[Delta]:
             if len(params) == 1:
                 return [await self.transport.generate_once(model, params[0], keys, accept)]
             tasks = [asyncio.ensure_future(self.transport.generate_once(model, p, keys, accept))
@@ -198,16 +207,14 @@ class Pipeline:
             if e.status == 499:
                 note_cancelled()
             raise
-        for f in finals:
-            if f.get("text"):
-                note_first_token()  # the first text this server saw: the whole answer
-                break
-        note_usage(sum(int((f.get("usage") or {}).get("prompt_tokens") or 0) for f in finals),
-                   sum(int((f.get("usage") or {}).get("completion_tokens") or 0) for f in finals))
+        if any(f.text or f.reasoning for f in finals):
+            note_first_token()  # the first text this server saw: the whole answer
+        usages = [f.usage or NO_USAGE for f in finals]
+        note_usage(sum(u.prompt_tokens for u in usages), sum(u.completion_tokens for u in usages))
         return finals
 
 
-Frames = list[tuple[int, dict[str, Any]]]
+Frames = list[tuple[int, Delta]]
 
 
 async def merged(streams: list[Stream], deadline: float | None = None
@@ -235,7 +242,7 @@ async def merged(streams: list[Stream], deadline: float | None = None
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     remaining = len(tasks)
-    usage: dict[int, dict[str, Any]] = {}  # each stream's last usage, for the metrics
+    usage: dict[int, TokenUsage] = {}  # each stream's last usage, for the metrics
     # The deadline is one timer that drops a marker in the queue (a wait_for per frame cost a
     # timer and a task per frame).
     late = object()
@@ -257,14 +264,13 @@ async def merged(streams: list[Stream], deadline: float | None = None
                     error = item
                 else:
                     for f in item:
-                        if f.get("error_code"):
-                            error = from_worker(int(f["error_code"]), str(f.get("text", "")),
-                                                f.get("param"))
+                        if f.error_code:
+                            error = f.error()
                             break
-                        if f.get("text"):
+                        if f.text or f.reasoning:
                             note_first_token()
-                        if f.get("usage"):
-                            usage[i] = f["usage"]
+                        if f.usage is not None:
+                            usage[i] = f.usage
                         out.append((i, f))
                 if error is not None:
                     break
@@ -279,8 +285,8 @@ async def merged(streams: list[Stream], deadline: float | None = None
     finally:
         if timer is not None:
             timer.cancel()
-        note_usage(sum(int(u.get("prompt_tokens") or 0) for u in usage.values()),
-                   sum(int(u.get("completion_tokens") or 0) for u in usage.values()))
+        note_usage(sum(u.prompt_tokens for u in usage.values()),
+                   sum(u.completion_tokens for u in usage.values()))
         for t in tasks:
             t.cancel()
         for s in streams:

@@ -18,8 +18,9 @@ from typing import Any, TypeVar
 import aiohttp
 import httpx
 
-from llmrelay.api.errors import APIError, from_worker
+from llmrelay.api.errors import APIError
 from llmrelay.api.fastchat import CumulativeToDelta, FastChatAdapter, WorkerUnsuitable
+from llmrelay.api.frames import Delta
 from llmrelay.api.migration import MigratingStream, join, resumable
 from llmrelay.api.observe import current, note_failover
 from llmrelay.api.table import Accept, Worker, WorkerTable
@@ -32,7 +33,7 @@ KEEPALIVE = 4.0  # seconds an idle connection to a worker is kept (uvicorn's own
 T = TypeVar("T")
 # One try on one worker: (worker, body, exit stack) -> (its first frame, what the caller gets).
 Attempt = Callable[[Worker, dict[str, Any], contextlib.AsyncExitStack],
-                   Awaitable[tuple[dict[str, Any], T]]]
+                   Awaitable[tuple[Delta, T]]]
 # The body for the worker picked (ours and FastChat's take different ones).
 BodyFor = Callable[[Worker], Awaitable[dict[str, Any]]]
 
@@ -46,7 +47,8 @@ FAILED = (aiohttp.ClientError, httpx.HTTPError, StopAsyncIteration, ValueError)
 class WorkerStream:
     """One generation on one worker: the first frame is read before anyone answers the client.
 
-    Frames come in batches: those that arrived from the worker together."""
+    Frames come in batches (those that arrived from the worker together), each frame parsed
+    once into a `Delta` here."""
 
     def __init__(self, worker: Worker, stack: contextlib.AsyncExitStack,
                  batches: AsyncIterator[list[dict[str, Any]]], first: list[dict[str, Any]],
@@ -56,15 +58,17 @@ class WorkerStream:
         self._batches = batches
         # A worker answering FastChat's cumulative frames: turned into deltas here.
         self._convert = CumulativeToDelta() if cumulative else None
-        self._first = self._converted(first)
+        self.first = self._parsed(first)
 
-    def _converted(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [self._convert(f) for f in batch] if self._convert else batch
+    def _parsed(self, batch: list[dict[str, Any]]) -> list[Delta]:
+        if self._convert is not None:
+            return [Delta.of(self._convert(f)) for f in batch]
+        return [Delta.of(f) for f in batch]
 
-    async def batches(self) -> AsyncIterator[list[dict[str, Any]]]:
-        yield self._first
+    async def batches(self) -> AsyncIterator[list[Delta]]:
+        yield self.first
         async for batch in self._batches:
-            yield self._converted(batch)
+            yield self._parsed(batch)
 
     async def aclose(self) -> None:
         await self._stack.aclose()
@@ -165,20 +169,20 @@ class WorkerTransport:
     async def _open(self, model: str, params: dict[str, Any], keys: list[str] | None,
                     accept: Accept | None, exclude: set[str] | None = None) -> WorkerStream:
         async def start(worker: Worker, body: dict[str, Any], stack: contextlib.AsyncExitStack
-                        ) -> tuple[dict[str, Any], WorkerStream]:
+                        ) -> tuple[Delta, WorkerStream]:
             response = await self._post(stack, worker.name + "/worker_generate_stream", body)
             batches = iter_frame_batches(response.content.iter_any())
-            first_batch = await batches.__anext__()
-            return first_batch[0], WorkerStream(worker, stack, batches, first_batch,
-                                                cumulative=not body.get("delta"))
+            stream = WorkerStream(worker, stack, batches, await batches.__anext__(),
+                                  cumulative=not body.get("delta"))
+            return stream.first[0], stream
 
         return await self._on_a_worker(model, self._generation(params), start, keep_open=True,
                                        keys=keys, accept=accept, exclude=exclude)
 
     async def generate_once(self, model: str, params: dict[str, Any],
                             keys: list[str] | None = None,
-                            accept: Accept | None = None) -> dict[str, Any]:
-        """A whole generation as one delta frame: `text` and `logprobs` cover the whole answer.
+                            accept: Accept | None = None) -> Delta:
+        """A whole generation as one Delta: its text, calls and logprobs cover the whole answer.
 
         Read as a stream of frames and joined here (migration.join), so a worker that fails
         mid-answer hands the rest to another (continuation) instead of the answer starting over.
@@ -189,11 +193,10 @@ class WorkerTransport:
             return await join(await self.open_stream(model, params, keys, accept))
 
         async def once(worker: Worker, body: dict[str, Any], stack: contextlib.AsyncExitStack
-                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+                       ) -> tuple[Delta, Delta]:
             response = await self._post(stack, worker.name + "/worker_generate", body)
-            final = _answer(await response.read())
-            if not body.get("delta"):
-                final = CumulativeToDelta()(final)
+            data = _answer(await response.read())
+            final = Delta.of(data if body.get("delta") else CumulativeToDelta()(data))
             return final, final
 
         return await self._on_a_worker(model, self._generation(params), once, keep_open=False,
@@ -205,13 +208,13 @@ class WorkerTransport:
         `{"embedding": [...], "token_num": n}`."""
 
         async def once(worker: Worker, body: dict[str, Any], stack: contextlib.AsyncExitStack
-                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+                       ) -> tuple[Delta, dict[str, Any]]:
             response = await self._post(stack, worker.name + "/worker_get_embeddings", body)
             data = _answer(await response.read())
             if not data.get("error_code") and not isinstance(data.get("embedding"), list):
                 data = {"text": "the answer holds no embeddings",
                         "error_code": int(ErrorCode.INTERNAL_ERROR)}
-            return data, data
+            return Delta.of(data), data
 
         async def same(worker: Worker) -> dict[str, Any]:
             return body
@@ -225,13 +228,13 @@ class WorkerTransport:
         body for the worker picked (FastChat's workers may need another)."""
 
         async def once(worker: Worker, body: dict[str, Any], stack: contextlib.AsyncExitStack
-                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+                       ) -> tuple[Delta, dict[str, Any]]:
             response = await self._post(stack, worker.name + path, body)
             data = _answer(await response.read())
             if response.status >= 400 and not data.get("error_code"):  # e.g. no such endpoint
                 data = {"text": f"{path} answered HTTP {response.status}",
                         "error_code": int(ErrorCode.INTERNAL_ERROR)}
-            return data, data
+            return Delta.of(data), data
 
         return await self._on_a_worker(model, body_for, once, keep_open=False, accept=accept)
 
@@ -290,22 +293,22 @@ class WorkerTransport:
             except BaseException:  # cancelled (the client left) before the first frame
                 await stack.aclose()
                 raise
-            code = int(first.get("error_code") or 0)
+            code = first.error_code
             if code or not keep_open:
                 await stack.aclose()
             if code:
                 if code == ErrorCode.ENGINE_OVERLOADED:
                     full += 1
-                    last_error = f"{worker.name}: {first.get('text', 'full')}"
+                    last_error = f"{worker.name}: {first.text or 'full'}"
                     note_failover()
                     continue
                 if code >= ErrorCode.INTERNAL_ERROR:  # the worker broke: another may not
-                    last_error = f"{worker.name}: {first.get('text', '')}"
+                    last_error = f"{worker.name}: {first.text}"
                     log.warning("worker %s failed before answering (%s); trying another",
                                 worker.name, last_error)
                     note_failover()
                     continue
-                raise from_worker(code, str(first.get("text", "")), first.get("param"))
+                raise first.error()
             table.remember(keys, worker.name)
             return result
         if full and full == len(tried):

@@ -9,7 +9,6 @@ frames alone, so tests can feed them frames without a server or a worker.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 from starlette.types import Receive
 
@@ -36,11 +35,13 @@ from llmrelay.api.chat.protocol import (
     normalize_messages,
 )
 from llmrelay.api.errors import bad_param
+from llmrelay.api.frames import CallPiece, Delta
 from llmrelay.api.pipeline import (
     Frames,
     GenerationServing,
     Streamed,
     finish_reason,
+    openai_usage,
     per_choice,
     sampling_params,
     usage_of,
@@ -51,24 +52,23 @@ from llmrelay.protocol import new_call_id
 ROLE, END = RoleDelta(), EndDelta()  # the same in every answer
 
 
-def message(final: dict[str, Any]) -> ChatMessageOut:
+def message(final: Delta) -> ChatMessageOut:
     """The assistant's message of a whole answer: its text, and the tools it called (then a
     text of nothing at all is null, as OpenAI answers)."""
-    calls = [ToolCallOut(c.get("id") or new_call_id(), FunctionCallOut(c.get("name", ""),
-                                                                     c.get("arguments", "")))
-             for c in final.get("tool_calls") or []]
-    text = final.get("text", "")
+    calls = [ToolCallOut(c.id or new_call_id(), FunctionCallOut(c.name, c.arguments))
+             for c in final.tool_calls]
+    text = final.text
     if not calls:
         return ChatMessageOut(content=text)
     return ChatMessageWithCalls(content=text or None, tool_calls=calls)
 
 
-def call_delta(d: dict[str, Any]) -> ToolCallDelta | FirstToolCallDelta:
+def call_delta(d: CallPiece) -> ToolCallDelta | FirstToolCallDelta:
     """A worker's piece of a call as a chunk's: the first (it has the id) names the call."""
-    if d.get("id"):
-        return FirstToolCallDelta(index=d["index"], id=d["id"], function=NamedArgumentsDelta(
-            name=d.get("name") or "", arguments=d.get("arguments", "")))
-    return ToolCallDelta(index=d["index"], function=ArgumentsDelta(d.get("arguments", "")))
+    if d.id:
+        return FirstToolCallDelta(index=d.index, id=d.id, function=NamedArgumentsDelta(
+            name=d.name, arguments=d.arguments))
+    return ToolCallDelta(index=d.index, function=ArgumentsDelta(d.arguments))
 
 
 def _one_prompt(i: int) -> int:
@@ -111,16 +111,16 @@ class ChatServing(GenerationServing):
                                             logprobs, include_usage), opening)
 
     @staticmethod
-    def response(id_: str, created: int, model: str, finals: list[dict[str, Any]],
+    def response(id_: str, created: int, model: str, finals: list[Delta],
                  logprobs: bool) -> ChatCompletion:
-        """A whole answer from each choice's whole delta frame."""
+        """A whole answer from each choice's whole Delta."""
         return ChatCompletion(id=id_, created=created, model=model, choices=[ChatChoice(
             index=i,
             message=message(f),
-            logprobs=ChatLogprobs((f.get("logprobs") or {}).get("content", []))
-            if logprobs else None,
-            finish_reason=finish_reason(f.get("finish_reason")),
-        ) for i, f in enumerate(finals)], usage=usage_of(dict(enumerate(finals)), _one_prompt))
+            logprobs=ChatLogprobs(f.logprobs or []) if logprobs else None,
+            finish_reason=finish_reason(f.finish_reason),
+        ) for i, f in enumerate(finals)], usage=openai_usage(usage_of(dict(enumerate(finals)),
+                                                                      _one_prompt)))
 
     @staticmethod
     async def chunks(id_: str, created: int, model: str, n: int, frames: AsyncIterator[Frames],
@@ -128,31 +128,31 @@ class ChatServing(GenerationServing):
                      ) -> AsyncIterator[list[ChatCompletionChunk]]:
         """Chunks from the choices' merged delta frames, a list per batch of frames."""
 
-        last: dict[int, dict[str, Any]] = {}
+        last: dict[int, Delta] = {}
         # The role chunks go out with the first frames.
         out = [ChatCompletionChunk(id=id_, created=created, model=model,
                                    choices=[ChunkChoice(index=i, delta=ROLE)]) for i in range(n)]
         async for batch in frames:
             for i, f in batch:
                 last[i] = f
-                lp = f.get("logprobs")
-                if f.get("text") or lp:
+                lp = f.logprobs
+                if f.text or lp is not None:
                     out.append(ChatCompletionChunk(id=id_, created=created, model=model, choices=[
-                        ChunkChoice(index=i, delta=ContentDelta(f.get("text", "")),
-                                    logprobs=ChatLogprobs(lp.get("content") or [])
-                                    if logprobs and lp else None)]))
-                if f.get("tool_calls"):
+                        ChunkChoice(index=i, delta=ContentDelta(f.text),
+                                    logprobs=ChatLogprobs(lp)
+                                    if logprobs and lp is not None else None)]))
+                if f.tool_calls:
                     out.append(ChatCompletionChunk(id=id_, created=created, model=model, choices=[
                         ChunkChoice(index=i, delta=ToolCallsDelta([
-                            call_delta(d) for d in f["tool_calls"]]))]))
-                if f.get("finish_reason"):
+                            call_delta(d) for d in f.tool_calls]))]))
+                if f.finish_reason:
                     out.append(ChatCompletionChunk(id=id_, created=created, model=model, choices=[
                         ChunkChoice(index=i, delta=END,
-                                    finish_reason=finish_reason(f["finish_reason"]))]))
+                                    finish_reason=finish_reason(f.finish_reason))]))
             yield out
             out = []
         usage = usage_of(last, _one_prompt)  # charged to the API key even when not sent
         if include_usage:
             out.append(ChatCompletionUsageChunk(id=id_, created=created, model=model, choices=[],
-                                                usage=usage))
+                                                usage=openai_usage(usage)))
         yield out

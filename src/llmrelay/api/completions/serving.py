@@ -20,11 +20,13 @@ from llmrelay.api.completions.protocol import (
     CompletionWithUsage,
 )
 from llmrelay.api.errors import bad_param
+from llmrelay.api.frames import Delta
 from llmrelay.api.pipeline import (
     Frames,
     GenerationServing,
     Streamed,
     finish_reason,
+    openai_usage,
     per_choice,
     sampling_params,
     usage_of,
@@ -47,14 +49,13 @@ def prompts_of(prompt: Any) -> list[dict[str, Any]]:
                     "and must not be empty.")
 
 
-def whole_logprobs(frame: dict[str, Any]) -> LegacyLogprobs:
+def whole_logprobs(final: Delta) -> LegacyLogprobs:
     """A whole answer's logprobs in the legacy lists, with the worker's text offsets (an
     echoed prompt has no entries, so the answer's tokens do not start at 0), else counted
     from 0."""
-    given = frame.get("logprobs") or {}
-    entries = given.get("content", [])
+    entries = final.logprobs or []
     offsets = text_offsets(entries, 0)
-    worker_offsets = given.get("text_offset")
+    worker_offsets = final.text_offset
     if worker_offsets:
         offsets[:len(worker_offsets)] = worker_offsets[:len(offsets)]
     return to_legacy(entries, offsets)
@@ -98,15 +99,15 @@ class CompletionServing(GenerationServing):
                                             opening.frames(), logprobs, include_usage), opening)
 
     @staticmethod
-    def response(id_: str, created: int, model: str, n: int, finals: list[dict[str, Any]],
+    def response(id_: str, created: int, model: str, n: int, finals: list[Delta],
                  logprobs: bool) -> CompletionWithUsage:
-        """A whole answer from each choice's whole delta frame (n choices per prompt)."""
+        """A whole answer from each choice's whole Delta (n choices per prompt)."""
         return CompletionWithUsage(id=id_, created=created, model=model, choices=[
-            CompletionChoice(index=i, text=f.get("text", ""),
+            CompletionChoice(index=i, text=f.text,
                              logprobs=whole_logprobs(f) if logprobs else None,
-                             finish_reason=finish_reason(f.get("finish_reason")))
-            for i, f in enumerate(finals)], usage=usage_of(dict(enumerate(finals)),
-                                                           lambda i: i // n))
+                             finish_reason=finish_reason(f.finish_reason))
+            for i, f in enumerate(finals)], usage=openai_usage(usage_of(dict(enumerate(finals)),
+                                                                        lambda i: i // n)))
 
     @staticmethod
     async def chunks(id_: str, created: int, model: str, n: int, total: int,
@@ -114,19 +115,18 @@ class CompletionServing(GenerationServing):
                      ) -> AsyncIterator[list[Completion]]:
         """Chunks from the choices' merged delta frames (`total` choices, n per prompt), a list
         per batch of frames."""
-        last: dict[int, dict[str, Any]] = {}
+        last: dict[int, Delta] = {}
         offsets = [0] * total  # where each choice's next text starts
         async for batch in frames:
             out: list[Completion] = []
             for i, f in batch:
                 last[i] = f
-                text = f.get("text", "")
+                text = f.text
                 lp = None
-                if logprobs and f.get("logprobs"):
-                    entries = f["logprobs"]["content"]
-                    lp = to_legacy(entries, text_offsets(entries, offsets[i]))
+                if logprobs and f.logprobs is not None:
+                    lp = to_legacy(f.logprobs, text_offsets(f.logprobs, offsets[i]))
                 offsets[i] += len(text)
-                reason = f.get("finish_reason")
+                reason = f.finish_reason
                 if text or lp or reason:
                     out.append(Completion(id=id_, created=created, model=model, choices=[
                         CompletionChoice(index=i, text=text, logprobs=lp,
@@ -135,4 +135,4 @@ class CompletionServing(GenerationServing):
         usage = usage_of(last, lambda i: i // n)  # charged to the API key even when not sent
         if include_usage:
             yield [CompletionWithUsage(id=id_, created=created, model=model, choices=[],
-                                       usage=usage)]
+                                       usage=openai_usage(usage))]

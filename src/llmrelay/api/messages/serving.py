@@ -23,6 +23,7 @@ from typing import Any
 from starlette.types import Receive
 
 from llmrelay.api.errors import APIError
+from llmrelay.api.frames import CallPiece, Delta, TokenUsage
 from llmrelay.api.messages.errors import ANTHROPIC_SSE
 from llmrelay.api.messages.protocol import (
     BlockDelta,
@@ -79,26 +80,25 @@ def tool_input(arguments: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def stop_reason(frame: dict[str, Any], stops: list[str]) -> tuple[str, str | None]:
+def stop_reason(frame: Delta, stops: list[str]) -> tuple[str, str | None]:
     """(stop_reason, stop_sequence) for a worker's last frame (see the module docstring)."""
-    reason = frame.get("finish_reason")
+    reason = frame.finish_reason
     if reason == "tool_calls":
         return "tool_use", None
     if reason == "length":
         return "max_tokens", None
-    said = frame.get("stop_sequence")
+    said = frame.stop_sequence
     if said is not None and said in stops:
         return "stop_sequence", said
     return "end_turn", None
 
 
-def usage(frame: dict[str, Any]) -> Usage:
-    u = frame.get("usage") or {}
-    return Usage(input_tokens=int(u.get("prompt_tokens") or 0),
-                 output_tokens=int(u.get("completion_tokens") or 0))
+def usage(frame: Delta) -> Usage:
+    u = frame.usage or TokenUsage()
+    return Usage(input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens)
 
 
-def delta_usage(frame: dict[str, Any]) -> DeltaUsage:
+def delta_usage(frame: Delta) -> DeltaUsage:
     u = usage(frame)
     return DeltaUsage(input_tokens=u.input_tokens, output_tokens=u.output_tokens)
 
@@ -134,17 +134,16 @@ class Blocks:
         out.append(BlockDelta(index=self.count - 1, delta=TextDelta(text=text)))
         return out
 
-    def tool(self, piece: dict[str, Any]) -> list[Event]:
+    def tool(self, piece: CallPiece) -> list[Event]:
         """A piece of a call: the first ({index, id, name}) starts its block, the others add
         to its arguments (our workers send a call's pieces together, one call after another)."""
         out: list[Event] = []
-        if not (self.open and self.call == piece.get("index")):
-            out = self._start(ToolUseBlock(id=tool_use_id(piece.get("id")),
-                                           name=str(piece.get("name") or ""), input={}))
-            self.call = piece.get("index")
-        if piece.get("arguments"):
+        if not (self.open and self.call == piece.index):
+            out = self._start(ToolUseBlock(id=tool_use_id(piece.id), name=piece.name, input={}))
+            self.call = piece.index
+        if piece.arguments:
             out.append(BlockDelta(index=self.count - 1,
-                                  delta=InputJSONDelta(partial_json=piece["arguments"])))
+                                  delta=InputJSONDelta(partial_json=piece.arguments)))
         return out
 
     def end(self) -> list[Event]:
@@ -194,14 +193,14 @@ class MessagesServing(GenerationServing):
                         ANTHROPIC_SSE)
 
     @staticmethod
-    def message(id_: str, model: str, final: dict[str, Any], stops: list[str]) -> Message:
-        """A whole answer from the worker's whole delta frame."""
+    def message(id_: str, model: str, final: Delta, stops: list[str]) -> Message:
+        """A whole answer from the worker's whole Delta."""
         content: list[TextBlock | ToolUseBlock] = []
-        if final.get("text"):
-            content.append(TextBlock(text=final["text"]))
-        for c in final.get("tool_calls") or []:
-            content.append(ToolUseBlock(id=tool_use_id(c.get("id")), name=c.get("name", ""),
-                                        input=tool_input(c.get("arguments", ""))))
+        if final.text:
+            content.append(TextBlock(text=final.text))
+        for c in final.tool_calls:
+            content.append(ToolUseBlock(id=tool_use_id(c.id), name=c.name,
+                                        input=tool_input(c.arguments)))
         reason, sequence = stop_reason(final, stops)
         return Message(id=id_, model=model, content=content, stop_reason=reason,
                        stop_sequence=sequence, usage=usage(final))
@@ -214,21 +213,22 @@ class MessagesServing(GenerationServing):
         content_block_delta..., content_block_stop; then message_delta (why it stopped, the
         usage) and message_stop."""
         blocks = Blocks()
-        last: dict[str, Any] = {}
+        last: Delta | None = None
         async for batch in frames:
             out: list[Event] = []
             for _, f in batch:
-                if not last:
+                if last is None:
                     out.append(MessageStart(message=Message(
                         id=id_, model=model, content=[], stop_reason=None, stop_sequence=None,
                         usage=usage(f))))
                 last = f
-                if f.get("text"):
-                    out += blocks.text(f["text"])
-                for piece in f.get("tool_calls") or []:
+                if f.text:
+                    out += blocks.text(f.text)
+                for piece in f.tool_calls:
                     out += blocks.tool(piece)
             yield out
         out = blocks.end()
+        last = last or Delta()
         reason, sequence = stop_reason(last, stops)
         out.append(MessageDelta(delta=StopDelta(stop_reason=reason, stop_sequence=sequence),
                                 usage=delta_usage(last)))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llmrelay.api.errors import APIError
+from llmrelay.api.frames import CallPiece, Delta
 from llmrelay.api.pipeline import Frames, usage_of
 from llmrelay.api.responses.protocol import (
     FunctionCall,
@@ -123,7 +124,7 @@ def encode(event: Event | KeepAlive) -> bytes:
 # ---- the writer -----------------------------------------------------------------------------------
 
 
-def usage(last: dict[str, Any] | None) -> ResponseUsage:
+def usage(last: Delta | None) -> ResponseUsage:
     """The Response usage from the last frame (through the pipeline's usage count, which is
     also what the request is charged)."""
     u = usage_of({0: last} if last else {}, lambda i: 0)
@@ -131,10 +132,10 @@ def usage(last: dict[str, Any] | None) -> ResponseUsage:
                          total_tokens=u.total_tokens)
 
 
-def finish(response: Response, output: list[OutputItem], last: dict[str, Any] | None,
+def finish(response: Response, output: list[OutputItem], last: Delta | None,
            now: Callable[[], float] = time.time) -> Response:
     """`response` ended: completed, or incomplete when the length limit cut it."""
-    cut = (last or {}).get("finish_reason") == "length"
+    cut = last is not None and last.finish_reason == "length"
     return replace(response, output=output, usage=usage(last),
                    status="incomplete" if cut else "completed",
                    incomplete_details={"reason": "max_output_tokens"} if cut else None,
@@ -152,7 +153,7 @@ class EventWriter:
         self.open: OutputItem | None = None  # the item being written
         self.text: list[str] = []  # the open message's pieces
         self.calls: dict[int, FunctionCall] = {}  # a frame's call index -> its item
-        self.last: dict[str, Any] | None = None
+        self.last: Delta | None = None
         self.final: Response | None = None
 
     def _next(self) -> int:
@@ -169,11 +170,11 @@ class EventWriter:
     def feed(self, frames: Frames) -> list[Event]:
         out: list[Event] = []
         for _, f in frames:
-            if f.get("text"):
-                out += self._text(f["text"])
-            for d in f.get("tool_calls") or ():
+            if f.text:
+                out += self._text(f.text)
+            for d in f.tool_calls:
                 out += self._call_piece(d)
-            if f.get("usage") or f.get("finish_reason"):
+            if f.usage is not None or f.finish_reason:
                 self.last = f
         return out
 
@@ -200,19 +201,19 @@ class EventWriter:
         out.append(TextDelta(self._next(), msg.id, len(self.items) - 1, piece))
         return out
 
-    def _call_piece(self, d: dict[str, Any]) -> list[Event]:
+    def _call_piece(self, d: CallPiece) -> list[Event]:
         out: list[Event] = []
-        call = self.calls.get(d.get("index", 0))
+        call = self.calls.get(d.index)
         if call is None:
             out += self._close()
-            call = FunctionCall(id=new_id("fc"), call_id=d.get("id") or new_call_id(),
-                                name=d.get("name") or "", arguments="", status="in_progress")
-            self.calls[d.get("index", 0)] = call
+            call = FunctionCall(id=new_id("fc"), call_id=d.id or new_call_id(),
+                                name=d.name, arguments="", status="in_progress")
+            self.calls[d.index] = call
             out += self._add(call)
-        if d.get("arguments"):
-            call.arguments += d["arguments"]
+        if d.arguments:
+            call.arguments += d.arguments
             out.append(ArgumentsDelta(self._next(), call.id, self.items.index(call),
-                                      d["arguments"]))
+                                      d.arguments))
         return out
 
     def _close(self, status: str = "completed") -> list[Event]:
@@ -237,7 +238,7 @@ class EventWriter:
 
     def finish(self) -> list[Event]:
         """The last events of a generation that ended: completed, or incomplete."""
-        cut = (self.last or {}).get("finish_reason") == "length"
+        cut = self.last is not None and self.last.finish_reason == "length"
         out = self._close("incomplete" if cut else "completed")
         if not self.items:  # said nothing, called nothing: an empty message, as when whole
             out += self._message()[1] + self._close()

@@ -18,6 +18,7 @@ import json
 from typing import Any
 
 from llmrelay.api.errors import bad_param
+from llmrelay.api.frames import Delta
 from llmrelay.api.responses.compact import SUMMARY_PREFIX, decode
 from llmrelay.api.responses.protocol import FunctionCall, OutputItem, OutputMessage, OutputText, new_id
 from llmrelay.protocol import new_call_id
@@ -178,18 +179,18 @@ def to_messages(instructions: str | None, items: list[dict[str, Any]], first_new
 # ---- a whole answer -> output items --------------------------------------------------------------
 
 
-def output_items(final: dict[str, Any], incomplete: bool = False) -> list[OutputItem]:
+def output_items(final: Delta, incomplete: bool = False) -> list[OutputItem]:
     """A whole answer's output items: its text as a message (an empty one when it said nothing
     and called nothing), then its calls. `incomplete`: cut by the length limit; the last item
     is then marked incomplete."""
     out: list[OutputItem] = []
-    text = final.get("text") or ""
-    calls = final.get("tool_calls") or []
+    text = final.text
+    calls = final.tool_calls
     if text or not calls:
         out.append(OutputMessage(id=new_id("msg"), content=[OutputText(text)]))
     for c in calls:
-        out.append(FunctionCall(id=new_id("fc"), call_id=c.get("id") or new_call_id(),
-                                name=c.get("name", ""), arguments=c.get("arguments", "")))
+        out.append(FunctionCall(id=new_id("fc"), call_id=c.id or new_call_id(),
+                                name=c.name, arguments=c.arguments))
     if incomplete and out:
         out[-1].status = "incomplete"
     return out

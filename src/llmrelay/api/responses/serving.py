@@ -140,7 +140,7 @@ class ResponsesServing:
         if not body.stream:
             final = (await self.pipeline.answer_all(receive, body.model, [params], keys,
                                                     accept))[0]
-            cut = final.get("finish_reason") == "length"
+            cut = final.finish_reason == "length"
             response = finish(head, output_items(final, cut), final, self.clock)
             await self._save(owner, response, conversation)
             return response
@@ -205,7 +205,7 @@ class ResponsesServing:
                       max_new_tokens=MAX_SUMMARY_TOKENS, echo=False, logprobs=None)
         final = (await self.pipeline.answer_all(receive, body.model, [params]))[0]
         return CompactResource(id=new_id("resp"), created_at=int(self.clock()),
-                               output=compacted(conversation, (final.get("text") or "").strip()),
+                               output=compacted(conversation, final.text.strip()),
                                usage=usage(final))
 
     async def _save(self, owner: str, response: Response,
