@@ -89,15 +89,47 @@ def stream_answer(client: openai.OpenAI, model: str, conv: Conversation, args: a
         kwargs["max_tokens"] = args.max_tokens
     stream = client.chat.completions.create(model=model, messages=conv.messages(),  # type: ignore[arg-type]
                                             stream=True, **kwargs)
+    thinking = Thinking(out)
     try:
         for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                piece = chunk.choices[0].delta.content
-                parts.append(piece)
-                out.write(piece)
+            if not chunk.choices:
+                continue
+            delta = chunk.choices[0].delta
+            # a reasoning model's reasoning (reasoning_content) is shown greyed, never kept
+            thinking.show(getattr(delta, "reasoning_content", None) or "")
+            if delta.content:
+                thinking.end()
+                parts.append(delta.content)
+                out.write(delta.content)
                 out.flush()
     finally:
+        thinking.end()
         stream.close()  # on Ctrl-C this closes the connection: the server stops generating
+
+
+class Thinking:
+    """A reasoning model's reasoning as it streams: dim on a terminal, between `[thinking]`
+    and `[/thinking]` elsewhere; apart from the answer, and not part of the history."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = bool(getattr(out, "isatty", lambda: False)())
+        self.open = False
+
+    def show(self, text: str) -> None:
+        if not text:
+            return
+        if not self.open:
+            self.open = True
+            self.out.write("\x1b[2m" if self.tty else "[thinking] ")
+        self.out.write(text)
+        self.out.flush()
+
+    def end(self) -> None:
+        if self.open:
+            self.open = False
+            self.out.write("\x1b[0m\n" if self.tty else " [/thinking]\n")
+            self.out.flush()
 
 
 def stream_response(client: openai.OpenAI, model: str, conv: Conversation,
@@ -115,9 +147,14 @@ def stream_response(client: openai.OpenAI, model: str, conv: Conversation,
         kwargs["instructions"] = conv.system
     stream = client.responses.create(model=model, input=conv.turns,  # type: ignore[arg-type]
                                      store=False, stream=True, **kwargs)
+    thinking = Thinking(out)
     try:
         for event in stream:
-            if event.type == "response.output_text.delta":
+            if event.type in ("response.reasoning_text.delta",
+                              "response.reasoning_summary_text.delta"):
+                thinking.show(event.delta)
+            elif event.type == "response.output_text.delta":
+                thinking.end()
                 parts.append(event.delta)
                 out.write(event.delta)
                 out.flush()
@@ -128,6 +165,7 @@ def stream_response(client: openai.OpenAI, model: str, conv: Conversation,
             elif event.type == "error":
                 raise openai.APIError(event.message, request=stream.response.request, body=None)
     finally:
+        thinking.end()
         stream.close()
 
 

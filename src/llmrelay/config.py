@@ -128,6 +128,12 @@ def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) ->
         help="a Jinja chat template file or a known name (chatml, gemma, llama3, plain); "
         "default: the model's own, else a known one for its architecture",
     )
+    p.add_argument(
+        "--reasoning-parser", default="auto",
+        choices=["auto", "none", "deepseek_r1", "qwen3", "gpt_oss"],
+        help="how the model marks its reasoning, so that it is returned apart from the answer "
+        "(vLLM's names); auto: from the chat template; none: never split (docs/reasoning.md)",
+    )
     p.add_argument("--context-length", type=int, default=None, help="context size (llama.cpp n_ctx)")
     p.add_argument("--n-threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--kv-cache", default=None, choices=KV_CACHE_LAYOUTS,

@@ -35,8 +35,12 @@ EXT_CONTINUATION = "continuation"  # delta frames carry `token_ids`; `generated_
 # `/tokenize` and `/detokenize`; `/count_token` takes chat `messages` with `tools`; a frame that
 # ended at a stop string names it (`stop_sequence`)
 EXT_TOKENIZE = "tokenize"
+# `reasoning` ({"budget": N, "enabled": bool}) asks a worker with a reasoning parser to split the
+# reasoning from the answer: frames then carry it apart (`reasoning`), and `usage` counts
+# `reasoning_tokens`
+EXT_REASONING = "reasoning"
 OUR_EXTENSIONS = [EXT_MESSAGES, EXT_DELTA, EXT_REQUEST_ID, EXT_TOKEN_IDS, EXT_TOP_LOGPROBS,
-                  EXT_TOOLS, EXT_FAIRNESS, EXT_CONTINUATION, EXT_TOKENIZE]
+                  EXT_TOOLS, EXT_FAIRNESS, EXT_CONTINUATION, EXT_TOKENIZE, EXT_REASONING]
 
 
 class ErrorCode(IntEnum):
@@ -147,6 +151,17 @@ class ParamError(ValueError):
 _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
 
 
+class ReasoningParams(BaseModel):
+    """Our `reasoning` extension: split the reasoning from the answer (a worker without a
+    reasoning parser ignores it), within a budget of reasoning tokens (null: none), and switch
+    thinking off (`enabled: false`) where the model's template can."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    budget: Annotated[int, Field(ge=0)] | None = None
+    enabled: bool | None = None
+
+
 class GenerateParams(BaseModel):
     """The body of `/worker_generate_stream` and `/worker_generate`.
 
@@ -190,6 +205,7 @@ class GenerateParams(BaseModel):
     # Fair sharing (our `fairness` extension): the API key's name, never the key itself.
     key: str | None = None
     priority: Literal["interactive", "batch"] | None = None
+    reasoning: ReasoningParams | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateParams:
@@ -224,7 +240,11 @@ class GenerateParams(BaseModel):
 # ---- frames: what a worker streams back ---------------------------------------------------------
 
 
-class Usage(TypedDict):
+class _Reasoned(TypedDict, total=False):
+    reasoning_tokens: int  # of the completion tokens, those of the reasoning (`reasoning`)
+
+
+class Usage(_Reasoned):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -399,6 +419,7 @@ class Features(BaseModel):
     json_schema: bool = False  # response_format json_object / json_schema, enforced
     logit_bias: bool = False
     tokenize: bool = False  # gives token ids of a prompt and text of token ids
+    reasoning: str = ""  # the reasoning parser (deepseek_r1, qwen3, gpt_oss); "": none
 
 
 class OurStatus(BaseModel):

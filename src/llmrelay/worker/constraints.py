@@ -34,7 +34,9 @@ T = TypeVar("T")
 class Constraint:
     """JSON value(s) of `schema`, each between `open` and `close` (when given), one or up to
     `max_blocks`; `lazy`: free text until the model writes `open`. `alternative`: instead of
-    the blocks, one JSON value of this schema (tools and a response format together)."""
+    the blocks, one JSON value of this schema (tools and a response format together).
+    `after`: free text until the model writes this (the end of a reasoning block,
+    reasoning.py); the constraint holds from there on."""
 
     schema: dict[str, Any]
     open: str = ""
@@ -42,13 +44,14 @@ class Constraint:
     max_blocks: int = 1
     lazy: bool = False
     alternative: dict[str, Any] | None = None
+    after: str = ""
     key: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if not self.key:
             object.__setattr__(self, "key", json.dumps(
-                [self.schema, self.open, self.close, self.max_blocks, self.lazy, self.alternative],
-                sort_keys=True, separators=(",", ":")))
+                [self.schema, self.open, self.close, self.max_blocks, self.lazy, self.alternative,
+                 self.after], sort_keys=True, separators=(",", ":")))
 
 
 def call_schema(tool: dict[str, Any]) -> dict[str, Any]:

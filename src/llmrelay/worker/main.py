@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         fair_sharing=args.fair_sharing != "off",
         fair_reserve=args.fair_reserve,
+        reasoning_parser=args.reasoning_parser,
     )
     serve(create_app(engine, settings, registry), args.host, args.port, args.log_level, args.ssl,
           args.shutdown_timeout)

@@ -44,7 +44,7 @@ from llmrelay.protocol import (
     to_legacy,
     usage,
 )
-from llmrelay.worker import constraints, toolcalls
+from llmrelay.worker import constraints, reasoning, toolcalls
 from llmrelay.worker.engines.base import Chunk, Engine, EngineError, GenerationRequest, refused
 from llmrelay.worker.fairness import FairQueue, Full
 from llmrelay.worker.templates import ChatTemplateError
@@ -65,6 +65,7 @@ class WorkerSettings:
     max_queue: int = 32  # requests that may wait beyond the running ones
     fair_sharing: bool = True  # off: waiting requests run first come, first served
     fair_reserve: int = 0  # places beyond the limit for keys with nothing running (fairness.py)
+    reasoning_parser: str = "auto"  # reasoning.py's format name, `auto` (the template's) or none
 
 
 class WorkerState:
@@ -131,6 +132,8 @@ class Framer:
     def __init__(self, delta: bool) -> None:
         self.delta = delta
         self.text = ""
+        self.reasoning = ""
+        self.reasoning_tokens = 0
         self.entries: list[LogprobEntry] = []
         self.offsets: list[int] = []
         self.calls: list[ToolCallWire] = []  # whole tool calls so far
@@ -151,6 +154,12 @@ class Framer:
             out["logprobs"] = to_legacy(self.entries, self.offsets) if self.entries else None
         if chunk.stop_sequence is not None:
             out["stop_sequence"] = chunk.stop_sequence
+        if chunk.reasoning_tokens is not None:  # the request asked for reasoning apart
+            self.reasoning += chunk.reasoning
+            self.reasoning_tokens = chunk.reasoning_tokens
+            out["usage"]["reasoning_tokens"] = chunk.reasoning_tokens
+            if chunk.reasoning:
+                out["reasoning"] = chunk.reasoning if self.delta else self.reasoning
         if chunk.tool_calls:
             out["tool_calls"] = [d.wire() for d in chunk.tool_calls]  # type: ignore[misc]
             for piece in out["tool_calls"]:
@@ -165,6 +174,8 @@ class Framer:
         final: Frame = dict(self.last or {"error_code": 0})  # type: ignore[assignment]
         if self.delta:
             final["text"] = self.text
+            if self.reasoning:
+                final["reasoning"] = self.reasoning
             final["logprobs"] = ({"content": self.entries, "text_offset": self.offsets}
                                  if self.entries else None)
             final.pop("tool_calls", None)
@@ -189,6 +200,10 @@ class WorkerService:
                                  settings.fair_sharing, settings.fair_reserve)
         self.metrics = WorkerMetrics(self.state)
         self._conv: dict[str, Any] | None = None
+        template = engine.chat_template.source if engine.chat_template is not None else None
+        # (an upstream server splits reasoning itself: the openai engine passes it on)
+        self.reasoning = (reasoning.choose(settings.reasoning_parser, template)
+                          if engine.tool_calls_in_text else None)
 
     # ---- status ----------------------------------------------------------------------------
 
@@ -204,7 +219,8 @@ class WorkerService:
                 "extensions": OUR_EXTENSIONS,
                 "engine": engine.name,
                 "context_length": engine.context_length(),
-                "features": features.model_dump(),
+                "features": {**features.model_dump(),
+                             "reasoning": self.reasoning.name if self.reasoning else ""},
                 "embeddings": features.embeddings,
                 "embedding_dimensions": features.embedding_dimensions,
                 "limit_worker_concurrency": self.state.limit,
@@ -292,6 +308,7 @@ class WorkerService:
         or the generic prompt) and the constraint on the generation (constraints.py)."""
         engine = self.engine
         features = engine.features()
+        self.plan_reasoning(req)
         for param, wanted, honoured in (
                 ("tools", req.tools and req.tool_choice != "none", features.tools),
                 ("response_format", constraints.response_schema(req.response_format) is not None,
@@ -319,20 +336,73 @@ class WorkerService:
                                                    req.parallel_tool_calls, schema)
         elif schema is not None:
             req.constraint = constraints.Constraint(schema=schema)
+        if req.thinking is not None and req.constraint is not None:
+            # the model reasons first: the constraint holds from the end of its reasoning
+            req.constraint = dataclasses.replace(req.constraint,
+                                                 after=req.thinking.format.close, key="")
+
+    def plan_reasoning(self, req: GenerationRequest) -> None:
+        """A request that asks for its reasoning apart (our `reasoning` extension), on a model
+        with a reasoning parser: the engine follows the block within the budget asked for, and
+        a template that can switch thinking off (Qwen3's `enable_thinking`) is told so."""
+        fmt, asked = self.reasoning, req.reasoning
+        if fmt is None or asked is None or not self.engine.tool_calls_in_text:
+            return
+        budget = asked.budget
+        if asked.enabled is False:
+            source = self.engine.chat_template.source if self.engine.chat_template else ""
+            if "enable_thinking" in source:
+                req.template_kwargs["enable_thinking"] = False
+            budget = 0  # a template that always opens the block: it is closed at once
+        req.thinking = reasoning.Thinking(fmt, budget)
 
     async def _chunks(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
-        """The engine's chunks; with tools, their text split into content and tool calls."""
-        parse = bool(req.tools) and req.tool_choice != "none" and self.engine.tool_calls_in_text
-        async with contextlib.aclosing(self.engine.generate(req)) as chunks:
-            if not parse:
-                async for chunk in chunks:
-                    yield chunk
-                return
-            named = isinstance(req.tool_choice, dict)
-            parser = toolcalls.ToolCallParser(
-                hold_repeats=req.parallel_tool_calls and not named,
-                forced=named or req.tool_choice == "required")
-            async for chunk in chunks:
+        """The engine's chunks: with reasoning asked for, their text split into reasoning and
+        answer; with tools, the answer split into content and tool calls. Closing this closes
+        each step, down to the engine's generation (which stops it)."""
+        chunks = self.engine.generate(req)
+        if req.thinking is not None:
+            chunks = self._reasoned(req, chunks)
+        if bool(req.tools) and req.tool_choice != "none" and self.engine.tool_calls_in_text:
+            chunks = self._tool_calls(req, chunks)
+        async with contextlib.aclosing(chunks) as reader:
+            async for chunk in reader:
+                yield chunk
+
+    @staticmethod
+    async def _reasoned(req: GenerationRequest, chunks: AsyncIterator[Chunk]
+                        ) -> AsyncIterator[Chunk]:
+        """Each chunk's text split into its reasoning and its answer (reasoning.py); the
+        reasoning tokens are those generated until the block closed, its closing included."""
+        assert req.thinking is not None
+        parser = reasoning.ReasoningParser(req.thinking.format)
+        thought = 0
+        async with contextlib.aclosing(chunks) as reader:
+            async for chunk in reader:
+                replayed = None
+                if chunk.replayed:  # resumed: the earlier worker's text, split as it was
+                    replayed = parser.feed(chunk.replayed)[1]
+                was_open = parser.in_reasoning
+                text, answer = parser.feed(chunk.text)
+                if chunk.finish_reason:
+                    more, tail = parser.finish()
+                    text, answer = text + more, answer + tail
+                if was_open:
+                    thought = chunk.completion_tokens
+                yield dataclasses.replace(chunk, text=answer, reasoning=text,
+                                          reasoning_tokens=thought,
+                                          replayed=replayed if chunk.replayed else None)
+
+    @staticmethod
+    async def _tool_calls(req: GenerationRequest, chunks: AsyncIterator[Chunk]
+                          ) -> AsyncIterator[Chunk]:
+        """Each chunk's text split into content and tool calls (toolcalls.py); a repeated call
+        ends the generation."""
+        named = isinstance(req.tool_choice, dict)
+        parser = toolcalls.ToolCallParser(hold_repeats=req.parallel_tool_calls and not named,
+                                          forced=named or req.tool_choice == "required")
+        async with contextlib.aclosing(chunks) as reader:
+            async for chunk in reader:
                 if chunk.replayed:  # resumed: what the earlier worker parsed (and sent) before
                     parser.feed(chunk.replayed)
                 text, calls = parser.feed(chunk.text)

@@ -18,8 +18,16 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from llmrelay.protocol import ErrorCode, Features, GenerateParams, LogprobEntry, ParamError
+from llmrelay.protocol import (
+    ErrorCode,
+    Features,
+    GenerateParams,
+    LogprobEntry,
+    ParamError,
+    ReasoningParams,
+)
 from llmrelay.worker.constraints import Constraint
+from llmrelay.worker.reasoning import Thinking
 from llmrelay.worker.templates import ChatTemplate, ChatTemplateError
 from llmrelay.worker.toolcalls import ToolCallDelta, speaks_tools
 
@@ -85,6 +93,12 @@ class GenerationRequest:
     # Set by the worker for engines that write tool calls as text (see toolcalls.py):
     template_tools: list[dict[str, Any]] | None = None  # for a chat template that knows tools
     constraint: Constraint | None = None  # what the text must be (tool calls, a JSON schema)
+    # Reasoning: what the request asked (our `reasoning` extension), and, set by the worker
+    # for a model with a reasoning parser, what the engine enforces (the thinking budget) and
+    # what the chat template is given (`enable_thinking`).
+    reasoning: ReasoningParams | None = None
+    thinking: Thinking | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_params(cls, p: GenerateParams, template_stops: Sequence[str] = (),
@@ -119,6 +133,7 @@ class GenerationRequest:
             generated=list(p.generated_token_ids or []),
             key=p.key or "",
             priority=p.priority or "interactive",
+            reasoning=p.reasoning,
         )
 
 
@@ -151,6 +166,10 @@ class Chunk:
     # by the earlier worker; the worker's tool-call parser reads it, nobody else).
     replayed: str | None = None
     stop_sequence: str | None = None
+    # Set by the worker when the request asked for reasoning apart (reasoning.py): the
+    # reasoning's new text (`text` is then the answer's), and the reasoning tokens so far.
+    reasoning: str = ""
+    reasoning_tokens: int | None = None
 
     def merge(self, later: Chunk) -> Chunk:
         """This chunk followed by `later`, as one."""
@@ -158,7 +177,8 @@ class Chunk:
                      later.finish_reason, self.logprobs + later.logprobs,
                      self.tool_calls + later.tool_calls, self.token_ids + later.token_ids,
                      self.replayed if self.replayed is not None else later.replayed,
-                     later.stop_sequence)
+                     later.stop_sequence, self.reasoning + later.reasoning,
+                     later.reasoning_tokens)
 
 
 class StopMatcher:
@@ -237,7 +257,7 @@ class Engine(ABC):
         if req.messages is None:
             return await self.count_tokens(req.prompt or "")
         return await self.count_tokens(await asyncio.to_thread(
-            self.render_chat, req.messages, req.template_tools))
+            self.render_chat, req.messages, req.template_tools, req.template_kwargs))
 
     async def prompt_ids(self, req: GenerationRequest) -> list[int]:
         """The token ids the model reads for a request's prompt (text or chat messages), as a
@@ -260,13 +280,15 @@ class Engine(ABC):
         return Features(chat=self.chat_template is not None)
 
     def render_chat(self, messages: list[dict[str, Any]],
-                    tools: list[dict[str, Any]] | None = None) -> str:
+                    tools: list[dict[str, Any]] | None = None,
+                    variables: dict[str, Any] | None = None) -> str:
         """The prompt for chat messages, with the model's chat template (and `tools`, for a
-        template that knows them: see `speaks_tools`)."""
+        template that knows them: see `speaks_tools`; `variables`: more for the template, such
+        as Qwen3's `enable_thinking`)."""
         if self.chat_template is None:
             raise EngineError("this model has no chat template; use /v1/completions",
                               ErrorCode.VALIDATION_TYPE_ERROR)
-        return self.chat_template.render(messages, tools=tools)
+        return self.chat_template.render(messages, tools=tools, variables=variables)
 
     def speaks_tools(self) -> bool:
         """Whether the chat template renders tools itself, in the call format the worker

@@ -23,8 +23,9 @@ which ignores such keywords) are replaced by ours. Keywords that are annotations
 nothing, as for any validator.
 
 `Guide` is one request's matcher (a copy of the compiled one), fed with the tokens generated.
-A lazy constraint (`tool_choice: auto`) lets everything through until the generated text
-contains the opening marker; the matcher then starts on the text from the marker on,
+A lazy constraint (`tool_choice: auto`), and one that holds only `after` a reasoning block, let
+everything through until the generated text contains the opening marker (the block's closing
+marker); the matcher then starts on the text from the marker on,
 re-tokenized from its bytes (the marker may start or end inside a token: bytes the same token
 carries past the marker are checked against the grammar too, and if they break it the answer
 can only end). A matcher that is done or in error allows only the end tokens.
@@ -134,27 +135,36 @@ def grammar_text(c: Constraint) -> str:
     import llguidance
 
     value = _schema(c.schema, "the request")
-    if not (c.open or c.close) and c.alternative is None:
+    after = _after(c)
+    if not (c.open or c.close) and c.alternative is None and not after:
         return str(llguidance.LLMatcher.grammar_from_json_schema(value))
-    # A newline just inside a marker is optional, as the model may or may not write it.
-    opening, closing = c.open, c.close
-    inner_open = inner_close = ""
-    if opening.endswith("\n") and closing.startswith("\n"):
-        opening, closing, inner_open, inner_close = opening[:-1], closing[1:], '"\\n"?', '"\\n"?'
-    parts = [_literal(opening) if opening else "", inner_open, "value", inner_close,
-             _literal(closing) if closing else ""]
-    rules = [f"block: {' '.join(p for p in parts if p)}",
-             f"value: %json {json.dumps(value, ensure_ascii=False)}"]
-    blocks = "block"
-    if c.max_blocks > 1:
-        blocks = f'block ("\\n"? block){{0,{c.max_blocks - 1}}}'
+    rules = [f"value: %json {json.dumps(value, ensure_ascii=False)}"]
+    body = "value"
+    if c.open or c.close:
+        # A newline just inside a marker is optional, as the model may or may not write it.
+        opening, closing = c.open, c.close
+        inner_open = inner_close = ""
+        if opening.endswith("\n") and closing.startswith("\n"):
+            opening, closing, inner_open, inner_close = opening[:-1], closing[1:], '"\\n"?', '"\\n"?'
+        parts = [_literal(opening) if opening else "", inner_open, "value", inner_close,
+                 _literal(closing) if closing else ""]
+        rules.append(f"block: {' '.join(p for p in parts if p)}")
+        body = "block"
+        if c.max_blocks > 1:
+            body = f'block ("\\n"? block){{0,{c.max_blocks - 1}}}'
     if c.alternative is not None:
         answer = _schema(c.alternative, "response_format")
-        rules += [f"blocks: {blocks}", f"answer: %json {json.dumps(answer, ensure_ascii=False)}"]
-        start = "blocks | answer"
-    else:
-        start = blocks
+        rules += [f"blocks: {body}", f"answer: %json {json.dumps(answer, ensure_ascii=False)}"]
+        body = "blocks | answer"
+    # After a reasoning block: its closing marker, blank lines, then what is constrained.
+    start = f'{_literal(after)} /[ \\t\\n]*/ ({body})' if after else body
     return "\n".join([f"start: {start}", *rules]) + "\n"
+
+
+def _after(c: Constraint) -> str:
+    """The marker a constraint waits for before it holds (the end of the reasoning). A lazy
+    constraint (`tool_choice: auto`) already lets free text through until its own marker."""
+    return c.after if c.after and not c.lazy else ""
 
 
 def message(error: str) -> str:
@@ -218,7 +228,10 @@ class Grammars:
         matcher = llguidance.LLMatcher(self.tokenizer, text, log_level=0)
         if matcher.is_error():
             raise refused(f"the JSON schema cannot be enforced: {message(matcher.get_error())}")
-        return Compiled(matcher, c.open.rstrip().encode() if c.lazy and c.open.strip() else None)
+        after = _after(c)
+        trigger = (after.encode() if after
+                   else c.open.rstrip().encode() if c.lazy and c.open.strip() else None)
+        return Compiled(matcher, trigger)
 
     def guide(self, c: Constraint) -> Guide:
         """A request's matcher (its own copy of the compiled constraint)."""

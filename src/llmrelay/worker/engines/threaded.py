@@ -21,7 +21,7 @@ import codecs
 import threading
 from abc import abstractmethod
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from llmrelay.protocol import ErrorCode, LogprobEntry
 from llmrelay.worker.engines.base import (
@@ -32,6 +32,7 @@ from llmrelay.worker.engines.base import (
     StopMatcher,
     context_overflow,
 )
+from llmrelay.worker.reasoning import ReasoningParser
 
 Item = Chunk | Exception | None  # a chunk; None: the end; an Exception: the end, failed
 # A token whose text is held back (half a character, a possible stop string) waits for the next
@@ -89,14 +90,51 @@ class Generation:
         self.forced: list[int] = list(req.generated)
         self.replayed_text = ""
         self.done = False
+        # A thinking budget (reasoning.py): the reasoning block is followed as the text comes;
+        # once it has taken `budget` tokens and is still open, the engine writes the tokens of
+        # its closing text itself, as the model would have, from position `closing_at` of the
+        # generated tokens.
+        thinking = req.thinking
+        self.budget = thinking.budget if thinking is not None else None
+        self.reasoning = (ReasoningParser(thinking.format)
+                          if thinking is not None and self.budget is not None else None)
+        self.thought = 0  # reasoning tokens the model wrote
+        self.closing: list[int] = []
+        self.closing_at = -1
 
     @property
     def replaying(self) -> bool:
         return len(self.generated) < len(self.forced)
 
+    def forced_at(self, position: int) -> int | None:
+        """The token the engine must produce at `position` of the generated tokens, if any:
+        while replaying, the earlier worker's; then the closing of a reasoning block past its
+        budget."""
+        if position < len(self.forced):
+            return self.forced[position]
+        at = position - self.closing_at
+        return self.closing[at] if self.closing and 0 <= at < len(self.closing) else None
+
     def next_forced(self) -> int | None:
-        """The token the engine must produce next, while replaying."""
-        return self.forced[len(self.generated)] if self.replaying else None
+        """The token the engine must produce next (see `forced_at`)."""
+        return self.forced_at(len(self.generated))
+
+    def close_reasoning(self, tokens: list[int]) -> None:
+        """Write `tokens` (a reasoning block's closing) next."""
+        self.closing, self.closing_at = tokens, len(self.generated)
+
+    def think(self, token: int, text: str, close: Callable[[], list[int]]) -> None:
+        """Follow the reasoning block through one more token (already in `generated`) and its
+        text; past the budget, have the engine close the block (`close()` makes its tokens)."""
+        parser = self.reasoning
+        if parser is None or self.budget is None:
+            return
+        at = len(self.generated) - 1 - self.closing_at
+        if parser.in_reasoning and not (self.closing and 0 <= at < len(self.closing)):
+            self.thought += 1  # (the closing the engine writes is not the model's reasoning)
+        parser.feed(text)
+        if parser.in_reasoning and self.thought >= self.budget and not self.closing:
+            self.close_reasoning(close())
 
     @property
     def gone(self) -> bool:
@@ -225,7 +263,8 @@ class ThreadedEngine(Engine):
                                   f"(0..{n_vocab - 1})", ErrorCode.PARAM_OUT_OF_RANGE)
             return list(req.prompt_token_ids)
         if req.messages is not None:
-            return self.tokenize(self.render_chat(req.messages, req.template_tools), chat=True)
+            return self.tokenize(self.render_chat(req.messages, req.template_tools,
+                                                  req.template_kwargs), chat=True)
         return self.tokenize(req.prompt or "")
 
     def _admit(self, gen: Generation) -> None:
@@ -265,6 +304,10 @@ class ThreadedEngine(Engine):
             gen.emit(Chunk("", n_prompt, len(gen.forced), "length"))
             gen.emit(None)
             return
+        thinking = req.thinking
+        if (thinking is not None and thinking.budget == 0 and thinking.format.starts_open
+                and not gen.forced):
+            gen.close_reasoning(self._closing(gen))  # no reasoning at all: closed at once
         self.prepare(gen)
         with self.cond:
             if self.closed:
@@ -313,7 +356,9 @@ class ThreadedEngine(Engine):
         if logprob is not None:
             gen.pending.append(logprob)
         gen.generated.append(token)
-        text, hit = gen.stops.feed(gen.decoder.decode(self.piece(gen, token)))
+        piece = gen.decoder.decode(self.piece(gen, token))
+        gen.think(token, piece, lambda: self._closing(gen))
+        text, hit = gen.stops.feed(piece)
         if hit:
             gen.post(gen.chunk(text))
             return self.finish(gen, "stop", stop_hit=True)
@@ -323,12 +368,19 @@ class ThreadedEngine(Engine):
             return self.finish(gen, "length")
         return None
 
+    def _closing(self, gen: Generation) -> list[int]:
+        """The tokens that close `gen`'s reasoning block (its format's closing text)."""
+        assert gen.req.thinking is not None
+        return self.tokenize(gen.req.thinking.format.closing_text, chat=True)
+
     def _replay(self, gen: Generation, token: int) -> None:
         """One token of a resumed generation, generated again: its text rebuilds the decoder's
         and the stop matcher's state (what the earlier worker sent); none of it is sent, but
         the first chunk after the replay says it (`replayed`), for the worker's parser."""
         gen.generated.append(token)
-        text, _ = gen.stops.feed(gen.decoder.decode(self.piece(gen, token)))
+        piece = gen.decoder.decode(self.piece(gen, token))
+        gen.think(token, piece, lambda: self._closing(gen))
+        text, _ = gen.stops.feed(piece)
         gen.replayed_text += text
         if not gen.replaying:
             gen.sent = len(gen.generated)

@@ -76,7 +76,8 @@ class EmbeddingEngine(Engine):
         return str(await asyncio.to_thread(self.tokenizer.decode, tokens))
 
     def render_chat(self, messages: list[dict[str, Any]],
-                    tools: list[dict[str, Any]] | None = None) -> str:
+                    tools: list[dict[str, Any]] | None = None,
+                    variables: dict[str, Any] | None = None) -> str:
         raise EngineError("this is an embedding model; use /v1/embeddings",
                           ErrorCode.VALIDATION_TYPE_ERROR)
 

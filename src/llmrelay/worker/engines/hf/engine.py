@@ -262,12 +262,14 @@ class TransformersEngine(ThreadedEngine):
         return token in self.eos_ids
 
     def render_chat(self, messages: list[dict[str, Any]],
-                    tools: list[dict[str, Any]] | None = None) -> str:
+                    tools: list[dict[str, Any]] | None = None,
+                    variables: dict[str, Any] | None = None) -> str:
         if not self.own_template:
-            return super().render_chat(messages, tools)
+            return super().render_chat(messages, tools, variables)
         try:
             return str(self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                          add_generation_prompt=True))
+                                                          add_generation_prompt=True,
+                                                          **(variables or {})))
         except Exception as e:  # jinja errors, raise_exception() in the template
             raise ChatTemplateError(f"the chat template (model) failed: {e}") from e
 
@@ -294,7 +296,8 @@ class TransformersEngine(ThreadedEngine):
             first.append(gen.guard)
         if req.logit_bias:
             first.append(LogitBias(req.logit_bias, self.n_vocab))
-        last = [Forced(len(gen.tokens), gen.forced)] if gen.forced else []
+        last = ([Forced(len(gen.tokens), gen.forced_at)]
+                if gen.forced or gen.reasoning is not None else [])
         gen.procs = LogitsProcessorList([*first, *request_processors(len(gen.tokens), req, seed),
                                          *last])
 

@@ -7,6 +7,7 @@ request ran alone, batched, or both. `draw` is the inverse-CDF sampler both use.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from transformers import (
@@ -90,18 +91,20 @@ def seeded(procs: LogitsProcessorList) -> bool:
 
 
 class Forced(LogitsProcessor):
-    """Resuming a generation another worker started: for the first tokens after the prompt,
-    only the token generated there is possible (after every other processor has run, so a
-    seeded sampler still makes its draw and stays where it was). Stateless: the position is
-    read off the ids, so it holds alone and inside the batch."""
+    """Tokens the engine must produce, after every other processor has run (so a seeded
+    sampler still makes its draw and stays where it was): resuming a generation another worker
+    started (its tokens first), and the closing of a reasoning block past its budget.
+    `forced_at(position)` says which token is forced at a position of the generated tokens
+    (Generation.forced_at); the position is read off the ids, so it holds alone and inside the
+    batch."""
 
-    def __init__(self, n_prompt: int, tokens: list[int]) -> None:
-        self.n_prompt, self.tokens = n_prompt, tokens
+    def __init__(self, n_prompt: int, forced_at: Callable[[int], int | None]) -> None:
+        self.n_prompt, self.forced_at = n_prompt, forced_at
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        at = input_ids.shape[1] - self.n_prompt
-        if at >= len(self.tokens):
+        token = self.forced_at(input_ids.shape[1] - self.n_prompt)
+        if token is None:
             return scores
         out = torch.full_like(scores, -math.inf)
-        out[:, self.tokens[at]] = 0.0
+        out[:, token] = 0.0
         return out

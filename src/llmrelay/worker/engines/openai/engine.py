@@ -154,7 +154,8 @@ class OpenAIEngine(Engine):
                         tools=True, json_schema=True, logit_bias=True, tokenize=True)
 
     def render_chat(self, messages: list[dict[str, Any]],
-                    tools: list[dict[str, Any]] | None = None) -> str:
+                    tools: list[dict[str, Any]] | None = None,
+                    variables: dict[str, Any] | None = None) -> str:
         raise EngineError("chat messages are rendered by the upstream server with its own chat "
                           "template; this worker cannot render them", ErrorCode.VALIDATION_TYPE_ERROR)
 
