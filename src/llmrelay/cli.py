@@ -1,5 +1,5 @@
-"""`llmrelay`: the project's own CLI (controller, worker, api, host, up, models, chat, status,
-keys, usage).
+"""`llmrelay`: the project's own CLI (controller, worker, api, host, up, models, pull, chat,
+status, keys, usage).
 Nothing imports this module."""
 
 from __future__ import annotations
@@ -36,9 +36,13 @@ def main(argv: list[str] | None = None) -> None:
     from llmrelay.ondemand.main import add_host_args
     add_host_args(p)
     p = sub.add_parser("models", help="list, load or unload models on demand (a host's admin "
-                       "endpoints)")
+                       "endpoints); list also shows the models in the Hugging Face cache")
     from llmrelay.ondemand.admin_cli import add_args as add_models_args
     add_models_args(p)
+    p = sub.add_parser("pull", help="fetch a model from the Hugging Face hub into its cache "
+                       "(ORG/NAME[:QUANT]), ahead of serving it")
+    from llmrelay.pull_cli import add_args as add_pull_args
+    add_pull_args(p)
     p = sub.add_parser("chat", help="chat in the terminal with any OpenAI-compatible server")
     from llmrelay.chat_cli import add_args as add_chat_args
     add_chat_args(p)
@@ -74,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         from llmrelay.ondemand.main import run
     elif args.command == "models":
         from llmrelay.ondemand.admin_cli import run
+    elif args.command == "pull":
+        from llmrelay.pull_cli import run
     elif args.command == "chat":
         from llmrelay.chat_cli import run
     elif args.command == "status" and args.registry:

@@ -100,7 +100,13 @@ def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) ->
     p.add_argument(
         "--model-path",
         default="smollm2",
-        help="a GGUF file, an HF folder, or a bundled alias (smollm2, gemma3-270m)",
+        help="a GGUF file, an HF folder, a bundled alias (smollm2, gemma3-270m), or a model's "
+        "name on the Hugging Face hub, ORG/NAME[:QUANT], fetched into its cache first "
+        "(docs/models-by-name.md)",
+    )
+    p.add_argument(
+        "--revision", default=None,
+        help="with a hub name: the branch, tag or commit to fetch (default: main)",
     )
     p.add_argument(
         "--model-names",

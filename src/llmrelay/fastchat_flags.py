@@ -1,9 +1,10 @@
 """FastChat model-worker flags llmrelay does not support: known to the parser, refused clearly.
 
-A FastChat start script may pass GPTQ/AWQ/ExLlama/xFasterTransformer options or `--revision`.
+A FastChat start script may pass GPTQ/AWQ/ExLlama/xFasterTransformer options (`--revision` is
+a real flag now: config.py, docs/models-by-name.md).
 Rather than argparse's generic "unrecognized arguments", the worker parser knows these flags
 and `check` says what each means here: a flag that asks for a feature (a GPTQ checkpoint,
-ExLlama, a hub revision) is an error with what to do instead; a tuning value that only matters
+ExLlama) is an error with what to do instead; a tuning value that only matters
 with such a feature (e.g. `--gptq-wbits 16`, FastChat's default) is ignored with a warning.
 docs/migrating-from-fastchat.md lists them.
 """
@@ -14,7 +15,6 @@ import argparse
 
 # flag -> (argparse kwargs, is it a request for the feature (error) or a tuning value (warning))
 _UNSUPPORTED: dict[str, tuple[dict, bool]] = {
-    "--revision": ({}, True),
     "--gptq-ckpt": ({}, True),
     "--gptq-wbits": ({"type": int}, False),
     "--gptq-groupsize": ({"type": int}, False),
@@ -32,8 +32,6 @@ _UNSUPPORTED: dict[str, tuple[dict, bool]] = {
 }
 
 _WHY = {
-    "revision": "models are never downloaded from a hub: give --model-path a local GGUF file or "
-                "HF folder at the revision you want",
     "gptq": "GPTQ checkpoints are not loaded: use a GGUF quantization (llamacpp engine) or serve "
             "the GPTQ model with vLLM",
     "awq": "AWQ checkpoints are not loaded: use a GGUF quantization (llamacpp engine) or serve "
@@ -65,9 +63,7 @@ def check(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         if value in (None, False):
             continue
         family = next(k for k in _WHY if k in flag)
-        if flag == "--revision" and value == "main":
-            warnings.append("--revision main ignored: " + _WHY[family])
-        elif feature:
+        if feature:
             errors.append(f"{flag} is not supported: {_WHY[family]}")
         else:
             warnings.append(f"{flag} {value} ignored: it only tunes a feature llmrelay does not "

@@ -22,6 +22,7 @@ Never leaving children behind:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import signal
@@ -322,7 +323,10 @@ class Launcher:
                 child.tail = (child.tail + [line.rstrip()])[-20:]
                 self.say(f"{child.name:<{width}} | {line.rstrip()}")
 
-    def wait_ready(self, child: Child, check: Any, what: str, timeout: float = 600) -> None:
+    def wait_ready(self, child: Child, check: Any, what: str, timeout: float = 600,
+                   busy: Any = None) -> None:
+        """Until `check()`; StackError when the child exits, or after `timeout` seconds of which
+        none was spent while `busy()` said it was making progress (a model downloading)."""
         started = time.monotonic()
         last_note = started
         while True:
@@ -337,6 +341,10 @@ class Launcher:
             except (httpx.HTTPError, ValueError):
                 pass
             now = time.monotonic()
+            if busy is not None and now - last_note >= 5:
+                with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+                    if busy():
+                        started = now - 5  # a download moves on: the clock starts again
             if now - started > timeout:
                 raise StackError(f"{child.name} was not ready after {timeout:.0f} s ({what})")
             if now - last_note >= 5:
@@ -365,12 +373,21 @@ class Launcher:
 
         auth = auth_headers(s.token)
 
-        def registered() -> set[str]:
-            table = httpx.get(s.controller_url + "/worker_table", headers=auth, timeout=1).json()
-            return {w["name"] for w in table["workers"]}
+        def table() -> list[dict[str, Any]]:
+            return httpx.get(s.controller_url + "/worker_table", headers=auth,
+                             timeout=1).json()["workers"]
+
+        def registered() -> set[str]:  # not while it only says it downloads its model
+            return {w["name"] for w in table() if w.get("model_names")
+                    or not ((w.get("status") or {}).get("llmrelay") or {}).get("downloading")}
+
+        def downloading(url: str) -> bool:
+            return any(w["name"] == url and ((w.get("status") or {}).get("llmrelay") or {})
+                       .get("downloading") for w in table())
 
         for w in s.workers:
-            self.wait_ready(w, lambda w=w: w.url in registered(), "model loading and registration")
+            self.wait_ready(w, lambda w=w: w.url in registered(), "model loading and registration",
+                            busy=lambda w=w: downloading(w.url))
             self.say(f"  {w.name} ready ({time.monotonic() - w.started_at:.1f} s)")
         self.check_stop()
         self.say(f"[{n}/{n}] starting the API server on {s.api_url}")

@@ -33,6 +33,7 @@ from llmrelay.protocol import EXT_DELTA, EXT_MESSAGES, EXT_TOKEN_IDS, Features, 
 log = logging.getLogger("llmrelay.api")
 
 _OURS = frozenset({EXT_MESSAGES, EXT_DELTA})
+DOWNLOAD_RETRY_S = 10  # Retry-After of a request for a model its worker is still downloading
 DEFAULT_GRACE = 60.0  # seconds a model that was served answers 503, not 404, once its workers left
 
 
@@ -193,6 +194,19 @@ class WorkerTable:
         """Every worker of the model in the table, usable now or not."""
         return [w for w in self.workers.values() if model in w.model_names]
 
+    def downloading(self) -> dict[str, dict[str, Any]]:
+        """Model names -> download progress, of workers still fetching their model from the
+        hub (registered with no model names: worker/download.py)."""
+        out: dict[str, dict[str, Any]] = {}
+        for w in self.workers.values():
+            d = w.ours.model_extra.get("downloading") if w.ours is not None and \
+                w.ours.model_extra else None
+            if isinstance(d, dict) and isinstance(d.get("models"), list):
+                for m in d["models"]:
+                    if isinstance(m, str):
+                        out[m] = {k: v for k, v in d.items() if k != "models"}
+        return out
+
     def check_model(self, model: str, allowed: Callable[[str], bool] | None = None) -> None:
         """404 for a model nobody serves (with the closest name); 503 if we know no workers,
         or the model's workers left and are expected back (`unavailable`).
@@ -202,12 +216,19 @@ class WorkerTable:
         if allowed is None or allowed(model):
             if any(model in w.model_names for w in self.workers.values()):
                 return
+            fetching = self.downloading().get(model)
+            if fetching is not None:
+                raise APIError(503, f"The model '{model[:100]}' is being downloaded by its worker "
+                               f"({float(fetching.get('percent') or 0):.0f}% done); it is served "
+                               "once the download ends and the model is loaded. Retry later.",
+                               type="server_error", param="model", code="model_downloading",
+                               headers={"Retry-After": str(DOWNLOAD_RETRY_S)})
             if self.unavailable(model):
                 raise APIError(503, f"The model '{model[:100]}' is not available right now: its "
                                "workers are restarting or unavailable. Retry shortly.",
                                type="server_error", param="model", code="model_unavailable",
                                headers={"Retry-After": "2"})
-        every = set(self.models()) | set(self.declared_names())
+        every = set(self.models()) | set(self.declared_names()) | set(self.downloading())
         names = sorted(m for m in every if allowed is None or allowed(m))
         if not every and not self.workers:
             why = "" if self.controller_ok else (

@@ -1,4 +1,6 @@
-"""`llmrelay models list|load|unload`: a host's admin endpoints from the command line.
+"""`llmrelay models list|load|unload`: a host's admin endpoints from the command line; `list`
+also shows what the Hugging Face cache holds (models fetched by name, `llmrelay pull`), and
+works without any host for that.
 
 The host is found in the controller's table (the one that declares the model), or given with
 `--host-address`. The admin key comes from `--admin-key`, else LLMRELAY_ADMIN_KEY, else the
@@ -19,9 +21,14 @@ from llmrelay.ondemand.sizes import fmt_bytes
 ADMIN_KEY_ENV = "LLMRELAY_ADMIN_KEY"
 
 
+class NoHost(Exception):
+    """No host to ask; the message says why."""
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION")
-    for name, text in (("list", "every declared model: state, memory, idle time, loads"),
+    for name, text in (("list", "every declared model: state (downloading: how far), memory, "
+                         "idle time, loads; and the models in the Hugging Face cache"),
                        ("load", "load a model now (and wait until it is loaded)"),
                        ("unload", "unload a model (its running requests finish first)")):
         q = sub.add_parser(name, help=text)
@@ -50,12 +57,12 @@ def _hosts(args: argparse.Namespace, model: str | None) -> list[str]:
     try:
         table = fetch_table(url, token_from(args.registration_token, url))
     except (httpx.HTTPError, ValueError) as e:
-        sys.exit(f"error: cannot read the controller's table at {url} ({e}); give "
-                 "--host-address, or --registration-token")
+        raise NoHost(f"cannot read the controller's table at {url} ({e}); give "
+                     "--host-address, or --registration-token") from None
     if model is None:
         found = hosts(table)
         if not found:
-            sys.exit(f"error: no host of models on demand is registered with {url}")
+            raise NoHost(f"no host of models on demand is registered with {url}")
         return found
     d = from_table(table).get(model)
     if d is None:
@@ -98,7 +105,12 @@ COLUMNS = [("name", "MODEL"), ("state", "STATE"), ("load", "LOAD"), ("pin", "PIN
            ("error", "LAST ERROR")]
 
 
-def _cell(key: str, value: Any) -> str:
+def _cell(key: str, value: Any, model: dict[str, Any] | None = None) -> str:
+    if key == "state" and value == "downloading" and isinstance((model or {}).get("download"),
+                                                                dict):
+        d = model["download"]  # type: ignore[index]
+        return (f"downloading {float(d.get('percent') or 0):.0f}% "
+                f"({fmt_bytes(d.get('done_bytes'))} of {fmt_bytes(d.get('total_bytes'))})")
     if value is None:
         return "-"
     if key in ("estimate_bytes", "memory_bytes"):
@@ -115,23 +127,76 @@ def format_listing(data: dict[str, Any]) -> str:
              f"{fmt_bytes(data.get('held_bytes'))} held, {fmt_bytes(data.get('free_bytes'))} free"
              + (f", queue: {', '.join(data['queue'])}" if data.get("queue") else "")]
     cells = [[title for _, title in COLUMNS]]
-    cells += [[_cell(k, m.get(k)) for k, _ in COLUMNS] for m in data.get("models", [])]
+    cells += [[_cell(k, m.get(k), m) for k, _ in COLUMNS] for m in data.get("models", [])]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
               for row in cells]
     return "\n".join(lines)
 
 
+def format_cache() -> str:
+    """The models in the Hugging Face cache (whole files; a download under way is not counted)."""
+    from llmrelay.worker import hub
+
+    found = hub.list_cache()
+    lines = [f"Hugging Face cache {hub.cache_dir()}: "
+             + (f"{len(found)} models" if found else "no models")]
+    cells = [["MODEL", "REVISIONS", "SIZE", "FILES"]]
+    cells += [[c.repo, ", ".join(c.revisions) or "-", fmt_bytes(c.size),
+               ", ".join(c.files[:6]) + (" ..." if len(c.files) > 6 else "")] for c in found]
+    if found:
+        widths = [max(len(row[i]) for row in cells) for i in range(4)]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                  for row in cells]
+    return "\n".join(lines)
+
+
+def format_downloads(table: dict[str, Any]) -> str:
+    """Workers still fetching their model from the hub (worker/download.py), one line each."""
+    lines = []
+    for w in table.get("workers", []):
+        d = ((w.get("status") or {}).get("llmrelay") or {}).get("downloading")
+        if isinstance(d, dict):
+            lines.append(f"{', '.join(map(str, d.get('models') or []))}  " + _cell(
+                "state", "downloading", {"download": d}) + f"  worker {w.get('name')}")
+    return "\n".join(["workers fetching their model:", *lines]) if lines else ""
+
+
+def _list(args: argparse.Namespace) -> None:
+    if not args.host_address:
+        from llmrelay.security import token_from
+        from llmrelay.status import fetch_table
+
+        url = args.controller_address.split(",")[0].strip()
+        try:
+            text = format_downloads(fetch_table(url, token_from(args.registration_token, url)))
+        except (httpx.HTTPError, ValueError, AttributeError):
+            text = ""
+        if text:
+            print(text + "\n")
+    try:
+        hosts = _hosts(args, None)
+    except NoHost as e:
+        print(f"(no models on demand: {e})")
+    else:
+        key = _key(args)
+        for host in hosts:
+            print(format_listing(_call("GET", host + "/admin/models", key)) + "\n")
+    print(format_cache())
+
+
 def run(args: argparse.Namespace) -> None:
     if not getattr(args, "action", None):
         sys.exit("usage: llmrelay models {list,load,unload} ...")
     model = getattr(args, "model", None)
-    hosts = _hosts(args, model)
-    key = _key(args)
     if args.action == "list":
-        for i, host in enumerate(hosts):
-            print(("\n" if i else "") + format_listing(_call("GET", host + "/admin/models", key)))
+        _list(args)
         return
+    try:
+        hosts = _hosts(args, model)
+    except NoHost as e:
+        sys.exit(f"error: {e}")
+    key = _key(args)
     if args.action == "load":
         data = _call("POST", hosts[0] + "/admin/load", key,
                      {"model": model, "wait": not args.no_wait})

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llmrelay.ondemand.sizes import parse_duration
-from llmrelay.worker.models import ModelNotFound, ResolvedModel, resolve
+from llmrelay.worker.models import ModelNotFound, NotCached, ResolvedModel, hub_ref, resolve
 
 try:
     import tomllib
@@ -46,8 +46,8 @@ class ModelSpec:
     pin: bool = False
     idle_unload: float | None = None  # seconds unused before unloading; None: never
     keep_alive_max: float | None = None  # ceiling of clients' keep_alive hints; None: host's
-    path: str = ""  # the resolved file or folder
-    kind: str = ""  # gguf or hf
+    path: str = ""  # the resolved file or folder ("" for a hub model not fetched yet)
+    kind: str = ""  # gguf or hf; "hub" for a hub model not fetched yet (fetching.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -137,13 +137,21 @@ def spec_from_entry(entry: dict[str, Any], where: str) -> ModelSpec:
                                "demand; remove it")
     path = str(entry.get("model_path", "smollm2"))
     entry["model_path"] = path
-    model = _resolve(path, where)
+    ref = hub_ref(path)
+    if ref is not None:  # a hub name: declared at once, fetched when first wanted
+        try:
+            model = resolve(path, entry.get("revision"), fetch=False)
+        except NotCached:
+            model = ResolvedModel(Path(""), "hub", ref.name, hub=str(ref))
+    else:
+        model = _resolve(path, where)
     names = entry.get("model_names")
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     name = names[0] if names else model.default_name
     spec = ModelSpec(name=name, flags=entry, load=load, pin=pin, idle_unload=idle,
-                     keep_alive_max=keep, path=str(model.path), kind=model.kind)
+                     keep_alive_max=keep, path=str(model.path) if model.kind != "hub" else "",
+                     kind=model.kind)
     worker_args(spec)  # refuse unknown keys and bad values now
     return spec
 

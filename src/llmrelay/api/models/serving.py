@@ -4,10 +4,11 @@ models it may use (`allowed`)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 
 from llmrelay.api.errors import APIError
-from llmrelay.api.models.protocol import Model, ModelList
+from llmrelay.api.models.protocol import DownloadingModel, Model, ModelList
 from llmrelay.api.table import WorkerTable
 from llmrelay.ondemand.view import Declared
 
@@ -28,10 +29,19 @@ class ModelServing:
         for name, d in self.declared().items():
             # Served by a worker that is not its host's (one always loaded): loaded.
             elsewhere = any(w.name != d.address for w in self.table.serving(name))
+            if d.state == "downloading" and not elsewhere:
+                out[name] = self.fetching(name, d.since, d.download)
+                continue
             model = out.get(name) or self.model(name, d.since)
             model.state = "loaded" if elsewhere else d.state
             out[name] = model
+        for name, progress in self.table.downloading().items():
+            if name not in out:  # a worker fetching its model (no other worker serves it)
+                out[name] = self.fetching(name, time.time(), progress)
         return out
+
+    def fetching(self, name: str, created: float, progress: dict | None) -> DownloadingModel:
+        return DownloadingModel(id=name, created=int(created), features=[], download=progress)
 
     def model(self, name: str, created: float) -> Model:
         """A model with what at least one of its workers honours (requests are routed to one
