@@ -17,7 +17,8 @@ from llmrelay.api.access import Access, allowed_models
 from llmrelay.api.errors import APIError
 from llmrelay.api.keys import Key, KeyStore, add_key
 from llmrelay.api.limits import Limiter, LocalLimits
-from llmrelay.api.observe import ObserveMiddleware, RequestRecord, _current, current, note_billed
+from llmrelay.api.observe import ObserveMiddleware, RequestRecord, _current, note_billed
+from llmrelay.api.plan import Caller
 from llmrelay.api.table import WorkerTable
 from llmrelay.api.transport import WorkerTransport
 from llmrelay.api.usage import UsageStore
@@ -197,18 +198,14 @@ def test_key_and_priority_go_only_to_workers_that_announce_fair_sharing() -> Non
     params = {"model": "m", "prompt": "hi", "delta": True, "max_new_tokens": 3}
 
     async def main() -> None:
-        token = _current.set(RequestRecord(started=0, key=Key("alice", priority="batch")))
-        try:
-            body_for = transport._generation(params)
-        finally:
-            _current.reset(token)
+        # the caller is explicit, not read from the request's record
+        body_for = transport._generation(params, Caller.of(Key("alice", priority="batch")))
         ours = await body_for(t.workers["http://ours"])
         assert ours["key"] == "alice" and ours["priority"] == "batch"
         assert "key" not in await body_for(t.workers["http://older"])
         assert "key" not in params  # the shared params are not changed
         # FastChat workers get their own params (the adapter asks them for a token count)
-        assert current() is None
-        no_key = transport._generation(params)  # no record: a server without keys
+        no_key = transport._generation(params, None)  # a server without keys
         assert "key" not in await no_key(t.workers["http://ours"])
         await transport.aclose()
 

@@ -383,13 +383,15 @@ class FakeTransport:
         self.streams: list[FakeStream] = []
 
     async def open_stream(self, model: str, params: dict[str, Any],
-                          keys: list[str] | None = None, accept: Any = None) -> FakeStream:
+                          keys: list[str] | None = None, accept: Any = None,
+                          caller: Any = None) -> FakeStream:
         self.params.append(params)
         self.streams.append(FakeStream([[f] for f in self.frames]))
         return self.streams[-1]
 
     async def generate_once(self, model: str, params: dict[str, Any],
-                            keys: list[str] | None = None, accept: Any = None) -> Delta:
+                            keys: list[str] | None = None, accept: Any = None,
+                            caller: Any = None) -> Delta:
         self.params.append(params)
         return Delta.of({"text": "".join(f.get("text", "") for f in self.frames),
                          **{k: v for f in self.frames for k, v in f.items() if k != "text"}})

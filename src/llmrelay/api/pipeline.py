@@ -1,8 +1,11 @@
-"""The generation pipeline chat and completions share: the worker params of a request, n
-generations opened before answering (all or nothing), their frames merged as they come, SSE
-framing with keep-alives while busy workers are awaited, mid-stream errors as OpenAI error
-events, whole answers for non-streamed requests, usage, and cancelling the workers when the
-client disconnects or the request runs past its time.
+"""The generation pipeline every front door shares: admission (`GenerationServing.admit`: the
+request's refusals, its model, the workers that can honour its constraints, once for every
+door), a request's `Plan` (plan.py) opened as one generation per prompt and choice before
+answering (all or nothing), their typed frames (frames.Delta) merged as they come, SSE framing
+with keep-alives while busy workers are awaited, mid-stream errors as error events, whole
+answers for non-streamed requests, usage and what the API key is charged (`usage_of`), and
+cancelling the workers when the client disconnects or the request runs past its time. Each
+door keeps its own renderer (chunks, events, response objects) and its own error shape.
 
 Driven with plain arguments (the transport, the limits, the ASGI `receive` that tells of a
 disconnect), so the front doors' serving classes can be tested without a server.
@@ -12,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
@@ -33,8 +37,10 @@ from llmrelay.api.observe import (
     note_usage,
     settle,
 )
-from llmrelay.api.protocol import SamplingRequest, UsageInfo
+from llmrelay.api.plan import Caller, Plan
+from llmrelay.api.protocol import UsageInfo
 from llmrelay.api.table import Accept, WorkerTable
+from llmrelay.dispatch import conversation_keys
 from llmrelay.protocol import dumps
 from llmrelay.runtime import (
     ClientGone,
@@ -49,7 +55,6 @@ log = logging.getLogger("llmrelay.api")
 
 T = TypeVar("T")
 
-DEFAULT_TEMPERATURE = 0.7
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_DONE = b"data: [DONE]\n\n"
 NO_USAGE = TokenUsage()
@@ -57,42 +62,6 @@ NO_USAGE = TokenUsage()
 
 def sse(obj: Any) -> bytes:
     return b"data: " + dumps(obj) + b"\n\n"
-
-
-# ---- the worker params of a request ------------------------------------------------------------
-
-
-def sampling_params(body: SamplingRequest, request_id: str) -> dict[str, Any]:
-    """The worker params chat and completions share.
-
-    The default temperature is FastChat's 0.7 rather than OpenAI's 1.0: small local models
-    ramble at 1.0, and FastChat users expect 0.7.
-    """
-    return {
-        "model": body.model,
-        "temperature": DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
-        "top_p": 1.0 if body.top_p is None else body.top_p,
-        "top_k": -1 if body.top_k is None else body.top_k,
-        "stop": body.stop,
-        "presence_penalty": body.presence_penalty or 0.0,
-        "frequency_penalty": body.frequency_penalty or 0.0,
-        "repetition_penalty": body.repetition_penalty or 1.0,
-        "seed": body.seed,
-        "delta": True,
-        "request_id": request_id,
-    }
-
-
-def per_choice(params: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """n copies; with a seed, each choice gets its own (seed, seed+1, ...) so they differ."""
-    out = []
-    for i in range(n):
-        p = dict(params)
-        if p.get("seed") is not None:
-            p["seed"] = p["seed"] + i
-        p["request_id"] = f"{params['request_id']}-{i}" if n > 1 else params["request_id"]
-        out.append(p)
-    return out
 
 
 def finish_reason(reason: str | None) -> str:
@@ -138,11 +107,12 @@ class Generations(Protocol):
     """What the pipeline needs of the transport (transport.WorkerTransport)."""
 
     async def open_stream(self, model: str, params: dict[str, Any],
-                          keys: list[str] | None = None, accept: Accept | None = None) -> Any: ...
+                          keys: list[str] | None = None, accept: Accept | None = None,
+                          caller: Caller | None = None) -> Any: ...
 
     async def generate_once(self, model: str, params: dict[str, Any],
-                            keys: list[str] | None = None,
-                            accept: Accept | None = None) -> Delta: ...
+                            keys: list[str] | None = None, accept: Accept | None = None,
+                            caller: Caller | None = None) -> Delta: ...
 
 
 @dataclass
@@ -158,17 +128,16 @@ class Pipeline:
         self.transport = transport
         self.limits = limits or Limits()
 
-    async def open_all(self, model: str, params: list[dict[str, Any]],
-                       keys: list[str] | None = None,
-                       accept: Accept | None = None) -> list[Stream]:
-        """Start every generation (one per choice) before answering; all or nothing.
-
-        `keys`: the conversation's prefix keys, for the `prefix` dispatch method; `accept`:
-        which workers can take the request."""
-        if len(params) == 1:
-            return [await self.transport.open_stream(model, params[0], keys, accept)]
+    async def open_all(self, plan: Plan) -> list[Stream]:
+        """Start every generation of the plan (one per prompt and choice) before answering;
+        all or nothing."""
+        t = self.transport
+        if plan.choices == 1:
+            return [await t.open_stream(plan.model, plan.worker_params(0), plan.prefix_keys,
+                                        plan.accept, plan.caller)]
         results = await asyncio.gather(
-            *(self.transport.open_stream(model, p, keys, accept) for p in params),
+            *(t.open_stream(plan.model, plan.worker_params(i), plan.prefix_keys, plan.accept,
+                            plan.caller) for i in range(plan.choices)),
             return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         streams = [r for r in results if not isinstance(r, BaseException)]
@@ -178,28 +147,28 @@ class Pipeline:
             raise errors[0]
         return streams
 
-    def opening(self, receive: Receive, model: str, params: list[dict[str, Any]],
-                keys: list[str] | None = None, accept: Accept | None = None) -> Opening:
+    def opening(self, receive: Receive, plan: Plan) -> Opening:
         """The streamed generations of a request, being opened."""
-        return Opening(receive, self.open_all(model, params, keys, accept), self.limits)
+        return Opening(receive, self.open_all(plan), self.limits)
 
-    async def answer_all(self, receive: Receive, model: str, params: list[dict[str, Any]],
-                         keys: list[str] | None = None,
-                         accept: Accept | None = None) -> list[Delta]:
-        """A non-streamed request's answers, one whole Delta per choice, all generated at
+    async def answer_all(self, receive: Receive, plan: Plan) -> list[Delta]:
+        """A non-streamed request's answers, one whole Delta per generation, all generated at
         once; all or nothing. Cancelled (which stops the workers) when the client leaves; 504
         past the request timeout."""
+        t = self.transport
 
         async def all_answers() -> list[Delta]:
-            if len(params) == 1:
-                return [await self.transport.generate_once(model, params[0], keys, accept)]
-            tasks = [asyncio.ensure_future(self.transport.generate_once(model, p, keys, accept))
-                     for p in params]
+            if plan.choices == 1:
+                return [await t.generate_once(plan.model, plan.worker_params(0),
+                                              plan.prefix_keys, plan.accept, plan.caller)]
+            tasks = [asyncio.ensure_future(t.generate_once(
+                plan.model, plan.worker_params(i), plan.prefix_keys, plan.accept, plan.caller))
+                for i in range(plan.choices)]
             try:
                 return list(await asyncio.gather(*tasks))
             finally:
-                for t in tasks:  # one failed: the others stop
-                    t.cancel()
+                for task in tasks:  # one failed: the others stop
+                    task.cancel()
 
         try:
             finals = await until_disconnect(receive, all_answers(), self.limits.request_timeout)
@@ -384,9 +353,17 @@ class Opening:
 # ---- answering ----------------------------------------------------------------------------------
 
 
+class Admissible(Protocol):
+    """What admission asks of a front door's request."""
+
+    model: str
+
+    def refuse_unsupported(self) -> None: ...
+
+
 class GenerationServing:
-    """What the chat and completions serving classes share: the table (for the model's
-    checks), the pipeline, and a clock for `created`."""
+    """What every front door's serving class shares: the table (for the model's checks), the
+    pipeline, a clock for `created`, and admission."""
 
     def __init__(self, table: WorkerTable, pipeline: Pipeline,
                  clock: Callable[[], float] = time.time) -> None:
@@ -394,11 +371,21 @@ class GenerationServing:
         self.pipeline = pipeline
         self.clock = clock
 
-    def admit(self, body: SamplingRequest) -> None:
-        """400 for fields this server cannot honour; 404/503 for a model nobody serves."""
+    async def admit(self, body: Admissible, to_plan: Callable[[], Plan | Awaitable[Plan]]
+                    ) -> Plan:
+        """The request's plan, once it may run: 400 for fields this server cannot honour;
+        404/503 for a model nobody serves; then the door's `to_plan` (its own 400s); then a
+        400 naming the parameter when no worker of the model can honour the constraints. With
+        `prefix` dispatch the plan gets its conversation's prefix keys."""
         body.refuse_unsupported()
         self.table.check_model(body.model)
         note_model(body.model)
+        made = to_plan()
+        plan = await made if inspect.isawaitable(made) else made
+        plan.constraints.check_workers(self.table, plan.model)
+        if self.table.dispatch_method == "prefix" and plan.messages is not None:
+            plan = replace(plan, prefix_keys=conversation_keys(plan.messages))
+        return plan
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmrelay.api.errors import bad_param
+from llmrelay.api.plan import Sampling
 
 MAX_N = 16
 MAX_STOP = 16
@@ -80,6 +81,14 @@ class SamplingRequest(BaseModel):
             if extra.get(key) not in (None, [], "none"):
                 raise bad_param(key, f"'{key}' is served by /v1/chat/completions, not by this "
                                 "endpoint.", "unsupported_parameter")
+
+
+def sampling_of(body: SamplingRequest, max_new_tokens: int | None,
+                logprobs: int | None) -> Sampling:
+    """The sampling settings of a chat or completions request."""
+    return Sampling.of(body.temperature, body.top_p, body.top_k, body.stop,
+                       body.presence_penalty, body.frequency_penalty, body.repetition_penalty,
+                       body.seed, max_new_tokens, logprobs)
 
 
 # Responses are plain dataclasses, not slotted: orjson writes a slotted one about 6x slower (5-7

@@ -30,6 +30,7 @@ from llmrelay.api.messages.protocol import CountTokensRequest, MessagesRequest
 from llmrelay.api.messages.serving import MessagesServing
 from llmrelay.api.models.serving import ModelServing
 from llmrelay.api.pipeline import respond
+from llmrelay.api.plan import Caller
 from llmrelay.api.responses.compact import CompactRequest
 from llmrelay.api.responses.protocol import ResponsesRequest
 from llmrelay.api.responses.serving import ResponsesServing, owner_of
@@ -82,13 +83,14 @@ def mount(app: FastAPI, guarded: list[Depends], feed: TableFeed, metrics: ApiMet
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
         await access.enter(caller(request), body.model, table)
-        return respond(await chat.create(body, request.state.request_id, request.receive))
+        return respond(await chat.create(body, request.state.request_id, request.receive,
+                                         Caller.of(caller(request))))
 
     @app.post("/v1/completions", dependencies=guarded)
     async def text_completions(request: Request, body: CompletionRequest) -> Any:
         await access.enter(caller(request), body.model, table)
         return respond(await completions.create(body, request.state.request_id,
-                                                request.receive))
+                                                request.receive, Caller.of(caller(request))))
 
     @app.post("/v1/embeddings", dependencies=guarded)
     async def create_embeddings(request: Request, body: EmbeddingRequest) -> Any:
@@ -100,7 +102,8 @@ def mount(app: FastAPI, guarded: list[Depends], feed: TableFeed, metrics: ApiMet
     @app.post(MESSAGES, dependencies=guarded)
     async def create_message(request: Request, body: MessagesRequest) -> Any:
         await access.enter(caller(request), body.model, table)
-        return respond(await messages.create(body, request.state.request_id, request.receive))
+        return respond(await messages.create(body, request.state.request_id, request.receive,
+                                             Caller.of(caller(request))))
 
     @app.post(MESSAGES + "/count_tokens", dependencies=guarded)
     async def count_message_tokens(request: Request, body: CountTokensRequest) -> Any:
@@ -125,13 +128,13 @@ def mount(app: FastAPI, guarded: list[Depends], feed: TableFeed, metrics: ApiMet
     async def create_response(request: Request, body: ResponsesRequest) -> Any:
         await access.enter(caller(request), body.model, table)
         return respond(await responses.create(body, request.state.request_id, owner(request),
-                                              request.receive))
+                                              request.receive, Caller.of(caller(request))))
 
     @app.post("/v1/responses/compact", dependencies=guarded)
     async def compact_response(request: Request, body: CompactRequest) -> Any:
         await access.enter(caller(request), body.model, table)
         return respond(await responses.compact(body, request.state.request_id, owner(request),
-                                               request.receive))
+                                               request.receive, Caller.of(caller(request))))
 
     def include(request: Request) -> list[str]:  # the SDK sends include[]=..., curl include=...
         return request.query_params.getlist("include") + request.query_params.getlist("include[]")

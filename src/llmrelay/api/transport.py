@@ -22,7 +22,8 @@ from llmrelay.api.errors import APIError
 from llmrelay.api.fastchat import CumulativeToDelta, FastChatAdapter, WorkerUnsuitable
 from llmrelay.api.frames import Delta
 from llmrelay.api.migration import MigratingStream, join, resumable
-from llmrelay.api.observe import current, note_failover
+from llmrelay.api.observe import note_failover
+from llmrelay.api.plan import Caller
 from llmrelay.api.table import Accept, Worker, WorkerTable
 from llmrelay.protocol import EXT_FAIRNESS, ErrorCode, dumps, iter_frame_batches, loads
 
@@ -129,32 +130,31 @@ class WorkerTransport:
         stack.callback(response.close)
         return response
 
-    def _generation(self, params: dict[str, Any]) -> BodyFor:
+    def _generation(self, params: dict[str, Any], caller: Caller | None) -> BodyFor:
         """The generation's body for the worker picked. A worker that announces fair sharing
-        also gets the caller's API key name and priority class (observe.py's record of the
-        request), which order its queue; other workers get nothing new."""
-        rec = current()
-        key = rec.key if rec is not None else None
+        also gets the caller's API key name and priority class, which order its queue; other
+        workers get nothing new."""
 
         async def body_for(worker: Worker) -> dict[str, Any]:
             body = await self.fastchat.body_for(worker, params)
-            if key is not None and EXT_FAIRNESS in worker.extensions:
-                body = {**body, "key": key.name, "priority": key.priority}
+            if caller is not None and EXT_FAIRNESS in worker.extensions:
+                body = {**body, "key": caller.name, "priority": caller.priority}
             return body
         return body_for
 
     # ---- the three requests ------------------------------------------------------------------
 
     async def open_stream(self, model: str, params: dict[str, Any],
-                          keys: list[str] | None = None,
-                          accept: Accept | None = None) -> WorkerStream | MigratingStream:
+                          keys: list[str] | None = None, accept: Accept | None = None,
+                          caller: Caller | None = None) -> WorkerStream | MigratingStream:
         """Start a streamed generation (POST /worker_generate_stream) on a worker; it has sent
-        its first frame when this returns. `params`: what our workers take (FastChat's workers
-        get them translated). `keys`: the conversation's prefix keys, for `prefix` dispatch;
-        `accept`: which workers can take the request (tools.Constraints.honoured_by). On a
-        worker that can be resumed, the generation moves to another if its worker fails
+        its first frame when this returns. `params`: what our workers take (plan.Plan's
+        `worker_params`; FastChat's workers get them translated). `keys`: the conversation's
+        prefix keys, for `prefix` dispatch; `accept`: which workers can take the request
+        (tools.Constraints.honoured_by); `caller`: who asks, for the workers' fair queues. On
+        a worker that can be resumed, the generation moves to another if its worker fails
         mid-answer (migration.py)."""
-        stream = await self._open(model, params, keys, accept)
+        stream = await self._open(model, params, keys, accept, caller)
         if self.max_migrations <= 0 or not resumable(stream.worker):
             return stream
 
@@ -162,12 +162,13 @@ class WorkerTransport:
             return resumable(w) and (accept is None or accept(w))
 
         async def reopen(again: dict[str, Any], avoid: set[str]) -> WorkerStream:
-            return await self._open(model, again, None, resumes, avoid)
+            return await self._open(model, again, None, resumes, caller, avoid)
 
         return MigratingStream(stream, params, reopen, self.max_migrations)
 
     async def _open(self, model: str, params: dict[str, Any], keys: list[str] | None,
-                    accept: Accept | None, exclude: set[str] | None = None) -> WorkerStream:
+                    accept: Accept | None, caller: Caller | None,
+                    exclude: set[str] | None = None) -> WorkerStream:
         async def start(worker: Worker, body: dict[str, Any], stack: contextlib.AsyncExitStack
                         ) -> tuple[Delta, WorkerStream]:
             response = await self._post(stack, worker.name + "/worker_generate_stream", body)
@@ -176,12 +177,13 @@ class WorkerTransport:
                                   cumulative=not body.get("delta"))
             return stream.first[0], stream
 
-        return await self._on_a_worker(model, self._generation(params), start, keep_open=True,
-                                       keys=keys, accept=accept, exclude=exclude)
+        return await self._on_a_worker(model, self._generation(params, caller), start,
+                                       keep_open=True, keys=keys, accept=accept,
+                                       exclude=exclude)
 
     async def generate_once(self, model: str, params: dict[str, Any],
-                            keys: list[str] | None = None,
-                            accept: Accept | None = None) -> Delta:
+                            keys: list[str] | None = None, accept: Accept | None = None,
+                            caller: Caller | None = None) -> Delta:
         """A whole generation as one Delta: its text, calls and logprobs cover the whole answer.
 
         Read as a stream of frames and joined here (migration.join), so a worker that fails
@@ -190,7 +192,7 @@ class WorkerTransport:
         workers join their delta frames when asked for `delta`; FastChat's answer with their
         last cumulative frame, turned into a delta from nothing here)."""
         if self.max_migrations > 0:
-            return await join(await self.open_stream(model, params, keys, accept))
+            return await join(await self.open_stream(model, params, keys, accept, caller))
 
         async def once(worker: Worker, body: dict[str, Any], stack: contextlib.AsyncExitStack
                        ) -> tuple[Delta, Delta]:
@@ -199,8 +201,8 @@ class WorkerTransport:
             final = Delta.of(data if body.get("delta") else CumulativeToDelta()(data))
             return final, final
 
-        return await self._on_a_worker(model, self._generation(params), once, keep_open=False,
-                                       keys=keys, accept=accept)
+        return await self._on_a_worker(model, self._generation(params, caller), once,
+                                       keep_open=False, keys=keys, accept=accept)
 
     async def embed(self, model: str, body: dict[str, Any],
                     accept: Accept | None = None) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""Chat completions: a request -> worker params (our workers get the `messages` and render them
-with the model's own template; the transport translates them for FastChat's workers) -> the
-workers' delta frames shaped into OpenAI's chat objects and chunks.
+"""Chat completions: a request -> its Plan (`to_plan`; our workers get the `messages` and render
+them with the model's own template; the transport translates them for FastChat's workers) ->
+the workers' typed frames shaped into OpenAI's chat objects and chunks.
 
 `ChatServing.create` is the whole endpoint with plain arguments; `response` and `chunks` shape
 frames alone, so tests can feed them frames without a server or a worker.
@@ -42,11 +42,10 @@ from llmrelay.api.pipeline import (
     Streamed,
     finish_reason,
     openai_usage,
-    per_choice,
-    sampling_params,
     usage_of,
 )
-from llmrelay.dispatch import conversation_keys
+from llmrelay.api.plan import Caller, Plan
+from llmrelay.api.protocol import sampling_of
 from llmrelay.protocol import new_call_id
 
 ROLE, END = RoleDelta(), EndDelta()  # the same in every answer
@@ -75,36 +74,31 @@ def _one_prompt(i: int) -> int:
     return 0  # every choice of a chat request has the same prompt
 
 
+def to_plan(body: ChatCompletionRequest, request_id: str, caller: Caller | None) -> Plan:
+    """A chat request as the pipeline's plan (400s for what it cannot be)."""
+    messages = normalize_messages(body.messages)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_param("top_logprobs", "top_logprobs requires logprobs to be true.")
+    return Plan(model=body.model, request_id=request_id, sampling=sampling_of(
+        body, max_new_tokens=body.max_completion_tokens or body.max_tokens,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None),
+        messages=messages, n=body.n or 1, constraints=body.constraints(), caller=caller)
+
+
 class ChatServing(GenerationServing):
     async def create(self, body: ChatCompletionRequest, request_id: str,
-                     receive: Receive) -> ChatCompletion | Streamed:
-        """The answer to one request: whole, or `Streamed` (see pipeline.respond)."""
-        self.admit(body)
-        messages = normalize_messages(body.messages)
-        if body.top_logprobs is not None and not body.logprobs:
-            raise bad_param("top_logprobs", "top_logprobs requires logprobs to be true.")
-        constraints = body.constraints()
-        constraints.check_workers(self.table, body.model)
-        accept = constraints.honoured_by if constraints.needs() else None
-        params = sampling_params(body, request_id)
-        params.update(
-            messages=messages,
-            max_new_tokens=body.max_completion_tokens or body.max_tokens,
-            echo=False,
-            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-            **constraints.params(),
-        )
-        n = body.n or 1
-        choices = per_choice(params, n)
-        # `prefix` dispatch: the next turn goes where the conversation's KV cache is.
-        keys = conversation_keys(messages) if self.table.dispatch_method == "prefix" else None
+                     receive: Receive, caller: Caller | None = None) -> ChatCompletion | Streamed:
+        """The answer to one request of `caller` (None: a server without API keys): whole, or
+        `Streamed` (see pipeline.respond)."""
+        plan = await self.admit(body, lambda: to_plan(body, request_id, caller))
+        n = plan.n
         id_, created, logprobs = f"chatcmpl-{request_id}", int(self.clock()), bool(body.logprobs)
 
         if not body.stream:
-            finals = await self.pipeline.answer_all(receive, body.model, choices, keys, accept)
+            finals = await self.pipeline.answer_all(receive, plan)
             return self.response(id_, created, body.model, finals, logprobs)
 
-        opening = self.pipeline.opening(receive, body.model, choices, keys, accept)
+        opening = self.pipeline.opening(receive, plan)
         await opening.wait_briefly()
         include_usage = body.include_usage
         return Streamed(lambda: self.chunks(id_, created, body.model, n, opening.frames(),

@@ -27,24 +27,24 @@ from llmrelay.api.pipeline import (
     Streamed,
     finish_reason,
     openai_usage,
-    per_choice,
-    sampling_params,
     usage_of,
 )
+from llmrelay.api.plan import Caller, Plan, Prompt
+from llmrelay.api.protocol import sampling_of
 from llmrelay.api.tools import Constraints, logit_bias
 from llmrelay.protocol import LegacyLogprobs, text_offsets, to_legacy
 
 
-def prompts_of(prompt: Any) -> list[dict[str, Any]]:
-    """A prompt in any of OpenAI's four forms -> worker fields, one dict per prompt."""
+def prompts_of(prompt: Any) -> list[Prompt]:
+    """A prompt in any of OpenAI's four forms -> the prompts (a text, or token ids) to answer."""
     if isinstance(prompt, str):
-        return [{"prompt": prompt}]
+        return [prompt]
     if prompt and all(isinstance(p, int) for p in prompt):
-        return [{"prompt_token_ids": list(prompt)}]
+        return [list(prompt)]
     if prompt and all(isinstance(p, list) for p in prompt):
-        return [{"prompt_token_ids": list(p)} for p in prompt]
+        return [list(p) for p in prompt]
     if prompt and all(isinstance(p, str) for p in prompt):
-        return [{"prompt": p} for p in prompt]
+        return list(prompt)
     raise bad_param("prompt", "prompt must be a string, a list of strings, or token ids, "
                     "and must not be empty.")
 
@@ -61,41 +61,40 @@ def whole_logprobs(final: Delta) -> LegacyLogprobs:
     return to_legacy(entries, offsets)
 
 
+def to_plan(body: CompletionRequest, request_id: str, caller: Caller | None) -> Plan:
+    """A completions request as the pipeline's plan (400s for what it cannot be)."""
+    if body.suffix:
+        raise bad_param("suffix", "suffix (insertion) is not supported.",
+                        "unsupported_parameter")
+    n = body.n or 1
+    if body.best_of is not None and body.best_of != n:
+        raise bad_param("best_of", "best_of must equal n (no server-side ranking).",
+                        "unsupported_value")
+    prompts = prompts_of(body.prompt)
+    return Plan(model=body.model, request_id=request_id, sampling=sampling_of(
+        body, max_new_tokens=16 if body.max_tokens is None else body.max_tokens,
+        logprobs=body.logprobs), prompts=prompts, n=n, echo=bool(body.echo),
+        constraints=Constraints(logit_bias=logit_bias(body.logit_bias)), caller=caller)
+
+
 class CompletionServing(GenerationServing):
-    async def create(self, body: CompletionRequest, request_id: str,
-                     receive: Receive) -> CompletionWithUsage | Streamed:
-        """The answer to one request: whole, or `Streamed` (see pipeline.respond)."""
-        self.admit(body)
-        if body.suffix:
-            raise bad_param("suffix", "suffix (insertion) is not supported.",
-                            "unsupported_parameter")
-        n = body.n or 1
-        if body.best_of is not None and body.best_of != n:
-            raise bad_param("best_of", "best_of must equal n (no server-side ranking).",
-                            "unsupported_value")
-        prompts = prompts_of(body.prompt)
-        constraints = Constraints(logit_bias=logit_bias(body.logit_bias))
-        constraints.check_workers(self.table, body.model)
-        accept = constraints.honoured_by if constraints.needs() else None
-        params = sampling_params(body, request_id)
-        params.update(max_new_tokens=16 if body.max_tokens is None else body.max_tokens,
-                      echo=bool(body.echo), logprobs=body.logprobs, **constraints.params())
-        choices = []
-        for j, p in enumerate(prompts):
-            choices.extend(per_choice({**params, **p, "request_id": f"{request_id}-p{j}"
-                                       if len(prompts) > 1 else request_id}, n))
+    async def create(self, body: CompletionRequest, request_id: str, receive: Receive,
+                     caller: Caller | None = None) -> CompletionWithUsage | Streamed:
+        """The answer to one request of `caller` (None: a server without API keys): whole, or
+        `Streamed` (see pipeline.respond)."""
+        plan = await self.admit(body, lambda: to_plan(body, request_id, caller))
+        n = plan.n
         id_, created = f"cmpl-{request_id}", int(self.clock())
         logprobs = body.logprobs is not None
 
         if not body.stream:
-            finals = await self.pipeline.answer_all(receive, body.model, choices,
-                                                    accept=accept)
+            finals = await self.pipeline.answer_all(receive, plan)
             return self.response(id_, created, body.model, n, finals, logprobs)
 
-        opening = self.pipeline.opening(receive, body.model, choices, accept=accept)
+        opening = self.pipeline.opening(receive, plan)
         await opening.wait_briefly()
         include_usage = body.include_usage
-        return Streamed(lambda: self.chunks(id_, created, body.model, n, len(choices),
+        return Streamed(lambda: self.chunks(id_, created, body.model, n, plan.choices,
                                             opening.frames(), logprobs, include_usage), opening)
 
     @staticmethod

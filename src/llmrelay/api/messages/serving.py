@@ -1,6 +1,7 @@
-"""Anthropic's Messages API over the shared pipeline: a request -> chat messages, constraints
-and sampling params for the workers (protocol.py) -> their delta frames shaped into a Message,
-or into Anthropic's event stream; and token counts asked of a worker of the model.
+"""Anthropic's Messages API over the shared pipeline: a request -> its Plan (`to_plan`: chat
+messages and constraints from protocol.py, Anthropic's sampling fields; no OpenAI request in
+between) -> the workers' typed frames shaped into a Message, or into Anthropic's event stream;
+and token counts asked of a worker of the model.
 
 Stop reasons: a worker's `tool_calls` is `tool_use`, `length` is `max_tokens`, `stop` is
 `stop_sequence` when the worker names the stop string that ended it (our workers' last frame
@@ -46,13 +47,11 @@ from llmrelay.api.messages.protocol import (
     ToolUseBlock,
     Usage,
 )
-from llmrelay.api.observe import note_model
-from llmrelay.api.pipeline import Frames, GenerationServing, Pipeline, Streamed, sampling_params
-from llmrelay.api.protocol import SamplingRequest
+from llmrelay.api.pipeline import Frames, GenerationServing, Pipeline, Streamed
+from llmrelay.api.plan import Caller, Plan, Sampling
 from llmrelay.api.table import Worker, WorkerTable
 from llmrelay.api.tools import Constraints
 from llmrelay.api.transport import WorkerTransport
-from llmrelay.dispatch import conversation_keys
 from llmrelay.protocol import EXT_TOKENIZE
 
 log = logging.getLogger("llmrelay.api")
@@ -154,6 +153,20 @@ class Blocks:
         return out
 
 
+def to_plan(body: CountTokensRequest | MessagesRequest, request_id: str,
+            caller: Caller | None) -> Plan:
+    """A Messages request (or a token count's) as the pipeline's plan; top_k 0 is off."""
+    constraints = body.constraints()
+    messages = body.chat_messages()
+    sampling = Sampling()
+    if isinstance(body, MessagesRequest):
+        sampling = Sampling.of(temperature=body.temperature, top_p=body.top_p,
+                               top_k=body.top_k or None, stop=body.stop_sequences,
+                               max_new_tokens=body.max_tokens)
+    return Plan(model=body.model, request_id=request_id, sampling=sampling, messages=messages,
+                constraints=constraints, caller=caller)
+
+
 class MessagesServing(GenerationServing):
     """`/v1/messages` and `/v1/messages/count_tokens`; `transport` answers token counts."""
 
@@ -162,32 +175,16 @@ class MessagesServing(GenerationServing):
         super().__init__(table, pipeline)
         self.transport = transport
 
-    def _admit(self, body: CountTokensRequest | MessagesRequest) -> Constraints:
-        body.refuse_unsupported()
-        self.table.check_model(body.model)
-        note_model(body.model)
-        constraints = body.constraints()
-        constraints.check_workers(self.table, body.model)
-        return constraints
-
-    async def create(self, body: MessagesRequest, request_id: str,
-                     receive: Receive) -> Message | Streamed:
-        """The answer to one request: a Message, or `Streamed` events (pipeline.respond)."""
-        constraints = self._admit(body)
-        messages = body.chat_messages()
-        accept = constraints.honoured_by if constraints.needs() else None
-        sampling = SamplingRequest.model_construct(
-            model=body.model, temperature=body.temperature, top_p=body.top_p,
-            top_k=body.top_k or None, stop=list(body.stop_sequences or []))
-        params = sampling_params(sampling, request_id)
-        params.update(messages=messages, max_new_tokens=body.max_tokens, echo=False,
-                      **constraints.params())
-        keys = conversation_keys(messages) if self.table.dispatch_method == "prefix" else None
+    async def create(self, body: MessagesRequest, request_id: str, receive: Receive,
+                     caller: Caller | None = None) -> Message | Streamed:
+        """The answer to one request of `caller` (None: a server without API keys): a
+        Message, or `Streamed` events (pipeline.respond)."""
+        plan = await self.admit(body, lambda: to_plan(body, request_id, caller))
         id_, stops = f"msg_{request_id}", list(body.stop_sequences or [])
         if not body.stream:
-            finals = await self.pipeline.answer_all(receive, body.model, [params], keys, accept)
+            finals = await self.pipeline.answer_all(receive, plan)
             return self.message(id_, body.model, finals[0], stops)
-        opening = self.pipeline.opening(receive, body.model, [params], keys, accept)
+        opening = self.pipeline.opening(receive, plan)
         await opening.wait_briefly()
         return Streamed(lambda: self.events(id_, body.model, opening.frames(), stops), opening,
                         ANTHROPIC_SSE)
@@ -239,8 +236,8 @@ class MessagesServing(GenerationServing):
         """The prompt's tokens (messages, system, tools), counted by a worker of the model as
         it renders them for a generation (FastChat's workers: with their conversation
         template, no tools)."""
-        constraints = self._admit(body)
-        messages = body.chat_messages()
+        plan = await self.admit(body, lambda: to_plan(body, "", None))
+        constraints, messages = plan.constraints, plan.messages or []
         counting = Constraints(tools=constraints.tools, tool_choice=constraints.tool_choice,
                                named=constraints.named, parallel=constraints.parallel)
         ours: dict[str, Any] = {"model": body.model, "prompt": messages, **counting.params()}

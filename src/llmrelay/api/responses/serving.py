@@ -1,7 +1,7 @@
 """The Responses API's endpoints with plain arguments: create (whole or streamed), compact,
 retrieve, delete and list input items, over the shared pipeline and a `ResponseStore`.
 
-A request becomes the pipeline's one internal request: the stored conversation of
+A request becomes the pipeline's one internal request, a Plan (plan.py): the stored conversation of
 `previous_response_id` (its input items and output, tool calls and their outputs included),
 then the request's own items, after `instructions` as a system message (instructions are not
 carried over from earlier responses, as OpenAI does); `tools`, `tool_choice` and `text.format`
@@ -21,9 +21,9 @@ from typing import Any
 
 from llmrelay.api.errors import APIError, bad_param
 from llmrelay.api.keys import digest
-from llmrelay.api.observe import note_model, settle
-from llmrelay.api.pipeline import Opening, Pipeline, Streamed, sampling_params
-from llmrelay.api.protocol import SamplingRequest
+from llmrelay.api.observe import settle
+from llmrelay.api.pipeline import GenerationServing, Opening, Pipeline, Streamed
+from llmrelay.api.plan import Caller, Plan, Sampling
 from llmrelay.api.responses.compact import (
     INSTRUCTION,
     MAX_SUMMARY_TOKENS,
@@ -44,7 +44,6 @@ from llmrelay.api.responses.items import input_items, output_items, to_messages
 from llmrelay.api.responses.protocol import Response, ResponsesRequest, new_id
 from llmrelay.api.responses.store import ResponseStore, StoredResponse
 from llmrelay.api.table import WorkerTable
-from llmrelay.dispatch import conversation_keys
 from llmrelay.protocol import dumps, loads
 
 log = logging.getLogger("llmrelay.api")
@@ -93,59 +92,65 @@ class ResponseStream(Streamed):
             await self.opening.close_if_unused()
 
 
-class ResponsesServing:
+class ResponsesServing(GenerationServing):
     def __init__(self, table: WorkerTable, pipeline: Pipeline, store: ResponseStore,
                  clock: Callable[[], float] = time.time) -> None:
-        self.table = table
-        self.pipeline = pipeline
+        super().__init__(table, pipeline, clock)
         self.store = store
-        self.clock = clock
 
-    # ---- POST /v1/responses -------------------------------------------------------------------
-
-    async def create(self, body: ResponsesRequest, request_id: str, owner: str,
-                     receive: Any) -> Response | ResponseStream:
-        """The answer to one request: the Response object, or its event stream."""
-        body.refuse_unsupported()
-        constraints = body.constraints()
-        items = input_items(body.input)
-        self.table.check_model(body.model)
-        note_model(body.model)
-        constraints.check_workers(self.table, body.model)
+    async def _conversation(self, owner: str, body: ResponsesRequest | CompactRequest,
+                            items: list[dict[str, Any]], what: str
+                            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(the conversation so far: the stored one of previous_response_id, then `items`;
+        the chat messages to answer, after the instructions); 400 when none is to `what`."""
         history = await self._history(owner, body.previous_response_id)
         conversation = history + items
         messages = to_messages(body.instructions, conversation, first_new=len(history))
         if not any(m["role"] != "system" for m in messages):
-            raise bad_param("input", "input holds no message to answer.")
-        params = sampling_params(SamplingRequest(
-            model=body.model, temperature=body.temperature, top_p=body.top_p,
-            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty),
-            request_id)
-        params.update(messages=messages, max_new_tokens=body.max_output_tokens, echo=False,
-                      logprobs=None, **constraints.params())
-        keys = conversation_keys(messages) if self.table.dispatch_method == "prefix" else None
-        accept = constraints.honoured_by if constraints.needs() else None
+            raise bad_param("input", f"input holds no message to {what}.")
+        return conversation, messages
+
+    # ---- POST /v1/responses -------------------------------------------------------------------
+
+    async def create(self, body: ResponsesRequest, request_id: str, owner: str,
+                     receive: Any, caller: Caller | None = None) -> Response | ResponseStream:
+        """The answer to one request of `caller` (None: a server without API keys): the
+        Response object, or its event stream."""
+        conversation: list[dict[str, Any]] = []
+
+        async def to_plan() -> Plan:
+            nonlocal conversation
+            constraints = body.constraints()
+            conversation, messages = await self._conversation(owner, body,
+                                                              input_items(body.input), "answer")
+            return Plan(model=body.model, request_id=request_id, sampling=Sampling.of(
+                temperature=body.temperature, top_p=body.top_p,
+                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                max_new_tokens=body.max_output_tokens), messages=messages,
+                constraints=constraints, caller=caller)
+
+        plan = await self.admit(body, to_plan)
+        constraints = plan.constraints
         head = Response(
             id=new_id("resp"), created_at=int(self.clock()), instructions=body.instructions,
             max_output_tokens=body.max_output_tokens, model=body.model,
             parallel_tool_calls=body.parallel_tool_calls is not False,
             previous_response_id=body.previous_response_id, store=body.store is not False,
-            temperature=params["temperature"], text=body.echo_text(),
+            temperature=plan.sampling.temperature, text=body.echo_text(),
             tool_choice=body.echo_tool_choice(), tools=body.echo_tools(constraints.tools),
-            top_p=params["top_p"], presence_penalty=body.presence_penalty or 0.0,
+            top_p=plan.sampling.top_p, presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0, user=body.user,
             metadata=body.metadata or {}, safety_identifier=body.echo_ignored("safety_identifier"),
             prompt_cache_key=body.echo_ignored("prompt_cache_key"))
 
         if not body.stream:
-            final = (await self.pipeline.answer_all(receive, body.model, [params], keys,
-                                                    accept))[0]
+            final = (await self.pipeline.answer_all(receive, plan))[0]
             cut = final.finish_reason == "length"
             response = finish(head, output_items(final, cut), final, self.clock)
             await self._save(owner, response, conversation)
             return response
 
-        opening = self.pipeline.opening(receive, body.model, [params], keys, accept)
+        opening = self.pipeline.opening(receive, plan)
         await opening.wait_briefly()
         writer = EventWriter(head, self.clock)
         return ResponseStream(lambda: self.events(writer, opening, owner, conversation), opening)
@@ -188,22 +193,21 @@ class ResponsesServing:
     # ---- POST /v1/responses/compact -----------------------------------------------------------
 
     async def compact(self, body: CompactRequest, request_id: str, owner: str,
-                      receive: Any) -> CompactResource:
+                      receive: Any, caller: Caller | None = None) -> CompactResource:
         """The conversation compacted: its user, system and developer messages, then a
         compaction item with the model's summary of it (compact.py)."""
-        body.refuse_unsupported()
-        items = input_items(body.input) if body.input is not None else []
-        self.table.check_model(body.model)
-        note_model(body.model)
-        history = await self._history(owner, body.previous_response_id)
-        conversation = history + items
-        messages = to_messages(body.instructions, conversation, first_new=len(history))
-        if not any(m["role"] != "system" for m in messages):
-            raise bad_param("input", "input holds no message to compact.")
-        params = sampling_params(SamplingRequest(model=body.model, temperature=0.0), request_id)
-        params.update(messages=messages + [{"role": "user", "content": INSTRUCTION}],
-                      max_new_tokens=MAX_SUMMARY_TOKENS, echo=False, logprobs=None)
-        final = (await self.pipeline.answer_all(receive, body.model, [params]))[0]
+        conversation: list[dict[str, Any]] = []
+
+        async def to_plan() -> Plan:
+            nonlocal conversation
+            items = input_items(body.input) if body.input is not None else []
+            conversation, messages = await self._conversation(owner, body, items, "compact")
+            return Plan(model=body.model, request_id=request_id,
+                        sampling=Sampling.of(temperature=0.0, max_new_tokens=MAX_SUMMARY_TOKENS),
+                        messages=messages + [{"role": "user", "content": INSTRUCTION}],
+                        caller=caller)
+
+        final = (await self.pipeline.answer_all(receive, await self.admit(body, to_plan)))[0]
         return CompactResource(id=new_id("resp"), created_at=int(self.clock()),
                                output=compacted(conversation, final.text.strip()),
                                usage=usage(final))
