@@ -108,7 +108,13 @@ class HostService:
         for e in self.pool.entries.values():
             if e.spec.pin and self.fetches.needed(e.spec):
                 self._spawn(self._load_pinned(e.name))  # fetched first
-        names = ", ".join(f"{e.name} ({fmt_bytes(e.need) if e.estimate else 'unreadable'}"
+        def size(e: Entry) -> str:
+            if e.estimate:
+                return fmt_bytes(e.need)
+            return "on the hub, fetched when first wanted" if self.fetches.needed(e.spec) \
+                else "unreadable"
+
+        names = ", ".join(f"{e.name} ({size(e)}"
                           f"{', pinned' if e.spec.pin else ''})" for e in self.pool.entries.values())
         log.info("host %s declares %s; budget %s", self.settings.address, names or "no models",
                  self.budget.describe())
