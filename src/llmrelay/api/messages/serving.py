@@ -43,11 +43,13 @@ from llmrelay.api.messages.protocol import (
     StopDelta,
     TextBlock,
     TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
     TokenCount,
     ToolUseBlock,
     Usage,
 )
-from llmrelay.api.pipeline import Frames, GenerationServing, Pipeline, Streamed
+from llmrelay.api.pipeline import Frames, GenerationServing, Pipeline, Streamed, usage_of
 from llmrelay.api.plan import Caller, Plan, Sampling
 from llmrelay.api.table import Worker, WorkerTable
 from llmrelay.api.tools import Constraints
@@ -92,14 +94,14 @@ def stop_reason(frame: Delta, stops: list[str]) -> tuple[str, str | None]:
     return "end_turn", None
 
 
-def usage(frame: Delta) -> Usage:
-    u = frame.usage or TokenUsage()
+def usage(u: TokenUsage | None) -> Usage:
+    u = u or TokenUsage()
     return Usage(input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens)
 
 
-def delta_usage(frame: Delta) -> DeltaUsage:
-    u = usage(frame)
-    return DeltaUsage(input_tokens=u.input_tokens, output_tokens=u.output_tokens)
+def billed(last: Delta) -> TokenUsage:
+    """The answer's usage (the pipeline's count, which is also what the request is charged)."""
+    return usage_of({0: last}, lambda i: 0)
 
 
 class Blocks:
@@ -109,27 +111,32 @@ class Blocks:
     def __init__(self) -> None:
         self.count = 0  # blocks started
         self.call: int | None = None  # the worker's index of the open tool call block
-        self.open = False
+        self.open: str | None = None  # the open block's type
         self.pinged = False
 
-    def _start(self, block: TextBlock | ToolUseBlock) -> list[Event]:
+    def _start(self, block: ThinkingBlock | TextBlock | ToolUseBlock) -> list[Event]:
         out = self.close()
         out.append(BlockStart(index=self.count, content_block=block))
         self.count += 1
-        self.open = True
+        self.open = block.type
         if not self.pinged:
             out.append(PING)
             self.pinged = True
         return out
 
     def close(self) -> list[Event]:
-        if not self.open:
+        if self.open is None:
             return []
-        self.open, self.call = False, None
+        self.open, self.call = None, None
         return [BlockStop(index=self.count - 1)]
 
+    def thinking(self, text: str) -> list[Event]:
+        out = [] if self.open == "thinking" else self._start(ThinkingBlock(thinking=""))
+        out.append(BlockDelta(index=self.count - 1, delta=ThinkingDelta(thinking=text)))
+        return out
+
     def text(self, text: str) -> list[Event]:
-        out = [] if self.open and self.call is None else self._start(TextBlock(text=""))
+        out = [] if self.open == "text" else self._start(TextBlock(text=""))
         out.append(BlockDelta(index=self.count - 1, delta=TextDelta(text=text)))
         return out
 
@@ -137,7 +144,7 @@ class Blocks:
         """A piece of a call: the first ({index, id, name}) starts its block, the others add
         to its arguments (our workers send a call's pieces together, one call after another)."""
         out: list[Event] = []
-        if not (self.open and self.call == piece.index):
+        if not (self.open == "tool_use" and self.call == piece.index):
             out = self._start(ToolUseBlock(id=tool_use_id(piece.id), name=piece.name, input={}))
             self.call = piece.index
         if piece.arguments:
@@ -164,7 +171,7 @@ def to_plan(body: CountTokensRequest | MessagesRequest, request_id: str,
                                top_k=body.top_k or None, stop=body.stop_sequences,
                                max_new_tokens=body.max_tokens)
     return Plan(model=body.model, request_id=request_id, sampling=sampling, messages=messages,
-                constraints=constraints, caller=caller)
+                constraints=constraints, caller=caller, reasoning=body.reasoning_settings())
 
 
 class MessagesServing(GenerationServing):
@@ -192,7 +199,9 @@ class MessagesServing(GenerationServing):
     @staticmethod
     def message(id_: str, model: str, final: Delta, stops: list[str]) -> Message:
         """A whole answer from the worker's whole Delta."""
-        content: list[TextBlock | ToolUseBlock] = []
+        content: list[ThinkingBlock | TextBlock | ToolUseBlock] = []
+        if final.reasoning:
+            content.append(ThinkingBlock(thinking=final.reasoning))
         if final.text:
             content.append(TextBlock(text=final.text))
         for c in final.tool_calls:
@@ -200,7 +209,7 @@ class MessagesServing(GenerationServing):
                                         input=tool_input(c.arguments)))
         reason, sequence = stop_reason(final, stops)
         return Message(id=id_, model=model, content=content, stop_reason=reason,
-                       stop_sequence=sequence, usage=usage(final))
+                       stop_sequence=sequence, usage=usage(billed(final)))
 
     @staticmethod
     async def events(id_: str, model: str, frames: AsyncIterator[Frames], stops: list[str]
@@ -217,8 +226,10 @@ class MessagesServing(GenerationServing):
                 if last is None:
                     out.append(MessageStart(message=Message(
                         id=id_, model=model, content=[], stop_reason=None, stop_sequence=None,
-                        usage=usage(f))))
+                        usage=usage(f.usage))))
                 last = f
+                if f.reasoning:
+                    out += blocks.thinking(f.reasoning)
                 if f.text:
                     out += blocks.text(f.text)
                 for piece in f.tool_calls:
@@ -227,8 +238,10 @@ class MessagesServing(GenerationServing):
         out = blocks.end()
         last = last or Delta()
         reason, sequence = stop_reason(last, stops)
+        u = billed(last)
         out.append(MessageDelta(delta=StopDelta(stop_reason=reason, stop_sequence=sequence),
-                                usage=delta_usage(last)))
+                                usage=DeltaUsage(input_tokens=u.prompt_tokens,
+                                                 output_tokens=u.completion_tokens)))
         out.append(STOP)
         yield out
 
