@@ -159,6 +159,6 @@ def _check_line(raw: bytes, number: int, endpoint: str, seen: set[str]
                            param="stream", code="invalid_value")
         parse_request(endpoint, body)
     except APIError as e:
-        param = e.param if e.param in (None, "body") else f"body.{e.param}"
+        param = e.param if e.param is None or e.param.startswith("body") else f"body.{e.param}"
         return error(e.code or "invalid_request", e.message, number, param or "body")
     return Line(number, cid, body)

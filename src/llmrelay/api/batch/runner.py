@@ -3,8 +3,10 @@
 workers, each answer committed before the next is counted; then the output and error files.
 
 - **How many at once**: for a model, the sum over its workers of their concurrency limit plus
-  one (so a worker never idles between two lines), shared by every batch of that model. The
-  lines carry priority `batch`, so a worker's fair queue admits interactive requests first:
+  one (so a worker never idles between two lines), shared by every batch of that model; one
+  per worker while other requests of the model are in flight here and for `HOLD` seconds
+  after (`Slots`). The lines
+  carry priority `batch`, so a worker's fair queue admits interactive requests first:
   interactive latency holds while an idle cluster still runs the batch at full speed.
 - **Exactly once**: a line's answer is committed (store.record_line) before it counts as
   done. A restarted API server resumes every unfinished batch (`start`) with the lines that
@@ -46,31 +48,53 @@ RETRY = frozenset({500, 502, 504})  # a worker failed: try again, a few times
 RETRIES = 3
 BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)
 DEFAULT_CONCURRENCY = 5  # a worker that does not say its limit (FastChat's)
+HOLD = 2.0  # seconds a batch stays narrow after the last interactive request was seen
 
 
-def capacity(table: WorkerTable, model: str) -> int:
-    """Lines of `model` to keep in flight: each worker's concurrency limit plus one."""
+def widths(table: WorkerTable, model: str, ours: int = 0) -> tuple[int, int, bool]:
+    """For `model`, with `ours` batch lines in flight now: the full width (each worker's
+    concurrency limit plus one), the narrow one (one per worker), and whether this server has
+    other requests of the model in flight (interactive traffic)."""
+    workers = table.serving(model)
     total = 0
-    for w in table.serving(model):
+    for w in workers:
         limit = w.ours.limit_worker_concurrency if w.ours is not None else 0
         total += (limit or DEFAULT_CONCURRENCY) + 1
-    return max(1, total)
+    others = sum(table.inflight.get(w.name, 0) for w in workers) - ours
+    return max(1, total), max(1, len(workers)), others > 0
 
 
 class Slots:
-    """The lines in flight for one model, across its batches, up to `capacity`, re-read as
-    workers come and go."""
+    """The lines in flight for one model, across its batches: the full width on an idle model;
+    the narrow one while other requests of the model are in flight here and for `hold` seconds
+    after the last was seen (every batch row that shares a continuous batch slows each of its
+    steps, so interactive traffic gets the workers nearly to itself). Re-read at every release
+    and every `TICK` seconds, as requests and workers come and go. Plain Python but for the
+    asyncio condition; `clock` injectable."""
 
-    def __init__(self, size: Callable[[], int]) -> None:
-        self.size = size
+    TICK = 0.25
+
+    def __init__(self, widths: Callable[[int], tuple[int, int, bool]], hold: float = HOLD,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.widths = widths
+        self.hold = hold
+        self.clock = clock
         self.used = 0
+        self.narrow_until = float("-inf")
         self._freed = asyncio.Condition()
+
+    def size(self) -> int:
+        full, narrow, others = self.widths(self.used)
+        now = self.clock()
+        if others:
+            self.narrow_until = now + self.hold
+        return narrow if now < self.narrow_until else full
 
     async def acquire(self) -> None:
         async with self._freed:
             while self.used >= self.size():
-                with contextlib.suppress(TimeoutError):  # workers may have joined meanwhile
-                    await asyncio.wait_for(self._freed.wait(), 1.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._freed.wait(), self.TICK)
             self.used += 1
 
     async def release(self) -> None:
@@ -198,7 +222,7 @@ class BatchRunner:
         model = rec.model or ""
         slots = self._slots.get(model)
         if slots is None:
-            slots = self._slots[model] = Slots(lambda: capacity(self.table, model))
+            slots = self._slots[model] = Slots(lambda used: widths(self.table, model, used))
         key = Key(name=rec.key_name, priority="batch")
         running: set[asyncio.Task[None]] = set()
         try:
