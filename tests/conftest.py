@@ -22,6 +22,22 @@ import pytest
 
 from llmrelay.worker.managed import free_port
 
+# SmolLM2 as an HF folder, for the transformers engine: the bundled GGUF loaded and dequantized by
+# transformers, its GGUF quantizer marker cleared, saved with save_pretrained (`smol_hf`).
+CONVERT = r"""
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from llmrelay.worker.models import resolve
+gguf, out = resolve("smollm2").path, sys.argv[1]
+tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+model.hf_quantizer = None
+if hasattr(model.config, "quantization_config"):
+    del model.config.quantization_config
+model.save_pretrained(out)
+tok.save_pretrained(out)
+"""
+
 HEARTBEAT = "1"  # seconds; tests use a short interval so expiry and rejoin are quick
 # Workers run one llama.cpp thread each: several workers spinning two threads each on a 2-core
 # machine slow every one of them down many times over.
@@ -198,6 +214,17 @@ def stack(logs_dir: Path) -> Iterator[Stack]:
         yield Stack(controller, api, [smol1, smol2], gemma, procs)
     finally:
         procs.stop_all()
+
+
+@pytest.fixture(scope="session")
+def smol_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 as an HF folder (made once per session; see CONVERT)."""
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("hf") / "smollm2-hf"
+    subprocess.run([sys.executable, "-c", CONVERT, str(out)], check=True, timeout=600,
+                   capture_output=True)
+    assert (out / "config.json").exists()
+    return out
 
 
 @pytest.fixture()

@@ -83,7 +83,6 @@ def test_conversation_with_tools_becomes_chat_messages() -> None:
     ([{"type": "text", "text": "a"}, {"type": "document", "source": {}}],
      "messages[0].content[1]"),
     ([{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image"}]}], None),
-    ([{"type": "thinking", "thinking": "hm"}], "messages[0].content[0]"),
 ])
 def test_unsupported_blocks_are_400s_naming_the_type(content: Any, where: str | None) -> None:
     e = bad(lambda: request(messages=[{"role": "user", "content": content}]).chat_messages())
@@ -103,6 +102,10 @@ def test_bad_conversations_are_400s() -> None:
     assert "thinking" in bad(lambda: request(
         thinking={"type": "enabled", "budget_tokens": 1024}).refuse_unsupported()).message
     request(thinking={"type": "disabled"}).refuse_unsupported()
+    request(max_tokens=2000, thinking={"type": "enabled", "budget_tokens": 1024}
+            ).refuse_unsupported()
+    assert "thinking.type" in bad(lambda: request(thinking={"type": "on"}).refuse_unsupported()
+                                  ).param
     assert "mcp_servers" in bad(lambda: request(
         mcp_servers=[{"type": "url"}]).refuse_unsupported()).message
     for kw in ({"max_tokens": 0}, {"temperature": 1.5}, {"messages": []},

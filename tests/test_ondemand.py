@@ -114,13 +114,8 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def smol_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_transformers import CONVERT
-
-    out = tmp_path_factory.mktemp("od-hf") / "smollm2-hf"
-    subprocess.run([sys.executable, "-c", CONVERT, str(out)], check=True, timeout=600,
-                   capture_output=True)
-    return out
+def smol_hf_dir(smol_hf: Path) -> Path:
+    return smol_hf  # conftest's, made once per session
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,9 @@ def test_request_refuses_what_it_cannot_honour_naming_the_parameter() -> None:
     bad(lambda: req(truncation="auto").refuse_unsupported(), "truncation")
     bad(lambda: req(include=["message.output_text.logprobs"]).refuse_unsupported(),
         "include[0]")
-    bad(lambda: req(reasoning={"effort": "high"}).refuse_unsupported(), "reasoning")
+    req(reasoning={"effort": "high", "summary": "auto"}).refuse_unsupported()
+    bad(lambda: req(reasoning={"effort": "extreme"}).refuse_unsupported(), "reasoning.effort")
+    bad(lambda: req(reasoning={"max_tokens": -1}).refuse_unsupported(), "reasoning.max_tokens")
     assert "Unknown parameter" in bad(lambda: req(frobnicate=1).refuse_unsupported(),
                                       "frobnicate")
     bad(lambda: req(metadata={str(i): "v" for i in range(17)}).refuse_unsupported(), "metadata")

@@ -28,30 +28,7 @@ from conftest import Procs, Stack, api_models, registered, wait_for
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-CONVERT = r"""
-import sys
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from llmrelay.worker.models import resolve
-gguf, out = resolve("smollm2").path, sys.argv[1]
-tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-model.hf_quantizer = None
-if hasattr(model.config, "quantization_config"):
-    del model.config.quantization_config
-model.save_pretrained(out)
-tok.save_pretrained(out)
-"""
-
 TRANSFORMERS = ("--engine", "transformers")
-
-
-@pytest.fixture(scope="session")
-def smol_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("hf") / "smollm2-hf"
-    subprocess.run([sys.executable, "-c", CONVERT, str(out)], check=True, timeout=300,
-                   capture_output=True)
-    assert (out / "config.json").exists()
-    return out
 
 
 class HF:

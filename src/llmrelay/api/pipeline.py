@@ -38,7 +38,7 @@ from llmrelay.api.observe import (
     settle,
 )
 from llmrelay.api.plan import Caller, Plan
-from llmrelay.api.protocol import UsageInfo
+from llmrelay.api.protocol import ReasonedUsageInfo, UsageInfo
 from llmrelay.api.table import Accept, WorkerTable
 from llmrelay.dispatch import conversation_keys
 from llmrelay.protocol import dumps
@@ -87,7 +87,13 @@ def usage_of(last: dict[int, Delta], prompt_of: Callable[[int], int]) -> TokenUs
 
 
 def openai_usage(u: TokenUsage) -> UsageInfo:
-    """Chat's and completions' `usage` object."""
+    """Chat's and completions' `usage` object; an answer that reasoned says how many of its
+    completion tokens were reasoning (`completion_tokens_details.reasoning_tokens`)."""
+    if u.reasoning_tokens:
+        return ReasonedUsageInfo(prompt_tokens=u.prompt_tokens,
+                                 completion_tokens=u.completion_tokens,
+                                 total_tokens=u.total_tokens, completion_tokens_details={
+                                     "reasoning_tokens": u.reasoning_tokens})
     return UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                      total_tokens=u.total_tokens)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from llmrelay.api.errors import bad_param
 from llmrelay.api.table import Accept
 from llmrelay.api.tools import Constraints
 
@@ -39,14 +40,60 @@ class Caller:
         return None if key is None else cls(key.name, key.priority)
 
 
+# reasoning_effort -> the thinking budget in reasoning tokens (docs/reasoning.md); `none`
+# switches thinking off.
+EFFORT_BUDGETS = {"minimal": 64, "low": 512, "medium": 2048, "high": 8192}
+EFFORTS = ("none", *EFFORT_BUDGETS)
+
+
 @dataclass(frozen=True)
 class ReasoningSettings:
     """What a request asks of a reasoning model: whether to reason, how hard (`effort`:
-    minimal, low, medium, high), and a budget of reasoning tokens."""
+    minimal, low, medium, high), and a budget of reasoning tokens (which wins over the
+    effort's)."""
 
     enabled: bool = True
     effort: str | None = None
     budget_tokens: int | None = None
+
+    @property
+    def budget(self) -> int | None:
+        """The reasoning tokens the engine allows before it closes the block (None: no limit)."""
+        if self.budget_tokens is not None:
+            return self.budget_tokens
+        return EFFORT_BUDGETS.get(self.effort or "")
+
+    def wire(self) -> dict[str, Any]:
+        """Our workers' `reasoning` extension."""
+        out: dict[str, Any] = {}
+        if not self.enabled:
+            out["enabled"] = False
+        elif self.budget is not None:
+            out["budget"] = self.budget
+        return out
+
+
+NO_REASONING_SETTINGS = ReasoningSettings()
+
+
+def reasoning_object(obj: Any, effort: str | None, param: str) -> ReasoningSettings:
+    """A `reasoning` object (`effort`, `max_tokens`, `enabled`; OpenRouter's shape, also taken
+    by our Responses API) as the settings; 400s naming the field."""
+    if not isinstance(obj, dict):
+        raise bad_param(param, f"{param} must be an object.")
+    effort = obj.get("effort", effort)
+    if effort is not None and effort not in EFFORTS:
+        raise bad_param(f"{param}.effort", f"{param}.effort must be one of "
+                        f"{', '.join(EFFORTS)}; got {str(effort)[:40]!r}.")
+    budget = obj.get("max_tokens")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
+                               or not 0 <= budget <= 2**31 - 1):
+        raise bad_param(f"{param}.max_tokens", f"{param}.max_tokens must be a whole number "
+                        "of reasoning tokens, 0 or more.")
+    enabled = obj.get("enabled")
+    if enabled is not None and not isinstance(enabled, bool):
+        raise bad_param(f"{param}.enabled", f"{param}.enabled must be true or false.")
+    return ReasoningSettings(enabled is not False and effort != "none", effort, budget)
 
 
 @dataclass(frozen=True)
@@ -123,6 +170,8 @@ class Plan:
         }
         if self.messages is not None:
             out["messages"] = self.messages
+            # a reasoning model's reasoning comes apart from its answer (others ignore this)
+            out["reasoning"] = (self.reasoning or NO_REASONING_SETTINGS).wire()
         else:
             prompt = self.prompts[j]
             out["prompt" if isinstance(prompt, str) else "prompt_token_ids"] = prompt

@@ -102,6 +102,13 @@ class UsageInfo:
     total_tokens: int = 0
 
 
+@dataclass
+class ReasonedUsageInfo(UsageInfo):
+    """The usage of an answer that reasoned: `{"reasoning_tokens": n}` in the details."""
+
+    completion_tokens_details: dict[str, int] | None = None
+
+
 @dataclass(kw_only=True)
 class ResponseHead:
     """What every completion object and chunk starts with; `object` is set by each kind."""

@@ -15,7 +15,8 @@ A reasoning model writes a reasoning block before its answer:
 
 `ReasoningParser` does not depend on how the text was cut into pieces: a marker split across
 two pieces is held back until it is whole (as the tool-call parser does). What follows the
-reasoning is the answer, its leading blank lines dropped; the answer goes on to the tool-call
+reasoning is the answer, its leading blank lines dropped (and the reasoning's own leading blank
+space); the answer goes on to the tool-call
 parser, so calls are parsed the same whether they follow reasoning or not.
 
 A thinking budget (`Thinking`) is enforced by the engine: once the reasoning has taken
@@ -116,6 +117,7 @@ class ReasoningParser:
         self.state = self.BEFORE
         self._held = ""
         self._answer_started = False
+        self._reasoning_started = False
         self.closed = False  # the reasoning block was closed
 
     @property
@@ -143,13 +145,13 @@ class ReasoningParser:
             elif self.state == self.REASONING:
                 at = buf.find(self.fmt.close)
                 if at >= 0:
-                    reasoning += buf[:at]
+                    reasoning += self._thought(buf[:at])
                     buf = buf[at + len(self.fmt.close):]
                     self.closed = True
                     self.state = self.HEADER if self.fmt.answer_marker else self.ANSWER
                 else:
                     keep = _partial(buf, self.fmt.close)
-                    reasoning += buf[: len(buf) - keep]
+                    reasoning += self._thought(buf[: len(buf) - keep])
                     self._held, buf = buf[len(buf) - keep:], ""
             elif self.state == self.HEADER:
                 at = buf.find(self.fmt.answer_marker)
@@ -169,13 +171,21 @@ class ReasoningParser:
                 buf = ""
         return reasoning, answer
 
+    def _thought(self, text: str) -> str:
+        """Reasoning text to send: its leading blank space dropped (a block opened at once
+        and closed holds only that: no reasoning at all)."""
+        if not self._reasoning_started:
+            text = text.lstrip()
+            self._reasoning_started = bool(text)
+        return text
+
     def finish(self) -> tuple[str, str]:
         """The generation ended: release what was held back."""
         held, self._held = self._held, ""
         if not held:
             return "", ""
         if self.state == self.REASONING or (self.state == self.BEFORE and self.fmt.starts_open):
-            return held, ""
+            return self._thought(held), ""
         if self.state == self.BEFORE:
             return "", held
         return "", ""

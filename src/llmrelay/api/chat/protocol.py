@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmrelay.api.errors import bad_param
+from llmrelay.api.plan import EFFORTS, ReasoningSettings, reasoning_object
 from llmrelay.api.protocol import MaxTokens, ResponseHead, SamplingRequest, UsageInfo
 from llmrelay.api.tools import Constraints, check_schema, check_tool_results, choose, logit_bias, tool
 from llmrelay.protocol import LogprobEntry
@@ -87,6 +88,20 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    # OpenRouter's and LiteLLM's object (`effort`, `max_tokens`, `enabled`): a budget in tokens
+    reasoning: dict[str, Any] | None = None
+
+    def reasoning_settings(self) -> ReasoningSettings | None:
+        """`reasoning_effort` and `reasoning` checked (400s naming the parameter)."""
+        effort = self.reasoning_effort
+        if effort is not None and effort not in EFFORTS:
+            raise bad_param("reasoning_effort", f"reasoning_effort must be one of "
+                            f"{', '.join(EFFORTS)}; got {effort[:40]!r}.")
+        extra = self.reasoning
+        if extra is None:
+            return None if effort is None else ReasoningSettings(effort != "none", effort)
+        return reasoning_object(extra, effort, "reasoning")
 
     def constraints(self) -> Constraints:
         """The tools, response format and logit bias, checked (400s naming the parameter)."""
@@ -231,6 +246,20 @@ class ChatMessageWithCalls(ChatMessageOut):
 
 
 @dataclass(kw_only=True)
+class ChatMessageReasoned(ChatMessageOut):
+    """A reasoning model's answer: its reasoning apart, under both names clients read
+    (vLLM's and DeepSeek's `reasoning_content`, OpenRouter's and vLLM's newer `reasoning`)."""
+
+    reasoning_content: str
+    reasoning: str
+
+
+@dataclass(kw_only=True)
+class ChatMessageReasonedWithCalls(ChatMessageReasoned):
+    tool_calls: list[ToolCallOut]
+
+
+@dataclass(kw_only=True)
 class ChatChoice:
     index: int
     message: ChatMessageOut
@@ -256,6 +285,14 @@ class RoleDelta:
 @dataclass
 class ContentDelta:
     content: str
+
+
+@dataclass
+class ReasoningDelta:
+    """A piece of a reasoning model's reasoning, under both names (see ChatMessageReasoned)."""
+
+    reasoning_content: str
+    reasoning: str
 
 
 @dataclass
@@ -301,7 +338,7 @@ class EndDelta:
 @dataclass(kw_only=True)
 class ChunkChoice:
     index: int
-    delta: RoleDelta | ContentDelta | ToolCallsDelta | EndDelta
+    delta: RoleDelta | ContentDelta | ReasoningDelta | ToolCallsDelta | EndDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 

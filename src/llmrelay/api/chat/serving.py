@@ -21,6 +21,8 @@ from llmrelay.api.chat.protocol import (
     ChatCompletionUsageChunk,
     ChatLogprobs,
     ChatMessageOut,
+    ChatMessageReasoned,
+    ChatMessageReasonedWithCalls,
     ChatMessageWithCalls,
     ChunkChoice,
     ContentDelta,
@@ -28,6 +30,7 @@ from llmrelay.api.chat.protocol import (
     FirstToolCallDelta,
     FunctionCallOut,
     NamedArgumentsDelta,
+    ReasoningDelta,
     RoleDelta,
     ToolCallDelta,
     ToolCallOut,
@@ -56,7 +59,12 @@ def message(final: Delta) -> ChatMessageOut:
     text of nothing at all is null, as OpenAI answers)."""
     calls = [ToolCallOut(c.id or new_call_id(), FunctionCallOut(c.name, c.arguments))
              for c in final.tool_calls]
-    text = final.text
+    text, thought = final.text, final.reasoning
+    if thought:  # a reasoning model's reasoning, apart (reasoning_content and reasoning)
+        if not calls:
+            return ChatMessageReasoned(content=text, reasoning_content=thought, reasoning=thought)
+        return ChatMessageReasonedWithCalls(content=text or None, reasoning_content=thought,
+                                            reasoning=thought, tool_calls=calls)
     if not calls:
         return ChatMessageOut(content=text)
     return ChatMessageWithCalls(content=text or None, tool_calls=calls)
@@ -82,7 +90,8 @@ def to_plan(body: ChatCompletionRequest, request_id: str, caller: Caller | None)
     return Plan(model=body.model, request_id=request_id, sampling=sampling_of(
         body, max_new_tokens=body.max_completion_tokens or body.max_tokens,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None),
-        messages=messages, n=body.n or 1, constraints=body.constraints(), caller=caller)
+        messages=messages, n=body.n or 1, constraints=body.constraints(), caller=caller,
+        reasoning=body.reasoning_settings())
 
 
 class ChatServing(GenerationServing):
@@ -129,6 +138,9 @@ class ChatServing(GenerationServing):
         async for batch in frames:
             for i, f in batch:
                 last[i] = f
+                if f.reasoning:
+                    out.append(ChatCompletionChunk(id=id_, created=created, model=model, choices=[
+                        ChunkChoice(index=i, delta=ReasoningDelta(f.reasoning, f.reasoning))]))
                 lp = f.logprobs
                 if f.text or lp is not None:
                     out.append(ChatCompletionChunk(id=id_, created=created, model=model, choices=[

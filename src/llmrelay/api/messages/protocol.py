@@ -8,8 +8,10 @@ text blocks a user message; an assistant message's `tool_use` blocks become its 
 their `input` as JSON text. Tools are function tools (`input_schema` is the parameters'
 schema); `tool_choice` `auto`/`any`/`tool`/`none` are chat's `auto`/`required`/a named
 function/`none`, `disable_parallel_tool_use` is `parallel_tool_calls: false`;
-`output_config.format` (a JSON schema) is the response schema. What cannot be served (images,
-documents, thinking, server tools, MCP servers) is a 400 naming it, never dropped.
+`output_config.format` (a JSON schema) is the response schema; `thinking` is the reasoning
+settings of a reasoning model (its reasoning comes back as `thinking` blocks, before the text),
+and thinking blocks passed back are kept for the model's template. What cannot be served
+(images, documents, server tools, MCP servers) is a 400 naming it, never dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmrelay.api.errors import bad_param
+from llmrelay.api.plan import ReasoningSettings
 from llmrelay.api.protocol import MAX_STOP, MaxTokens
 from llmrelay.api.tools import Constraints, check_schema, choose, tool
 
@@ -39,6 +42,7 @@ class Block(BaseModel):
     tool_use_id: str | None = None  # tool_result
     content: str | list[Block] | None = None
     is_error: bool | None = None
+    thinking: str | None = None  # thinking (assistant, passed back)
 
 
 class InputMessage(BaseModel):
@@ -83,14 +87,36 @@ class MessagesInput(BaseModel):
     output_config: dict[str, Any] | None = None
 
     def refuse_unsupported(self) -> None:
-        if self.thinking and self.thinking.get("type") not in (None, "disabled"):
-            raise bad_param("thinking", "Extended thinking is not supported by this server; "
-                            "leave out 'thinking' (or set it to {'type': 'disabled'}).",
-                            "unsupported_parameter")
+        self.reasoning_settings()
         extra = self.model_extra or {}
         for key, why in REFUSED_FIELDS.items():
             if extra.get(key):
                 raise bad_param(key, f"'{key}': {why}.", "unsupported_parameter")
+
+    def reasoning_settings(self) -> ReasoningSettings | None:
+        """`thinking` as the reasoning settings (a reasoning model's thinking, within
+        `budget_tokens`, or switched off); 400s naming the field."""
+        t = self.thinking
+        if t is None:
+            return None
+        kind = t.get("type")
+        if kind == "disabled":
+            return ReasoningSettings(enabled=False)
+        if kind not in ("enabled", "adaptive"):
+            raise bad_param("thinking.type", "thinking.type must be 'enabled' (with "
+                            "budget_tokens), 'adaptive' or 'disabled'.")
+        budget = t.get("budget_tokens")
+        if kind == "adaptive":
+            return ReasoningSettings(budget_tokens=None if budget is None else int(budget))
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise bad_param("thinking.budget_tokens", "thinking.budget_tokens must be a whole "
+                            "number of tokens.")
+        max_tokens = getattr(self, "max_tokens", None)
+        if max_tokens is not None and budget >= max_tokens:
+            raise bad_param("thinking.budget_tokens", "max_tokens must be greater than "
+                            f"thinking.budget_tokens ({budget}): the answer follows the "
+                            "thinking within max_tokens.")
+        return ReasoningSettings(budget_tokens=budget)
 
     def chat_messages(self) -> list[dict[str, Any]]:
         """The conversation as chat messages for the worker (see the module docstring)."""
@@ -189,16 +215,21 @@ def _text(content: str | list[Block], param: str) -> str:
 
 def unsupported_block(kind: str, param: str) -> Exception:
     return bad_param(param, f"Content block type '{kind[:40]}' is not supported here "
-                     f"({param}); this server reads text, tool_use and tool_result blocks.",
+                     f"({param}); this server reads text, thinking, tool_use and tool_result "
+                     "blocks.",
                      "unsupported_value")
 
 
 def _assistant(blocks: list[Block], param: str, called: set[str]) -> dict[str, Any]:
-    texts, calls = [], []
+    texts, calls, thought = [], [], []
     for j, b in enumerate(blocks):
         where = f"{param}.content[{j}]"
         if b.type == "text" and b.text is not None:
             texts.append(b.text)
+        elif b.type == "thinking":  # passed back: for the template to keep or drop
+            thought.append(b.thinking or "")
+        elif b.type == "redacted_thinking":
+            continue
         elif b.type == "tool_use":
             if not b.id or not b.name:
                 raise bad_param(where, f"{where} (tool_use) needs an id and a name.")
@@ -214,6 +245,8 @@ def _assistant(blocks: list[Block], param: str, called: set[str]) -> dict[str, A
     msg: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts)}
     if calls:
         msg["tool_calls"] = calls
+    if any(thought):
+        msg["reasoning_content"] = "\n".join(thought)
     return msg
 
 
@@ -257,6 +290,16 @@ class TextBlock:
     type: str = "text"
     text: str
     citations: None = None
+
+
+@dataclass(kw_only=True)
+class ThinkingBlock:
+    """A reasoning model's reasoning. Nothing is signed here: `signature` is empty (a thinking
+    block passed back is read as it is)."""
+
+    type: str = "thinking"
+    thinking: str
+    signature: str = ""
 
 
 @dataclass(frozen=True)
@@ -306,7 +349,7 @@ class Message:
     type: str = "message"
     role: str = "assistant"
     model: str
-    content: list[TextBlock | ToolUseBlock]
+    content: list[ThinkingBlock | TextBlock | ToolUseBlock]
     stop_reason: str | None
     stop_sequence: str | None
     stop_details: None = None
@@ -329,13 +372,19 @@ class MessageStart:
 class BlockStart:
     type: str = "content_block_start"
     index: int
-    content_block: TextBlock | ToolUseBlock
+    content_block: ThinkingBlock | TextBlock | ToolUseBlock
 
 
 @dataclass(kw_only=True)
 class TextDelta:
     type: str = "text_delta"
     text: str
+
+
+@dataclass(kw_only=True)
+class ThinkingDelta:
+    type: str = "thinking_delta"
+    thinking: str
 
 
 @dataclass(kw_only=True)
@@ -348,7 +397,7 @@ class InputJSONDelta:
 class BlockDelta:
     type: str = "content_block_delta"
     index: int
-    delta: TextDelta | InputJSONDelta
+    delta: TextDelta | ThinkingDelta | InputJSONDelta
 
 
 @dataclass(kw_only=True)

@@ -22,6 +22,7 @@ class Model:
     features: list[str]
     context_length: int = 0
     state: str = "loaded"
+    reasoning: str | None = None  # a reasoning model's parser (deepseek_r1, qwen3, gpt_oss)
 
 
 @dataclass(kw_only=True)

@@ -14,7 +14,7 @@ from llmrelay.ondemand.view import Declared
 
 # Features in the order they are listed; a FastChat worker honours the first two.
 FEATURES = ("chat", "completions", "logprobs", "seed", "penalties", "prompt_token_ids",
-            "tools", "json_schema", "logit_bias", "embeddings")
+            "tools", "json_schema", "logit_bias", "embeddings", "reasoning")
 
 
 class ModelServing:
@@ -48,16 +48,18 @@ class ModelServing:
         that honours what they ask)."""
         have: set[str] = set()
         context = 0
+        reasoning = None
         for w in self.table.serving(name):
             f = w.features
             if f is None:  # FastChat's worker: text in, text out
                 have.update(("chat", "completions"))
                 continue
             have.update(k for k in FEATURES if getattr(f, k, False))
+            reasoning = reasoning or getattr(f, "reasoning", None) or None
             if w.ours is not None:
                 context = max(context, w.ours.context_length)
         return Model(id=name, created=int(created), features=[k for k in FEATURES if k in have],
-                     context_length=context)
+                     context_length=context, reasoning=reasoning)
 
     def list(self, allowed: Callable[[str], bool] | None = None) -> ModelList:
         models = self._all()

@@ -4,7 +4,9 @@ the next `sequence_number`, and SSE with `event:` lines (no `[DONE]`).
 The order is the one the `openai` SDK's stream state checks (`client.responses.stream(...)`):
 `response.created`, `response.in_progress`; per output item `response.output_item.added`, for a
 message `response.content_part.added`, `response.output_text.delta`..., `.done`,
-`response.content_part.done`, for a call `response.function_call_arguments.delta`..., `.done`;
+`response.content_part.done`, for a call `response.function_call_arguments.delta`..., `.done`,
+for a reasoning model's reasoning (an item of its own, first) `response.reasoning_text.delta`...,
+`.done`;
 then `response.output_item.done`; at the end `response.completed`, `response.incomplete`
 (the length limit) or `response.failed` (an error mid-generation), carrying the whole Response.
 Every item added is done before the end; items keep their ids from added to done.
@@ -27,6 +29,9 @@ from llmrelay.api.responses.protocol import (
     OutputItem,
     OutputMessage,
     OutputText,
+    OutputTokensDetails,
+    ReasoningItem,
+    ReasoningText,
     Response,
     ResponseError,
     ResponseUsage,
@@ -104,8 +109,28 @@ class ArgumentsDone:
     type: str = "response.function_call_arguments.done"
 
 
+@dataclass
+class ReasoningDelta:
+    sequence_number: int
+    item_id: str
+    output_index: int
+    delta: str
+    content_index: int = 0
+    type: str = "response.reasoning_text.delta"
+
+
+@dataclass
+class ReasoningDone:
+    sequence_number: int
+    item_id: str
+    output_index: int
+    text: str
+    content_index: int = 0
+    type: str = "response.reasoning_text.done"
+
+
 Event = LifecycleEvent | ItemEvent | PartEvent | TextDelta | TextDone | ArgumentsDelta \
-    | ArgumentsDone
+    | ArgumentsDone | ReasoningDelta | ReasoningDone
 
 
 class KeepAlive:
@@ -129,7 +154,8 @@ def usage(last: Delta | None) -> ResponseUsage:
     also what the request is charged)."""
     u = usage_of({0: last} if last else {}, lambda i: 0)
     return ResponseUsage(input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens,
-                         total_tokens=u.total_tokens)
+                         total_tokens=u.total_tokens, output_tokens_details=OutputTokensDetails(
+                             reasoning_tokens=u.reasoning_tokens))
 
 
 def finish(response: Response, output: list[OutputItem], last: Delta | None,
@@ -151,7 +177,7 @@ class EventWriter:
         self.seq = -1
         self.items: list[OutputItem] = []
         self.open: OutputItem | None = None  # the item being written
-        self.text: list[str] = []  # the open message's pieces
+        self.text: list[str] = []  # the open message's (or reasoning's) pieces
         self.calls: dict[int, FunctionCall] = {}  # a frame's call index -> its item
         self.last: Delta | None = None
         self.final: Response | None = None
@@ -170,6 +196,8 @@ class EventWriter:
     def feed(self, frames: Frames) -> list[Event]:
         out: list[Event] = []
         for _, f in frames:
+            if f.reasoning:
+                out += self._reasoning(f.reasoning)
             if f.text:
                 out += self._text(f.text)
             for d in f.tool_calls:
@@ -201,6 +229,17 @@ class EventWriter:
         out.append(TextDelta(self._next(), msg.id, len(self.items) - 1, piece))
         return out
 
+    def _reasoning(self, piece: str) -> list[Event]:
+        """A piece of reasoning: into the open reasoning item, or a new one."""
+        out: list[Event] = []
+        if not isinstance(self.open, ReasoningItem):
+            out += self._close()
+            out += self._add(ReasoningItem(id=new_id("rs"), status="in_progress"))
+        assert isinstance(self.open, ReasoningItem)
+        self.text.append(piece)
+        out.append(ReasoningDelta(self._next(), self.open.id, len(self.items) - 1, piece))
+        return out
+
     def _call_piece(self, d: CallPiece) -> list[Event]:
         out: list[Event] = []
         call = self.calls.get(d.index)
@@ -230,6 +269,11 @@ class EventWriter:
             out += [TextDone(self._next(), item.id, index, part.text),
                     PartEvent("response.content_part.done", self._next(), item.id, index, 0,
                               part)]
+        elif isinstance(item, ReasoningItem):
+            thought = ReasoningText("".join(self.text))
+            self.text = []
+            item.content = [thought]
+            out.append(ReasoningDone(self._next(), item.id, index, thought.text))
         else:
             out.append(ArgumentsDone(self._next(), item.id, index, item.name, item.arguments))
         item.status = status
@@ -240,7 +284,8 @@ class EventWriter:
         """The last events of a generation that ended: completed, or incomplete."""
         cut = self.last is not None and self.last.finish_reason == "length"
         out = self._close("incomplete" if cut else "completed")
-        if not self.items:  # said nothing, called nothing: an empty message, as when whole
+        if not any(not isinstance(i, ReasoningItem) for i in self.items):
+            # said nothing, called nothing: an empty message, as when whole
             out += self._message()[1] + self._close()
         self.final = finish(self.response, self.items, self.last, self.now)
         return out + [self._lifecycle(self.final.status, self.final)]

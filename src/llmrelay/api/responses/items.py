@@ -20,7 +20,15 @@ from typing import Any
 from llmrelay.api.errors import bad_param
 from llmrelay.api.frames import Delta
 from llmrelay.api.responses.compact import SUMMARY_PREFIX, decode
-from llmrelay.api.responses.protocol import FunctionCall, OutputItem, OutputMessage, OutputText, new_id
+from llmrelay.api.responses.protocol import (
+    FunctionCall,
+    OutputItem,
+    OutputMessage,
+    OutputText,
+    ReasoningItem,
+    ReasoningText,
+    new_id,
+)
 from llmrelay.protocol import new_call_id
 
 ROLES = ("user", "assistant", "system", "developer")
@@ -60,6 +68,9 @@ def _item(raw: Any, param: str) -> dict[str, Any]:
                 "call_id": _str(raw, "call_id", param),
                 "output": _output(raw.get("output"), f"{param}.output"),
                 "status": "completed"}
+    if kind == "reasoning":  # a reasoning model's, passed back: kept for the template
+        return {"id": _str(raw, "id", param, required=False) or new_id("rs"),
+                "type": "reasoning", "text": _reasoning_text(raw, param)}
     if kind == "compaction":  # what POST /v1/responses/compact answered (compact.py)
         decode(raw.get("encrypted_content"), f"{param}.encrypted_content")
         return {"id": _str(raw, "id", param, required=False) or new_id("cmp"),
@@ -70,8 +81,23 @@ def _item(raw: Any, param: str) -> dict[str, Any]:
     hint = (" Send the item itself, or continue with previous_response_id."
             if kind == "item_reference" else "")
     raise bad_param(f"{param}.type", f"Item type '{str(kind)[:60]}' is not supported; "
-                    "supported: message, function_call, function_call_output, compaction." + hint,
+                    "supported: message, function_call, function_call_output, reasoning, "
+                    "compaction." + hint,
                     "unsupported_value")
+
+
+def _reasoning_text(raw: dict[str, Any], param: str) -> str:
+    """A reasoning item's text: its `content` parts' (or, else, its summary's)."""
+    for key in ("content", "summary"):
+        parts = raw.get(key)
+        if parts is None:
+            continue
+        if not isinstance(parts, list) or not all(
+                isinstance(p, dict) and isinstance(p.get("text"), str) for p in parts):
+            raise bad_param(f"{param}.{key}", f"{param}.{key} must be a list of text parts.")
+        if parts:
+            return "\n".join(p["text"] for p in parts)
+    return ""
 
 
 def _str(raw: dict[str, Any], key: str, param: str, required: bool = True) -> str | None:
@@ -147,12 +173,20 @@ def to_messages(instructions: str | None, items: list[dict[str, Any]], first_new
     if instructions:
         out.append({"role": "system", "content": instructions})
     called: set[str] = set()
+    thought = ""  # a reasoning item's text, for the assistant turn it came before
     for i, item in enumerate(items):
         kind = item["type"]
+        if kind == "reasoning":  # passed back ("text"), or a stored answer's ("content")
+            thought = item.get("text") or "".join(p.get("text", "") for p in
+                                                  item.get("content") or [])
+            continue
         if kind == "message":
             role = "system" if item["role"] == "developer" else item["role"]
             out.append({"role": role,
                         "content": "\n".join(p["text"] for p in item["content"])})
+            if role == "assistant" and thought:  # the template keeps it (reasoning_content)
+                out[-1]["reasoning_content"] = thought  # or drops it, as it wants
+            thought = ""
         elif kind == "function_call":
             called.add(item["call_id"])
             call = {"id": item["call_id"], "type": "function",
@@ -184,6 +218,8 @@ def output_items(final: Delta, incomplete: bool = False) -> list[OutputItem]:
     and called nothing), then its calls. `incomplete`: cut by the length limit; the last item
     is then marked incomplete."""
     out: list[OutputItem] = []
+    if final.reasoning:
+        out.append(ReasoningItem(id=new_id("rs"), content=[ReasoningText(final.reasoning)]))
     text = final.text
     calls = final.tool_calls
     if text or not calls:

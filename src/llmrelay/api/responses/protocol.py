@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmrelay.api.errors import APIError, bad_param
+from llmrelay.api.plan import ReasoningSettings, reasoning_object
 from llmrelay.api.protocol import MaxTokens
 from llmrelay.api.tools import Constraints, check_schema, choose, tool
 
@@ -100,17 +101,36 @@ class ResponsesRequest(BaseModel):
             default, why = REFUSED[key]
             if value is not None and value != default:
                 raise bad_param(key, f"'{key}' {why}.", "unsupported_parameter")
-        if self.reasoning and any(v is not None for v in self.reasoning.values()):
-            raise bad_param("reasoning", "Reasoning settings are not supported: the models "
-                            "here do not reason in a separate channel.", "unsupported_parameter")
+        self.reasoning_settings()
         for i, value in enumerate(self.include or []):
+            if value == "reasoning.encrypted_content":
+                continue  # reasoning items carry their text itself; nothing is encrypted here
             raise bad_param(f"include[{i}]", f"include '{value[:80]}' is not supported: this "
-                            "server has no logprobs, reasoning or built-in tool results to "
-                            "include (send include: [] or leave it out).", "unsupported_value")
+                            "server has no logprobs or built-in tool results to include (send "
+                            "include: [] or leave it out).", "unsupported_value")
         meta = self.metadata or {}
         if len(meta) > MAX_METADATA or any(len(k) > 64 or len(v) > 512 for k, v in meta.items()):
             raise bad_param("metadata", f"metadata holds at most {MAX_METADATA} pairs, keys of "
                             "up to 64 characters and values of up to 512.")
+
+    def reasoning_settings(self) -> ReasoningSettings | None:
+        """`reasoning` (`effort`, `summary`; ours: `max_tokens`, a budget) checked: 400s naming
+        the field."""
+        if self.reasoning is None:
+            return None
+        summary = self.reasoning.get("summary", self.reasoning.get("generate_summary"))
+        if summary not in (None, "auto", "concise", "detailed"):
+            raise bad_param("reasoning.summary", "reasoning.summary must be auto, concise or "
+                            "detailed.")
+        return reasoning_object({k: v for k, v in self.reasoning.items()
+                                 if k not in ("summary", "generate_summary")}, None, "reasoning")
+
+    def echo_reasoning(self) -> Reasoning:
+        """The Response's `reasoning`: the effort and summary asked for (null when not)."""
+        r = self.reasoning or {}
+        effort, summary = r.get("effort"), r.get("summary", r.get("generate_summary"))
+        return Reasoning(effort if isinstance(effort, str) else None,
+                         summary if isinstance(summary, str) else None)
 
     def tool_list(self) -> list[Any]:
         """The function tools, checked (a 400 naming the tool for any other kind)."""
@@ -223,7 +243,26 @@ class FunctionCall:
     status: str = "completed"
 
 
-OutputItem = OutputMessage | FunctionCall
+@dataclass
+class ReasoningText:
+    text: str
+    type: str = "reasoning_text"
+
+
+@dataclass(kw_only=True)
+class ReasoningItem:
+    """A reasoning model's reasoning, as its text (`content`); no summary is made, and nothing
+    is encrypted (`encrypted_content` null)."""
+
+    id: str
+    type: str = "reasoning"
+    summary: list[Any] = field(default_factory=list)
+    content: list[ReasoningText] = field(default_factory=list)
+    encrypted_content: None = None
+    status: str = "completed"
+
+
+OutputItem = OutputMessage | FunctionCall | ReasoningItem
 
 
 @dataclass(frozen=True)
@@ -257,8 +296,8 @@ class ResponseError:
 
 @dataclass(frozen=True)
 class Reasoning:
-    effort: None = None
-    summary: None = None
+    effort: str | None = None
+    summary: str | None = None
 
 
 NO_REASONING = Reasoning()

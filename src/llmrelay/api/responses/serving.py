@@ -127,7 +127,7 @@ class ResponsesServing(GenerationServing):
                 temperature=body.temperature, top_p=body.top_p,
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 max_new_tokens=body.max_output_tokens), messages=messages,
-                constraints=constraints, caller=caller)
+                constraints=constraints, caller=caller, reasoning=body.reasoning_settings())
 
         plan = await self.admit(body, to_plan)
         constraints = plan.constraints
@@ -140,7 +140,8 @@ class ResponsesServing(GenerationServing):
             tool_choice=body.echo_tool_choice(), tools=body.echo_tools(constraints.tools),
             top_p=plan.sampling.top_p, presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0, user=body.user,
-            metadata=body.metadata or {}, safety_identifier=body.echo_ignored("safety_identifier"),
+            metadata=body.metadata or {}, reasoning=body.echo_reasoning(),
+            safety_identifier=body.echo_ignored("safety_identifier"),
             prompt_cache_key=body.echo_ignored("prompt_cache_key"))
 
         if not body.stream:

@@ -162,6 +162,23 @@ function setBody(div, text, role) {
   else body.innerHTML = Markdown.render(text);           // escaped first, then markdown
 }
 
+// A reasoning model's reasoning: a collapsed, greyed block above the answer (<details>), filled
+// as it streams; never sent back as part of the conversation.
+function setReasoning(div, text) {
+  let box = div.querySelector("details.reasoning");
+  if (!box) {
+    box = document.createElement("details");
+    box.className = "reasoning";
+    const summary = document.createElement("summary");
+    summary.textContent = "reasoning";
+    const pre = document.createElement("div");
+    pre.className = "reasoning-text";
+    box.append(summary, pre);
+    div.querySelector(".body").before(box);
+  }
+  box.querySelector(".reasoning-text").textContent = text;
+}
+
 function note(div, text) {
   let n = div.querySelector(".note");
   if (!n) { n = document.createElement("div"); n.className = "note"; div.append(n); }
@@ -195,6 +212,7 @@ async function send(text) {
   const cold = picked && / \((unloaded|loading|unloading)\)$/.test(picked.textContent);
   if (cold) setStatus("loading " + model + " (loaded on demand: the first answer waits for it)…");
   let text_ = "";
+  let reasoning = "";
   let usage = null;
   let finish = null;
   try {
@@ -231,6 +249,11 @@ async function send(text) {
           if (obj.error) throw new Error(obj.error.message || "the server reported an error");
           if (obj.usage) usage = obj.usage;
           const choice = obj.choices && obj.choices[0];
+          const thought = choice && choice.delta && choice.delta.reasoning_content;
+          if (thought) {
+            reasoning += thought;
+            setReasoning(answer, reasoning);
+          }
           if (choice && choice.delta && choice.delta.content) {
             text_ += choice.delta.content;
             setBody(answer, text_, "assistant");
@@ -244,6 +267,8 @@ async function send(text) {
     answer.dataset.state = "done";
     const parts = [];
     if (usage) parts.push(usage.prompt_tokens + " prompt + " + usage.completion_tokens + " tokens");
+    const details = usage && usage.completion_tokens_details;
+    if (details && details.reasoning_tokens) parts.push(details.reasoning_tokens + " of them reasoning");
     if (finish === "length") parts.push("cut at max tokens");
     if (parts.length) note(answer, parts.join(" · "));
   } catch (e) {
