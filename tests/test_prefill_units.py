@@ -4,6 +4,8 @@ tests/test_batching.py."""
 
 from __future__ import annotations
 
+import pytest
+
 from llmrelay.worker.engines.llamacpp.prefill import CHEAPEST_PROMPT_ROW, PrefillBudget
 
 
@@ -81,3 +83,16 @@ def test_a_slower_machine_gets_smaller_chunks() -> None:
         chunks.append(rows)
     assert chunks[0] == 0 and chunks[1] == budget.floor
     assert chunks[99] == 20 and chunks[199] == 10
+
+
+def test_the_slowdown_is_a_worker_flag_above_one() -> None:
+    import argparse
+
+    from llmrelay.config import add_worker_args
+
+    p = argparse.ArgumentParser()
+    add_worker_args(p)
+    assert p.parse_args([]).prefill_slowdown == 2.0
+    assert p.parse_args(["--prefill-slowdown", "4"]).prefill_slowdown == 4.0
+    with pytest.raises(SystemExit):
+        p.parse_args(["--prefill-slowdown", "1"])

@@ -83,6 +83,13 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _slowdown(text: str) -> float:
+    value = float(text)
+    if not value > 1.0:
+        raise argparse.ArgumentTypeError("must be more than 1 (a prompt must progress)")
+    return value
+
+
 def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) -> None:
     _common(p, 21002)
     add_registry_args(p)
@@ -139,6 +146,13 @@ def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) ->
         choices=["auto", "none", "deepseek_r1", "qwen3", "gpt_oss"],
         help="how the model marks its reasoning, so that it is returned apart from the answer "
         "(vLLM's names); auto: from the chat template; none: never split (docs/reasoning.md)",
+    )
+    p.add_argument(
+        "--prefill-slowdown", type=_slowdown, default=2.0,
+        help="llamacpp engine: while requests generate, a step that also reads a new prompt may "
+        "take this many times as long as their tokens alone (default 2: their inter-token "
+        "latency at most about doubles, and a long prompt takes about twice as long as alone; "
+        "higher: prompts faster, streams stall longer; docs/benchmarks.md)",
     )
     p.add_argument("--context-length", type=int, default=None, help="context size (llama.cpp n_ctx)")
     p.add_argument("--n-threads", type=int, default=None, help="CPU threads (default: all cores)")

@@ -173,7 +173,8 @@ class LlamaCppEngine(ThreadedEngine):
         self.inbox: deque[_Seq] = deque()
         self.grammars = sampling.grammars(self.vocab, self.n_vocab)
         self.candidates = sampling.Candidates(self.n_vocab)
-        self.prefill = PrefillBudget(BATCH_TOKENS)  # prompt rows per step while others decode
+        # prompt rows per step while others decode (--prefill-slowdown)
+        self.prefill = PrefillBudget(BATCH_TOKENS, slowdown=options.prefill_slowdown)
         self.split_steps = 0  # steps whose prompt rows the time budget cut while others decoded
         self.thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self.thread.start()

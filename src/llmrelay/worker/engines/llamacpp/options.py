@@ -26,6 +26,7 @@ class Options:
     seed: int | None = None
     parallel: int | None = None  # sequences decoded together: every admitted request
     kv_cache: str = "per-sequence"
+    prefill_slowdown: float = 2.0  # prefill.py: a step with prompt rows vs decode rows alone
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: ResolvedModel | None) -> Options:
@@ -46,7 +47,8 @@ class Options:
                    context_length=args.context_length, n_threads=args.n_threads,
                    chat_template=template, seed=args.seed,
                    parallel=args.limit_worker_concurrency + getattr(args, "fair_reserve", 0),
-                   kv_cache=args.kv_cache or "per-sequence")
+                   kv_cache=args.kv_cache or "per-sequence",
+                   prefill_slowdown=getattr(args, "prefill_slowdown", None) or 2.0)
 
 
 def check_flags(args: argparse.Namespace, gpu: bool) -> str:
