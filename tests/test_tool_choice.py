@@ -98,7 +98,7 @@ def test_a_named_function_on_responses_is_one_call_and_completed(stack: Stack) -
         assert r.status == "completed", (prompt, r.status, r.incomplete_details)
         assert len(calls) == 1 and calls[0].name == "get_weather", (prompt, r.output)
         assert not [o for o in r.output if o.type == "message"], r.output
-    _sweep(one, PROMPTS[:12])
+    _sweep(one, PROMPTS[:8])
 
 
 def test_a_named_tool_on_messages_ends_with_tool_use(stack: Stack) -> None:
@@ -115,7 +115,7 @@ def test_a_named_tool_on_messages_ends_with_tool_use(stack: Stack) -> None:
         assert m.stop_reason == "tool_use", (prompt, m.stop_reason)
         assert len(uses) == 1 and uses[0].name == "get_weather", (prompt, m.content)
         assert not [b for b in m.content if b.type == "text"], m.content
-    _sweep(one, PROMPTS[:12])
+    _sweep(one, PROMPTS[:8])
 
 
 def test_required_with_parallel_calls_never_repeats_a_call(client: openai.OpenAI) -> None:
@@ -130,7 +130,7 @@ def test_required_with_parallel_calls_never_repeats_a_call(client: openai.OpenAI
                 for x in calls]
         assert calls and len(made) == len(set(made)), (prompt, made)
         assert c.finish_reason in ("tool_calls", "length"), (prompt, c.finish_reason, made)
-    _sweep(one, PROMPTS[:16])
+    _sweep(one, PROMPTS[:8])
 
 
 def test_a_cut_at_a_further_calls_marker_returns_no_text(client: openai.OpenAI) -> None:
