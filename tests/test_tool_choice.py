@@ -20,21 +20,10 @@ import anthropic
 import jsonschema
 import openai
 import pytest
+from test_tools import SCHEMAS, TOOLS
 
 from conftest import Stack
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather now in a city.",
-    "parameters": {"type": "object", "properties": {
-        "city": {"type": "string", "maxLength": 40},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-        "required": ["city", "unit"], "additionalProperties": False}}}
-ADD = {"type": "function", "function": {
-    "name": "add", "description": "Add two integers.",
-    "parameters": {"type": "object", "properties": {
-        "a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
-TOOLS = [WEATHER, ADD]
-SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 CITIES = ["Paris", "Lyon", "Tokyo", "Lima", "Oslo", "Cairo", "Quito", "Perth", "Rome", "Kyiv",
           "Dakar", "Hanoi"]
 PROMPTS = ([f"What is the weather in {c}? And in {d}?" for c, d in zip(CITIES, CITIES[1:], strict=False)]
