@@ -1,8 +1,9 @@
 """One request line of a batch, served in this process by the same serving object as its HTTP
 front door (chat, completions, embeddings, responses): the same checks, the same pipeline and
 transport (failover, continuation), the same answer. No HTTP call to ourselves: the line's
-request record (observe.py) carries a key of priority class `batch`, which the transport sends
-to the workers, whose fair queue admits it after interactive work (worker/fairness.py).
+request record (observe.py) carries a key of priority class `batch`, and the serving object gets
+it as the line's caller, which the transport sends to the workers, whose fair queue admits it
+after interactive work (worker/fairness.py).
 
 The answer is `(status, body, prompt tokens, completion tokens)`: 200 and the door's JSON
 answer, or the door's error status and its OpenAI error body.
@@ -25,6 +26,7 @@ from llmrelay.api.embeddings.serving import EmbeddingServing
 from llmrelay.api.errors import APIError
 from llmrelay.api.keys import Key
 from llmrelay.api.observe import RequestRecord, begin
+from llmrelay.api.plan import Caller
 from llmrelay.api.responses.serving import ResponsesServing
 from llmrelay.protocol import dumps, loads
 
@@ -55,14 +57,15 @@ class Doors:
         begin(rec)
         try:
             req: Any = parse_request(endpoint, body)
+            caller = Caller.of(key)  # priority class `batch`, for the workers' fair queues
             if endpoint == "/v1/chat/completions":
-                answer: Any = await self.chat.create(req, request_id, never_gone)
+                answer: Any = await self.chat.create(req, request_id, never_gone, caller)
             elif endpoint == "/v1/completions":
-                answer = await self.completions.create(req, request_id, never_gone)
+                answer = await self.completions.create(req, request_id, never_gone, caller)
             elif endpoint == "/v1/embeddings":
                 answer = await self.embeddings.create(req, never_gone)
             else:
-                answer = await self.responses.create(req, request_id, owner, never_gone)
+                answer = await self.responses.create(req, request_id, owner, never_gone, caller)
         except APIError as e:
             prompt, completion = rec.billed or (rec.prompt_tokens, rec.completion_tokens)
             return e.status, e.body(), prompt, completion
