@@ -275,8 +275,13 @@ class Guide:
             return
         if self.trigger is not None:
             self._watch(tokens)
-        elif not self.matcher.consume_tokens(tokens):
-            log.info("constrained generation: %s", message(self.matcher.get_error()))
+            return
+        for t in tokens:
+            if self.matcher.is_stopped():  # done: what follows is the end token
+                return
+            if not self.matcher.consume_token(t):
+                log.info("constrained generation: %s", message(self.matcher.get_error()))
+                return
 
     def allows(self, token: int) -> bool:
         """Whether `token` may come next (one token checked: cheap)."""
