@@ -263,7 +263,8 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
         "--data-dir",
         default=os.environ.get("LLMRELAY_DATA_DIR"),
         help="folder of this API server's data (responses.sqlite: stored Responses; usage.sqlite: "
-        "usage per key); default: api-HOST-PORT in the state folder (~/.local/state/llmrelay)",
+        "usage per key; votes.sqlite: the web console's votes); default: api-HOST-PORT in the "
+        "state folder (~/.local/state/llmrelay)",
     )
     p.add_argument(
         "--responses-max-mb",
@@ -278,6 +279,12 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="stored Responses are deleted after this many days (default 30, as OpenAI)",
     )
+    p.add_argument("--no-arena-prompt-log", dest="arena_prompt_log", action="store_false",
+                   help="the web console's votes keep only SHA-256 hashes of the prompts and "
+                   "answers, not their text (default: kept; docs/web-console.md)")
+    p.add_argument("--host-admin-key", default=os.environ.get("LLMRELAY_ADMIN_KEY"),
+                   help="the on-demand hosts' admin key (default: env LLMRELAY_ADMIN_KEY), for "
+                   "the web console's load and unload buttons")
     p.add_argument("--files-max-mb", type=float, default=200.0,
                    help="largest file an upload may hold, in MiB (default 200, as OpenAI's "
                    "batch input); see docs/batch-api.md")

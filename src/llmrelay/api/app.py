@@ -19,6 +19,9 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from llmrelay.api import batch, errors, routes
 from llmrelay.api.access import Access
+from llmrelay.api.arena.ops import Sampler
+from llmrelay.api.arena.routes import mount as mount_console
+from llmrelay.api.arena.store import VoteStore
 from llmrelay.api.auth import guard, may_load
 from llmrelay.api.batch.execute import Doors
 from llmrelay.api.batch.state import BatchLimits
@@ -79,12 +82,15 @@ def create_app(
     public_docs: bool = False,
     batch_store: BatchStore | None = None,
     batch_limits: BatchLimits | None = None,
+    votes: VoteStore | None = None,
+    host_admin_key: str | None = None,
 ) -> FastAPI:
     """The app; `keys` (none: no API keys), `usage` (where usage is counted), `limits` (the
     counters of the keys' limits; default: in this process) and `responses_store` (stored
     Responses; default: in memory, lost on exit) come from `run`; `public_docs`: /docs, /redoc
     and /openapi.json open to anyone even with keys on; `batch_store` (files and batches;
-    default: in memory) and `batch_limits` for the Files and Batch APIs."""
+    default: in memory) and `batch_limits` for the Files and Batch APIs; `votes`: the web
+    console's votes (default: in memory); `host_admin_key`: for its load and unload buttons."""
     headers = auth_headers(registration_token)
     table = WorkerTable(controllers, grace=model_grace, expected=expected_models)
     feed: TableFeed = (RegistryFeed(table, registry, address, dispatch_method)
@@ -105,18 +111,23 @@ def create_app(
     access = Access(keys or KeyStore(), limits, usage, metrics)
     loads = Loads(table, side, feed.fetch_once, load_queue)  # models on demand
     table.declared_names = lambda: loads.declared().keys()
+    voted = votes or VoteStore(":memory:")
+    sampler = Sampler(table, metrics)  # the operations view's charts
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await feed.fetch_once()
         feed.start()
         await runner.start()  # batches a restart interrupted go on
+        sampler.start()
         yield
+        await sampler.aclose()
         await runner.aclose()
         await feed.aclose()
         await transport.aclose()
         stored.close()
         files.close()
+        voted.close()
         if usage is not None:
             usage.close()
 
@@ -154,6 +165,7 @@ def create_app(
         ChatServing(table, pipeline), CompletionServing(table, pipeline),
         EmbeddingServing(table, transport), ResponsesServing(table, pipeline, stored)),
         files, limits_of_batches, usage)
+    mount_console(app, guard(access), access, voted, sampler, loads, side, host_admin_key)
     return app
 
 
@@ -230,6 +242,11 @@ def run(args: argparse.Namespace) -> None:
     stored = responses_store(args, folder)
     files, limits_of_batches = batch_store(args, folder)
     try:
+        votes = VoteStore(folder / "votes.sqlite", log_prompts=args.arena_prompt_log)
+    except Exception as e:  # sqlite3.Error, OSError
+        raise SystemExit(f"error: cannot open the votes database in {folder} ({e}); choose "
+                         "another folder with --data-dir") from e
+    try:
         usage = UsageStore(folder / "usage.sqlite")
     except Exception as e:  # sqlite3.Error, OSError
         raise SystemExit(f"error: cannot open the usage database in {folder} ({e}); choose "
@@ -256,6 +273,8 @@ def run(args: argparse.Namespace) -> None:
         public_docs=args.public_docs,
         batch_store=files,
         batch_limits=limits_of_batches,
+        votes=votes,
+        host_admin_key=args.host_admin_key,
     )
     n = len(keys.keys())
     log.info("OpenAI-compatible API on http://%s:%d/v1 (%s); usage kept in %s; stored "

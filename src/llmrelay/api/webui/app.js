@@ -1,6 +1,7 @@
 // llmrelay's web chat: plain JavaScript, no build step, no external files.
 // Talks to this server's OpenAI API (/v1/models, /v1/chat/completions, streamed) and, for the
 // operator view, /api/workers. Model and user text is always escaped before any markup is added.
+// compare.js (side by side, votes, leaderboard) and ops.js (live charts) use its functions.
 "use strict";
 
 // ---- safe markdown: escape everything first, then add a small fixed set of tags ----------
@@ -80,6 +81,7 @@ const chat = {
   abort: null,       // AbortController of the running answer
   apiKey: sessionStorage.getItem("llmrelay.apiKey") || "",
   afterKey: null,    // what to retry once a key is entered
+  models: [],        // the last /v1/models list
 };
 
 function authHeaders() {
@@ -137,11 +139,13 @@ async function loadModels() {
     select.append(opt);
   }
   if (previous && data.data.some((m) => m.id === previous)) select.value = previous;
+  chat.models = data.data;
+  if (typeof modelsChanged === "function") modelsChanged();  // compare.js
   setStatus(data.data.length ? data.data.length + " model(s)" : "no models served right now");
 }
 
 // ---- messages ----------------------------------------------------------------------------
-function addBubble(role, text, model) {
+function addBubble(role, text, model, container) {
   const div = document.createElement("div");
   div.className = "msg " + role;
   const meta = document.createElement("div");
@@ -151,7 +155,7 @@ function addBubble(role, text, model) {
   body.className = "body";
   div.append(meta, body);
   setBody(div, text, role);
-  $("messages").append(div);
+  (container || $("messages")).append(div);
   div.scrollIntoView({ block: "end" });
   return div;
 }
@@ -211,72 +215,23 @@ async function send(text) {
   const picked = $("model").selectedOptions[0];
   const cold = picked && / \((unloaded|loading|unloading)\)$/.test(picked.textContent);
   if (cold) setStatus("loading " + model + " (loaded on demand: the first answer waits for it)…");
-  let text_ = "";
-  let reasoning = "";
-  let usage = null;
-  let finish = null;
+  const out = { text: "", reasoning: "", usage: null, finish: null };
   try {
-    const resp = await fetch("/v1/chat/completions", {
-      method: "POST", headers: authHeaders(), body: JSON.stringify(body), signal: ctrl.signal,
-    });
-    if (!resp.ok) {
-      const msg = await errorMessage(resp);
-      if (resp.status === 401) {
-        chat.messages.pop();
-        userDiv.remove(); answer.remove();
-        askForKey(msg, () => send(text));
-        return;
-      }
-      throw new Error(msg);
-    }
-    answer.dataset.state = "streaming";
-    const reader = resp.body.getReader();
-    const decoder = new TextDecoder();
-    let buf = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buf += decoder.decode(value, { stream: true });
-      let cut;
-      while ((cut = buf.indexOf("\n\n")) >= 0) {
-        const event = buf.slice(0, cut);
-        buf = buf.slice(cut + 2);
-        for (const line of event.split("\n")) {
-          if (!line.startsWith("data:")) continue;   // ": keep-alive" comments
-          const data = line.slice(5).trim();
-          if (data === "[DONE]") continue;
-          const obj = JSON.parse(data);
-          if (obj.error) throw new Error(obj.error.message || "the server reported an error");
-          if (obj.usage) usage = obj.usage;
-          const choice = obj.choices && obj.choices[0];
-          const thought = choice && choice.delta && choice.delta.reasoning_content;
-          if (thought) {
-            reasoning += thought;
-            setReasoning(answer, reasoning);
-          }
-          if (choice && choice.delta && choice.delta.content) {
-            text_ += choice.delta.content;
-            setBody(answer, text_, "assistant");
-            answer.scrollIntoView({ block: "end" });
-          }
-          if (choice && choice.finish_reason) finish = choice.finish_reason;
-        }
-      }
-    }
-    chat.messages.push({ role: "assistant", content: text_ });
+    await streamChat(body, ctrl.signal, answer, out);
+    chat.messages.push({ role: "assistant", content: out.text });
     answer.dataset.state = "done";
-    const parts = [];
-    if (usage) parts.push(usage.prompt_tokens + " prompt + " + usage.completion_tokens + " tokens");
-    const details = usage && usage.completion_tokens_details;
-    if (details && details.reasoning_tokens) parts.push(details.reasoning_tokens + " of them reasoning");
-    if (finish === "length") parts.push("cut at max tokens");
-    if (parts.length) note(answer, parts.join(" · "));
+    const summary = usageNote(out);
+    if (summary) note(answer, summary);
   } catch (e) {
     if (e.name === "AbortError") {
       // Keep what was said: the next turn continues from the partial answer.
-      chat.messages.push({ role: "assistant", content: text_ });
+      chat.messages.push({ role: "assistant", content: out.text });
       answer.dataset.state = "stopped";
       note(answer, "stopped");
+    } else if (e.status === 401) {
+      chat.messages.pop();
+      userDiv.remove(); answer.remove();
+      askForKey(e.message, () => send(text));
     } else {
       // The request failed: take the unanswered message out of the conversation.
       chat.messages.pop();
@@ -289,6 +244,66 @@ async function send(text) {
     busy(false);
     if (cold) loadModels();  // its state has changed
   }
+}
+
+// One streamed chat completion into `bubble` (its reasoning collapsed above the answer), what
+// was said gathered in `out` ({text, reasoning, usage, finish}) as it comes, so a caller that
+// aborts keeps the partial answer. An HTTP refusal throws an Error with its `status`.
+async function streamChat(body, signal, bubble, out) {
+  const resp = await fetch("/v1/chat/completions", {
+    method: "POST", headers: authHeaders(), body: JSON.stringify(body), signal,
+  });
+  if (!resp.ok) {
+    const err = new Error(await errorMessage(resp));
+    err.status = resp.status;
+    throw err;
+  }
+  bubble.dataset.state = "streaming";
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buf.indexOf("\n\n")) >= 0) {
+      const event = buf.slice(0, cut);
+      buf = buf.slice(cut + 2);
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data:")) continue;   // ": keep-alive" comments
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") continue;
+        const obj = JSON.parse(data);
+        if (obj.error) throw new Error(obj.error.message || "the server reported an error");
+        if (obj.usage) out.usage = obj.usage;
+        const choice = obj.choices && obj.choices[0];
+        const thought = choice && choice.delta && choice.delta.reasoning_content;
+        if (thought) {
+          out.reasoning += thought;
+          setReasoning(bubble, out.reasoning);
+        }
+        if (choice && choice.delta && choice.delta.content) {
+          out.text += choice.delta.content;
+          setBody(bubble, out.text, "assistant");
+          bubble.scrollIntoView({ block: "end" });
+        }
+        if (choice && choice.finish_reason) out.finish = choice.finish_reason;
+      }
+    }
+  }
+  return out;
+}
+
+// The note under a finished answer: its tokens, reasoning tokens, a cut at max tokens.
+function usageNote(out) {
+  const parts = [];
+  const usage = out.usage;
+  if (usage) parts.push(usage.prompt_tokens + " prompt + " + usage.completion_tokens + " tokens");
+  const details = usage && usage.completion_tokens_details;
+  if (details && details.reasoning_tokens) parts.push(details.reasoning_tokens + " of them reasoning");
+  if (out.finish === "length") parts.push("cut at max tokens");
+  return parts.join(" · ");
 }
 
 function newChat() {
@@ -342,23 +357,33 @@ async function loadWorkers() {
 
 function stopOps() { if (opsTimer) clearInterval(opsTimer); opsTimer = null; }
 
-function showOps() {
-  $("chat-view").hidden = true;
-  $("ops-view").hidden = false;
-  $("tab-ops").classList.add("active");
-  $("tab-chat").classList.remove("active");
-  loadWorkers();
+// The page's views, each a <main> with its tab; `onShow` hooks (compare.js, ops.js) run when
+// their view is shown.
+const VIEWS = { chat: "chat-view", compare: "compare-view", board: "board-view", ops: "ops-view" };
+const onShow = {};
+
+function showView(name) {
   stopOps();
-  opsTimer = setInterval(loadWorkers, 2000);
+  for (const [view, id] of Object.entries(VIEWS)) {
+    $(id).hidden = view !== name;
+    $("tab-" + view).classList.toggle("active", view === name);
+  }
+  document.body.dataset.view = name;
+  if (onShow[name]) onShow[name]();
 }
 
-function showChat() {
-  stopOps();
-  $("ops-view").hidden = true;
-  $("chat-view").hidden = false;
-  $("tab-chat").classList.add("active");
-  $("tab-ops").classList.remove("active");
+function opsTick() {
+  loadWorkers();
+  if (typeof loadOpsLive === "function") loadOpsLive();
 }
+
+function showOps() {
+  showView("ops");
+  opsTick();
+  opsTimer = setInterval(opsTick, 2000);
+}
+
+function showChat() { showView("chat"); }
 
 // ---- wiring ------------------------------------------------------------------------------
 document.addEventListener("DOMContentLoaded", () => {
@@ -380,6 +405,8 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("tab-ops").addEventListener("click", showOps);
   $("tab-chat").addEventListener("click", showChat);
+  $("tab-compare").addEventListener("click", () => showView("compare"));
+  $("tab-board").addEventListener("click", () => showView("board"));
   $("change-key").addEventListener("click", () => askForKey("Enter the API key for this server.", loadModels));
   $("api-key-form").addEventListener("submit", () => {
     chat.apiKey = $("api-key").value.trim();
