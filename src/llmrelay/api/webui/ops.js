@@ -141,6 +141,7 @@ async function loadDeclared() {
     return tr;
   });
   document.querySelector("#ondemand-table tbody").replaceChildren(...rows);
+  $("ondemand-table").hidden = !rows.length;
 }
 
 async function loadKeys() {
