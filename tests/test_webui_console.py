@@ -223,3 +223,46 @@ def test_votes_per_key_and_hashes_without_prompt_logging(stack: Stack, procs: Pr
     # the operations view is the admin's
     assert httpx.get(api + "/api/ops/series", headers=as_key(alice)).status_code == 403
     assert httpx.get(api + "/api/ops/series", headers=as_key(admin)).status_code == 200
+
+
+def test_operations_view_loads_and_unloads_a_model_on_demand(procs: Procs, tmp_path: Path) -> None:
+    """A host of its own (so the shared stack's model list stays two): the model's row says
+    unloaded, the page's load button loads it through the host's admin endpoint, unload
+    unloads it."""
+    from llmrelay.worker.managed import free_port
+
+    _, controller = procs.controller()
+    catalog = tmp_path / "models.toml"
+    catalog.write_text('[[model]]\nmodel_names = ["od-smol"]\nmodel_path = "smollm2"\n'
+                       'context_length = 512\nlimit_worker_concurrency = 1\nn_threads = 1\n')
+    host = f"http://127.0.0.1:{free_port()}"
+    procs._start("host", ["host", "--port", host.rsplit(":", 1)[1], "--controller-address",
+                          controller, "--heartbeat-interval", "1", "--catalog", str(catalog),
+                          "--admin-key", "adm-web", "--shutdown-timeout", "10"])
+    _, api = procs.api(controller, extra=("--host-admin-key", "adm-web"))
+    d = new_browser(tmp_path / "profile")
+    try:
+        d.get(api + "/")
+        d.find_element(By.ID, "tab-ops").click()
+
+        def state() -> str | None:  # read in one step: the rows are redrawn every 2 s
+            return d.execute_script("const r = document.querySelector("
+                                    "'#ondemand-table tr[data-model=od-smol]');"
+                                    "return r && r.dataset.state;")
+
+        def press(action: str) -> bool:
+            return d.execute_script("const b = document.querySelector("
+                                    "'tr[data-model=od-smol] button.' + arguments[0]);"
+                                    "if (!b || b.disabled) return false; b.click(); return true;",
+                                    action)
+
+        until(d, lambda: state() == "unloaded", "the declared model, unloaded", 60)
+        until(d, lambda: press("load"), "the load button", 30)
+        until(d, lambda: state() == "loaded", "the model loaded from the page", 120)
+        assert httpx.post(api + "/v1/chat/completions", json={
+            "model": "od-smol", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+            timeout=60).status_code == 200
+        until(d, lambda: press("unload"), "the unload button", 30)
+        until(d, lambda: state() == "unloaded", "the model unloaded from the page", 120)
+    finally:
+        d.quit()
