@@ -161,7 +161,8 @@ def test_errors_are_in_anthropics_shape(claude: anthropic.Anthropic, stack: Stac
             {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                          "data": "AAAA"}}]}])
     assert img.value.body["error"]["type"] == "invalid_request_error"
-    assert "'image'" in img.value.body["error"]["message"]
+    assert "messages[0].content[0].source.data: the data is not an image" in img.value.body[
+        "error"]["message"]
     for body, word in [({"model": "smol", "messages": ASK}, "max_tokens"),
                        ({"model": "smol", "max_tokens": 8, "messages": ASK, "temperature": 3},
                         "temperature"),

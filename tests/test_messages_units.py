@@ -79,7 +79,7 @@ def test_conversation_with_tools_becomes_chat_messages() -> None:
 
 
 @pytest.mark.parametrize("content, where", [
-    ([{"type": "image", "source": {"type": "base64", "data": "x"}}], "messages[0].content[0]"),
+    ([{"type": "audio", "source": {"type": "base64", "data": "x"}}], "messages[0].content[0]"),
     ([{"type": "text", "text": "a"}, {"type": "document", "source": {}}],
      "messages[0].content[1]"),
     ([{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image"}]}], None),

@@ -212,8 +212,8 @@ def test_json_schema_output(rc: openai.OpenAI) -> None:
 
 
 @pytest.mark.parametrize("kw, param, word", [
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y"}]}]},
-     "input[0].content[0].type", "input_image"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]},
+     "input[0].content[0].file_id", "file_id"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
      "input[0].content[0].type", "input_file"),
     ({"input": [{"type": "web_search_call", "id": "ws_1", "status": "completed"}]},

@@ -143,8 +143,8 @@ def test_items_become_chat_messages_with_calls_and_their_outputs() -> None:
 
 
 def test_unsupported_items_and_parts_are_400s_naming_the_type() -> None:
-    assert "input_image" in bad(lambda: input_items([{"role": "user", "content": [
-        {"type": "input_image", "image_url": "http://x"}]}]), "input[0].content[0].type")
+    assert "file_id" in bad(lambda: input_items([{"role": "user", "content": [
+        {"type": "input_image", "file_id": "file_1"}]}]), "input[0].content[0].file_id")
     assert "web_search_call" in bad(lambda: input_items([{"type": "web_search_call"}]),
                                     "input[0].type")
     assert "previous_response_id" in bad(lambda: input_items(

@@ -879,8 +879,12 @@ def test_normalize_joins_text_parts() -> None:
     ({"role": "wizard", "content": "abracadabra"}, "messages[1].role"),
     ({"role": "user", "content": None}, "messages[1].content"),
     ({"role": "user", "content": [{"type": "text", "text": "look"},
-                                  {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]},
+                                  {"type": "image_url", "image_url": {"detail": "low"}}]},
+     "messages[1].content[1].image_url"),
+    ({"role": "user", "content": [{"type": "text", "text": "hear"}, {"type": "input_audio"}]},
      "messages[1].content[1]"),
+    ({"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]},
+     "messages[1].content"),
 ])
 def test_normalize_rejects(bad: dict, param_prefix: str) -> None:
     with pytest.raises(APIError) as exc:

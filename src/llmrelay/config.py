@@ -344,6 +344,22 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
         "--expect-models", default=None,
         help="comma-separated model names answered with 503 and Retry-After, not 404, whenever "
         "no worker serves them (`llmrelay up` passes the names its stack declares)")
+    p.add_argument("--max-images-per-request", type=int, default=8,
+                   help="images a request may hold, its whole conversation counted (default 8; "
+                   "docs/images.md)")
+    p.add_argument("--image-max-mb", type=float, default=10.0,
+                   help="largest image a request may send or point to, in MiB (default 10)")
+    p.add_argument("--image-max-pixels", type=int, default=25_000_000,
+                   help="largest image in pixels (width x height, read from its header before "
+                   "it is decoded; default 25,000,000)")
+    p.add_argument("--image-fetch-timeout", type=float, default=10.0,
+                   help="seconds to fetch one image URL, redirects included (default 10)")
+    p.add_argument("--allow-private-image-urls", action="store_true",
+                   help="fetch image URLs from loopback, private and link-local addresses too "
+                   "(default: refused, as are redirects to them)")
+    p.add_argument("--allowed-image-hosts", default=None,
+                   help="comma-separated host names whose image URLs are fetched whatever "
+                   "address they resolve to (e.g. an internal image server)")
 
 
 def split_csv(value: str | None) -> list[str]:

@@ -39,6 +39,11 @@ EXT_TOKENIZE = "tokenize"
 # reasoning from the answer: frames then carry it apart (`reasoning`), and `usage` counts
 # `reasoning_tokens`
 EXT_REASONING = "reasoning"
+# A user message's `content` may be a list of parts, `{"type": "text", "text": ...}` and
+# `{"type": "image", "data": <base64>, "mime": "image/png"}` (fetched and checked by the API
+# server, api/images.py); announced with the `vision` feature by a worker whose model reads
+# images, and only such a worker is sent any (docs/images.md)
+EXT_IMAGES = "images"
 OUR_EXTENSIONS = [EXT_MESSAGES, EXT_DELTA, EXT_REQUEST_ID, EXT_TOKEN_IDS, EXT_TOP_LOGPROBS,
                   EXT_TOOLS, EXT_FAIRNESS, EXT_CONTINUATION, EXT_TOKENIZE, EXT_REASONING]
 
@@ -420,6 +425,7 @@ class Features(BaseModel):
     logit_bias: bool = False
     tokenize: bool = False  # gives token ids of a prompt and text of token ids
     reasoning: str = ""  # the reasoning parser (deepseek_r1, qwen3, gpt_oss); "": none
+    vision: bool = False  # reads images in user messages (our `images` extension)
 
 
 class OurStatus(BaseModel):

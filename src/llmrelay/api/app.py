@@ -32,6 +32,7 @@ from llmrelay.api.completions.serving import CompletionServing
 from llmrelay.api.embeddings.serving import EmbeddingServing
 from llmrelay.api.fastchat import FastChatAdapter
 from llmrelay.api.feed import ControllerFeed
+from llmrelay.api.images import ImageFetcher, ImagePolicy
 from llmrelay.api.keys import KeysFileError, KeyStore
 from llmrelay.api.limits import Limiter, LimitStore, LocalLimits
 from llmrelay.api.messages import errors as anthropic_errors
@@ -84,13 +85,15 @@ def create_app(
     batch_limits: BatchLimits | None = None,
     votes: VoteStore | None = None,
     host_admin_key: str | None = None,
+    image_policy: ImagePolicy | None = None,
 ) -> FastAPI:
     """The app; `keys` (none: no API keys), `usage` (where usage is counted), `limits` (the
     counters of the keys' limits; default: in this process) and `responses_store` (stored
     Responses; default: in memory, lost on exit) come from `run`; `public_docs`: /docs, /redoc
     and /openapi.json open to anyone even with keys on; `batch_store` (files and batches;
     default: in memory) and `batch_limits` for the Files and Batch APIs; `votes`: the web
-    console's votes (default: in memory); `host_admin_key`: for its load and unload buttons."""
+    console's votes (default: in memory); `host_admin_key`: for its load and unload buttons;
+    `image_policy`: the limits on images in requests (docs/images.md)."""
     headers = auth_headers(registration_token)
     table = WorkerTable(controllers, grace=model_grace, expected=expected_models)
     feed: TableFeed = (RegistryFeed(table, registry, address, dispatch_method)
@@ -103,7 +106,8 @@ def create_app(
     )
     transport = WorkerTransport(table, side, FastChatAdapter(side), headers=headers,
                                 max_migrations=max_migrations)
-    pipeline = Pipeline(transport, Limits(request_timeout, sse_keepalive))
+    images = ImageFetcher(image_policy)
+    pipeline = Pipeline(transport, Limits(request_timeout, sse_keepalive), images)
     stored = responses_store or SqliteResponseStore(":memory:")
     files = batch_store or BatchStore(":memory:")
     limits_of_batches = batch_limits or BatchLimits()
@@ -125,6 +129,7 @@ def create_app(
         await runner.aclose()
         await feed.aclose()
         await transport.aclose()
+        await images.aclose()
         stored.close()
         files.close()
         voted.close()
@@ -167,6 +172,16 @@ def create_app(
         files, limits_of_batches, usage)
     mount_console(app, guard(access), access, voted, sampler, loads, side, host_admin_key)
     return app
+
+
+def image_policy(args: argparse.Namespace) -> ImagePolicy:
+    """The `--image-*` flags' limits on images in requests."""
+    return ImagePolicy(
+        max_images=args.max_images_per_request, max_bytes=int(args.image_max_mb * 1024 * 1024),
+        max_pixels=args.image_max_pixels, timeout=args.image_fetch_timeout,
+        allow_private=args.allow_private_image_urls,
+        allowed_hosts=frozenset(h.lower().rstrip(".") for h in split_csv(
+            args.allowed_image_hosts)))
 
 
 def data_dir(args: argparse.Namespace) -> Path:
@@ -275,6 +290,7 @@ def run(args: argparse.Namespace) -> None:
         batch_limits=limits_of_batches,
         votes=votes,
         host_admin_key=args.host_admin_key,
+        image_policy=image_policy(args),
     )
     n = len(keys.keys())
     log.info("OpenAI-compatible API on http://%s:%d/v1 (%s); usage kept in %s; stored "

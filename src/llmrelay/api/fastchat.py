@@ -84,7 +84,11 @@ class FastChatAdapter:
         return int(data["count"])
 
     async def rendered(self, worker: Worker, model: str, messages: list[dict[str, Any]]) -> str:
-        """Chat messages as the prompt the worker's conversation template makes of them."""
+        """Chat messages as the prompt the worker's conversation template makes of them (no
+        images: admission routes a request with images only to workers with `vision`)."""
+        if any(not isinstance(m.get("content"), str | None) for m in messages):
+            raise APIError(400, f"The model '{model}' takes no images (a FastChat worker serves "
+                           "it).", param="messages", code="model_takes_no_images")
         conv, _ = await self.info(worker, model)
         try:
             return conv.render(messages)

@@ -28,6 +28,7 @@ from starlette.types import Receive
 
 from llmrelay.api.errors import APIError
 from llmrelay.api.frames import Delta, TokenUsage
+from llmrelay.api.images import ImageFetcher, refs
 from llmrelay.api.observe import (
     note_billed,
     note_cancelled,
@@ -130,9 +131,11 @@ class Limits:
 class Pipeline:
     """Opens a request's generations on workers through the transport, within the limits."""
 
-    def __init__(self, transport: Generations, limits: Limits | None = None) -> None:
+    def __init__(self, transport: Generations, limits: Limits | None = None,
+                 images: ImageFetcher | None = None) -> None:
         self.transport = transport
         self.limits = limits or Limits()
+        self.images = images or ImageFetcher()  # fetches and checks a request's images
 
     async def open_all(self, plan: Plan) -> list[Stream]:
         """Start every generation of the plan (one per prompt and choice) before answering;
@@ -382,12 +385,18 @@ class GenerationServing:
         """The request's plan, once it may run: 400 for fields this server cannot honour;
         404/503 for a model nobody serves; then the door's `to_plan` (its own 400s); then a
         400 naming the parameter when no worker of the model can honour the constraints. With
-        `prefix` dispatch the plan gets its conversation's prefix keys."""
+        `prefix` dispatch the plan gets its conversation's prefix keys.
+
+        Images in the messages are fetched and checked first (a bad one is a 400 naming its
+        part, api/images.py), then the model must be one that reads images."""
         body.refuse_unsupported()
         self.table.check_model(body.model)
         note_model(body.model)
         made = to_plan()
         plan = await made if inspect.isawaitable(made) else made
+        if plan.messages is not None and self.pipeline.images.count(plan.messages):
+            plan.constraints.images = next(refs(plan.messages))["param"]
+            plan = replace(plan, messages=await self.pipeline.images.resolve(plan.messages))
         plan.constraints.check_workers(self.table, plan.model)
         if self.table.dispatch_method == "prefix" and plan.messages is not None:
             plan = replace(plan, prefix_keys=conversation_keys(plan.messages))

@@ -22,7 +22,7 @@ from jsonschema.validators import validator_for
 from llmrelay.api.errors import APIError, bad_param
 from llmrelay.api.table import Worker, WorkerTable
 from llmrelay.jsonguard import depth
-from llmrelay.protocol import EXT_TOOLS
+from llmrelay.protocol import EXT_IMAGES, EXT_TOOLS
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_TOOLS = 128
@@ -96,6 +96,7 @@ class Constraints:
     response_json_object: bool = False
     response_name: str = "response"
     logit_bias: dict[str, float] = field(default_factory=dict)
+    images: str | None = None  # the first image part's name, when the messages hold images
 
     def __post_init__(self) -> None:
         if len(self.tools) > MAX_TOOLS:
@@ -118,6 +119,8 @@ class Constraints:
             out["json_schema"] = "response_format"
         if self.logit_bias:
             out["logit_bias"] = "logit_bias"
+        if self.images:
+            out["vision"] = self.images
         return out
 
     def honoured_by(self, worker: Worker) -> bool:
@@ -125,8 +128,9 @@ class Constraints:
         if not needs:
             return True
         features = worker.features
-        return (features is not None and EXT_TOOLS in worker.extensions
-                and all(getattr(features, f, False) for f in needs))
+        return (features is not None and all(getattr(features, f, False) for f in needs)
+                and (EXT_TOOLS in worker.extensions or set(needs) == {"vision"})
+                and ("vision" not in needs or EXT_IMAGES in worker.extensions))
 
     def check_workers(self, table: WorkerTable, model: str) -> None:
         """400 naming the parameter and the model when no worker of it can honour this."""
@@ -134,6 +138,11 @@ class Constraints:
         workers = table.serving(model)
         if not needs or not workers or any(self.honoured_by(w) for w in workers):
             return
+        if self.images and not any(Constraints(images=self.images).honoured_by(w)
+                                   for w in workers):
+            raise APIError(400, f"The model '{model}' takes no images ({self.images} is an "
+                           "image); send text only, or use a model that reads images.",
+                           param=self.images, code="model_takes_no_images")
         feature, param = next(
             (f, p) for f, p in needs.items()
             if not any(w.features is not None and getattr(w.features, f, False)

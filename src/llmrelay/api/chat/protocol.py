@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmrelay.api.errors import bad_param
+from llmrelay.api.images import content_of, image_ref
 from llmrelay.api.plan import EFFORTS, ReasoningSettings, reasoning_object
 from llmrelay.api.protocol import MaxTokens, ResponseHead, SamplingRequest, UsageInfo
 from llmrelay.api.tools import Constraints, check_schema, check_tool_results, choose, logit_bias, tool
@@ -21,9 +22,12 @@ ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
 class TextPart(BaseModel):
+    """A content part: text, or an image (`image_url`: `{"url", "detail"}`)."""
+
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
+    image_url: Any = None
 
 
 class FunctionCallIn(BaseModel):
@@ -168,7 +172,10 @@ def normalize_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if m.content is None and not (m.role == "assistant" and m.tool_calls):
             raise bad_param(f"{param}.content", f"{param}.content must be a string or a list of "
                             "text parts, not null.")
-        content = _text(m.content, param)
+        content = _content(m.content, param)
+        if not isinstance(content, str) and m.role != "user":
+            raise bad_param(f"{param}.content", f"{param}: only user messages may hold images.",
+                            "unsupported_value")
         role = "system" if m.role == "developer" else m.role
         msg: dict[str, Any] = {"role": role, "content": content}
         if m.role == "tool":
@@ -187,18 +194,24 @@ def normalize_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def _text(content: str | list[TextPart] | None, param: str) -> str:
+def _content(content: str | list[TextPart] | None, param: str) -> str | list[dict[str, Any]]:
+    """Text parts joined, or, with images, the parts in order (api/images.py)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    texts = []
+    parts: list[dict[str, Any]] = []
     for j, part in enumerate(content):
-        if part.type != "text" or part.text is None:
-            raise bad_param(f"{param}.content[{j}]", f"Content part type '{part.type}' "
-                            "is not supported; only text parts are.", "unsupported_value")
-        texts.append(part.text)
-    return "\n".join(texts)
+        where = f"{param}.content[{j}]"
+        if part.type == "image_url":
+            url = part.image_url.get("url") if isinstance(part.image_url, dict) else part.image_url
+            parts.append(image_ref(url, f"{where}.image_url"))
+        elif part.type != "text" or part.text is None:
+            raise bad_param(where, f"Content part type '{part.type[:40]}' is not supported; "
+                            "only text and image_url parts are.", "unsupported_value")
+        else:
+            parts.append({"type": "text", "text": part.text})
+    return content_of(parts)
 
 
 def _call(c: ToolCallIn, param: str) -> dict[str, Any]:

@@ -10,8 +10,9 @@ schema); `tool_choice` `auto`/`any`/`tool`/`none` are chat's `auto`/`required`/a
 function/`none`, `disable_parallel_tool_use` is `parallel_tool_calls: false`;
 `output_config.format` (a JSON schema) is the response schema; `thinking` is the reasoning
 settings of a reasoning model (its reasoning comes back as `thinking` blocks, before the text),
-and thinking blocks passed back are kept for the model's template. What cannot be served
-(images, documents, server tools, MCP servers) is a 400 naming it, never dropped.
+and thinking blocks passed back are kept for the model's template. A user message's `image`
+blocks (`base64` and `url` sources) become image references (api/images.py). What cannot be
+served (documents, server tools, MCP servers) is a 400 naming it, never dropped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmrelay.api.errors import bad_param
+from llmrelay.api.images import content_of, image_ref
 from llmrelay.api.plan import ReasoningSettings
 from llmrelay.api.protocol import MAX_STOP, MaxTokens
 from llmrelay.api.tools import Constraints, check_schema, choose, tool
@@ -43,6 +45,7 @@ class Block(BaseModel):
     content: str | list[Block] | None = None
     is_error: bool | None = None
     thinking: str | None = None  # thinking (assistant, passed back)
+    source: Any = None  # image (user): {"type": "base64", "media_type", "data"} or url
 
 
 class InputMessage(BaseModel):
@@ -215,8 +218,8 @@ def _text(content: str | list[Block], param: str) -> str:
 
 def unsupported_block(kind: str, param: str) -> Exception:
     return bad_param(param, f"Content block type '{kind[:40]}' is not supported here "
-                     f"({param}); this server reads text, thinking, tool_use and tool_result "
-                     "blocks.",
+                     f"({param}); this server reads text, image (in user messages), thinking, "
+                     "tool_use and tool_result blocks.",
                      "unsupported_value")
 
 
@@ -251,19 +254,22 @@ def _assistant(blocks: list[Block], param: str, called: set[str]) -> dict[str, A
 
 
 def _user(blocks: list[Block], param: str, called: set[str]) -> list[dict[str, Any]]:
-    """A user turn's blocks in order: tool results as tool messages, runs of text as user
-    messages."""
+    """A user turn's blocks in order: tool results as tool messages, runs of text and images as
+    user messages."""
     out: list[dict[str, Any]] = []
-    texts: list[str] = []
+    texts: list[dict[str, Any]] = []
     for j, b in enumerate(blocks):
         where = f"{param}.content[{j}]"
         if b.type == "text" and b.text is not None:
-            texts.append(b.text)
+            texts.append({"type": "text", "text": b.text})
+            continue
+        if b.type == "image":
+            texts.append(_image(b, f"{where}.source"))
             continue
         if b.type != "tool_result":
             raise unsupported_block(b.type, where)
         if texts:
-            out.append({"role": "user", "content": "\n".join(texts)})
+            out.append({"role": "user", "content": content_of(texts)})
             texts = []
         if b.tool_use_id not in called:
             raise bad_param(f"{where}.tool_use_id", f"{where} is a tool_result for "
@@ -273,8 +279,26 @@ def _user(blocks: list[Block], param: str, called: set[str]) -> list[dict[str, A
         out.append({"role": "tool", "tool_call_id": b.tool_use_id,
                     "content": f"Error: {result}" if b.is_error else result})
     if texts or not out:
-        out.append({"role": "user", "content": "\n".join(texts)})
+        out.append({"role": "user", "content": content_of(texts)})
     return out
+
+
+def _image(b: Block, param: str) -> dict[str, Any]:
+    """An image block's source (`base64` with its media type, or `url`) as an image reference
+    (a base64 source becomes a data URL)."""
+    src = b.source if isinstance(b.source, dict) else {}
+    kind = src.get("type")
+    if kind == "url":
+        return image_ref(src.get("url"), f"{param}.url")
+    if kind == "base64":
+        media, data = src.get("media_type"), src.get("data")
+        if not isinstance(media, str) or not media.startswith("image/") or not isinstance(
+                data, str):
+            raise bad_param(param, f"{param}: a base64 source needs media_type image/... and "
+                            "data.")
+        return image_ref(f"data:{media};base64,{data}", f"{param}.data")
+    raise bad_param(f"{param}.type", f"{param}.type must be base64 or url; got "
+                    f"{str(kind)[:40]!r}.", "unsupported_value")
 
 
 # ---- the responses ------------------------------------------------------------------------------

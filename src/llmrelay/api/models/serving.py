@@ -14,7 +14,7 @@ from llmrelay.ondemand.view import Declared
 
 # Features in the order they are listed; a FastChat worker honours the first two.
 FEATURES = ("chat", "completions", "logprobs", "seed", "penalties", "prompt_token_ids",
-            "tools", "json_schema", "logit_bias", "embeddings", "reasoning")
+            "tools", "json_schema", "logit_bias", "embeddings", "reasoning", "vision")
 
 
 class ModelServing:

@@ -5,8 +5,9 @@ without `type` as the OpenAI Agents SDK sends them, `function_call` echoed back,
 `function_call_output`, and the `compaction` items of /v1/responses/compact) -> stored items in
 OpenAI's item shape, each with an id (what `input_items` lists), and items -> the chat messages
 the pipeline takes (an assistant's calls as `tool_calls`, a call's output as a `tool` message
-answering it, a compaction as an assistant message with its summary). Any other item or part
-type (images, files, built-in tool calls, references) is a 400 naming it.
+answering it, a compaction as an assistant message with its summary; a user message's
+`input_image` parts as image references, api/images.py). Any other item or part type (files,
+built-in tool calls, references) is a 400 naming it.
 
 Out: a whole answer's frame -> output items (a `message` with its `output_text`, then a
 `function_call` per call).
@@ -19,6 +20,7 @@ from typing import Any
 
 from llmrelay.api.errors import bad_param
 from llmrelay.api.frames import Delta
+from llmrelay.api.images import content_of, image_ref
 from llmrelay.api.responses.compact import SUMMARY_PREFIX, decode
 from llmrelay.api.responses.protocol import (
     FunctionCall,
@@ -125,13 +127,15 @@ def _message(raw: dict[str, Any], param: str) -> dict[str, Any]:
     part_type = "output_text" if role == "assistant" else "input_text"
     content = raw.get("content")
     if isinstance(content, str):
-        texts = [content]
+        parts: list[dict[str, Any]] = [{"type": part_type, "text": content}]
     elif isinstance(content, list):
-        texts = [_text_part(p, f"{param}.content[{j}]") for j, p in enumerate(content)]
+        parts = [_image_part(p, f"{param}.content[{j}]") if role == "user" and isinstance(
+            p, dict) and p.get("type") == "input_image" else
+            {"type": part_type, "text": _text_part(p, f"{param}.content[{j}]")}
+            for j, p in enumerate(content)]
     else:
         raise bad_param(f"{param}.content", f"{param}.content must be a string or a list of "
                         "text parts.")
-    parts: list[dict[str, Any]] = [{"type": part_type, "text": t} for t in texts]
     if role == "assistant":
         for p in parts:
             p.update(annotations=[], logprobs=[])
@@ -143,9 +147,21 @@ def _text_part(part: Any, param: str) -> str:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
         raise bad_param(f"{param}.type", f"Content part type '{str(kind)[:40]}' is not "
-                        "supported; only text parts are (input_text, output_text): the models "
-                        "here read text only.", "unsupported_value")
+                        "supported; only input_text, output_text and (in user messages) "
+                        "input_image parts are.", "unsupported_value")
     return str(part["text"])
+
+
+def _image_part(part: dict[str, Any], param: str) -> dict[str, Any]:
+    """An `input_image` part as stored (its URL or data URL; a file_id is refused)."""
+    if part.get("file_id") is not None and part.get("image_url") is None:
+        raise bad_param(f"{param}.file_id", f"{param}: images by file_id are not supported; "
+                        "send image_url (a URL or a data URL).", "unsupported_value")
+    image_ref(part.get("image_url"), f"{param}.image_url")  # a 400 when it is no URL
+    out = {"type": "input_image", "image_url": part["image_url"]}
+    if isinstance(part.get("detail"), str):
+        out["detail"] = part["detail"]
+    return out
 
 
 def _output(value: Any, param: str) -> str | list[dict[str, Any]]:
@@ -173,6 +189,10 @@ def to_messages(instructions: str | None, items: list[dict[str, Any]], first_new
     if instructions:
         out.append({"role": "system", "content": instructions})
     called: set[str] = set()
+
+    def where(i: int) -> str:  # a request's item, or one of the conversation before it
+        return f"{param}[{i - first_new}]" if i >= first_new else "previous_response_id"
+
     thought = ""  # a reasoning item's text, for the assistant turn it came before
     for i, item in enumerate(items):
         kind = item["type"]
@@ -182,8 +202,10 @@ def to_messages(instructions: str | None, items: list[dict[str, Any]], first_new
             continue
         if kind == "message":
             role = "system" if item["role"] == "developer" else item["role"]
-            out.append({"role": role,
-                        "content": "\n".join(p["text"] for p in item["content"])})
+            out.append({"role": role, "content": content_of([
+                image_ref(p["image_url"], f"{where(i)}.content[{j}].image_url")
+                if p["type"] == "input_image" else {"type": "text", "text": p["text"]}
+                for j, p in enumerate(item["content"])])})
             if role == "assistant" and thought:  # the template keeps it (reasoning_content)
                 out[-1]["reasoning_content"] = thought  # or drops it, as it wants
             thought = ""
