@@ -94,6 +94,8 @@ def test_urls_to_private_hosts_are_refused_unless_allowed() -> None:
     assert "localhost" in arefused(check_url("http://localhost/x.png", ImagePolicy(), p), p)
     assert "only http, https" in arefused(check_url("file:///etc/passwd", ImagePolicy(), p), p)
     assert "only http, https" in arefused(check_url("ftp://8.8.8.8/x", ImagePolicy(), p), p)
+    assert "cannot be read" in arefused(check_url("http://[::1/x", ImagePolicy(), p), p)
+    assert "cannot be read" in arefused(check_url("http://8.8.8.8:99999/x", ImagePolicy(), p), p)
     # the operator's exemptions: every private address, or named hosts
     asyncio.run(check_url("http://127.0.0.1:9/x.png", ImagePolicy(allow_private=True), p))
     asyncio.run(check_url("http://localhost/x.png",

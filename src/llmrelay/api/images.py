@@ -110,14 +110,18 @@ async def resolve_host(host: str, port: int) -> list[str]:
 
 async def check_url(url: str, policy: ImagePolicy, param: str) -> None:
     """400 unless `url` is http(s) and its host may be fetched from (see the module docstring)."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a bracketed host unclosed, a port out of range
+        raise bad_param(param, f"{param}: the URL cannot be read.") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise bad_param(param, f"{param}: only http, https and data:image URLs are taken.")
     host = parts.hostname
     if host_exempt(host, policy):
         return
     try:
-        addresses = await resolve_host(host, parts.port or (443 if parts.scheme == "https" else 80))
+        addresses = await resolve_host(host, port)
     except (OSError, UnicodeError):
         raise bad_param(param, f"{param}: the host '{host[:100]}' cannot be resolved.") from None
     refused = [a for a in addresses if not address_allowed(a)]
