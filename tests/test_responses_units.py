@@ -20,11 +20,11 @@ from test_api_units import FakeTransport, entry, never_gone, table_of
 
 from llmrelay.api.errors import APIError
 from llmrelay.api.frames import Delta
-from llmrelay.api.pipeline import Limits, Pipeline
-from llmrelay.api.responses.events import KEEPALIVE, EventWriter, encode
+from llmrelay.api.pipeline import Limits, Pipeline, Streamed
+from llmrelay.api.responses.events import EventWriter, encode
 from llmrelay.api.responses.items import input_items, output_items, to_messages
 from llmrelay.api.responses.protocol import Response, ResponsesRequest
-from llmrelay.api.responses.serving import ResponsesServing, ResponseStream, owner_of
+from llmrelay.api.responses.serving import ResponsesServing, owner_of
 from llmrelay.api.responses.store import SqliteResponseStore, StoredResponse
 from llmrelay.protocol import dumps
 
@@ -232,7 +232,6 @@ def test_text_then_calls_stream_in_the_sdk_order() -> None:
     assert plain(events[0])["response"]["output"] == [] and \
         plain(events[0])["response"]["status"] == "in_progress"
     assert encode(events[0]).startswith(b"event: response.created\ndata: {")
-    assert encode(KEEPALIVE) == b": keep-alive\n\n"
 
 
 def test_length_limit_is_incomplete_and_errors_fail() -> None:
@@ -349,7 +348,7 @@ def test_serving_whole_streamed_stored_and_continued() -> None:
         # continued: the stored conversation, then the new input; instructions not carried
         streamed = await serving.create(req(input="more", previous_response_id=r["id"],
                                             stream=True), "rid2", "a", never_gone)
-        assert isinstance(streamed, ResponseStream)
+        assert isinstance(streamed, Streamed)
         body = b"".join([b async for b in streamed.body()])
         assert b"data: [DONE]" not in body
         events = [json.loads(block.split(b"\ndata: ", 1)[1])
@@ -392,11 +391,14 @@ def test_stream_error_frame_becomes_response_failed() -> None:
         store = SqliteResponseStore(":memory:")
         serving = ResponsesServing(table_of(entry("m")), Pipeline(fake), store)
         streamed = await serving.create(req(stream=True), "rid", "", never_gone)
-        assert isinstance(streamed, ResponseStream)
-        batches = [b async for b in streamed.chunks()]
-        types, _ = replay([e for b in batches for e in b])
+        assert isinstance(streamed, Streamed)
+        body = b"".join([b async for b in streamed.body()])
+        events = [json.loads(block.split(b"\ndata: ", 1)[1])
+                  for block in body.split(b"\n\n") if block.startswith(b"event: ")]
+        types = [e["type"] for e in events]
+        assert types[:2] == ["response.created", "response.in_progress"]
         assert types[-1] == "response.failed"
-        failed = plain(batches[-1][-1])["response"]
+        failed = events[-1]["response"]
         assert failed["error"]["code"] == "server_error" and "oops" in failed["error"]["message"]
         assert (await serving.retrieve("", failed["id"]))["status"] == "failed"
         store.close()
@@ -411,7 +413,7 @@ def test_a_client_leaving_mid_stream_stops_the_workers_and_stores_nothing() -> N
         store = SqliteResponseStore(":memory:")
         serving = ResponsesServing(table_of(entry("m")), Pipeline(fake), store)
         streamed = await serving.create(req(stream=True), "rid", "", never_gone)
-        assert isinstance(streamed, ResponseStream)
+        assert isinstance(streamed, Streamed)
         body = streamed.body()
         seen = b""
         while b"response.output_text.delta" not in seen:  # the frames are being read
@@ -421,7 +423,7 @@ def test_a_client_leaving_mid_stream_stops_the_workers_and_stores_nothing() -> N
         assert store.count() == 0
         # left before the first event: the streams opened for it are closed too
         streamed = await serving.create(req(stream=True), "rid2", "", never_gone)
-        assert isinstance(streamed, ResponseStream)
+        assert isinstance(streamed, Streamed)
         await streamed.body().aclose()
         await streamed.opening.close_if_unused()
         assert all(s.closed for s in fake.streams)

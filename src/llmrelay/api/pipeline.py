@@ -415,30 +415,53 @@ class SSEFormat:
 OPENAI_SSE = SSEFormat()  # `data:` lines, errors as OpenAI's error objects, then [DONE]
 
 
+class StreamEnds(Protocol):
+    """A stream with events of its own around its chunks (the Responses API's lifecycle): the
+    events that open it, before any keep-alive, and those a failure ends it with (instead of
+    the format's error event; awaited, so that what they report can be stored first)."""
+
+    def start(self) -> list[Any]: ...
+
+    async def failed(self, e: APIError) -> list[Any]: ...
+
+
 async def sse_stream(chunks: Callable[[], AsyncIterator[list[Any]]],
                      opening: Opening | None = None,
-                     fmt: SSEFormat = OPENAI_SSE) -> AsyncIterator[bytes]:
+                     fmt: SSEFormat = OPENAI_SSE,
+                     ends: StreamEnds | None = None) -> AsyncIterator[bytes]:
     """Serialize chunks as SSE, each list of chunks in one write; a failure mid-stream becomes
-    an error event, then the end (`fmt`: OpenAI's by default). `chunks` is called once the
-    opening's streams are open.
+    an error event (or `ends.failed`), then the end (`fmt`: OpenAI's by default). `chunks` is
+    called once the opening's streams are open.
 
     With an `opening` still waiting for busy workers, SSE comments keep the connection alive
     (so a proxy's read timeout does not cut it) until the generations start.
     """
+
+    def write(batch: list[Any]) -> bytes:
+        return b"".join(fmt.chunk(c) for c in batch)
+
+    async def failure(e: APIError) -> bytes:
+        return fmt.error(e) if ends is None else write(await ends.failed(e))
+
     try:
+        if ends is not None:
+            yield write(ends.start())
         if opening is not None:
             async for comment in opening.keepalives():
                 yield comment
-        async for batch in chunks():
-            if batch:
-                await settle()  # the answer's last events leave after its usage is stored
-                yield b"".join(fmt.chunk(c) for c in batch)
+        # closed at once when the client leaves (which stops the workers), not by the GC
+        async with contextlib.aclosing(chunks()) as batches:
+            async for batch in batches:
+                if batch:
+                    await settle()  # the answer's last events leave after its usage is stored
+                    yield write(batch)
     except APIError as e:
         log.warning("stream ended with an error: %s", e.message)
-        yield fmt.error(e)
+        yield await failure(e)
     except Exception:
         log.exception("stream failed")
-        yield fmt.error(APIError(500, "The server had an error while streaming.", "server_error"))
+        yield await failure(APIError(500, "The server had an error while streaming.",
+                                     "server_error"))
     finally:
         if opening is not None:
             await opening.close_if_unused()
@@ -455,11 +478,12 @@ class Streamed:
     chunks: Callable[[], AsyncIterator[list[Any]]]
     opening: Opening
     fmt: SSEFormat = OPENAI_SSE
+    ends: StreamEnds | None = None
 
     def body(self) -> AsyncIterator[bytes]:
         """The SSE bytes in `fmt` (chat's and completions' `data:` lines, then [DONE], by
-        default). A front door whose events are not one per chunk overrides this."""
-        return sse_stream(self.chunks, self.opening, self.fmt)
+        default; `ends`: events of the stream's own around its chunks)."""
+        return sse_stream(self.chunks, self.opening, self.fmt, self.ends)
 
 
 def respond(answer: Any) -> Response:

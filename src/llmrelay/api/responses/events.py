@@ -133,16 +133,8 @@ Event = LifecycleEvent | ItemEvent | PartEvent | TextDelta | TextDone | Argument
     | ArgumentsDone | ReasoningDelta | ReasoningDone
 
 
-class KeepAlive:
-    """Not an event: an SSE comment while busy workers are awaited."""
-
-
-KEEPALIVE = KeepAlive()
-
-
-def encode(event: Event | KeepAlive) -> bytes:
-    if isinstance(event, KeepAlive):
-        return b": keep-alive\n\n"
+def encode(event: Event) -> bytes:
+    """An event as SSE, with its `event:` line."""
     return b"event: " + event.type.encode() + b"\ndata: " + dumps(event) + b"\n\n"
 
 

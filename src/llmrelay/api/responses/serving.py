@@ -21,8 +21,7 @@ from typing import Any
 
 from llmrelay.api.errors import APIError, bad_param
 from llmrelay.api.keys import digest
-from llmrelay.api.observe import settle
-from llmrelay.api.pipeline import GenerationServing, Opening, Pipeline, Streamed
+from llmrelay.api.pipeline import GenerationServing, Opening, Pipeline, SSEFormat, Streamed
 from llmrelay.api.plan import Caller, Plan, Sampling
 from llmrelay.api.responses.compact import (
     INSTRUCTION,
@@ -32,10 +31,8 @@ from llmrelay.api.responses.compact import (
     compacted,
 )
 from llmrelay.api.responses.events import (
-    KEEPALIVE,
     Event,
     EventWriter,
-    KeepAlive,
     encode,
     finish,
     usage,
@@ -75,21 +72,27 @@ def plain(obj: Any) -> Any:
     return loads(dumps(obj))
 
 
+# Responses' events, each with its `event:` line; no [DONE] (errors end in response.failed).
+RESPONSES_SSE = SSEFormat(chunk=encode, done=b"")
+
+
 @dataclass
-class ResponseStream(Streamed):
-    """A streamed Response: `chunks` gives its events, a list per write."""
+class ResponseEnds:
+    """A streamed Response's own events around its chunks (pipeline.StreamEnds): created and
+    in_progress first; on a failure, response.failed, once the failed Response is stored."""
 
-    def body(self) -> AsyncIterator[bytes]:
-        return self._body()
+    serving: ResponsesServing
+    writer: EventWriter
+    owner: str
+    conversation: list[dict[str, Any]]
 
-    async def _body(self) -> AsyncIterator[bytes]:
-        try:
-            async with contextlib.aclosing(self.chunks()) as chunks:  # closed at once, not by GC
-                async for batch in chunks:
-                    await settle()  # the last events leave after the usage is stored
-                    yield b"".join(encode(e) for e in batch)
-        finally:
-            await self.opening.close_if_unused()
+    def start(self) -> list[Any]:
+        return list(self.writer.start())
+
+    async def failed(self, e: APIError) -> list[Any]:
+        last = self.writer.fail(e)
+        await self.serving.save(self.owner, self.writer.final, self.conversation)
+        return list(last)
 
 
 class ResponsesServing(GenerationServing):
@@ -113,7 +116,7 @@ class ResponsesServing(GenerationServing):
     # ---- POST /v1/responses -------------------------------------------------------------------
 
     async def create(self, body: ResponsesRequest, request_id: str, owner: str,
-                     receive: Any, caller: Caller | None = None) -> Response | ResponseStream:
+                     receive: Any, caller: Caller | None = None) -> Response | Streamed:
         """The answer to one request of `caller` (None: a server without API keys): the
         Response object, or its event stream."""
         conversation: list[dict[str, Any]] = []
@@ -148,37 +151,27 @@ class ResponsesServing(GenerationServing):
             final = (await self.pipeline.answer_all(receive, plan))[0]
             cut = final.finish_reason == "length"
             response = finish(head, output_items(final, cut), final, self.clock)
-            await self._save(owner, response, conversation)
+            await self.save(owner, response, conversation)
             return response
 
         opening = self.pipeline.opening(receive, plan)
         await opening.wait_briefly()
         writer = EventWriter(head, self.clock)
-        return ResponseStream(lambda: self.events(writer, opening, owner, conversation), opening)
+        return Streamed(lambda: self.events(writer, opening, owner, conversation), opening,
+                        RESPONSES_SSE, ResponseEnds(self, writer, owner, conversation))
 
     async def events(self, writer: EventWriter, opening: Opening, owner: str,
-                     conversation: list[dict[str, Any]]
-                     ) -> AsyncIterator[list[Event | KeepAlive]]:
-        """The stream's events, a list per write; keep-alives while workers are awaited."""
-        yield list(writer.start())
-        try:
-            async for _ in opening.keepalives():
-                yield [KEEPALIVE]
-            async with contextlib.aclosing(opening.frames()) as frames:  # stops the workers
-                async for batch in frames:
-                    events = writer.feed(batch)
-                    if events:
-                        yield list(events)
-            last = writer.finish()
-        except APIError as e:
-            log.warning("response stream ended with an error: %s", e.message)
-            last = writer.fail(e)
-        except Exception:
-            log.exception("response stream failed")
-            last = writer.fail(APIError(500, "The server had an error while streaming.",
-                                        "server_error"))
-        if writer.final is not None:
-            await self._save(owner, writer.final, conversation)
+                     conversation: list[dict[str, Any]]) -> AsyncIterator[list[Event]]:
+        """The stream's events after its start, a list per write, until the Response is done
+        (stored before its last events leave); the pipeline's stream writes them, with the
+        keep-alives while workers are awaited and response.failed on an error (ResponseEnds)."""
+        async with contextlib.aclosing(opening.frames()) as frames:  # stops the workers
+            async for batch in frames:
+                events = writer.feed(batch)
+                if events:
+                    yield list(events)
+        last = writer.finish()
+        await self.save(owner, writer.final, conversation)
         yield list(last)
 
     async def _history(self, owner: str, previous_response_id: str | None
@@ -213,9 +206,10 @@ class ResponsesServing(GenerationServing):
                                output=compacted(conversation, final.text.strip()),
                                usage=usage(final))
 
-    async def _save(self, owner: str, response: Response,
-                    conversation: list[dict[str, Any]]) -> None:
-        if not response.store:
+    async def save(self, owner: str, response: Response | None,
+                   conversation: list[dict[str, Any]]) -> None:
+        """Keep `response` (and the conversation it answered) when it asked to be stored."""
+        if response is None or not response.store:
             return
         try:
             await self.store.put(StoredResponse(response.id, owner, float(response.created_at),
