@@ -232,3 +232,22 @@ def test_models_say_which_reason_and_a_model_without_a_parser_is_unchanged(
     assert asked.choices[0].message.content == plain.choices[0].message.content
     assert getattr(asked.choices[0].message, "reasoning_content", None) is None
     assert "reasoning_content" not in plain.choices[0].message.model_dump(exclude_none=True)
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_llmrelay_chat_shows_the_reasoning_apart(reasoners: Reasoners, api: str) -> None:
+    import argparse
+    import io
+
+    from llmrelay.chat_cli import Conversation, stream_answer
+
+    conv = Conversation()
+    conv.add_user("What is 2+2?")
+    out, parts = io.StringIO(), []  # not a terminal: the reasoning between [thinking] marks
+    stream_answer(reasoners.client, "r1", conv,
+                  argparse.Namespace(temperature=0.0, max_tokens=40, api=api), out, parts)
+    shown = out.getvalue()
+    assert shown.startswith("[thinking] ") and " [/thinking]\n" in shown, shown
+    thought = shown[len("[thinking] "):shown.index(" [/thinking]\n")]
+    assert thought and thought not in "".join(parts)  # the answer (kept) holds no reasoning
+    no_tags(shown)
