@@ -15,6 +15,7 @@ import sys
 from llmrelay import fastchat_flags
 from llmrelay.dispatch import METHODS
 from llmrelay.protocol import DEFAULT_HEARTBEAT_INTERVAL
+from llmrelay.worker.engines.llamacpp import speculate
 from llmrelay.worker.engines.llamacpp.options import KV_CACHE_LAYOUTS
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -154,6 +155,22 @@ def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) ->
         "latency at most about doubles, and a long prompt takes about twice as long as alone; "
         "higher: prompts faster, streams stall longer; docs/benchmarks.md)",
     )
+    p.add_argument(
+        "--speculative", default="off", choices=speculate.MODES,
+        help="llamacpp engine: speculative decoding. ngram: prompt lookup, the next tokens "
+        "guessed from the prompt and the text so far and checked in the same batched step "
+        "(greedy answers unchanged, sampled ones from the same distribution; faster where the "
+        "answer copies its input: edits, quotes); off: none (the default; docs/speculative.md)",
+    )
+    p.add_argument("--num-speculative-tokens", type=int, default=speculate.DEFAULT_TOKENS,
+                   help="llamacpp engine with --speculative: draft tokens per step at most "
+                   f"(default {speculate.DEFAULT_TOKENS})")
+    p.add_argument("--ngram-min", type=int, default=speculate.DEFAULT_NGRAM_MIN,
+                   help="--speculative ngram: the shortest n-gram looked up "
+                   f"(default {speculate.DEFAULT_NGRAM_MIN})")
+    p.add_argument("--ngram-max", type=int, default=speculate.DEFAULT_NGRAM_MAX,
+                   help="--speculative ngram: the longest n-gram looked up, tried first "
+                   f"(default {speculate.DEFAULT_NGRAM_MAX})")
     p.add_argument("--context-length", type=int, default=None, help="context size (llama.cpp n_ctx)")
     p.add_argument("--n-threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--kv-cache", default=None, choices=KV_CACHE_LAYOUTS,

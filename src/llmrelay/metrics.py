@@ -108,6 +108,12 @@ class WorkerMetrics:
                                      ["model"], registry=r)
         self.completion_tokens = Counter("llmrelay_worker_completion_tokens", "Tokens generated",
                                          ["model"], registry=r)
+        self.draft_proposed = Counter("llmrelay_worker_speculative_proposed_tokens", "Draft "
+                                      "tokens proposed by speculative decoding", ["model"],
+                                      registry=r)
+        self.draft_accepted = Counter("llmrelay_worker_speculative_accepted_tokens", "Draft "
+                                      "tokens the model accepted (each a token without a step "
+                                      "of its own)", ["model"], registry=r)
         self.ttft = Histogram("llmrelay_worker_time_to_first_token_seconds", "From admission "
                               "request to the first chunk of the engine (queue wait included)",
                               ["model"], buckets=TIME_BUCKETS, registry=r)

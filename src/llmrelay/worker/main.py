@@ -86,6 +86,9 @@ def run(args: argparse.Namespace) -> None:
         name = engines.choose(args.engine, model)
         if args.kv_cache and name != "llamacpp":
             log.warning("--kv-cache is a llamacpp engine setting; the %s engine ignores it", name)
+        if getattr(args, "speculative", "off") != "off" and name != "llamacpp":
+            log.warning("--speculative is a llamacpp engine setting; the %s engine ignores it",
+                        name)
         log.info("loading %s from %s ...", ", ".join(names or [model.default_name if model
                                                                 else name]),
                  model.path if model else (args.upstream or args.managed or "nothing"))

@@ -260,6 +260,7 @@ class WorkerService:
         started = time.monotonic()
         first_at: float | None = None
         sent_tokens = 0
+        drafted: tuple[int, int] | None = None  # speculative decoding: (proposed, accepted)
         outcome = "cancelled"  # unless it ends otherwise: the reader went away
         try:
             self.plan(req)
@@ -271,6 +272,8 @@ class WorkerService:
                 async for chunk in chunks:
                     if first_at is None:
                         first_at = time.monotonic()
+                    if chunk.drafted is not None:
+                        drafted = chunk.drafted
                     # (an upstream server may say its prompt's size only at the end)
                     self.state.queue.charge(req.key, max(0, chunk.prompt_tokens - charged_prompt),
                                             max(0, chunk.completion_tokens - charged))
@@ -295,12 +298,13 @@ class WorkerService:
             yield engine_error_frame(e)
             return
         finally:
-            self._observe(req, outcome, started, first_at, framer.last)
+            self._observe(req, outcome, started, first_at, framer.last, drafted)
         if framer.last is not None:
             u = framer.last["usage"]
-            log.info("request %s: %d prompt + %d completion tokens, %s, %.2f s", req.request_id,
+            spec = f", {drafted[1]}/{drafted[0]} draft tokens accepted" if drafted else ""
+            log.info("request %s: %d prompt + %d completion tokens, %s, %.2f s%s", req.request_id,
                      u["prompt_tokens"], u["completion_tokens"], framer.last["finish_reason"],
-                     time.monotonic() - started)
+                     time.monotonic() - started, spec)
 
     def plan(self, req: GenerationRequest) -> None:
         """Check what the request asks for against what the engine honours, and, for an engine
@@ -428,7 +432,8 @@ class WorkerService:
         return framer.whole()
 
     def _observe(self, req: GenerationRequest, outcome: str, started: float,
-                 first_at: float | None, last: Frame | None) -> None:
+                 first_at: float | None, last: Frame | None,
+                 drafted: tuple[int, int] | None = None) -> None:
         names = self.settings.model_names
         model = req.model if req.model in names else names[0]
         m = self.metrics
@@ -439,6 +444,9 @@ class WorkerService:
         u = (last or {}).get("usage") or {}
         m.prompt_tokens.labels(model).inc(int(u.get("prompt_tokens") or 0))
         m.completion_tokens.labels(model).inc(int(u.get("completion_tokens") or 0))
+        if drafted is not None:
+            m.draft_proposed.labels(model).inc(drafted[0])
+            m.draft_accepted.labels(model).inc(drafted[1])
         if outcome == "cancelled":
             log.info("request %s cancelled by the client after %d completion tokens, %.2f s",
                      req.request_id, int(u.get("completion_tokens") or 0),

@@ -170,6 +170,8 @@ class Chunk:
     # reasoning's new text (`text` is then the answer's), and the reasoning tokens so far.
     reasoning: str = ""
     reasoning_tokens: int | None = None
+    # On the last chunk, with speculative decoding: (draft tokens proposed, accepted).
+    drafted: tuple[int, int] | None = None
 
     def merge(self, later: Chunk) -> Chunk:
         """This chunk followed by `later`, as one."""
@@ -178,7 +180,8 @@ class Chunk:
                      self.tool_calls + later.tool_calls, self.token_ids + later.token_ids,
                      self.replayed if self.replayed is not None else later.replayed,
                      later.stop_sequence, self.reasoning + later.reasoning,
-                     later.reasoning_tokens)
+                     later.reasoning_tokens,
+                     later.drafted if later.drafted is not None else self.drafted)
 
 
 class StopMatcher:

@@ -101,6 +101,7 @@ class Generation:
         self.thought = 0  # reasoning tokens the model wrote
         self.closing: list[int] = []
         self.closing_at = -1
+        self.drafted: list[int] | None = None  # speculation: [proposed, accepted] so far
 
     @property
     def replaying(self) -> bool:
@@ -153,7 +154,9 @@ class Generation:
         new = self.generated[self.sent:]
         self.sent = len(self.generated)
         out = Chunk(text, len(self.tokens), len(self.generated), finish_reason, self.pending,
-                    token_ids=new, stop_sequence=stop_sequence)
+                    token_ids=new, stop_sequence=stop_sequence,
+                    drafted=(self.drafted[0], self.drafted[1])
+                    if finish_reason and self.drafted is not None else None)
         self.pending = []
         return out
 

@@ -67,6 +67,7 @@ from llmrelay.worker.engines.guidance import Guide
 from llmrelay.worker.engines.llamacpp import sampling
 from llmrelay.worker.engines.llamacpp.options import KV_CACHE_LAYOUTS, Options
 from llmrelay.worker.engines.llamacpp.prefill import PrefillBudget
+from llmrelay.worker.engines.llamacpp.speculate import RowCost, Speculator
 from llmrelay.worker.engines.threaded import Generation, Mailbox, ThreadedEngine
 
 log = logging.getLogger("llmrelay.worker")
@@ -123,6 +124,7 @@ class _Seq(Generation):
         self.next_token = -1  # sampled, not yet decoded
         self.sampler: Any = None
         self.guide: Guide | None = None  # its constraint's matcher, if any
+        self.speculator: Speculator | None = None  # its n-gram drafts (--speculative ngram)
 
 
 class LlamaCppEngine(ThreadedEngine):
@@ -176,13 +178,16 @@ class LlamaCppEngine(ThreadedEngine):
         # prompt rows per step while others decode (--prefill-slowdown)
         self.prefill = PrefillBudget(BATCH_TOKENS, slowdown=options.prefill_slowdown)
         self.split_steps = 0  # steps whose prompt rows the time budget cut while others decoded
+        self.speculation = options.speculation
+        self.row_cost = RowCost()  # decode-only steps' time by rows: when a draft row pays
+        self.drafted = [0, 0]  # draft tokens proposed, accepted (every request so far)
         self.thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self.thread.start()
         log.info(
             "loaded %s (%s, context %d per sequence, %d sequences batched, %s KV cache, "
-            "%d threads, chat template: %s)",
+            "%d threads, chat template: %s, speculative decoding: %s)",
             path.name, self.architecture or "unknown architecture", self._n_ctx, self.parallel,
-            self.kv_cache, n_threads, self.chat_template.name,
+            self.kv_cache, n_threads, self.chat_template.name, self.speculation.mode,
         )
 
     def _new_context(self, n_ctx: int, n_threads: int) -> Any:
@@ -219,7 +224,13 @@ class LlamaCppEngine(ThreadedEngine):
 
     def status(self) -> dict[str, Any]:
         return {"ready": True, "grammars_compiled": self.grammars.compiled,
-                "prefill": self.prefill_status()}
+                "prefill": self.prefill_status(), "speculative": self.speculation_status()}
+
+    def speculation_status(self) -> dict[str, Any]:
+        """--speculative and its draft tokens so far (speculate.py)."""
+        proposed, accepted = self.drafted
+        return {"mode": self.speculation.mode, "proposed": proposed, "accepted": accepted,
+                "acceptance_rate": round(accepted / proposed, 4) if proposed else None}
 
     def prefill_status(self) -> dict[str, Any]:
         """The chunked-prefill budget as measured so far (see prefill.py)."""
@@ -339,12 +350,18 @@ class LlamaCppEngine(ThreadedEngine):
         req = seq.req
         seed = req.seed if req.seed is not None else self.default_seed
         seq.sampler = sampling.chain(req, self.n_vocab, seed, seq.tokens)
+        # Constrained and logprobs requests are never speculated on: their matcher and their
+        # logprobs would have to follow draft tokens that may be rolled back.
+        if self.speculation.on and seq.guide is None and req.logprobs is None:
+            seq.speculator = Speculator.of(self.speculation, seq.tokens)
+            seq.drafted = [0, 0]
 
     def _step(self, active: list[_Seq]) -> None:
-        """One llama_decode over every active sequence, then one token sampled for each."""
+        """One llama_decode over every active sequence, then one token sampled for each (more
+        for a sequence whose draft tokens the target agrees with: speculate.py)."""
         b = self.batch
         n = 0
-        outputs: list[tuple[_Seq, int]] = []
+        outputs: list[tuple[_Seq, int, list[int]]] = []
 
         def put(token: int, pos: int, seq_id: int, logits: bool) -> None:
             nonlocal n
@@ -355,11 +372,14 @@ class LlamaCppEngine(ThreadedEngine):
             b.logits[n] = logits
             n += 1
 
-        # Every generating sequence gets its next token; prompts share the rows the time budget
-        # allows (all that is left of the batch when nothing decodes), in arrival order.
+        # Every generating sequence gets its next token, and its draft tokens where they pay;
+        # prompts share the rows the time budget allows (all that is left of the batch when
+        # nothing decodes), in arrival order.
         started = time.perf_counter()
         decoding = sum(1 for s in active if s.n_past >= len(s.tokens))
-        budget = self.prefill.rows(decoding)
+        drafts = self._drafts(active, decoding)
+        decode_rows = decoding + sum(len(d) for d in drafts.values())
+        budget = self.prefill.rows(decode_rows)
         takes: dict[int, int] = {}
         for seq in active:
             if seq.n_past < len(seq.tokens) and budget > 0:
@@ -367,7 +387,7 @@ class LlamaCppEngine(ThreadedEngine):
                 budget -= takes[id(seq)]
         prompt_rows = sum(takes.values())
         waiting = sum(len(s.tokens) - s.n_past for s in active if s.n_past < len(s.tokens))
-        if decoding and prompt_rows < min(waiting, BATCH_TOKENS - decoding):
+        if decoding and prompt_rows < min(waiting, BATCH_TOKENS - decode_rows):
             self.split_steps += 1  # the time budget, not the batch's size, cut the prompts
         # The batch is written in sequence-id order: with a KV stream per sequence, llama.cpp
         # computes together only sequences whose ids follow each other in the batch (one
@@ -377,51 +397,115 @@ class LlamaCppEngine(ThreadedEngine):
             assert seq.slot is not None
             if seq.n_past >= len(seq.tokens):
                 pos = len(seq.tokens) + len(seq.generated) - 1
-                outputs.append((seq, n))
+                draft = drafts.get(id(seq), [])
+                outputs.append((seq, n, draft))
                 put(seq.next_token, pos, seq.slot.seq_id, True)
-                seq.slot.computing(pos, 1)
+                for i, t in enumerate(draft):
+                    put(t, pos + 1 + i, seq.slot.seq_id, True)
+                seq.slot.computing(pos, 1 + len(draft))
                 continue
             take = takes.get(id(seq), 0)
             seq.slot.computing(seq.n_past, take)
             for i in range(seq.n_past, seq.n_past + take):
                 last = i == len(seq.tokens) - 1
                 if last:
-                    outputs.append((seq, n))
+                    outputs.append((seq, n, []))
                 put(seq.tokens[i], i, seq.slot.seq_id, last)
             seq.n_past += take
         b.n_tokens = n
         rc = llama_cpp.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
-        for seq, idx in outputs:
-            assert seq.slot is not None
-            if seq.generated:
-                seq.slot.cached.append(seq.next_token)
-            else:
-                seq.slot.cached = list(seq.tokens)
+        for seq, idx, draft in outputs:
+            self._verify(seq, idx, draft, active)
+        seconds = time.perf_counter() - started
+        self.prefill.observe(decode_rows, prompt_rows, seconds)
+        if decoding and not prompt_rows:
+            self.row_cost.observe(decode_rows, seconds)
+
+    def _drafts(self, active: list[_Seq], decoding: int) -> dict[int, list[int]]:
+        """The draft tokens of this step's generating sequences (by id(seq)): only for those
+        that speculate and are not writing forced tokens, within the batch, within EXACT_ROWS
+        rows of their sequence (see "Same numbers") and within their length limit."""
+        drafts: dict[int, list[int]] = {}
+        if not self.speculation.on or not decoding:
+            return drafts
+        threshold = self.row_cost.threshold(decoding)
+        room = BATCH_TOKENS - decoding - self.prefill.floor
+        for seq in active:
+            spec = seq.speculator
+            if spec is None or seq.n_past < len(seq.tokens) or room <= 0:
+                continue
+            if seq.next_forced() is not None:
+                continue  # replaying or closing a reasoning block: those tokens are known
+            left = min(seq.max_new - len(seq.generated) - 1, EXACT_ROWS - 1, room)
+            if left <= 0:
+                continue
+            draft = spec.propose(threshold, left)
+            if draft:
+                drafts[id(seq)] = draft
+                room -= len(draft)
+        return drafts
+
+    def _verify(self, seq: _Seq, idx: int, draft: list[int], active: list[_Seq]) -> None:
+        """Sample `seq` at row `idx` (its token this step) and on along its draft's rows while
+        the target's token equals the draft's: each accepted draft token is one more token of
+        this step, sampled exactly as a step of its own would have (the same chain, the same
+        draws). The KV cells of the draft tokens after the first mismatch are removed."""
+        slot = seq.slot
+        assert slot is not None
+        if seq.generated:
+            slot.cached.append(seq.next_token)
+        else:
+            slot.cached = list(seq.tokens)
+        accepted = 0
+        for i in range(len(draft) + 1):
             forced = seq.next_forced()
             if forced is not None:  # resuming: the token the earlier worker generated here
                 sampling.force(self.candidates, seq.sampler, seq.guide, forced)
                 token = forced
             elif seq.guide is None:
-                token = llama_cpp.llama_sampler_sample(seq.sampler, self.ctx, idx)
+                token = llama_cpp.llama_sampler_sample(seq.sampler, self.ctx, idx + i)
             else:
                 try:
-                    token = sampling.sample_constrained(self.candidates, self.ctx, idx,
+                    token = sampling.sample_constrained(self.candidates, self.ctx, idx + i,
                                                         seq.sampler, seq.guide)
                 except sampling.DeadEnd as e:
                     log.warning("request %s: %s", seq.req.request_id, e)
                     self._release(seq, active, keep_cache=False)
                     self.fail(seq, e)
-                    continue
-            logprob = (self._logprob(token, idx, seq.req.logprobs)
+                    return
+            logprob = (self._logprob(token, idx + i, seq.req.logprobs)
                        if seq.req.logprobs is not None and forced is None else None)
+            accepting = i < len(draft) and token == draft[i]
+            if accepting:
+                accepted += 1
+            if seq.speculator is not None:
+                seq.speculator.feed([token])
             reason = self.take(seq, token, logprob)
-            if reason is None:
-                seq.next_token = token
-            else:
+            if reason is not None:
+                self._drafted(seq, len(draft), accepted)
+                slot.exact = min(slot.exact, len(slot.cached))  # (draft cells past it stay)
                 self._release(seq, active, keep_cache=reason not in ("abort", "error"))
-        self.prefill.observe(decoding, prompt_rows, time.perf_counter() - started)
+                return
+            seq.next_token = token
+            if not accepting:
+                break
+            slot.cached.append(token)  # its cell, computed in this step, holds this token
+        if draft:
+            self._drafted(seq, len(draft), accepted)
+            if accepted < len(draft):
+                llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, len(slot.cached), -1)
+            slot.exact = min(slot.exact, len(slot.cached))
+
+    def _drafted(self, seq: _Seq, proposed: int, accepted: int) -> None:
+        if proposed <= 0 or seq.speculator is None or seq.drafted is None:
+            return
+        seq.speculator.record(proposed, accepted)
+        seq.drafted[0] += proposed
+        seq.drafted[1] += accepted
+        self.drafted[0] += proposed
+        self.drafted[1] += accepted
 
     def _release(self, seq: _Seq, active: list[_Seq], keep_cache: bool) -> None:
         if seq in active:
@@ -430,6 +514,7 @@ class LlamaCppEngine(ThreadedEngine):
             llama_cpp.llama_sampler_free(seq.sampler)
             seq.sampler = None
         seq.guide = None
+        seq.speculator = None
         slot = seq.slot
         if slot is not None:
             if not keep_cache:

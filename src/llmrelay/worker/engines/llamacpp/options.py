@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmrelay.worker.engines.base import EngineError
+from llmrelay.worker.engines.llamacpp.speculate import Settings as Speculation
 from llmrelay.worker.models import ResolvedModel
 from llmrelay.worker.templates import KNOWN
 
@@ -27,6 +28,7 @@ class Options:
     parallel: int | None = None  # sequences decoded together: every admitted request
     kv_cache: str = "per-sequence"
     prefill_slowdown: float = 2.0  # prefill.py: a step with prompt rows vs decode rows alone
+    speculation: Speculation = Speculation()  # speculate.py: --speculative and its sizes
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: ResolvedModel | None) -> Options:
@@ -48,7 +50,20 @@ class Options:
                    chat_template=template, seed=args.seed,
                    parallel=args.limit_worker_concurrency + getattr(args, "fair_reserve", 0),
                    kv_cache=args.kv_cache or "per-sequence",
-                   prefill_slowdown=getattr(args, "prefill_slowdown", None) or 2.0)
+                   prefill_slowdown=getattr(args, "prefill_slowdown", None) or 2.0,
+                   speculation=speculation(args))
+
+
+def speculation(args: argparse.Namespace) -> Speculation:
+    """--speculative and its sizes, checked (EngineError when they make no sense)."""
+    spec = Speculation(getattr(args, "speculative", None) or "off",
+                       getattr(args, "num_speculative_tokens", None) or Speculation.tokens,
+                       getattr(args, "ngram_min", None) or Speculation.ngram_min,
+                       getattr(args, "ngram_max", None) or Speculation.ngram_max)
+    wrong = spec.check()
+    if wrong:
+        raise EngineError(wrong)
+    return spec
 
 
 def check_flags(args: argparse.Namespace, gpu: bool) -> str:
