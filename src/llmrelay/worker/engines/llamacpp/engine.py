@@ -259,7 +259,10 @@ class LlamaCppEngine(ThreadedEngine):
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
     def piece(self, gen: Generation, token: int) -> bytes:
-        return self.llm.detokenize([token])
+        # special tokens are written out only where they mark a reasoning model's channels
+        thinking = gen.req.thinking
+        return self.llm.detokenize([token], special=thinking is not None
+                                   and thinking.format.special_markers)
 
     def prepare(self, gen: Generation) -> None:
         """Compile the request's constraint (cached per distinct constraint) into its own
@@ -379,12 +382,9 @@ class LlamaCppEngine(ThreadedEngine):
         decoding = sum(1 for s in active if s.n_past >= len(s.tokens))
         drafts = self._drafts(active, decoding)
         decode_rows = decoding + sum(len(d) for d in drafts.values())
-        budget = self.prefill.rows(decode_rows)
-        takes: dict[int, int] = {}
-        for seq in active:
-            if seq.n_past < len(seq.tokens) and budget > 0:
-                takes[id(seq)] = min(budget, len(seq.tokens) - seq.n_past)
-                budget -= takes[id(seq)]
+        reading = [s for s in active if s.n_past < len(s.tokens)]
+        takes = {id(s): n for s, n in zip(reading, self.prefill.split(
+            decode_rows, [len(s.tokens) - s.n_past for s in reading]), strict=True) if n}
         prompt_rows = sum(takes.values())
         waiting = sum(len(s.tokens) - s.n_past for s in active if s.n_past < len(s.tokens))
         if decoding and prompt_rows < min(waiting, BATCH_TOKENS - decode_rows):
@@ -425,10 +425,16 @@ class LlamaCppEngine(ThreadedEngine):
 
     def _drafts(self, active: list[_Seq], decoding: int) -> dict[int, list[int]]:
         """The draft tokens of this step's generating sequences (by id(seq)): only for those
-        that speculate and are not writing forced tokens, within the batch, within EXACT_ROWS
+        that speculate and are not writing forced tokens (with the per-sequence KV cache, only
+        while one sequence generates), within the batch, within EXACT_ROWS
         rows of their sequence (see "Same numbers") and within their length limit."""
         drafts: dict[int, list[int]] = {}
         if not self.speculation.on or not decoding:
+            return drafts
+        if decoding > 1 and self.kv_cache != "unified":
+            # With a KV stream per sequence llama.cpp splits a step into sub-batches of as many
+            # rows of each sequence: one sequence's d draft rows cost every sequence d more
+            # passes (measured: 8 streams at half their speed). Drafts only for a lone stream.
             return drafts
         threshold = self.row_cost.threshold(decoding)
         room = BATCH_TOKENS - decoding - self.prefill.floor
