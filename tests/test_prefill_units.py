@@ -96,3 +96,16 @@ def test_the_slowdown_is_a_worker_flag_above_one() -> None:
     assert p.parse_args(["--prefill-slowdown", "4"]).prefill_slowdown == 4.0
     with pytest.raises(SystemExit):
         p.parse_args(["--prefill-slowdown", "1"])
+
+
+def test_a_short_prompt_goes_in_whole_and_long_ones_share_the_budget() -> None:
+    budget = PrefillBudget(512, floor=8, short=48)
+    budget.observe(4, 0, 0.040)  # 10 ms per decode row
+    budget.observe(4, 8, 0.120)  # 10 ms per prompt row: 4 rows keep a step within 2x
+    assert budget.rows(4) == 8  # the floor
+    # a chat turn of 30 rows whole; a long prompt then gets what the budget has left (none),
+    # and a second short one whole too: they all count against the batch
+    assert budget.split(4, [30, 2000, 40]) == [30, 0, 40]
+    assert budget.split(4, [2000, 30]) == [8, 30]
+    assert budget.split(0, [2000, 30]) == [512, 0]  # nothing decoding: the whole batch, in order
+    assert budget.split(500, [40, 40]) == [12, 0]  # never past the batch

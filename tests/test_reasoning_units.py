@@ -75,3 +75,26 @@ def test_detect_from_the_chat_template() -> None:
     assert choose("qwen3", None) is QWEN
     with pytest.raises(ValueError, match="unknown reasoning parser"):
         choose("o1", None)
+
+
+def test_llamacpp_writes_special_tokens_only_for_a_format_whose_markers_are_special() -> None:
+    """gpt-oss's channel markers are special tokens: the llama.cpp engine writes them as text for
+    that format (or the parser would never see them), and for no other request."""
+    from types import SimpleNamespace
+
+    from llmrelay.worker.engines.llamacpp import Options, load
+    from llmrelay.worker.models import resolve
+    from llmrelay.worker.reasoning import Thinking
+
+    engine = load(Options(resolve("smollm2").path, context_length=256, n_threads=1, parallel=1))
+    try:
+        (im_start,) = engine.tokenize("<|im_start|>", chat=True)  # a special token of SmolLM2's
+
+        def gen(thinking: Thinking | None) -> SimpleNamespace:
+            return SimpleNamespace(req=SimpleNamespace(thinking=thinking))
+
+        assert engine.piece(gen(Thinking(OSS)), im_start) == b"<|im_start|>"  # type: ignore[arg-type]
+        assert engine.piece(gen(Thinking(R1)), im_start) == b""  # type: ignore[arg-type]
+        assert engine.piece(gen(None), im_start) == b""  # type: ignore[arg-type]
+    finally:
+        engine.close()

@@ -11,7 +11,8 @@ A reasoning model writes a reasoning block before its answer:
   is all answer (Qwen3 with thinking switched off).
 - `gpt_oss`: the harmony channels: `<|channel|>analysis<|message|>` opens the reasoning,
   `<|end|>` closes it, and the answer is what follows `<|channel|>final<|message|>` (the
-  header between is dropped). The engine must write these special tokens as text.
+  header between is dropped). These markers are special tokens: for this format the engines
+  write special tokens as text (`special_markers`).
 
 `ReasoningParser` does not depend on how the text was cut into pieces: a marker split across
 two pieces is held back until it is whole (as the tool-call parser does). What follows the
@@ -42,6 +43,7 @@ class ReasoningFormat:
     starts_open: bool  # the chat template opened the block: the text starts inside it
     answer_marker: str = ""  # after `close`, text up to and including this is dropped
     force_close: str = ""  # what the engine writes when the budget is spent
+    special_markers: bool = False  # the markers are special tokens: the engine writes them out
 
     @property
     def closing_text(self) -> str:
@@ -55,7 +57,8 @@ FORMATS = {
                              force_close="\n</think>\n\n"),
     "gpt_oss": ReasoningFormat("gpt_oss", "<|channel|>analysis<|message|>", "<|end|>",
                                starts_open=False, answer_marker="<|channel|>final<|message|>",
-                               force_close="<|end|><|start|>assistant<|channel|>final<|message|>"),
+                               force_close="<|end|><|start|>assistant<|channel|>final<|message|>",
+                               special_markers=True),
 }
 NAMES = (*FORMATS, NONE)
 
