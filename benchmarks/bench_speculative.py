@@ -1,0 +1,195 @@
+"""N-gram speculative decoding (`--speculative ngram`) against the same engine without it.
+
+Side by side in one run, in alternating rounds, the same greedy prompts through
+(a) raw llama-cpp-python (`Llama.create_completion`, one request at a time: it does not batch),
+(b) the worker's llama.cpp engine without speculation, (c) the same engine with `ngram`, both
+in this process (the worker's engine, without its HTTP layer), on two task sets: edit tasks
+(rewrite a given 40-80 line code file or JSON document with one small change; quote a given
+text) and free chat; 1 client and 8 clients (8 requests at once). Before that it measures the
+verification cost on this machine: a step of k+1 rows of one sequence against one of 1 row,
+and prints the ceiling that gives at the acceptance the edit tasks show.
+
+    .venv/bin/python benchmarks/bench_speculative.py [--rounds 2] [--tokens 128] [--n-threads 2]
+
+The last line: `speculative: edit 1c X.XXx, chat 1c Y.YYx, edit 8c Z.ZZx, chat 8c W.WWx`
+(tokens/s of (c) over (b)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from typing import Any
+
+from llmrelay.worker.engines.base import GenerationRequest
+from llmrelay.worker.engines.llamacpp import Options, load
+from llmrelay.worker.engines.llamacpp.speculate import Settings
+from llmrelay.worker.models import resolve
+
+CODE = "\n".join([
+    "import json", "import sys", "from dataclasses import dataclass", "from pathlib import Path",
+    "", "", "@dataclass", "class Item:", "    name: str", "    price: float", "    quantity: int",
+    "", "    def cost(self) -> float:", "        return self.price * self.quantity", "", "",
+    "def load(path: Path) -> list[Item]:", "    with path.open() as f:",
+    "        data = json.load(f)", "    return [Item(**row) for row in data[\"items\"]]", "", "",
+    "def total(items: list[Item]) -> float:", "    return sum(item.cost() for item in items)", "",
+    "", "def cheapest(items: list[Item]) -> Item:",
+    "    return min(items, key=lambda item: item.price)", "", "",
+    "def report(items: list[Item]) -> str:", "    lines = [f\"{i.name}: {i.cost():.2f}\" for i in items]",
+    "    lines.append(f\"total: {total(items):.2f}\")", "    return \"\\n\".join(lines)", "", "",
+    "def main() -> int:", "    if len(sys.argv) != 2:", "        print(\"usage: order.py FILE\")",
+    "        return 2", "    items = load(Path(sys.argv[1]))", "    print(report(items))",
+    "    print(\"cheapest:\", cheapest(items).name)", "    return 0", "", "",
+    "if __name__ == \"__main__\":", "    sys.exit(main())",
+])
+DOC = json.dumps({"service": "orders", "version": 3, "owner": {"name": "Ada", "team": "core"},
+                  "endpoints": [{"path": f"/v1/{p}", "method": m, "auth": True, "timeout_s": 30}
+                                for p, m in (("orders", "GET"), ("orders", "POST"),
+                                             ("items", "GET"), ("refunds", "POST"))],
+                  "limits": {"rps": 50, "burst": 100}}, indent=2)
+TEXT = ("The lighthouse stood on the northern cape for two hundred years. Its keepers kept a log "
+        "of every ship that passed, every storm, and every night the lamp failed. In the winter "
+        "of 1881 the lamp failed for eleven nights in a row, and the keeper, a widow named "
+        "Margaret Hale, rowed to the mainland twice for oil through a sea that had already "
+        "taken three boats that year.")
+EDIT = [
+    "Rewrite this file with the function `total` renamed to `order_total` (and its uses). "
+    "Output the whole file, nothing else.\n\n" + CODE,
+    "Change the rate limit rps to 80 in this JSON document. Output the whole document, "
+    "nothing else.\n\n" + DOC,
+    "Add a docstring to `cheapest` in this file. Output the whole file.\n\n" + CODE,
+    "Quote the passage below exactly, then say in one sentence who Margaret Hale was.\n\n" + TEXT,
+]
+CHAT = [
+    "Tell me a story about a dragon who learns to cook.",
+    "What are three good habits for a programmer? Explain each.",
+    "Describe the water cycle for a ten-year-old.",
+    "Write a short letter inviting a friend to a picnic.",
+]
+K = 8  # --num-speculative-tokens
+
+
+def chat(engine: Any, text: str) -> list[int]:
+    return engine.prompt_tokens(GenerationRequest(messages=[{"role": "user", "content": text}]))
+
+
+async def run_engine(engine: Any, prompts: list[list[int]], clients: int, tokens: int) -> float:
+    """Tokens/s of the prompts through `engine`, `clients` at a time."""
+    queue = list(prompts)
+    done = 0
+
+    async def client() -> None:
+        nonlocal done
+        while queue:
+            ids = queue.pop(0)
+            req = GenerationRequest(prompt_token_ids=ids, max_new_tokens=tokens, temperature=0)
+            async for c in engine.generate(req):
+                if c.finish_reason:
+                    done += c.completion_tokens
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return done / (time.perf_counter() - t0)
+
+
+def run_raw(llm: Any, prompts: list[list[int]], tokens: int) -> float:
+    done, t0 = 0, time.perf_counter()
+    for ids in prompts:
+        r = llm.create_completion(ids, max_tokens=tokens, temperature=0.0)
+        done += r["usage"]["completion_tokens"]
+    return done / (time.perf_counter() - t0)
+
+
+def verify_cost(llm: Any, prompt: list[int], k: int, repeat: int = 20) -> tuple[float, float]:
+    """Seconds of a step of 1 row and of k+1 rows of one sequence after `prompt` (median)."""
+    llm.reset()
+    llm.eval(prompt)
+    base = llm.n_tokens
+    extra = [prompt[i % len(prompt)] for i in range(k + 1)]
+    one, many = [], []
+    for _ in range(repeat):
+        llm.n_tokens = base
+        t0 = time.perf_counter()
+        llm.eval(extra[:1])
+        one.append(time.perf_counter() - t0)
+        llm.n_tokens = base
+        t0 = time.perf_counter()
+        llm.eval(extra)
+        many.append(time.perf_counter() - t0)
+    return statistics.median(one), statistics.median(many)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128, help="max new tokens per request")
+    ap.add_argument("--n-threads", type=int, default=2)
+    args = ap.parse_args()
+    from llama_cpp import Llama
+
+    path = resolve("smollm2").path
+    engines = {mode: load(Options(path, context_length=2048, n_threads=args.n_threads,
+                                  parallel=8, speculation=Settings(mode, K)))
+               for mode in ("off", "ngram")}
+    sets = {"edit": [chat(engines["off"], p) for p in EDIT],
+            "chat": [chat(engines["off"], p) for p in CHAT]}
+    raw = Llama(model_path=str(path), n_ctx=2048, n_batch=512, n_threads=args.n_threads,
+                verbose=False)
+    one, many = verify_cost(raw, sets["edit"][0], K)
+    print(f"verification cost: 1 row {one * 1000:.1f} ms, {K + 1} rows {many * 1000:.1f} ms "
+          f"({many / one:.2f}x a 1-row step for {K + 1} rows)")
+
+    results: dict[tuple[str, str, int], list[float]] = {}
+    drafted = {name: [0, 0] for name in sets}  # (c)'s draft tokens proposed, accepted per set
+    for rnd in range(args.rounds):
+        for name, prompts in sets.items():
+            for clients in (1, 8):
+                batch = prompts * (2 if clients == 8 else 1)
+                order = ["off", "ngram"] if rnd % 2 == 0 else ["ngram", "off"]
+                if clients == 1:
+                    order = ["raw", *order]
+                for what in order:
+                    if what == "raw":
+                        tps = run_raw(raw, batch, args.tokens)
+                    else:
+                        before = list(engines["ngram"].drafted)
+                        tps = asyncio.run(run_engine(engines[what], batch, clients, args.tokens))
+                        for i in (0, 1):
+                            drafted[name][i] += engines["ngram"].drafted[i] - before[i]
+                    results.setdefault((what, name, clients), []).append(tps)
+                    print(f"round {rnd + 1} {name} {clients}c {what}: {tps:.1f} tokens/s",
+                          flush=True)
+    for name, (proposed, accepted) in drafted.items():
+        print(f"ngram drafts, {name}: {accepted}/{proposed} accepted")
+
+    print("\n| task | clients | (a) raw llama-cpp-python | (b) worker, off | (c) worker, ngram "
+          "| (c)/(b) | (c)/(a) |")
+    print("|---|---|---|---|---|---|---|")
+    ratios = {}
+    for name in sets:
+        for clients in (1, 8):
+            b = statistics.median(results[("off", name, clients)])
+            c = statistics.median(results[("ngram", name, clients)])
+            a = statistics.median(results[("raw", name, 1)]) if clients == 1 else None
+            ratios[(name, clients)] = c / b
+            print(f"| {name} | {clients} | {f'{a:.1f}' if a else '-'} | {b:.1f} | {c:.1f} "
+                  f"| {c / b:.2f}x | {f'{c / a:.2f}x' if a else '-'} |")
+    # The ceiling at the edit tasks' acceptance: a draft of K tokens of which a fraction r is
+    # accepted gives 1 + r * K tokens per verification step of K+1 rows.
+    proposed, accepted = drafted["edit"]
+    rate = accepted / proposed if proposed else 0.0
+    per_step = 1 + rate * K
+    print(f"ceiling at acceptance {rate:.2f} with {K} draft tokens: {per_step:.2f} tokens per "
+          f"step of {many / one:.2f}x the cost: {per_step * one / many:.2f}x")
+    for e in engines.values():
+        e.close()
+    raw.close()
+    print(f"speculative: edit 1c {ratios[('edit', 1)]:.2f}x, chat 1c {ratios[('chat', 1)]:.2f}x, "
+          f"edit 8c {ratios[('edit', 8)]:.2f}x, chat 8c {ratios[('chat', 8)]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
