@@ -1,7 +1,7 @@
 """Speculative decoding (`--speculative ngram`, llamacpp/speculate.py) changes no answer.
 
 In process, with the real bundled model: greedy answers are byte-identical with and without
-speculation on a few dozen prompts (edits, quotes and JSON where the n-grams hit, chat, stop
+speculation on some thirty prompts (edits, quotes and JSON where the n-grams hit, chat, stop
 sequences, penalties, logprobs), and so are seeded sampled answers (each accepted draft token
 is the token the target sampled at its place, with the same draws). Through real processes: a
 worker with `--speculative ngram` behind the API still answers tools, json_schema and stop
@@ -65,7 +65,7 @@ CHATS = [user(q) for q in (
 COUNT = "1, 2, 3, 4, 5,"
 # (what is asked, GenerationRequest keyword arguments)
 CASES: list[tuple[Any, dict[str, Any]]] = (
-    [(m, {}) for m in EDITS + CHATS]
+    [(m, {}) for m in EDITS + CHATS[:4]]
     + [(m, {"stop": ["\n"]}) for m in EDITS[:3] + CHATS[:2]]
     + [(m, {"frequency_penalty": 1.0}) for m in EDITS[:2]]
     + [(m, {"logprobs": 2, "max_new_tokens": 8}) for m in EDITS[:2] + CHATS[:1]]
@@ -117,7 +117,7 @@ def test_greedy_and_seeded_answers_are_the_same_with_and_without_ngram_speculati
         assert a[:4] == b[:4], (asked, kw)
     # the cases did what they say, so that the comparison means something
     assert all(r[1] in ("stop", "length") and r[2] > 0 for r in plain)
-    assert any(r[1] == "stop" and r[2] < 32 for r in plain[len(EDITS + CHATS):])
+    assert any(r[1] == "stop" and r[2] < 32 for r in plain[len(EDITS + CHATS[:4]):])
     assert all(len(r[3]) == r[2] for r, (_, kw) in zip(plain, cases, strict=True)
                if "logprobs" in kw)
     # drafts were made and accepted where n-grams hit, and none for logprobs
