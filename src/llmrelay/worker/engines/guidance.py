@@ -197,6 +197,7 @@ class Grammars:
         self.cache = CompiledCache(self._compile, size)
         self.lock = threading.Lock()
         self.tokenizer_lock = threading.Lock()
+        self.compile_lock = threading.Lock()
 
     @property
     def tokenizer(self) -> Any:
@@ -213,8 +214,10 @@ class Grammars:
         return self.cache.compiled
 
     def compile(self, c: Constraint) -> Compiled:
-        """The compiled constraint (cached); EngineError 40001 when it cannot be enforced."""
-        return self.cache.get(c)
+        """The compiled constraint (cached); EngineError 40001 when it cannot be enforced. One
+        compilation at a time: requests arriving together with a new schema compile it once."""
+        with self.compile_lock:
+            return self.cache.get(c)
 
     def _compile(self, c: Constraint) -> Compiled:
         import llguidance
