@@ -167,8 +167,9 @@ def test_operations_view_draws_live_charts(stack: Stack, browser: WebDriver) -> 
 
     until(d, lambda: float(chart("tokens").get_attribute("data-max")) > 0, "tokens per second", 60)
     assert chart("tokens").find_elements(By.CSS_SELECTOR, "path[data-name=smol]")
-    assert int(chart("queue").get_attribute("data-lines")) == 3  # one line per worker
-    assert int(chart("running").get_attribute("data-lines")) == 3
+    # one line per worker: the stack's three, and any another module started on its controller
+    assert int(chart("queue").get_attribute("data-lines")) >= 3
+    assert int(chart("running").get_attribute("data-lines")) >= 3
     assert chart("ttft").find_elements(By.CSS_SELECTOR, "path[data-name='smol p95']")
     keys = d.find_elements(By.CSS_SELECTOR, "#keys-table tbody tr")
     until(d, lambda: any(r.find_element(By.TAG_NAME, "td").text == "anonymous"
