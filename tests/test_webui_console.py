@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -31,13 +30,7 @@ BATTLE_KEYS = {"question_id", "model_a", "model_b", "winner", "judge", "conversa
 SHOTS = os.environ.get("LLMRELAY_WEBUI_SCREENSHOT")  # docs/webui.png: the console's beside it
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
-    d = new_browser(tmp_path_factory.mktemp("chromium-profile"))
-    try:
-        yield d
-    finally:
-        d.quit()
+browser = test_webui.browser  # the same module-scoped headless Chromium fixture
 
 
 def shot(d: WebDriver, name: str) -> None:

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from llmrelay.api.database import open_database
 
 log = logging.getLogger("llmrelay.api")
 
@@ -46,12 +47,8 @@ class UsageStore:
     """Counts per (day, key, model) in SQLite, written by one thread with group commit."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(SCHEMA)
+        self._db = open_database(path, SCHEMA)
         self._lock = threading.Lock()  # the connection
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="usage-read")  # report_async
         # (day, key, model) -> [requests, prompt tokens, completion tokens] not yet written,

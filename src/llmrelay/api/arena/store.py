@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import sqlite3
 import threading
 import time
 import uuid
@@ -23,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from llmrelay.api.database import open_database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS votes (
@@ -67,15 +68,10 @@ class VoteStore:
 
     def __init__(self, path: Path | str, log_prompts: bool = True,
                  clock: Callable[[], float] = time.time) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.log_prompts = log_prompts
         self.clock = clock
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        self._db = open_database(path, SCHEMA)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="votes-db")
 

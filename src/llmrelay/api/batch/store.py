@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from llmrelay.api.batch.state import TERMINAL, BatchRecord, FileRecord
+from llmrelay.api.database import open_database
 from llmrelay.protocol import dumps, loads
 
 T = TypeVar("T")
@@ -78,11 +78,8 @@ class BatchStore:
             self.files_dir = files_dir or Path(path).parent / "files"
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")  # the responses' connection shares the file
-        self._db.executescript(SCHEMA)
+        # the responses' connection shares the file: a write waits for theirs
+        self._db = open_database(path, SCHEMA, busy_timeout_ms=5000)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="batch-db")
 
