@@ -59,6 +59,7 @@ T = TypeVar("T")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_DONE = b"data: [DONE]\n\n"
 NO_USAGE = TokenUsage()
+BURST_TURNS = 4  # loop turns a merged stream waits for more frames of a burst
 
 
 def sse(obj: Any) -> bytes:
@@ -229,6 +230,13 @@ async def merged(streams: list[Stream], deadline: float | None = None
     try:
         while remaining:
             ready = [await queue.get()]
+            for _ in range(BURST_TURNS):
+                # frames that arrive in a burst (a worker's frames already in the socket) are
+                # written together: turns of the loop let their readers queue them
+                size = queue.qsize()
+                await asyncio.sleep(0)
+                if queue.qsize() == size:
+                    break
             while not queue.empty():
                 ready.append(queue.get_nowait())
             out: Frames = []
