@@ -251,3 +251,33 @@ def test_llmrelay_chat_shows_the_reasoning_apart(reasoners: Reasoners, api: str)
     thought = shown[len("[thinking] "):shown.index(" [/thinking]\n")]
     assert thought and thought not in "".join(parts)  # the answer (kept) holds no reasoning
     no_tags(shown)
+
+
+def test_web_chat_shows_the_reasoning_collapsed_apart_from_the_answer(
+        reasoners: Reasoners, tmp_path: Path) -> None:
+    """The web chat (headless Chromium): a reasoning model's reasoning streams into a collapsed
+    block above the answer, the answer holds none of it (nor its tags), and the note counts the
+    reasoning tokens; the next turn sends back only the answer."""
+    webui = pytest.importorskip("test_webui")  # skips without Chromium, as the web chat's tests
+    from selenium.webdriver.common.by import By
+
+    d = webui.new_browser(tmp_path / "profile")
+    try:
+        webui.open_chat(d, reasoners.api)
+        webui.settings(d, "r1", 40)
+        bubble = webui.send(d, "What is 2+2?")
+        webui.until(d, lambda: webui.finished(bubble), "the answer")
+        box = bubble.find_element(By.CSS_SELECTOR, "details.reasoning")
+        assert box.get_attribute("open") is None  # collapsed until clicked
+        thought = d.execute_script("return arguments[0].querySelector('.reasoning-text')"
+                                   ".textContent", bubble)
+        answer = bubble.find_element(By.CLASS_NAME, "body").text
+        assert thought.strip(), bubble.text
+        no_tags(thought)
+        no_tags(answer)
+        assert thought.strip() not in answer
+        assert "of them reasoning" in bubble.find_element(By.CLASS_NAME, "note").text
+        kept = d.execute_script("return JSON.stringify(chat.messages)")
+        assert thought.strip() not in kept and "What is 2+2?" in kept, kept
+    finally:
+        d.quit()
