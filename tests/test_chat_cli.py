@@ -1,13 +1,16 @@
 """`llmrelay chat` through a pseudo-terminal (pexpect): streamed answers, truncated history with
 the system prompt kept, reset/history/quit, Ctrl-C stopping an answer, a failed request
 taken back out of the history with the reason shown, and the same chat through the Responses
-API (`--api responses`)."""
+API (`--api responses`), and `/image PATH` attaching an image to the next message."""
 
 from __future__ import annotations
 
+import io
 import sys
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from conftest import Stack, free_port
 from llmrelay.chat_cli import Conversation
@@ -149,3 +152,49 @@ def test_truncation_keeps_the_last_turns() -> None:
     conv.add_user("q4")
     conv.drop_unanswered()
     assert conv.messages()[-1] == {"role": "assistant", "content": "a3"}
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_image_command_sends_the_image_with_the_next_message(stack: Stack, tmp_path: Path,
+                                                             api: str) -> None:
+    """`/image PATH` attaches the file to the next message as an image part: the text-only
+    `smol` refuses it by naming the image part (so the image went as one), the message and its
+    image leave the history, and a file that is no image is refused before anything is sent."""
+    png = tmp_path / "dot.png"
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format="PNG")
+    png.write_bytes(buf.getvalue())
+    (tmp_path / "notes.txt").write_text("not an image")
+    child = chat(stack.api, "--model", "smol", "--api", api, "--max-tokens", "8")
+    child.expect_exact("you> ")
+    child.sendline(f"/image {tmp_path / 'notes.txt'}")
+    child.expect_exact("is not a PNG, JPEG, GIF or WebP image")
+    child.expect_exact("you> ")
+    child.sendline("/image /no/such/file.png")
+    child.expect_exact("cannot read /no/such/file.png")
+    child.expect_exact("you> ")
+    child.sendline(f"/image {png}")
+    child.expect_exact(f"(image {png} attached to your next message)")
+    child.expect_exact("you> ")
+    child.sendline("What colour is this?")
+    child.expect_exact("The model 'smol' takes no images")
+    part = "messages[0].content[1].image_url" if api == "chat" else "input[0].content[1]"
+    child.expect_exact(part)
+    child.expect_exact("your message was not added to the history")
+    child.expect_exact("you> ")
+    assert history(child) == ["(no messages yet)"]
+    assert ask(child, "Say hi.")  # the image went with that message only
+    assert history(child)[0] == "[user] Say hi."
+    child.sendeof()
+    child.expect(pexpect.EOF)
+
+
+def test_history_marks_images() -> None:
+    conv = Conversation()
+    conv.add_user("look", [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}])
+    from llmrelay.chat_cli import responses_input, shown
+
+    assert shown(conv.turns[0]["content"]) == "look [image]"
+    assert responses_input(conv.turns) == [{"role": "user", "content": [
+        {"type": "input_text", "text": "look"},
+        {"type": "input_image", "image_url": "data:image/png;base64,"}]}]

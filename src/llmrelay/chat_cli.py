@@ -3,21 +3,64 @@
 Answers stream as they are generated, through chat completions or, with `--api responses`, the
 Responses API. The history keeps the last `--max-turns` exchanges (the
 system prompt always stays). Commands: `reset` (forget the conversation), `history` (show it),
-`quit` (or `exit`, Ctrl-D). A failed request takes the unanswered message back out of the
-history and says what went wrong; Ctrl-C during an answer stops it and keeps what was said.
+`/image PATH` (attach an image file to the next message: PNG, JPEG, GIF or WebP, sent inline
+as a data URL, for a model that reads images), `quit` (or `exit`, Ctrl-D). A failed request
+takes the unanswered message (and its images) back out of the history and says what went
+wrong; Ctrl-C during an answer stops it and keeps what was said.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:  # imported when the chat starts: every other subcommand starts faster
     import openai
 
-COMMANDS = "commands: reset, history, quit"
+COMMANDS = "commands: reset, history, /image PATH, quit"
+# An image file's type by its first bytes (not its name), as the server checks it.
+IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
+               (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"))
+
+
+def image_part(path: str) -> dict[str, Any]:
+    """A chat content part holding the image file at `path` as a data URL; ValueError saying
+    what is wrong with the file otherwise."""
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    mime = next((m for magic, m in IMAGE_MAGIC if data.startswith(magic)), None)
+    if mime is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        mime = "image/webp"
+    if mime is None:
+        raise ValueError(f"{path} is not a PNG, JPEG, GIF or WebP image")
+    url = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def shown(content: str | list[dict[str, Any]]) -> str:
+    """A message's content as `history` prints it (images as a mark)."""
+    if isinstance(content, str):
+        return content
+    return " ".join(p["text"] if p["type"] == "text" else "[image]" for p in content)
+
+
+def responses_input(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The turns as Responses input items: a user's text and images as input parts."""
+    out = []
+    for m in turns:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [{"type": "input_text", "text": p["text"]} if p["type"] == "text" else
+                       {"type": "input_image", "image_url": p["image_url"]["url"]}
+                       for p in content]
+        out.append({"role": m["role"], "content": content})
+    return out
 
 
 class Conversation:
@@ -26,10 +69,14 @@ class Conversation:
     def __init__(self, system: str | None = None, max_turns: int = 10) -> None:
         self.system = system
         self.max_turns = max(1, max_turns)
-        self.turns: list[dict[str, str]] = []  # user/assistant messages, oldest first
+        self.turns: list[dict[str, Any]] = []  # user/assistant messages, oldest first
 
-    def add_user(self, text: str) -> None:
-        self.turns.append({"role": "user", "content": text})
+    def add_user(self, text: str, images: list[dict[str, Any]] | None = None) -> None:
+        """A user's message; with `images` (image_part's), a list of its text and images."""
+        content: str | list[dict[str, Any]] = text
+        if images:
+            content = [{"type": "text", "text": text}, *images]
+        self.turns.append({"role": "user", "content": content})
 
     def add_assistant(self, text: str) -> None:
         self.turns.append({"role": "assistant", "content": text})
@@ -47,7 +94,7 @@ class Conversation:
     def reset(self) -> None:
         self.turns = []
 
-    def messages(self) -> list[dict[str, str]]:
+    def messages(self) -> list[dict[str, Any]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.turns
 
@@ -145,7 +192,7 @@ def stream_response(client: openai.OpenAI, model: str, conv: Conversation,
         kwargs["max_output_tokens"] = args.max_tokens
     if conv.system:
         kwargs["instructions"] = conv.system
-    stream = client.responses.create(model=model, input=conv.turns,  # type: ignore[arg-type]
+    stream = client.responses.create(model=model, input=responses_input(conv.turns),  # type: ignore[arg-type]
                                      store=False, stream=True, **kwargs)
     thinking = Thinking(out)
     try:
@@ -182,6 +229,7 @@ def run(args: argparse.Namespace) -> None:
     conv = Conversation(args.system, args.max_turns)
     via = " through /v1/responses" if args.api == "responses" else ""
     print(f"chatting with {model} at {args.base_url}{via} ({COMMANDS})", file=out, flush=True)
+    images: list[dict[str, Any]] = []  # attached with /image, sent with the next message
     while True:
         try:
             line = input("you> ")
@@ -200,14 +248,24 @@ def run(args: argparse.Namespace) -> None:
             conv.reset()
             print("(conversation cleared)", file=out, flush=True)
             continue
+        if text.startswith("/image"):
+            path = text[len("/image"):].strip()
+            try:
+                images.append(image_part(path))
+            except ValueError as e:
+                print(f"({e})" if path else "(usage: /image PATH)", file=out, flush=True)
+                continue
+            print(f"(image {path} attached to your next message)", file=out, flush=True)
+            continue
         if text == "history":
             for m in conv.messages():
-                print(f"[{m['role']}] {m['content']}", file=out)
+                print(f"[{m['role']}] {shown(m['content'])}", file=out)
             if not conv.turns:
                 print("(no messages yet)", file=out)
             out.flush()
             continue
-        conv.add_user(line)
+        conv.add_user(line, images)
+        images = []
         out.write(f"{model}> ")
         out.flush()
         parts: list[str] = []
