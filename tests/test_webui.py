@@ -288,3 +288,54 @@ def test_screenshot(stack: Stack, browser: WebDriver, tmp_path: Path) -> None:
     assert d.save_screenshot(str(out)) and out.stat().st_size > 10_000
     if os.environ.get("LLMRELAY_WEBUI_SCREENSHOT"):
         shutil.copy(out, os.environ["LLMRELAY_WEBUI_SCREENSHOT"])
+
+
+def test_images_attached_picked_or_dropped_go_with_the_next_message(
+        stack: Stack, browser: WebDriver, tmp_path: Path) -> None:
+    """The Image button's file picker, a drop on the composer and a paste attach images (shown as
+    thumbnails, removable) that go with the next message as `image_url` parts: the text-only
+    `smol` refuses them naming the part, so they went as images; a file that is no image is
+    not attached."""
+    from PIL import Image
+
+    png, other = tmp_path / "red.png", tmp_path / "notes.txt"
+    Image.new("RGB", (16, 16), (220, 20, 20)).save(png)
+    other.write_text("no image")
+    open_chat(browser, stack.api)
+    browser.find_element(By.ID, "new-chat").click()
+    settings(browser, "smol", 8)
+    picker = browser.find_element(By.ID, "image-file")
+    picker.send_keys(str(png))
+    until(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#attachments img")) == 1,
+          "the picked image's thumbnail", 10)
+    picker.send_keys(str(other))
+    until(browser, lambda: "not a PNG, JPEG, GIF or WebP" in
+          browser.find_element(By.ID, "status-line").text, "the refusal of a text file", 10)
+    # a drop of two image files, as a browser's drag and drop hands them to the page
+    browser.execute_script("""
+        const dt = new DataTransfer();
+        const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+        for (const name of ["a.png", "b.png"]) dt.items.add(new File([bytes], name, {type: "image/png"}));
+        document.getElementById("composer").dispatchEvent(
+            new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+        const pasted = new DataTransfer();  // and one pasted into the message box
+        pasted.items.add(new File([bytes], "c.png", {type: "image/png"}));
+        document.getElementById("input").dispatchEvent(
+            new ClipboardEvent("paste", {clipboardData: pasted, bubbles: true, cancelable: true}));
+    """, __import__("base64").b64encode(png.read_bytes()).decode())
+    until(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#attachments img")) == 4,
+          "four thumbnails", 10)
+    browser.find_elements(By.CSS_SELECTOR, "#attachments .thumb button")[3].click()  # one out
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#attachments img")) == 3
+    bubble = send(browser, "What colour is this?")
+    until(browser, lambda: finished(bubble), "the answer")
+    assert bubble.get_attribute("data-state") == "error"
+    note_text = bubble.find_element(By.CLASS_NAME, "note").text
+    assert "The model 'smol' takes no images" in note_text, note_text
+    assert "messages[0].content[1].image_url" in note_text, note_text
+    user = browser.find_elements(By.CSS_SELECTOR, "#messages .msg.user")[-1]
+    shown = user.find_elements(By.CSS_SELECTOR, ".images img")
+    assert len(shown) == 3
+    # drawn (the page's Content-Security-Policy lets data: images through), at their size
+    assert all(browser.execute_script("return arguments[0].naturalWidth", i) == 16 for i in shown)
+    assert not browser.find_elements(By.CSS_SELECTOR, "#attachments img")  # sent, so cleared

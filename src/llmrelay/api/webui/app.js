@@ -195,11 +195,67 @@ function busy(on) {
   $("model").disabled = on;
 }
 
+// ---- images attached to the next message (picked, pasted or dropped) ------------------------
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"];
+const attached = [];  // data URLs, sent with the next message
+
+function attachFiles(files) {
+  for (const file of files) {
+    if (!IMAGE_TYPES.includes(file.type)) {
+      setStatus(file.name + " is not a PNG, JPEG, GIF or WebP image");
+      continue;
+    }
+    const reader = new FileReader();
+    reader.onload = () => { attached.push(reader.result); drawAttachments(); };
+    reader.readAsDataURL(file);
+  }
+}
+
+function drawAttachments() {
+  $("attachments").replaceChildren(...attached.map((url, i) => {
+    const box = document.createElement("div");
+    box.className = "thumb";
+    const img = document.createElement("img");
+    img.src = url;
+    img.alt = "image " + (i + 1);
+    const drop = document.createElement("button");
+    drop.type = "button";
+    drop.textContent = "×";
+    drop.title = "remove this image";
+    drop.addEventListener("click", () => { attached.splice(i, 1); drawAttachments(); });
+    box.append(img, drop);
+    return box;
+  }));
+}
+
+// A user's message: its text, or its text and images as content parts (OpenAI's image_url).
+function userContent(text, images) {
+  if (!images.length) return text;
+  return (text ? [{ type: "text", text }] : []).concat(
+    images.map((url) => ({ type: "image_url", image_url: { url } })));
+}
+
+function showImages(div, images) {
+  if (!images.length) return;
+  const row = document.createElement("div");
+  row.className = "images";
+  for (const url of images) {
+    const img = document.createElement("img");
+    img.src = url;
+    img.alt = "an image you sent";
+    row.append(img);
+  }
+  div.append(row);
+}
+
 async function send(text) {
   const model = $("model").value;
   if (!model) { setStatus("no model to talk to"); return; }
+  const images = attached.splice(0);
+  drawAttachments();
   const userDiv = addBubble("user", text);
-  chat.messages.push({ role: "user", content: text });
+  showImages(userDiv, images);
+  chat.messages.push({ role: "user", content: userContent(text, images) });
   const answer = addBubble("assistant", "", model);
   answer.dataset.state = "waiting";
   const system = $("system").value.trim();
@@ -390,7 +446,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("composer").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const text = $("input").value;
-    if (!text.trim() || chat.abort) return;
+    if ((!text.trim() && !attached.length) || chat.abort) return;
     $("input").value = "";
     send(text);
   });
@@ -398,6 +454,25 @@ document.addEventListener("DOMContentLoaded", () => {
     if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
   });
   $("stop").addEventListener("click", () => { if (chat.abort) chat.abort.abort(); });
+  $("attach").addEventListener("click", () => $("image-file").click());
+  $("image-file").addEventListener("change", () => {
+    attachFiles($("image-file").files);
+    $("image-file").value = "";
+  });
+  $("input").addEventListener("paste", (ev) => {
+    const files = [...(ev.clipboardData ? ev.clipboardData.files : [])];
+    if (files.length) { ev.preventDefault(); attachFiles(files); }
+  });
+  $("composer").addEventListener("dragover", (ev) => {
+    ev.preventDefault();
+    $("composer").classList.add("dropping");
+  });
+  $("composer").addEventListener("dragleave", () => $("composer").classList.remove("dropping"));
+  $("composer").addEventListener("drop", (ev) => {
+    ev.preventDefault();
+    $("composer").classList.remove("dropping");
+    attachFiles(ev.dataTransfer ? ev.dataTransfer.files : []);
+  });
   $("new-chat").addEventListener("click", newChat);
   $("model").addEventListener("change", () => sessionStorage.setItem("llmrelay.model", $("model").value));
   $("temperature").addEventListener("input", () => {
