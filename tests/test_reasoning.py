@@ -191,6 +191,15 @@ def test_responses_reasoning_item(reasoners: Reasoners) -> None:
                                        *[o.model_dump(exclude_none=True) for o in r.output],
                                        {"role": "user", "content": "And 3+3?"}])
     assert again.status == "completed"
+    # the R1 template drops earlier turns' reasoning: the same prompt as without the item
+    without = rc.responses.create(model="r1", max_output_tokens=1, temperature=0,
+                                  reasoning={"max_tokens": BUDGET},  # type: ignore[typeddict-unknown-key]
+                                  input=[{"role": "user", "content": "What is 2+2?"},
+                                         *[o.model_dump(exclude_none=True) for o in r.output
+                                           if o.type != "reasoning"],
+                                         {"role": "user", "content": "And 3+3?"}])
+    assert again.usage and without.usage
+    assert again.usage.input_tokens == without.usage.input_tokens
 
 
 def test_messages_thinking_blocks(reasoners: Reasoners) -> None:
