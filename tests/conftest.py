@@ -7,6 +7,7 @@ their own with `Procs`.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from PIL import Image
 
 from llmrelay.worker.managed import free_port
 
@@ -37,6 +39,60 @@ if hasattr(model.config, "quantization_config"):
 model.save_pretrained(out)
 tok.save_pretrained(out)
 """
+
+# A tiny random-weight vision-language model for the transformers engine (`tiny_vlm`): LLaVA
+# with a one-layer CLIP vision tower (64x64 pixels in 8x8 patches: 64 image tokens per image)
+# and a two-layer Llama text model, SmolLM2's tokenizer with an `<image>` token, a CLIP image
+# processor and a ChatML template that writes `<image>` for an image part, saved together as
+# one processor folder. Weights drawn with a large spread (seeded) so that different images give
+# different greedy answers. `reference.json`: transformers' own greedy answers (pixel values
+# given to `generate`) to TINY_VLM_PROMPT with each TINY_VLM_COLORS image.
+TINY_VLM = r"""
+import io, json, sys
+import torch
+from PIL import Image
+from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+src, out, prompt, colors = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(",")
+tok = AutoTokenizer.from_pretrained(src)
+tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+            "{{ m['content'] }}{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}"
+            "<image>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+            "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, image_size=64, patch_size=8, projection_dim=32)
+text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048,
+                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                   tie_word_embeddings=True, initializer_range=0.5)
+cfg = LlavaConfig(vision_config=vision, text_config=text,
+                  image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                  vision_feature_select_strategy="default", image_seq_length=64)
+cfg.initializer_range = 0.5
+torch.manual_seed(0)
+model = LlavaForConditionalGeneration(cfg).eval()
+model.save_pretrained(out)
+images = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+proc = LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=8, chat_template=template,
+                      vision_feature_select_strategy="default", num_additional_image_tokens=1)
+proc.save_pretrained(out)
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+rendered = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+reference = {}
+for color in colors:
+    picture = Image.new("RGB", (80, 60), color)
+    inputs = proc(text=[rendered], images=[picture], add_special_tokens=False, return_tensors="pt")
+    with torch.inference_mode():
+        ids = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    reference[color] = {"ids": ids.tolist(), "text": tok.decode(ids),
+                        "prompt_tokens": int(inputs["input_ids"].shape[1])}
+(__import__("pathlib").Path(out) / "reference.json").write_text(json.dumps(reference))
+"""
+TINY_VLM_PROMPT = "Describe the picture."
+TINY_VLM_COLORS = ("red", "blue")  # 80x60 PNGs of one colour each: `tiny_vlm_png(color)`
+TINY_VLM_IMAGE_TOKENS = 64
 
 HEARTBEAT = "1"  # seconds; tests use a short interval so expiry and rejoin are quick
 # Workers run one llama.cpp thread each: several workers spinning two threads each on a 2-core
@@ -225,6 +281,25 @@ def smol_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
                    capture_output=True)
     assert (out / "config.json").exists()
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(smol_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight LLaVA folder with its processor, for the transformers engine
+    (made once per session; see TINY_VLM). Its `reference.json` holds transformers' own greedy
+    answers for TINY_VLM_PROMPT with each TINY_VLM_COLORS image."""
+    out = tmp_path_factory.mktemp("vlm") / "tiny-llava"
+    subprocess.run([sys.executable, "-c", TINY_VLM, str(smol_hf), str(out), TINY_VLM_PROMPT,
+                    ",".join(TINY_VLM_COLORS)], check=True, timeout=600, capture_output=True)
+    assert (out / "reference.json").exists()
+    return out
+
+
+def tiny_vlm_png(color: str) -> bytes:
+    """The 80x60 PNG of one colour that `tiny_vlm`'s reference answers saw."""
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 60), color).save(buf, "PNG")
+    return buf.getvalue()
 
 
 @pytest.fixture()

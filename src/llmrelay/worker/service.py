@@ -30,6 +30,7 @@ from llmrelay.fastchat_conv import STYLES_0_2_36, describe
 from llmrelay.jsonguard import SURROGATE_MESSAGE, surrogate_in
 from llmrelay.metrics import WorkerMetrics
 from llmrelay.protocol import (
+    EXT_IMAGES,
     OUR_EXTENSIONS,
     ErrorCode,
     Frame,
@@ -216,7 +217,8 @@ class WorkerService:
             "queue_length": self.state.queue_length,
             "llmrelay": {
                 "version": __version__,
-                "extensions": OUR_EXTENSIONS,
+                # (images only to a worker whose engine reads them: docs/images.md)
+                "extensions": OUR_EXTENSIONS + ([EXT_IMAGES] if features.vision else []),
                 "engine": engine.name,
                 "context_length": engine.context_length(),
                 "features": {**features.model_dump(),

@@ -13,6 +13,8 @@ The adjustments:
 - `BatchProcessors`: a request's own logits processors (penalties, its seeded sampler) inside
   the manager, which has none per request.
 - `fatal_error`: why the manager's background thread stopped.
+- `PrefixCache`: counts the prompt tokens the manager's prefix cache served (for the status),
+  and drops its cached blocks when told (the image ids' numbering restarted: vision.py).
 
 Written against WRITTEN_FOR (the pin in pyproject.toml). Another version is tried only when
 every internal checked here is present, with a warning.
@@ -211,3 +213,40 @@ class BatchProcessors:
                                dtype=torch.long, device=scores.device)
             out[i] = procs(ids, out[i : i + 1])[0]
         return scores if out is None else out
+
+
+class PrefixCache:
+    """The batch manager's prefix cache (block sharing), seen from outside: `hits` and `tokens`
+    count the requests that found a cached prefix and the prompt tokens it covered; when
+    `epoch()` changes, the cached blocks are dropped before the next match (on the manager's
+    own thread, where it matches). A manager without a batch processor yet (made lazily when
+    warmup failed) is left alone: nothing is counted."""
+
+    def __init__(self, epoch: Any = None) -> None:
+        self.hits = 0
+        self.tokens = 0
+        self.enabled = False
+        self.epoch = epoch  # a callable giving the current epoch, or None
+        self.seen = epoch() if epoch is not None else 0
+
+    def install(self, manager: Any) -> bool:
+        cache = getattr(getattr(manager, "batch_processor", None), "cache", None)
+        search = getattr(cache, "search_prefix_match", None)
+        if search is None or not hasattr(cache, "evict_cached_blocks"):
+            if self.epoch is not None:  # images need the flush: refuse rather than risk a stale hit
+                raise _refuse(["manager.batch_processor.cache.search_prefix_match"])
+            return False
+
+        def counting(request_id: str, prompt_ids: list[int]) -> int:
+            if self.epoch is not None and self.epoch() != self.seen:
+                self.seen = self.epoch()
+                cache.evict_cached_blocks()
+            n = int(search(request_id, prompt_ids))
+            if n > 0:
+                self.hits += 1
+                self.tokens += n
+            return n
+
+        cache.search_prefix_match = counting
+        self.enabled = bool(getattr(cache, "use_prefix_sharing", False))
+        return True

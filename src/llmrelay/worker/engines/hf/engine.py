@@ -10,6 +10,10 @@ length; a router thread hands the manager's outputs to their requests, and a req
 batched (`sampling.request_processors`, carried into the manager by `compat.BatchProcessors`),
 and so do output constraints (tool calls, JSON schemas, through llguidance: `constraints.py`)
 and logit_bias, first among a request's processors; logprobs are not served by this engine.
+A vision-language model (an HF folder with a vision config and a processor) loads with
+`AutoProcessor` and `AutoModelForImageTextToText`; its images reach the batch as image ids
+(`vision.py`), and a request with images always goes to the batch manager, whose prefix cache
+then keeps its image's tokens (counted in the status, `prefix_cache`).
 What every threaded engine shares (prompt rules, echo, stop strings, the final flush, the
 hand-off to the event loop) is `threaded.ThreadedEngine`'s; its `aclose` runs `close` off the
 event loop, which stops the manager and both threads and fails the requests left.
@@ -29,6 +33,8 @@ import torch
 import transformers
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
     AutoTokenizer,
     ContinuousBatchingConfig,
     GenerationConfig,
@@ -51,6 +57,7 @@ from llmrelay.worker.engines.hf.options import (
     torch_dtype,
 )
 from llmrelay.worker.engines.hf.sampling import Forced, request_processors, seeded
+from llmrelay.worker.engines.hf.vision import Uses, Vision, images_of, is_vision_model, template_messages
 from llmrelay.worker.engines.threaded import Generation, Mailbox, ThreadedEngine
 from llmrelay.worker.templates import ChatTemplateError
 
@@ -71,6 +78,7 @@ class _Seq(Generation):
         self.guard: Constrained | None = None  # its constraint (which may dead-end)
         self.rid = ""  # its id in the batch manager
         self.cb_seen = 0  # tokens of the current batch request already taken
+        self.images = Uses()  # the images it holds (vision models)
 
 
 class _Streamer:
@@ -125,9 +133,16 @@ class TransformersEngine(ThreadedEngine):
         log.info("loading %s with transformers %s on %s (%s%s)", path, transformers.__version__,
                  device, str(dtype).replace("torch.", ""),
                  ", 8-bit" if options.load_8bit else ", 4-bit" if options.load_4bit else "")
+        vision = not gguf and is_vision_model(path)
+        self.processor: Any = None
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(folder, **gguf)
-            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+            if vision:
+                self.processor = AutoProcessor.from_pretrained(folder)
+                self.tokenizer = self.processor.tokenizer
+                model = AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
+            else:
+                self.tokenizer = AutoTokenizer.from_pretrained(folder, **gguf)
+                model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         except (OSError, ValueError, RuntimeError, KeyError, ImportError, TypeError) as e:
             raise load_error(path, e) from e
         if device in ("cpu", "mps") and "device_map" not in kwargs:
@@ -141,6 +156,7 @@ class TransformersEngine(ThreadedEngine):
                 model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         self.model = model.eval()
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.vision = self._vision(model, cfg) if vision else None
         trained = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
         self._n_ctx = min(options.context_length, trained) if options.context_length else trained
         self.n_vocab = int(getattr(cfg, "vocab_size", len(self.tokenizer)))
@@ -152,9 +168,10 @@ class TransformersEngine(ThreadedEngine):
             elif isinstance(source, list):
                 self.eos_ids.update(int(x) for x in source)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(self.eos_ids, default=0)
-        self.own_template = bool(getattr(tok, "chat_template", None)) and not options.chat_template
+        own = getattr(self.processor, "chat_template", None) or getattr(tok, "chat_template", None)
+        self.own_template = bool(own) and not options.chat_template
         self.chat_template = templates.choose(
-            own=getattr(tok, "chat_template", None), requested=options.chat_template,
+            own=own, requested=options.chat_template,
             architecture=getattr(cfg, "model_type", ""),
             bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
         self.grammars = load_grammars(tok, self.n_vocab, sorted(self.eos_ids))
@@ -167,10 +184,21 @@ class TransformersEngine(ThreadedEngine):
         self.thread.start()
         self.router = threading.Thread(target=self._route, name="transformers-router", daemon=True)
         self.router.start()
-        log.info("loaded %s (%s, %.0fM parameters, context %d, up to %d sequences batched, chat "
+        log.info("loaded %s (%s%s, %.0fM parameters, context %d, up to %d sequences batched, chat "
                  "template: %s)", path.name, getattr(cfg, "model_type", "?"),
+                 ", reads images" if self.vision else "",
                  sum(p.numel() for p in model.parameters()) / 1e6, self._n_ctx, self.parallel,
                  self.chat_template.name)
+
+    def _vision(self, model: Any, cfg: Any) -> Vision:
+        """The images of a vision-language model (vision.py); EngineError for a model whose
+        positions depend on its images, which image ids cannot carry."""
+        rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
+        if isinstance(rope, dict) and ("mrope_section" in rope or rope.get("rope_type") == "mrope"):
+            raise EngineError(f"{getattr(model.config, 'model_type', 'this model')}: its positions "
+                              "depend on its images (M-RoPE), which this engine cannot serve yet")
+        rows = int(model.get_input_embeddings().weight.shape[0])
+        return Vision(self.processor, model, max(rows, int(getattr(cfg, "vocab_size", 0) or 0)))
 
     @staticmethod
     def _cuda_placement(options: Options) -> dict[str, Any]:
@@ -219,6 +247,9 @@ class TransformersEngine(ThreadedEngine):
             log.warning("could not prepare the batch manager ahead (%s: %s)", type(e).__name__, e)
         if self.device == "cpu":  # on a GPU multinomial is cheap, and its graphs are left alone
             compat.fast_sampling(manager)
+        vision = self.vision
+        self.prefix_cache = compat.PrefixCache(epoch=(lambda: vision.epoch) if vision else None)
+        self.prefix_cache.install(manager)
         manager.start()
         return manager
 
@@ -247,7 +278,13 @@ class TransformersEngine(ThreadedEngine):
         constrained = exact and self.grammars is not None
         return Features(chat=True, completions=True, prompt_token_ids=True, logprobs=False,
                         seed=True, penalties=True, tools=constrained, json_schema=constrained,
-                        logit_bias=exact, continuation=exact, tokenize=True)
+                        logit_bias=exact, continuation=exact, tokenize=True,
+                        vision=self.vision is not None)
+
+    def status(self) -> dict[str, Any]:
+        cache = self.prefix_cache
+        return {**super().status(),
+                "prefix_cache": {"enabled": cache.enabled, "hits": cache.hits, "tokens": cache.tokens}}
 
     def tokenize(self, text: str, chat: bool = False) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=not chat)["input_ids"])
@@ -264,9 +301,15 @@ class TransformersEngine(ThreadedEngine):
     def render_chat(self, messages: list[dict[str, Any]],
                     tools: list[dict[str, Any]] | None = None,
                     variables: dict[str, Any] | None = None) -> str:
+        if self.vision is not None:
+            messages = template_messages(messages)
         if not self.own_template:
             return super().render_chat(messages, tools, variables)
         try:
+            if self.processor is not None and getattr(self.processor, "chat_template", None):
+                return str(self.processor.apply_chat_template(
+                    messages, tools=tools, tokenize=False, add_generation_prompt=True,
+                    **(variables or {})))
             return str(self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                                           add_generation_prompt=True,
                                                           **(variables or {})))
@@ -280,6 +323,14 @@ class TransformersEngine(ThreadedEngine):
         after = self.tokenizer.decode(gen.generated[-8:])
         return after[len(before):].encode("utf-8") if after.startswith(before) else \
             self.tokenizer.decode([token]).encode("utf-8")
+
+    def prompt_tokens(self, req: GenerationRequest) -> list[int]:
+        images = images_of(req.messages) if self.vision is not None and req.messages else []
+        if not images or req.prompt_token_ids is not None:
+            return super().prompt_tokens(req)
+        assert self.vision is not None and req.messages is not None
+        text = self.render_chat(req.messages, req.template_tools, req.template_kwargs)
+        return self.vision.prompt(text, images)
 
     def prepare(self, gen: Generation) -> None:
         assert isinstance(gen, _Seq)
@@ -300,6 +351,10 @@ class TransformersEngine(ThreadedEngine):
                 if gen.forced or gen.reasoning is not None else [])
         gen.procs = LogitsProcessorList([*first, *request_processors(len(gen.tokens), req, seed),
                                          *last])
+        if self.vision is not None and req.messages and req.prompt_token_ids is None:
+            images = images_of(req.messages)
+            if images:  # the image tokens become the images' ids (vision.py), last: held from here
+                gen.tokens = self.vision.embed(gen.tokens, images, gen.images)
 
     def take(self, gen: Generation, token: int,
              logprob: LogprobEntry | None = None) -> str | None:
@@ -312,6 +367,18 @@ class TransformersEngine(ThreadedEngine):
     def submit(self, gen: Generation) -> None:
         assert isinstance(gen, _Seq)
         self.inbox.append(gen)
+
+    def finish(self, gen: Generation, reason: str, stop_hit: bool = False) -> str:
+        self._release(gen)
+        return super().finish(gen, reason, stop_hit)
+
+    def fail(self, gen: Generation, error: Exception) -> None:
+        self._release(gen)
+        super().fail(gen, error)
+
+    def _release(self, gen: Generation) -> None:
+        if self.vision is not None and isinstance(gen, _Seq) and gen.images.digests:
+            self.vision.release(gen.images)
 
     # ---- the scheduler thread: solo generate(), or hand over to the batch manager ----------
 
@@ -329,7 +396,9 @@ class TransformersEngine(ThreadedEngine):
                 self.finish(seq, "abort")
                 continue
             with self.batch_lock:
-                alone = alone and not self.batch
+                # (a prompt with images goes to the batch manager even alone: its prefix cache
+                # keeps the image's tokens for the next turn)
+                alone = alone and not self.batch and not seq.images.digests
             try:
                 if alone:
                     self._solo(seq)

@@ -1,0 +1,171 @@
+"""Images through the transformers engine, end to end: a tiny random-weight LLaVA (`tiny_vlm`,
+made at test time) served by a real worker behind a real API server, asked with the official
+SDKs on all three doors, streamed and not. Random weights test the plumbing: the image's tokens
+count in the prompt, the greedy answer is transformers' own (pixel values given to `generate`),
+so different images give different answers and the same image the same, and the same image
+again hits the prefix cache while a new one does not."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from conftest import (
+    TINY_VLM_IMAGE_TOKENS,
+    TINY_VLM_PROMPT,
+    Procs,
+    api_models,
+    registered,
+    tiny_vlm_png,
+    wait_for,
+)
+
+MAX_TOKENS = 8  # as the reference answers
+GREEDY = {"temperature": 0}  # (the Anthropic SDK in use has no temperature argument)
+
+
+@dataclass
+class VLM:
+    api: str
+    worker: str
+    reference: dict[str, Any]
+
+    def openai(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.api + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def anthropic(self) -> anthropic.Anthropic:
+        return anthropic.Anthropic(base_url=self.api, api_key="none", max_retries=0, timeout=120)
+
+    def prefix_cache(self) -> dict[str, Any]:
+        status = httpx.post(self.worker + "/worker_get_status").json()
+        return dict(status["llmrelay"]["prefix_cache"])
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_vlm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLM]:
+    procs = Procs(tmp_path_factory.mktemp("vlm-logs"))
+    try:
+        _, controller = procs.controller()
+        _, worker = procs.worker(controller, "vlm", str(tiny_vlm), load_timeout=180,
+                                 extra=("--engine", "transformers"))
+        wait_for(lambda: registered(controller, worker), 60, "the vlm worker")
+        _, api = procs.api(controller)
+        wait_for(lambda: api_models(api) == {"vlm"}, 30, "the model in the API")
+        yield VLM(api, worker, json.loads((tiny_vlm / "reference.json").read_text()))
+    finally:
+        procs.stop_all()
+
+
+def data_url(color: str) -> str:
+    return "data:image/png;base64," + base64.b64encode(tiny_vlm_png(color)).decode()
+
+
+def chat_content(color: str | None) -> list[dict[str, Any]]:
+    text = {"type": "text", "text": TINY_VLM_PROMPT}
+    return [text] if color is None else [{"type": "image_url", "image_url": {"url": data_url(color)}}, text]
+
+
+def ask_chat(vlm: VLM, color: str | None, stream: bool = False) -> tuple[str, int]:
+    client = vlm.openai()
+    messages: Any = [{"role": "user", "content": chat_content(color)}]
+    if not stream:
+        r = client.chat.completions.create(model="vlm", messages=messages, temperature=0,
+                                           max_tokens=MAX_TOKENS)
+        assert r.usage is not None
+        return r.choices[0].message.content or "", r.usage.prompt_tokens
+    text, prompt = "", -1
+    for chunk in client.chat.completions.create(model="vlm", messages=messages, temperature=0,
+                                                max_tokens=MAX_TOKENS, stream=True,
+                                                stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.usage is not None:
+            prompt = chunk.usage.prompt_tokens
+    return text, prompt
+
+
+def test_the_model_says_it_reads_images(vlm: VLM) -> None:
+    model = httpx.get(vlm.api + "/v1/models").json()["data"][0]
+    assert "vision" in model["features"]
+    ours = httpx.post(vlm.worker + "/worker_get_status").json()["llmrelay"]
+    assert ours["features"]["vision"] is True
+    assert "images" in ours["extensions"]
+    assert ours["prefix_cache"]["enabled"] is True
+
+
+def test_chat_images_reach_the_model_and_the_prefix_cache(vlm: VLM) -> None:
+    ref = vlm.reference
+    _, text_only = ask_chat(vlm, None)
+    red, red_prompt = ask_chat(vlm, "red")
+    # the template's one `<image>` placeholder became the image's tokens
+    assert red_prompt == text_only + TINY_VLM_IMAGE_TOKENS == ref["red"]["prompt_tokens"]
+    assert red == ref["red"]["text"]  # transformers' own answer with the pixel values
+    blue, blue_prompt = ask_chat(vlm, "blue", stream=True)
+    assert blue_prompt == red_prompt
+    assert blue == ref["blue"]["text"] != red
+
+    # the same image again: the same answer, its prefix (image tokens included) from the cache
+    before = vlm.prefix_cache()
+    assert ask_chat(vlm, "red", stream=True) == (red, red_prompt)
+    after = vlm.prefix_cache()
+    assert after["hits"] == before["hits"] + 1
+    assert after["tokens"] - before["tokens"] >= TINY_VLM_IMAGE_TOKENS  # a whole 64-token block
+    # a new image shares the text before it but not the image's tokens: no hit, its own answer
+    green, _ = ask_chat(vlm, "green")
+    assert vlm.prefix_cache()["hits"] == after["hits"]
+    assert green not in (red, blue)
+
+
+def test_responses_images(vlm: VLM) -> None:
+    client = vlm.openai()
+    ref = vlm.reference
+
+    def content(color: str) -> Any:
+        return [{"role": "user", "content": [{"type": "input_image", "image_url": data_url(color)},
+                                             {"type": "input_text", "text": TINY_VLM_PROMPT}]}]
+
+    r = client.responses.create(model="vlm", input=content("blue"), temperature=0,
+                                max_output_tokens=MAX_TOKENS)
+    assert r.output_text == ref["blue"]["text"]
+    assert r.usage is not None and r.usage.input_tokens == ref["blue"]["prompt_tokens"]
+    text, done = "", None
+    for event in client.responses.create(model="vlm", input=content("red"), temperature=0,
+                                         max_output_tokens=MAX_TOKENS, stream=True):
+        if event.type == "response.output_text.delta":
+            text += event.delta
+        elif event.type in ("response.completed", "response.incomplete"):
+            done = event.response
+    assert text == ref["red"]["text"]
+    assert done is not None and done.usage is not None
+    assert done.usage.input_tokens == ref["red"]["prompt_tokens"]
+
+
+def test_messages_images(vlm: VLM) -> None:
+    client = vlm.anthropic()
+    ref = vlm.reference
+
+    def messages(color: str) -> Any:
+        data = base64.b64encode(tiny_vlm_png(color)).decode()
+        return [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
+            {"type": "text", "text": TINY_VLM_PROMPT}]}]
+
+    m = client.messages.create(model="vlm", messages=messages("red"), extra_body=GREEDY,
+                               max_tokens=MAX_TOKENS)
+    assert "".join(b.text for b in m.content if b.type == "text") == ref["red"]["text"]
+    assert m.usage.input_tokens == ref["red"]["prompt_tokens"]
+    with client.messages.stream(model="vlm", messages=messages("blue"), extra_body=GREEDY,
+                                max_tokens=MAX_TOKENS) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == ref["blue"]["text"]
+    assert final.usage.input_tokens == ref["blue"]["prompt_tokens"]
