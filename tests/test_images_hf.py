@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,14 @@ def test_messages_images(vlm: VLM) -> None:
         final = stream.get_final_message()
     assert text == ref["blue"]["text"]
     assert final.usage.input_tokens == ref["blue"]["prompt_tokens"]
+
+
+def test_images_in_one_batch_with_text(vlm: VLM) -> None:
+    """Requests with different images and one without, at once: each its own answer (the batch
+    manager reads each image's ids from its own features)."""
+    colors = ["red", "blue", None, "blue", "red"]
+    with ThreadPoolExecutor(len(colors)) as pool:
+        answers = list(pool.map(lambda c: ask_chat(vlm, c, stream=c == "blue"), colors))
+    for color, (text, prompt) in zip(colors, answers, strict=True):
+        if color is not None:
+            assert (text, prompt) == (vlm.reference[color]["text"], vlm.reference[color]["prompt_tokens"])
