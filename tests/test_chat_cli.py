@@ -178,7 +178,7 @@ def test_image_command_sends_the_image_with_the_next_message(stack: Stack, tmp_p
     child.expect_exact("you> ")
     child.sendline("What colour is this?")
     child.expect_exact("The model 'smol' takes no images")
-    part = "messages[0].content[1].image_url" if api == "chat" else "input[0].content[1]"
+    part = "messages[0].content[0].image_url" if api == "chat" else "input[0].content[0]"
     child.expect_exact(part)
     child.expect_exact("your message was not added to the history")
     child.expect_exact("you> ")
@@ -194,7 +194,7 @@ def test_history_marks_images() -> None:
     conv.add_user("look", [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}])
     from llmrelay.chat_cli import responses_input, shown
 
-    assert shown(conv.turns[0]["content"]) == "look [image]"
+    assert shown(conv.turns[0]["content"]) == "[image] look"
     assert responses_input(conv.turns) == [{"role": "user", "content": [
-        {"type": "input_text", "text": "look"},
-        {"type": "input_image", "image_url": "data:image/png;base64,"}]}]
+        {"type": "input_image", "image_url": "data:image/png;base64,"},
+        {"type": "input_text", "text": "look"}]}]

@@ -181,3 +181,60 @@ def test_images_in_one_batch_with_text(vlm: VLM) -> None:
     for color, (text, prompt) in zip(colors, answers, strict=True):
         if color is not None:
             assert (text, prompt) == (vlm.reference[color]["text"], vlm.reference[color]["prompt_tokens"])
+
+
+def test_llmrelay_chat_image_command_reaches_the_model(vlm: VLM, tmp_path: Path) -> None:
+    """`llmrelay chat`'s `/image PATH` (through a pseudo-terminal): the answer is the model's
+    own for that image, and the next message goes without it."""
+    import sys
+
+    pexpect = pytest.importorskip("pexpect")
+    png = tmp_path / "red.png"
+    png.write_bytes(tiny_vlm_png("red"))
+    child = pexpect.spawn(sys.executable, ["-m", "llmrelay.cli", "chat", "--base-url",
+                                           vlm.api + "/v1", "--model", "vlm", "--temperature",
+                                           "0", "--max-tokens", str(MAX_TOKENS)],
+                          encoding="utf-8", timeout=120, dimensions=(50, 400))
+    try:
+        child.expect_exact("you> ")
+        child.sendline(f"/image {png}")
+        child.expect_exact("attached to your next message")
+        child.expect_exact("you> ")
+        child.sendline(TINY_VLM_PROMPT)
+        child.expect_exact("vlm> ")
+        child.expect_exact("you> ")
+        # the model's answer, as printed (the random model's text may hold line breaks)
+        shown = child.before.replace("\r\n", "\n").rstrip("\n")
+        assert shown == vlm.reference["red"]["text"].rstrip("\n")
+        child.sendline("history")
+        child.expect_exact("you> ")
+        assert f"[user] [image] {TINY_VLM_PROMPT}" in child.before
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+
+
+def test_web_chat_sends_a_picked_image_to_the_model(vlm: VLM, tmp_path: Path) -> None:
+    """The web chat (headless Chromium): an image picked with the Image button goes with the
+    message; the answer is the model's own for it, and the prompt counts its tokens."""
+    webui = pytest.importorskip("test_webui")  # skips without Chromium, as the web chat's tests
+    from selenium.webdriver.common.by import By
+
+    png = tmp_path / "blue.png"
+    png.write_bytes(tiny_vlm_png("blue"))
+    d = webui.new_browser(tmp_path / "profile")
+    try:
+        webui.open_chat(d, vlm.api)
+        webui.settings(d, "vlm", MAX_TOKENS)
+        d.find_element(By.ID, "image-file").send_keys(str(png))
+        webui.until(d, lambda: d.find_elements(By.CSS_SELECTOR, "#attachments img"),
+                    "the thumbnail", 10)
+        bubble = webui.send(d, TINY_VLM_PROMPT)
+        webui.until(d, lambda: webui.finished(bubble), "the answer")
+        assert bubble.get_attribute("data-state") == "done", bubble.text
+        said = d.execute_script("return chat.messages[chat.messages.length - 1].content")
+        assert said == vlm.reference["blue"]["text"]
+        assert webui.prompt_tokens(bubble) == vlm.reference["blue"]["prompt_tokens"]
+    finally:
+        d.quit()

@@ -332,7 +332,7 @@ def test_images_attached_picked_or_dropped_go_with_the_next_message(
     assert bubble.get_attribute("data-state") == "error"
     note_text = bubble.find_element(By.CLASS_NAME, "note").text
     assert "The model 'smol' takes no images" in note_text, note_text
-    assert "messages[0].content[1].image_url" in note_text, note_text
+    assert "messages[0].content[0].image_url" in note_text, note_text
     user = browser.find_elements(By.CSS_SELECTOR, "#messages .msg.user")[-1]
     shown = user.find_elements(By.CSS_SELECTOR, ".images img")
     assert len(shown) == 3

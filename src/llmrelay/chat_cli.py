@@ -72,10 +72,11 @@ class Conversation:
         self.turns: list[dict[str, Any]] = []  # user/assistant messages, oldest first
 
     def add_user(self, text: str, images: list[dict[str, Any]] | None = None) -> None:
-        """A user's message; with `images` (image_part's), a list of its text and images."""
+        """A user's message; with `images` (image_part's), a list of its images, then its text
+        (images first, as the providers advise)."""
         content: str | list[dict[str, Any]] = text
         if images:
-            content = [{"type": "text", "text": text}, *images]
+            content = [*images, {"type": "text", "text": text}]
         self.turns.append({"role": "user", "content": content})
 
     def add_assistant(self, text: str) -> None:

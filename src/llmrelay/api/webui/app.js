@@ -228,11 +228,12 @@ function drawAttachments() {
   }));
 }
 
-// A user's message: its text, or its text and images as content parts (OpenAI's image_url).
+// A user's message: its text, or its images then its text as content parts (OpenAI's
+// image_url; images first, as the providers advise).
 function userContent(text, images) {
   if (!images.length) return text;
-  return (text ? [{ type: "text", text }] : []).concat(
-    images.map((url) => ({ type: "image_url", image_url: { url } })));
+  return images.map((url) => ({ type: "image_url", image_url: { url } })).concat(
+    text ? [{ type: "text", text }] : []);
 }
 
 function showImages(div, images) {
