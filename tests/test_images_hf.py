@@ -39,6 +39,7 @@ class VLM:
     api: str
     worker: str
     reference: dict[str, Any]
+    controller: str
 
     def openai(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.api + "/v1", api_key="none", max_retries=0, timeout=120)
@@ -61,7 +62,7 @@ def vlm(tiny_vlm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VL
         wait_for(lambda: registered(controller, worker), 60, "the vlm worker")
         _, api = procs.api(controller)
         wait_for(lambda: api_models(api) == {"vlm"}, 30, "the model in the API")
-        yield VLM(api, worker, json.loads((tiny_vlm / "reference.json").read_text()))
+        yield VLM(api, worker, json.loads((tiny_vlm / "reference.json").read_text()), controller)
     finally:
         procs.stop_all()
 
@@ -238,3 +239,62 @@ def test_web_chat_sends_a_picked_image_to_the_model(vlm: VLM, tmp_path: Path) ->
         assert webui.prompt_tokens(bubble) == vlm.reference["blue"]["prompt_tokens"]
     finally:
         d.quit()
+
+
+def test_compare_view_sends_the_image_to_both_and_the_vote_keeps_a_mark(
+        vlm: VLM, procs: Procs, tmp_path: Path) -> None:
+    """The console's compare view (headless Chromium), the VLM against the text-only smol: an
+    image dropped on the prompt goes to both; the VLM's prompt counts the image's tokens, smol
+    refuses it with the 400 that says so; the vote stores the conversation with "[image]" in
+    place of the image."""
+    webui = pytest.importorskip("test_webui")  # skips without Chromium, as the web chat's tests
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.select import Select
+
+    _, smol = procs.worker(vlm.controller, "smol")
+    wait_for(lambda: registered(vlm.controller, smol), 60, "the smol worker")
+    wait_for(lambda: api_models(vlm.api) == {"vlm", "smol"}, 30, "both models in the API")
+    d = webui.new_browser(tmp_path / "profile")
+    try:
+        webui.open_chat(d, vlm.api)
+        d.find_element(By.ID, "tab-compare").click()
+        d.execute_script("document.getElementById('cmp-max-tokens').value = arguments[0];",
+                         str(MAX_TOKENS))
+        Select(d.find_element(By.ID, "cmp-model-a")).select_by_value("vlm")
+        Select(d.find_element(By.ID, "cmp-model-b")).select_by_value("smol")
+        d.execute_script("""
+            const dt = new DataTransfer();
+            const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+            dt.items.add(new File([bytes], "red.png", {type: "image/png"}));
+            document.getElementById("cmp-composer").dispatchEvent(
+                new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+        """, base64.b64encode(tiny_vlm_png("red")).decode())
+        webui.until(d, lambda: d.find_elements(By.CSS_SELECTOR, "#cmp-attachments img"),
+                    "the thumbnail", 10)
+        box = d.find_element(By.ID, "cmp-input")
+        box.send_keys(TINY_VLM_PROMPT)
+        box.send_keys(Keys.ENTER)
+
+        def answer(side: str) -> Any:
+            found = d.find_elements(By.CSS_SELECTOR, f"#msgs-{side} .msg.assistant")
+            return found[-1] if found and webui.finished(found[-1]) else None
+
+        webui.until(d, lambda: answer("a") and answer("b"), "both answers")
+        # (the compare view samples at the server's default temperature: the prompt counts)
+        assert answer("a").get_attribute("data-state") == "done", answer("a").text
+        assert webui.prompt_tokens(answer("a")) == vlm.reference["red"]["prompt_tokens"]
+        assert answer("b").get_attribute("data-state") == "error"
+        assert "The model 'smol' takes no images" in answer("b").text
+        for side in "ab":  # the image shows in both panes' user bubbles
+            assert d.find_elements(By.CSS_SELECTOR, f"#msgs-{side} .msg.user .images img")
+        webui.until(d, lambda: not d.find_element(By.ID, "vote-a").get_attribute("disabled"),
+                    "the vote buttons", 10)
+        d.find_element(By.ID, "vote-a").click()
+        webui.until(d, lambda: "Voted" in d.find_element(By.ID, "vote-result").text, "the vote",
+                    30)
+    finally:
+        d.quit()
+    last = json.loads(httpx.get(vlm.api + "/api/arena/battles").text.splitlines()[-1])
+    assert last["model_a"] == "vlm" and last["winner"] == "model_a"
+    assert last["conversation_a"][0]["content"] == f"[image]\n{TINY_VLM_PROMPT}"

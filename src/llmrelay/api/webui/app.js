@@ -197,36 +197,62 @@ function busy(on) {
 
 // ---- images attached to the next message (picked, pasted or dropped) ------------------------
 const IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"];
-const attached = [];  // data URLs, sent with the next message
 
-function attachFiles(files) {
-  for (const file of files) {
-    if (!IMAGE_TYPES.includes(file.type)) {
-      setStatus(file.name + " is not a PNG, JPEG, GIF or WebP image");
-      continue;
-    }
-    const reader = new FileReader();
-    reader.onload = () => { attached.push(reader.result); drawAttachments(); };
-    reader.readAsDataURL(file);
+// The images waiting for a composer's next message (data URLs), drawn as removable thumbnails
+// in the element `shelfId`; fed by the file picker `pickerId` (opened by `buttonId`), a paste
+// into `inputId` and a drop on `formId`.
+function attachments(shelfId, pickerId, buttonId, inputId, formId) {
+  const list = [];
+  function draw() {
+    $(shelfId).replaceChildren(...list.map((url, i) => {
+      const box = document.createElement("div");
+      box.className = "thumb";
+      const img = document.createElement("img");
+      img.src = url;
+      img.alt = "image " + (i + 1);
+      const drop = document.createElement("button");
+      drop.type = "button";
+      drop.textContent = "×";
+      drop.title = "remove this image";
+      drop.addEventListener("click", () => { list.splice(i, 1); draw(); });
+      box.append(img, drop);
+      return box;
+    }));
   }
+  function add(files) {
+    for (const file of files) {
+      if (!IMAGE_TYPES.includes(file.type)) {
+        setStatus(file.name + " is not a PNG, JPEG, GIF or WebP image");
+        continue;
+      }
+      const reader = new FileReader();
+      reader.onload = () => { list.push(reader.result); draw(); };
+      reader.readAsDataURL(file);
+    }
+  }
+  document.addEventListener("DOMContentLoaded", () => {
+    $(buttonId).addEventListener("click", () => $(pickerId).click());
+    $(pickerId).addEventListener("change", () => { add($(pickerId).files); $(pickerId).value = ""; });
+    $(inputId).addEventListener("paste", (ev) => {
+      const files = [...(ev.clipboardData ? ev.clipboardData.files : [])];
+      if (files.length) { ev.preventDefault(); add(files); }
+    });
+    const form = $(formId);
+    form.addEventListener("dragover", (ev) => { ev.preventDefault(); form.classList.add("dropping"); });
+    form.addEventListener("dragleave", () => form.classList.remove("dropping"));
+    form.addEventListener("drop", (ev) => {
+      ev.preventDefault();
+      form.classList.remove("dropping");
+      add(ev.dataTransfer ? ev.dataTransfer.files : []);
+    });
+  });
+  return {
+    get count() { return list.length; },
+    take() { const out = list.splice(0); draw(); return out; },  // for the message being sent
+  };
 }
 
-function drawAttachments() {
-  $("attachments").replaceChildren(...attached.map((url, i) => {
-    const box = document.createElement("div");
-    box.className = "thumb";
-    const img = document.createElement("img");
-    img.src = url;
-    img.alt = "image " + (i + 1);
-    const drop = document.createElement("button");
-    drop.type = "button";
-    drop.textContent = "×";
-    drop.title = "remove this image";
-    drop.addEventListener("click", () => { attached.splice(i, 1); drawAttachments(); });
-    box.append(img, drop);
-    return box;
-  }));
-}
+const attached = attachments("attachments", "image-file", "attach", "input", "composer");
 
 // A user's message: its text, or its images then its text as content parts (OpenAI's
 // image_url; images first, as the providers advise).
@@ -252,8 +278,7 @@ function showImages(div, images) {
 async function send(text) {
   const model = $("model").value;
   if (!model) { setStatus("no model to talk to"); return; }
-  const images = attached.splice(0);
-  drawAttachments();
+  const images = attached.take();
   const userDiv = addBubble("user", text);
   showImages(userDiv, images);
   chat.messages.push({ role: "user", content: userContent(text, images) });
@@ -447,7 +472,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("composer").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const text = $("input").value;
-    if ((!text.trim() && !attached.length) || chat.abort) return;
+    if ((!text.trim() && !attached.count) || chat.abort) return;
     $("input").value = "";
     send(text);
   });
@@ -455,25 +480,6 @@ document.addEventListener("DOMContentLoaded", () => {
     if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
   });
   $("stop").addEventListener("click", () => { if (chat.abort) chat.abort.abort(); });
-  $("attach").addEventListener("click", () => $("image-file").click());
-  $("image-file").addEventListener("change", () => {
-    attachFiles($("image-file").files);
-    $("image-file").value = "";
-  });
-  $("input").addEventListener("paste", (ev) => {
-    const files = [...(ev.clipboardData ? ev.clipboardData.files : [])];
-    if (files.length) { ev.preventDefault(); attachFiles(files); }
-  });
-  $("composer").addEventListener("dragover", (ev) => {
-    ev.preventDefault();
-    $("composer").classList.add("dropping");
-  });
-  $("composer").addEventListener("dragleave", () => $("composer").classList.remove("dropping"));
-  $("composer").addEventListener("drop", (ev) => {
-    ev.preventDefault();
-    $("composer").classList.remove("dropping");
-    attachFiles(ev.dataTransfer ? ev.dataTransfer.files : []);
-  });
   $("new-chat").addEventListener("click", newChat);
   $("model").addEventListener("change", () => sessionStorage.setItem("llmrelay.model", $("model").value));
   $("temperature").addEventListener("input", () => {

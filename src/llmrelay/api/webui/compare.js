@@ -13,6 +13,8 @@ const cmp = {
   voted: false,
 };
 const SIDES = ["a", "b"];
+const cmpAttached = attachments("cmp-attachments", "cmp-image-file", "cmp-attach", "cmp-input",
+                                "cmp-composer");
 
 function modelIds() { return chat.models.map((m) => m.id); }
 
@@ -123,9 +125,10 @@ async function sendBoth(text) {
   if (!cmp.models[0] || !cmp.models[1]) { $("vote-result").textContent = "two models are needed"; return; }
   cmp.voted = false;
   $("vote-result").textContent = "";
+  const images = cmpAttached.take();
   const runs = SIDES.map((side, i) => {
-    addBubble("user", text, null, $("msgs-" + side));
-    cmp.convs[i].push({ role: "user", content: text });
+    showImages(addBubble("user", text, null, $("msgs-" + side)), images);
+    cmp.convs[i].push({ role: "user", content: userContent(text, images) });
     return answerSide(i);
   });
   await Promise.all(runs);
@@ -147,10 +150,18 @@ const VOTE_TEXT = {
   model_a: "left is better", model_b: "right is better", tie: "a tie", "tie (bothbad)": "both are bad",
 };
 
+// A conversation as a vote keeps it: an image as the mark "[image]" (the vote stores text).
+function voteConversation(conv) {
+  return conv.map((m) => typeof m.content === "string" ? m : {
+    role: m.role,
+    content: m.content.map((p) => p.type === "text" ? p.text : "[image]").join("\n"),
+  });
+}
+
 async function vote(winner) {
   const body = {
-    model_a: cmp.models[0], model_b: cmp.models[1], winner,
-    anony: cmp.anon && !cmp.revealed, conversation_a: cmp.convs[0], conversation_b: cmp.convs[1],
+    model_a: cmp.models[0], model_b: cmp.models[1], winner, anony: cmp.anon && !cmp.revealed,
+    conversation_a: voteConversation(cmp.convs[0]), conversation_b: voteConversation(cmp.convs[1]),
   };
   const resp = await fetch("/api/arena/votes", {
     method: "POST", headers: authHeaders(), body: JSON.stringify(body),
@@ -247,7 +258,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("cmp-composer").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const text = $("cmp-input").value;
-    if (!text.trim() || running()) return;
+    if ((!text.trim() && !cmpAttached.count) || running()) return;
     $("cmp-input").value = "";
     sendBoth(text);
   });
