@@ -1,5 +1,6 @@
-"""The n-gram speculation policy (llamacpp/speculate.py), without a model: lookup, back-off,
-the break-even threshold from measured step costs, and the flags' checks."""
+"""The speculation policy (llamacpp/speculate.py), without a model: n-gram lookup, back-off,
+the break-even threshold from measured step costs, the flags' checks (a draft model's path
+included), and the SPECULATIVE column of `llmrelay status`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 
 import pytest
 
+from llmrelay import status
 from llmrelay.config import add_worker_args
 from llmrelay.worker.engines.base import EngineError
 from llmrelay.worker.engines.llamacpp.options import speculation
@@ -110,3 +112,43 @@ def test_flags_and_their_checks() -> None:
                              ngram_max=2)
     with pytest.raises(EngineError, match="num-speculative-tokens"):
         speculation(bad)
+
+
+def test_draft_model_flags_and_their_checks() -> None:
+    from llmrelay.worker.models import resolve
+
+    args = worker_args("--speculative", "draft", "--draft-model-path", "smollm2",
+                       "--num-speculative-tokens", "4")
+    assert speculation(args) == Settings("draft", 4, draft_model=resolve("smollm2").path)
+    with pytest.raises(EngineError, match="needs --draft-model-path"):
+        speculation(worker_args("--speculative", "draft"))
+    with pytest.raises(EngineError, match="only with --speculative draft"):
+        speculation(worker_args("--speculative", "ngram", "--draft-model-path", "smollm2"))
+    with pytest.raises(EngineError, match="--draft-model-path: .*no-such-model"):
+        speculation(worker_args("--speculative", "draft", "--draft-model-path",
+                                "/nowhere/no-such-model.gguf"))
+
+
+def test_status_shows_the_speculation_column_only_when_a_worker_speculates() -> None:
+    def worker(name: str, spec: dict[str, object] | None) -> dict[str, object]:
+        ours = {"engine": "llamacpp", "running": 0, "served": 3}
+        if spec is not None:
+            ours["speculative"] = spec
+        return {"name": name, "model_names": ["smol"], "queue_length": 0, "speed": 1,
+                "last_heart_beat": 99.0, "status": {"llmrelay": ours}}
+
+    off = {"mode": "off", "proposed": 0, "accepted": 0, "acceptance_rate": None}
+    table = {"now": 100.0, "heartbeat_interval": 3.0,
+             "workers": [worker("http://a", off), worker("http://b", None)]}
+    assert "SPECULATIVE" not in status.format_table(status.rows(table))
+    table["workers"] += [
+        worker("http://c", {"mode": "draft", "proposed": 400, "accepted": 392,
+                            "acceptance_rate": 0.98, "draft_model": "small.gguf"}),
+        worker("http://d", {"mode": "ngram", "proposed": 0, "accepted": 0,
+                            "acceptance_rate": None})]
+    lines = status.format_table(status.rows(table)).splitlines()
+    assert "SPECULATIVE" in lines[0]
+    by_address = {line.split()[1]: line for line in lines[1:]}
+    assert by_address["http://c"].endswith("draft 98% (392/400)")
+    assert by_address["http://d"].endswith("ngram, no drafts yet")
+    assert by_address["http://a"].endswith("-") and by_address["http://b"].endswith("-")

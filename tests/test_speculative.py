@@ -1,17 +1,26 @@
-"""Speculative decoding (`--speculative ngram`, llamacpp/speculate.py) changes no answer.
+"""Speculative decoding (`--speculative ngram|draft`, llamacpp/speculate.py, draft.py) changes
+no answer.
 
 In process, with the real bundled model: greedy answers are byte-identical with and without
 speculation on some thirty prompts (edits, quotes and JSON where the n-grams hit, chat, stop
 sequences, penalties, logprobs), and so are seeded sampled answers (each accepted draft token
-is the token the target sampled at its place, with the same draws). Through real processes: a
-worker with `--speculative ngram` behind the API still answers tools, json_schema and stop
-sequences right, counts its drafts in its status and its metrics.
+is the token the target sampled at its place, with the same draws), by n-gram lookup and with
+SmolLM2 as its own draft model (a functional check: a draft that always agrees). Through real
+processes: a worker with `--speculative ngram` behind the API still answers tools, json_schema
+and stop sequences right, counts its drafts in its status and its metrics; a worker with SmolLM2
+as its draft model gives the plain worker's answers (chat, stop sequences, json_schema, tools,
+logprobs), shows a high acceptance rate in its status, metrics and `llmrelay status`; the
+bundled Gemma as a draft for SmolLM2 (another vocabulary) stops the worker with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -71,10 +80,14 @@ CASES: list[tuple[Any, dict[str, Any]]] = (
     + [(m, {"logprobs": 2, "max_new_tokens": 8}) for m in EDITS[:2] + CHATS[:1]]
     + [(COUNT, {}), (COUNT, {"stop": [" 9"]}), ("a b c a b c a b", {})]
 )
+SEEDED: list[tuple[Any, dict[str, Any]]] = [
+    (m, {"temperature": 0.8, "top_p": 0.95, "seed": 7 + i})
+    for i, m in enumerate(EDITS[:3] + CHATS[:2])]
+Outputs = tuple[list[tuple[Any, ...]], Any]
 
 
 def outputs(mode: str, cases: list[tuple[Any, dict[str, Any]]],
-            tokens: int = 32) -> tuple[list[tuple[Any, ...]], Any]:
+            tokens: int = 32) -> Outputs:
     """Each case's (text, finish reason, tokens, logprobs) on a fresh engine, one at a time,
     and the engine's speculation status."""
     from llmrelay.worker.engines.base import GenerationRequest
@@ -82,8 +95,9 @@ def outputs(mode: str, cases: list[tuple[Any, dict[str, Any]]],
     from llmrelay.worker.engines.llamacpp.speculate import Settings
     from llmrelay.worker.models import resolve
 
-    engine = load(Options(resolve("smollm2").path, context_length=2048, n_threads=2,
-                          parallel=1, speculation=Settings(mode)))
+    path = resolve("smollm2").path  # with --speculative draft, its own draft model too
+    engine = load(Options(path, context_length=2048, n_threads=2, parallel=1,
+                          speculation=Settings(mode, draft_model=path if mode == "draft" else None)))
 
     async def one(asked: Any, kw: dict[str, Any]) -> tuple[Any, ...]:
         where = {"messages": asked} if isinstance(asked, list) else {"prompt": asked}
@@ -105,12 +119,18 @@ def outputs(mode: str, cases: list[tuple[Any, dict[str, Any]]],
         engine.close()
 
 
+@pytest.fixture(scope="module")
+def without() -> Outputs:
+    """CASES + SEEDED without speculation, for the comparisons with both kinds of drafts."""
+    return outputs("off", CASES + SEEDED)
+
+
 @pytest.mark.timeout(1800)  # some 2,000 tokens, one request at a time, on a shared CPU
-def test_greedy_and_seeded_answers_are_the_same_with_and_without_ngram_speculation() -> None:
-    seeded = [(m, {"temperature": 0.8, "top_p": 0.95, "seed": 7 + i})
-              for i, m in enumerate(EDITS[:3] + CHATS[:2])]
+def test_greedy_and_seeded_answers_are_the_same_with_and_without_ngram_speculation(
+        without: Outputs) -> None:
+    seeded = SEEDED
     cases = CASES + seeded
-    plain, off = outputs("off", cases)
+    plain, off = without
     spec, on = outputs("ngram", cases)
     assert off["proposed"] == 0 and on["mode"] == "ngram"
     for (asked, kw), a, b in zip(cases, plain, spec, strict=True):
@@ -179,3 +199,131 @@ def test_a_worker_with_ngram_speculation_answers_tools_schemas_and_stops(stack: 
                 if line.startswith("llmrelay_worker_speculative_accepted_tokens_total")]
     assert accepted and float(accepted[0].split()[-1]) > 0
     assert "draft tokens accepted" in proc.log()
+
+
+@pytest.mark.timeout(1800)
+def test_greedy_and_seeded_answers_are_the_same_with_a_draft_model(without: Outputs) -> None:
+    """SmolLM2 as its own draft model: every answer as without speculation, and (a draft of
+    the same weights) nearly every draft token accepted."""
+    cases = CASES + SEEDED
+    plain, _ = without
+    spec, on = outputs("draft", cases)
+    for (asked, kw), a, b in zip(cases, plain, spec, strict=True):
+        assert a[:4] == b[:4], (asked, kw)
+    assert on["mode"] == "draft" and on["draft_model"].startswith("SmolLM2")
+    # greedy, with no stop sequence or penalty: the draft is the target, so nearly all kept
+    # (sampled answers reject greedy drafts often; a stop sequence cuts a draft short)
+    greedy = [r[4] for r in spec[:len(EDITS + CHATS[:4])]]
+    assert all(d and d[1] > 0 for d in greedy)  # chat too, not only where n-grams hit
+    proposed, accepted = sum(d[0] for d in greedy), sum(d[1] for d in greedy)
+    assert proposed > 100 and accepted >= 0.9 * proposed
+    assert all(r[4] is None for r, (_, kw) in zip(spec, cases, strict=True) if "logprobs" in kw)
+
+
+@pytest.fixture(scope="module")
+def draft_worker(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
+    """A worker serving SmolLM2 as `smol-draft` with SmolLM2 as its draft model, registered
+    with the shared stack (one for the module)."""
+    procs = Procs(tmp_path_factory.mktemp("draft-worker"))
+    try:
+        proc, url = procs.worker(stack.controller, names="smol-draft", extra=(
+            "--speculative", "draft", "--draft-model-path", "smollm2",
+            "--num-speculative-tokens", "6"))
+        client = stack.client()
+        wait_for(lambda: "smol-draft" in {m.id for m in client.models.list().data}, 30,
+                 "the draft worker in the API")
+        yield proc, url
+    finally:
+        procs.stop_all()
+
+
+def test_a_worker_with_a_draft_model_gives_the_plain_workers_answers(
+        stack: Stack, draft_worker: tuple[Any, str]) -> None:
+    """Through the API with the official SDK: chat, stop sequences, json_schema, a tool call
+    and logprobs answered by the draft-model worker exactly as by the plain `smol` workers;
+    its status and metrics show the drafts, nearly all accepted."""
+    proc, worker = draft_worker
+    assert "speculative decoding: draft with SmolLM2" in proc.log()
+    client = stack.client()
+    stack.wait_idle()
+    schema = {"type": "object", "properties": {"city": {"type": "string"}},
+              "required": ["city"], "additionalProperties": False}
+    tool = {"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}
+    asks: list[tuple[Any, dict[str, Any]]] = [
+        (EDITS[3], {}), (CHATS[0], {}), (CHATS[1], {}), (EDITS[0], {"stop": ["\n"]}),
+        (EDITS[3], {"stop": ["keepers"]}),
+        (EDITS[2], {"response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "c", "schema": schema}}}),
+        (user("What is the weather in Paris?"), {"tools": [tool], "tool_choice": "required"}),
+        (CHATS[1], {"logprobs": True, "top_logprobs": 2}),
+    ]
+
+    def ask(model: str, messages: Any, kw: dict[str, Any]) -> Any:
+        r = client.chat.completions.create(model=model, messages=messages, temperature=0,
+                                           max_tokens=48, **kw)
+        c = r.choices[0]
+        calls = [(t.function.name, t.function.arguments) for t in c.message.tool_calls or []]
+        lps = [(e.token, e.logprob) for e in (c.logprobs.content or [])] if c.logprobs else None
+        return c.message.content, c.finish_reason, calls, lps
+
+    for messages, kw in asks:
+        assert ask("smol-draft", messages, kw) == ask("smol", messages, kw), (messages, kw)
+    got = ask("smol-draft", *asks[5])
+    assert set(json.loads(got[0])) == {"city"}
+    assert ask("smol-draft", *asks[6])[2][0][0] == "get_weather"
+    assert ask("smol-draft", *asks[7])[3]
+
+    spec = httpx.post(worker + "/worker_get_status", timeout=10).json()["llmrelay"]["speculative"]
+    assert spec["mode"] == "draft" and spec["proposed"] > 0 and spec["acceptance_rate"] >= 0.9
+    metrics = httpx.get(worker + "/metrics", timeout=10).text
+    accepted = [line for line in metrics.splitlines()
+                if line.startswith("llmrelay_worker_speculative_accepted_tokens_total")]
+    assert accepted and float(accepted[0].split()[-1]) > 0
+    assert "draft tokens accepted" in proc.log()
+
+
+def test_llmrelay_status_shows_the_draft_workers_acceptance_rate(
+        stack: Stack, draft_worker: tuple[Any, str]) -> None:
+    """`llmrelay status` against the stack's controller: the draft worker's row says `draft`
+    and its acceptance rate (from its heartbeat); the plain workers' rows say nothing."""
+    client = stack.client()
+    client.chat.completions.create(model="smol-draft", messages=EDITS[3], temperature=0,
+                                   max_tokens=24)
+    found: list[str] = []
+
+    def shown() -> bool:
+        out = subprocess.run([sys.executable, "-m", "llmrelay.cli", "status",
+                              "--controller-address", stack.controller],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        found[:] = lines
+        header = next(line for line in lines if line.startswith("MODELS"))
+        row = next(line for line in lines if line.startswith("smol-draft "))
+        return "SPECULATIVE" in header and bool(re.search(r"draft \d+% \(\d+/\d+\)$", row))
+
+    wait_for(shown, 30, "the draft worker's speculation in `llmrelay status`")
+    rate = re.search(r"draft (\d+)% \((\d+)/(\d+)\)$",
+                     next(line for line in found if line.startswith("smol-draft ")))
+    assert rate is not None and int(rate.group(1)) >= 90 and int(rate.group(3)) > 0
+    for line in found:
+        if line.startswith("smol ") or line.startswith("gemma "):
+            assert line.rstrip().endswith("-")
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused_at_start(stack: Stack,
+                                                                 procs: Procs) -> None:
+    """Gemma (262,144 tokens, SentencePiece) cannot draft for SmolLM2 (49,152, BPE): the
+    worker exits non-zero and its log names both models and why."""
+    proc, _ = procs.worker(stack.controller, names="smol-bad-draft", wait=False, extra=(
+        "--speculative", "draft", "--draft-model-path", "gemma3-270m"))
+    assert proc.proc is not None
+    rc = proc.proc.wait(timeout=120)
+    log = proc.log()
+    assert rc != 0, log
+    assert re.search(r"cannot start the worker: --draft-model-path: the draft model "
+                     r"gemma-3-270m\S*\.gguf cannot draft for the model SmolLM2\S*\.gguf: ", log), log
+    assert "vocabulary" in log

@@ -160,8 +160,12 @@ def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) ->
         help="llamacpp engine: speculative decoding. ngram: prompt lookup, the next tokens "
         "guessed from the prompt and the text so far and checked in the same batched step "
         "(greedy answers unchanged, sampled ones from the same distribution; faster where the "
-        "answer copies its input: edits, quotes); off: none (the default; docs/speculative.md)",
+        "answer copies its input: edits, quotes); draft: a small model of the same vocabulary "
+        "(--draft-model-path) writes the guesses; off: none (the default; docs/speculative.md)",
     )
+    p.add_argument("--draft-model-path", default=None,
+                   help="--speculative draft: the draft model, a GGUF file or a bundled alias "
+                   "with the target's vocabulary (refused at start otherwise)")
     p.add_argument("--num-speculative-tokens", type=int, default=speculate.DEFAULT_TOKENS,
                    help="llamacpp engine with --speculative: draft tokens per step at most "
                    f"(default {speculate.DEFAULT_TOKENS})")

@@ -1,8 +1,9 @@
 """What runs where: the controller's worker table as rows, for `llmrelay status` and the web page.
 
 `rows()` turns a `GET /worker_table` answer into one row per worker (models, address, queue,
-speed, engine, heartbeat age, health); `format_table()` prints them. The API server serves the
-same rows at `GET /api/workers` for the web page's operator view.
+speed, engine, heartbeat age, health, and speculative decoding where a worker uses it);
+`format_table()` prints them (the SPECULATIVE column only when some worker speculates). The
+API server serves the same rows at `GET /api/workers` for the web page's operator view.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from llmrelay.protocol import EXPIRY_BEATS
 
 COLUMNS = [("models", "MODELS"), ("address", "ADDRESS"), ("engine", "ENGINE"),
            ("queue_length", "QUEUE"), ("running", "RUNNING"), ("served", "SERVED"),
-           ("speed", "SPEED"), ("heartbeat_age", "LAST BEAT"), ("health", "HEALTH")]
+           ("speed", "SPEED"), ("heartbeat_age", "LAST BEAT"), ("health", "HEALTH"),
+           ("speculative", "SPECULATIVE")]
 
 
 def health_of(age: float | None, interval: float | None, check: bool, ready: bool) -> str:
@@ -33,6 +35,18 @@ def health_of(age: float | None, interval: float | None, check: bool, ready: boo
     if age <= interval * (EXPIRY_BEATS - 1):
         return "late"
     return "expiring"
+
+
+def speculation_of(ours: dict[str, Any]) -> str | None:
+    """A speculating worker's mode and acceptance so far, e.g. `ngram 78% (312/400)`; None
+    when it does not speculate (llamacpp engine, `--speculative`: docs/speculative.md)."""
+    spec = ours.get("speculative")
+    if not isinstance(spec, dict) or spec.get("mode") in (None, "off"):
+        return None
+    proposed, accepted = int(spec.get("proposed") or 0), int(spec.get("accepted") or 0)
+    if not proposed:
+        return f"{spec['mode']}, no drafts yet"
+    return f"{spec['mode']} {accepted / proposed:.0%} ({accepted}/{proposed})"
 
 
 def rows(table: dict[str, Any]) -> list[dict[str, Any]]:
@@ -57,6 +71,7 @@ def rows(table: dict[str, Any]) -> list[dict[str, Any]]:
             "heartbeat_age": age,
             "health": health_of(age, interval, bool(w.get("check_heart_beat", True)),
                                 ours.get("ready", True) is not False),
+            "speculative": speculation_of(ours),
         })
     out.sort(key=lambda r: (r["models"], r["address"]))
     return out
@@ -76,9 +91,11 @@ def format_table(table_rows: list[dict[str, Any]]) -> str:
     """Plain text columns; an empty table says so."""
     if not table_rows:
         return "no workers registered"
-    cells = [[title for _, title in COLUMNS]]
-    cells += [[_cell(r.get(key), key) for key, _ in COLUMNS] for r in table_rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    columns = [(key, title) for key, title in COLUMNS
+               if key != "speculative" or any(r.get(key) for r in table_rows)]
+    cells = [[title for _, title in columns]]
+    cells += [[_cell(r.get(key), key) for key, _ in columns] for r in table_rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                      for row in cells)
 

@@ -65,6 +65,7 @@ from llmrelay.worker import templates
 from llmrelay.worker.engines.base import EngineError, GenerationRequest
 from llmrelay.worker.engines.guidance import Guide
 from llmrelay.worker.engines.llamacpp import sampling
+from llmrelay.worker.engines.llamacpp.draft import DraftModel, DraftProposer
 from llmrelay.worker.engines.llamacpp.options import KV_CACHE_LAYOUTS, Options
 from llmrelay.worker.engines.llamacpp.prefill import PrefillBudget
 from llmrelay.worker.engines.llamacpp.speculate import RowCost, Speculator
@@ -124,7 +125,7 @@ class _Seq(Generation):
         self.next_token = -1  # sampled, not yet decoded
         self.sampler: Any = None
         self.guide: Guide | None = None  # its constraint's matcher, if any
-        self.speculator: Speculator | None = None  # its n-gram drafts (--speculative ngram)
+        self.speculator: Speculator | None = None  # its drafts (--speculative ngram|draft)
 
 
 class LlamaCppEngine(ThreadedEngine):
@@ -181,13 +182,24 @@ class LlamaCppEngine(ThreadedEngine):
         self.speculation = options.speculation
         self.row_cost = RowCost()  # decode-only steps' time by rows: when a draft row pays
         self.drafted = [0, 0]  # draft tokens proposed, accepted (every request so far)
+        self.draft_model: DraftModel | None = None  # --speculative draft: draft.py
+        if self.speculation.mode == "draft" and self.speculation.draft_model is not None:
+            try:
+                self.draft_model = DraftModel(self.speculation.draft_model, self.llm, path,
+                                              self._n_ctx, n_threads, options.device == "cuda")
+            except EngineError:
+                llama_cpp.llama_batch_free(self.batch)
+                llama_cpp.llama_free(self.ctx)
+                self.llm.close()
+                raise
         self.thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self.thread.start()
         log.info(
             "loaded %s (%s, context %d per sequence, %d sequences batched, %s KV cache, "
             "%d threads, chat template: %s, speculative decoding: %s)",
             path.name, self.architecture or "unknown architecture", self._n_ctx, self.parallel,
-            self.kv_cache, n_threads, self.chat_template.name, self.speculation.mode,
+            self.kv_cache, n_threads, self.chat_template.name, self.speculation.mode
+            + (f" with {self.draft_model.path.name}" if self.draft_model else ""),
         )
 
     def _new_context(self, n_ctx: int, n_threads: int) -> Any:
@@ -229,8 +241,12 @@ class LlamaCppEngine(ThreadedEngine):
     def speculation_status(self) -> dict[str, Any]:
         """--speculative and its draft tokens so far (speculate.py)."""
         proposed, accepted = self.drafted
-        return {"mode": self.speculation.mode, "proposed": proposed, "accepted": accepted,
-                "acceptance_rate": round(accepted / proposed, 4) if proposed else None}
+        out: dict[str, Any] = {
+            "mode": self.speculation.mode, "proposed": proposed, "accepted": accepted,
+            "acceptance_rate": round(accepted / proposed, 4) if proposed else None}
+        if self.draft_model is not None:
+            out["draft_model"] = self.draft_model.path.name
+        return out
 
     def prefill_status(self) -> dict[str, Any]:
         """The chunked-prefill budget as measured so far (see prefill.py)."""
@@ -356,7 +372,9 @@ class LlamaCppEngine(ThreadedEngine):
         # Constrained and logprobs requests are never speculated on: their matcher and their
         # logprobs would have to follow draft tokens that may be rolled back.
         if self.speculation.on and seq.guide is None and req.logprobs is None:
-            seq.speculator = Speculator.of(self.speculation, seq.tokens)
+            seq.speculator = (Speculator(DraftProposer(self.draft_model, seq.tokens),
+                                         self.speculation.tokens) if self.draft_model
+                              else Speculator.of(self.speculation, seq.tokens))
             seq.drafted = [0, 0]
 
     def _step(self, active: list[_Seq]) -> None:
@@ -420,17 +438,22 @@ class LlamaCppEngine(ThreadedEngine):
             self._verify(seq, idx, draft, active)
         seconds = time.perf_counter() - started
         self.prefill.observe(decode_rows, prompt_rows, seconds)
-        if decoding and not prompt_rows:
+        # (not a step in which the draft model read a prompt: a one-off, not a row's cost)
+        if decoding and not prompt_rows and not (self.draft_model and self.draft_model.read > 2):
             self.row_cost.observe(decode_rows, seconds)
 
     def _drafts(self, active: list[_Seq], decoding: int) -> dict[int, list[int]]:
         """The draft tokens of this step's generating sequences (by id(seq)): only for those
-        that speculate and are not writing forced tokens (with the per-sequence KV cache, only
-        while one sequence generates), within the batch, within EXACT_ROWS
+        that speculate and are not writing forced tokens (with the per-sequence KV cache or a
+        draft model, only while one sequence generates), within the batch, within EXACT_ROWS
         rows of their sequence (see "Same numbers") and within their length limit."""
         drafts: dict[int, list[int]] = {}
         if not self.speculation.on or not decoding:
             return drafts
+        if self.draft_model is not None:
+            self.draft_model.read = 0
+            if decoding > 1:
+                return drafts  # its context holds one sequence: it would read prompts by turns
         if decoding > 1 and self.kv_cache != "unified":
             # With a KV stream per sequence llama.cpp splits a step into sub-batches of as many
             # rows of each sequence: one sequence's d draft rows cost every sequence d more
@@ -554,4 +577,6 @@ class LlamaCppEngine(ThreadedEngine):
         if not self.thread.is_alive():
             llama_cpp.llama_batch_free(self.batch)
             llama_cpp.llama_free(self.ctx)
+            if self.draft_model is not None:
+                self.draft_model.close()
         self.llm.close()

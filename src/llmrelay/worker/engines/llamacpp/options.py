@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llmrelay.worker.engines.base import EngineError
 from llmrelay.worker.engines.llamacpp.speculate import Settings as Speculation
-from llmrelay.worker.models import ResolvedModel
+from llmrelay.worker.models import ModelNotFound, ResolvedModel, resolve
 from llmrelay.worker.templates import KNOWN
 
 log = logging.getLogger("llmrelay.worker")
@@ -56,13 +56,24 @@ class Options:
 
 def speculation(args: argparse.Namespace) -> Speculation:
     """--speculative and its sizes, checked (EngineError when they make no sense)."""
+    draft = getattr(args, "draft_model_path", None)
     spec = Speculation(getattr(args, "speculative", None) or "off",
                        getattr(args, "num_speculative_tokens", None) or Speculation.tokens,
                        getattr(args, "ngram_min", None) or Speculation.ngram_min,
-                       getattr(args, "ngram_max", None) or Speculation.ngram_max)
+                       getattr(args, "ngram_max", None) or Speculation.ngram_max,
+                       Path(draft) if draft else None)
     wrong = spec.check()
     if wrong:
         raise EngineError(wrong)
+    if draft:  # a GGUF file, a bundled alias, or a hub name already in the cache
+        try:
+            model = resolve(draft, fetch=False)
+        except ModelNotFound as e:
+            raise EngineError(f"--draft-model-path: {e}") from e
+        if model.kind != "gguf":
+            raise EngineError(f"--draft-model-path: the llamacpp engine needs a .gguf file; "
+                              f"{model.path} is an HF folder")
+        spec = replace(spec, draft_model=model.path)
     return spec
 
 

@@ -1,10 +1,15 @@
-"""N-gram speculation (prompt lookup) for the llama.cpp engine: the policy, in plain Python.
+"""Speculative decoding for the llama.cpp engine: the policy, in plain Python.
 
-A sequence's next tokens are often already written: an edit of a given file, an answer quoting
-a document, a tool result continued. `Speculator` keeps an index of the n-grams of a sequence's
-prompt and text so far (`--ngram-min`..`--ngram-max` tokens) and, each step, looks up the last
-n tokens (longest n first): the tokens that followed their latest earlier occurrence are the
-draft. The engine puts the draft in the same llama_decode batch as the sequence's next token
+A `Speculator` is one sequence's drafts: a `Proposer` that guesses the next tokens, and the
+back-off that decides how many to ask for. Two proposers:
+- n-gram (prompt lookup, `--speculative ngram`): a sequence's next tokens are often already
+  written (an edit of a given file, an answer quoting a document, a tool result continued).
+  `NgramIndex` keeps the n-grams of a sequence's prompt and text so far
+  (`--ngram-min`..`--ngram-max` tokens) and, each step, looks up the last n tokens (longest n
+  first): the tokens that followed their latest earlier occurrence are the draft.
+- a draft model (`--speculative draft --draft-model-path`): a small model of the same
+  vocabulary writes the next tokens greedily (draft.py).
+Either way the engine puts the draft in the same llama_decode batch as the sequence's next token
 (extra rows of that sequence), samples the target at each position, and keeps a draft token
 while it equals what the target sampled there (exact: see engine.py); the KV cells of the
 rejected draft tokens are then removed.
@@ -12,7 +17,8 @@ rejected draft tokens are then removed.
 Drafts are not free: on a CPU each extra row of a step costs a good part of a step of one row,
 and on a busy worker it slows every sequence of the step. So a draft token goes into a step
 only where it pays: `RowCost` measures what a step costs per decode row (a least-squares line
-of the decode-only steps' time against their rows), which gives the break-even acceptance
+of the decode-only steps' time against their rows; a step's time includes making its drafts, so
+a draft model's passes count as part of each draft row's cost), which gives the break-even acceptance
 `threshold`: the marginal row's time over the time per token the step yields. A draft token at
 depth i is proposed only if the sequence's estimated acceptance rate p has p**i at least that
 (one client on this repository's CPU: about 0.6; eight: above 0.9, so almost never).
@@ -28,8 +34,10 @@ proposes nothing after a few steps, and ever more rarely after that.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
-MODES = ("off", "ngram")  # --speculative
+MODES = ("off", "ngram", "draft")  # --speculative
 DEFAULT_TOKENS = 8  # --num-speculative-tokens
 DEFAULT_NGRAM_MIN = 2  # --ngram-min
 DEFAULT_NGRAM_MAX = 4  # --ngram-max
@@ -51,11 +59,17 @@ class Settings:
     tokens: int = DEFAULT_TOKENS
     ngram_min: int = DEFAULT_NGRAM_MIN
     ngram_max: int = DEFAULT_NGRAM_MAX
+    draft_model: Path | None = None  # --draft-model-path, with --speculative draft
 
     def check(self) -> str | None:
         """What is wrong with these flags, if anything."""
         if self.mode not in MODES:
             return f"--speculative must be one of {', '.join(MODES)}, not {self.mode!r}"
+        if self.mode == "draft" and self.draft_model is None:
+            return "--speculative draft needs --draft-model-path (a small GGUF model of the " \
+                "same vocabulary)"
+        if self.mode != "draft" and self.draft_model is not None:
+            return f"--draft-model-path is used only with --speculative draft, not {self.mode}"
         if not 1 <= self.tokens <= 32:
             return f"--num-speculative-tokens must be 1..32, not {self.tokens}"
         if not 1 <= self.ngram_min <= self.ngram_max <= 16:
@@ -68,9 +82,19 @@ class Settings:
         return self.mode != "off"
 
 
+class Proposer(Protocol):
+    """Where a sequence's draft tokens come from."""
+
+    def extend(self, tokens: list[int]) -> None:
+        """Tokens added to the sequence (sampled or forced)."""
+
+    def lookup(self, limit: int) -> list[int]:
+        """Up to `limit` guesses of the sequence's next tokens; [] for none."""
+
+
 class NgramIndex:
-    """The n-grams (n_min..n_max tokens) of a growing token list, each mapped to the position
-    of the token that followed its latest occurrence."""
+    """A `Proposer` by prompt lookup: the n-grams (n_min..n_max tokens) of a growing token
+    list, each mapped to the position of the token that followed its latest occurrence."""
 
     def __init__(self, n_min: int, n_max: int, tokens: list[int] | None = None) -> None:
         self.n_min, self.n_max = n_min, n_max
@@ -99,9 +123,9 @@ class NgramIndex:
 
 @dataclass
 class Speculator:
-    """One sequence's drafts: its n-gram index and its back-off (see the module docstring)."""
+    """One sequence's drafts: its proposer and its back-off (see the module docstring)."""
 
-    index: NgramIndex
+    proposer: Proposer
     max_tokens: int
     accepted: float = PRIOR_ACCEPTED  # decaying counts of its draft tokens
     trials: float = PRIOR_TRIALS
@@ -114,6 +138,7 @@ class Speculator:
 
     @classmethod
     def of(cls, settings: Settings, history: list[int]) -> Speculator:
+        """An n-gram speculator for a sequence that holds `history` so far."""
         return cls(NgramIndex(settings.ngram_min, settings.ngram_max, history), settings.tokens)
 
     @property
@@ -123,7 +148,7 @@ class Speculator:
 
     def feed(self, tokens: list[int]) -> None:
         """Tokens added to the sequence (sampled or forced)."""
-        self.index.extend(tokens)
+        self.proposer.extend(tokens)
 
     def propose(self, threshold: float, room: int) -> list[int]:
         """The draft for this step: at most `room` tokens, each at a depth whose estimated
@@ -143,7 +168,7 @@ class Speculator:
         if depth == 0:
             self._back_off()
             return []
-        return self.index.lookup(depth)
+        return self.proposer.lookup(depth)
 
     def _back_off(self) -> None:
         self.cooldown = self.next_cooldown
