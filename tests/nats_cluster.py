@@ -59,7 +59,8 @@ class NatsCluster:
         self.password = secrets.token_hex(8)
         hosts = list(hosts or ["127.0.0.1"] * size)
         spaces = list(netns or [None] * size)
-        shared = len(set(hosts)) < len(hosts)  # one address for all: ports must differ
+        single = len(hosts) == 1  # one node: no cluster, any free port
+        shared = single or len(set(hosts)) < len(hosts)  # one address for all: ports must differ
         self.nodes = []
         for i, host in enumerate(hosts):
             port, cport = (free_port(), free_port()) if shared else (4222, 6222)
@@ -69,7 +70,7 @@ class NatsCluster:
         for n in self.nodes:
             write_config(n.conf, config(
                 n.name, n.port, root / f"{n.name}-js", host=n.host,
-                users={user: self.password}, cluster_port=n.cluster_port,
+                users={user: self.password}, cluster_port=None if single else n.cluster_port,
                 routes=[r for r in routes if not r.endswith(f"{n.host}:{n.cluster_port}")],
                 cluster_name="llmrelay-test"))
 

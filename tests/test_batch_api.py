@@ -1,14 +1,18 @@
 """OpenAI's Files and Batch APIs through real processes and the openai SDK: a module stack
-(controller, a SmolLM2 worker, an all-MiniLM-L6-v2 embeddings worker on transformers, and API
-servers: one open, one with keys and small per-key limits, one whose "24h" lasts seconds), plus
-an API server of the kill test's own."""
+(controller, a SmolLM2 worker, a second one running one request at a time, an all-MiniLM-L6-v2
+embeddings worker on transformers, and API servers: one open, one with keys and small per-key
+limits, one whose "24h" lasts seconds and whose files may expire after 2 s), plus an API server
+of the kill test's own."""
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import Procs, api_models, registered, wait_for
+from conftest import Proc, Procs, api_models, registered, wait_for
 from llmrelay.api.keys import add_key
 from llmrelay.worker.managed import free_port
 
@@ -31,9 +35,12 @@ class Batches:
     controller: str
     api: str  # no keys
     keyed: str  # keys alice, bob (admin: ops); at most 1 open batch and 64 KiB of files a key
-    short: str  # a completion window of "24h" lasts 10 s
+    short: str  # a completion window of "24h" lasts 10 s; files may expire after 2 s
+    short_files: Path  # its files' bytes
     keys: dict[str, str]
     smol: str  # the worker's URL
+    narrow: Proc  # a worker of SmolLM2 as "narrow", one request at a time
+    narrow_url: str
     procs: Procs
 
 
@@ -47,16 +54,19 @@ def batches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Batches]:
         _, controller = procs.controller()
         _, smol = procs.worker(controller, "smol", wait=False)
         _, emb = procs.worker(controller, "minilm", "all-minilm-l6-v2", wait=False)
-        for url in (smol, emb):
+        narrow, one = procs.worker(controller, "narrow", wait=False, extra=(
+            "--limit-worker-concurrency", "1", "--fair-reserve", "0"))
+        for url in (smol, emb, one):
             wait_for(lambda url=url: registered(controller, url), 180, f"worker {url}")
         _, api = procs.api(controller, extra=("--data-dir", str(tmp / "open")))
         _, keyed = procs.api(controller, extra=(
             "--data-dir", str(tmp / "keyed"), "--api-keys-file", str(keys_file),
             "--max-open-batches", "1", "--files-max-mb-per-key", "0.0625"))
         _, short = procs.api(controller, extra=("--data-dir", str(tmp / "short"),
-                                                "--batch-window", "10"))
-        wait_for(lambda: api_models(api) == {"smol", "minilm"}, 30, "models in the API")
-        yield Batches(controller, api, keyed, short, keys, smol, procs)
+                                                "--batch-window", "10", "--files-min-expiry", "2"))
+        wait_for(lambda: api_models(api) == {"smol", "minilm", "narrow"}, 30, "models in the API")
+        yield Batches(controller, api, keyed, short, tmp / "short" / "files", keys, smol, narrow,
+                      one, procs)
     finally:
         procs.stop_all()
 
@@ -309,3 +319,87 @@ def test_llmrelay_batch_run_writes_the_results_in_input_order(batches: Batches,
     assert [r["custom_id"] for r in rows] == [f"line-{i}" for i in range(1, 7)]
     assert all(r["response"]["status_code"] == 200 for r in rows)
     assert "6/6" in done.stderr  # the progress bar's last state
+
+
+def test_files_expire_as_asked_and_are_deleted(batches: Batches) -> None:
+    c = sdk(batches.short)  # --files-min-expiry 2
+    data = json.dumps(chat_line(0)).encode()
+    with pytest.raises(openai.BadRequestError) as e:
+        c.files.create(file=("r.jsonl", io.BytesIO(data)), purpose="batch",
+                       expires_after={"anchor": "created_at", "seconds": 1})
+    assert e.value.body["param"] == "expires_after"  # type: ignore[index]
+    kept = c.files.create(file=("kept.jsonl", io.BytesIO(data)), purpose="batch")
+    assert kept.expires_at is None
+    brief = c.files.create(file=("brief.jsonl", io.BytesIO(data)), purpose="batch",
+                           expires_after={"anchor": "created_at", "seconds": 3})
+    assert brief.expires_at == brief.created_at + 3
+    b = c.batches.create(input_file_id=kept.id, endpoint="/v1/chat/completions",
+                         completion_window="24h",
+                         output_expires_after={"anchor": "created_at", "seconds": 8})
+    b = until_ended(c, b.id)
+    assert b.status == "completed"
+    out = c.files.retrieve(b.output_file_id)
+    assert out.expires_at == out.created_at + 8
+    for f in (brief.id, out.id):
+        wait_for(lambda f=f: not (batches.short_files / f).exists(), 60, f"{f} deleted on disk")
+        with pytest.raises(openai.NotFoundError):
+            c.files.retrieve(f)
+        with pytest.raises(openai.NotFoundError):
+            c.files.content(f)
+    assert {kept.id, b.input_file_id} <= {f.id for f in c.files.list()}
+    assert not {brief.id, out.id} & {f.id for f in c.files.list()}
+    assert c.files.content(kept.id).content == data
+
+
+def test_batch_lines_wait_behind_interactive_requests_on_a_busy_worker(
+        batches: Batches) -> None:
+    """A worker running one request at a time (no reserve place), kept busy by a batch: one
+    line running, one waiting. Each interactive request of the same key, sent while a batch line
+    waits, runs before that line (same key: fair sharing cannot tell them apart, only the
+    priority class can): in the worker's log (its requests end in the order they ran) at most
+    one batch line ends between the moment the request is seen waiting and its own end."""
+    c = sdk(batches.keyed, batches.keys["ops"])
+    worker = batches.narrow_url
+    b = submit(c, [chat_line(i, model="narrow", max_tokens=32) for i in range(24)])
+
+    def waiting() -> int:
+        s = httpx.post(worker + "/worker_get_status", timeout=5).json()
+        return int(s["queue_length"]) - int(s["llmrelay"]["running"])
+
+    seen = 0
+    for i in range(4):
+        # (the batch narrows to one line for 2 s after an interactive request: wait for it)
+        wait_for(lambda: waiting() >= 1, 120, "a batch line waiting at the worker")
+        rid = f"interactive-{i}"
+        done = threading.Event()
+
+        def ask(rid: str = rid, done: threading.Event = done) -> None:
+            c.with_options(default_headers={"X-Request-ID": rid}).chat.completions.create(
+                model="narrow", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+            done.set()
+
+        t = threading.Thread(target=ask)
+        t.start()
+        before = None
+        while not done.is_set():  # both waiting: the batch line and this request
+            if waiting() >= 2:
+                before = batch_ends(batches.narrow.log(), b.id)
+                break
+            time.sleep(0.02)
+        t.join()
+        if before is None:
+            continue  # it started before it could be seen waiting: no evidence either way
+        # (the worker logs a request just after its answer is sent)
+        wait_for(lambda rid=rid: f"request {rid}:" in batches.narrow.log(), 30, "its log line")
+        log = batches.narrow.log()
+        mine = log.index(f"request {rid}:")
+        assert batch_ends(log[:mine], b.id) <= before + 1, (rid, before, log[-3000:])
+        seen += 1
+    assert seen >= 2
+    c.batches.cancel(b.id)
+    assert until_ended(c, b.id).status == "cancelled"
+
+
+def batch_ends(log: str, batch_id: str) -> int:
+    """How many of the batch's lines the worker's log says ended."""
+    return len(re.findall(rf"request {batch_id}-\d+:", log))

@@ -91,3 +91,29 @@ def test_a_line_is_recorded_once_and_survives_reopening(tmp_path: Path) -> None:
     assert [x.id for x in again.unfinished()] == ["batch_1"]
     assert again.read_file("file-1") == b"hello" and again.stored_bytes("alice") == 5
     again.close()
+
+
+def test_expires_after_is_checked_as_openai_does() -> None:
+    limits = BatchLimits(min_expiry_seconds=3600)
+    assert limits.expiry(None, "expires_after") is None
+    assert limits.expiry({"anchor": "created_at", "seconds": 3600}, "expires_after") == 3600
+    for bad in ({"anchor": "created_at", "seconds": 60}, {"anchor": "now", "seconds": 3600},
+                {"anchor": "created_at", "seconds": 31 * 86400}, {"seconds": "3600"},
+                {"anchor": "created_at", "seconds": True}, "3600"):
+        with pytest.raises(APIError) as e:
+            limits.expiry(bad, "output_expires_after")
+        assert e.value.status == 400 and e.value.param == "output_expires_after"
+
+
+def test_the_sweep_deletes_expired_files_rows_and_bytes(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path / "responses.sqlite")
+    for file_id, expires in (("file-old", 100), ("file-new", 200), ("file-kept", None)):
+        staged = store.staging()
+        staged.write_bytes(b"x")
+        store.add_file(FileRecord(file_id, "a", "f", "batch", 1, 1, expires), staged)
+    assert store.get_file("a", "file-old").gone(150)  # type: ignore[union-attr]
+    assert store.expire(150) == ["file-old"]
+    assert store.get_file("a", "file-old") is None and not store.file_path("file-old").exists()
+    assert [f.id for f in store.list_files("a")] == ["file-new", "file-kept"]
+    assert store.get_file("a", "file-new").expires_at == 200  # type: ignore[union-attr]
+    store.close()

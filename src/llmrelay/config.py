@@ -316,6 +316,9 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
                    help="batches one API key may have not yet ended (default 16)")
     # Tests only: how many seconds a batch's completion window of "24h" lasts.
     p.add_argument("--batch-window", type=float, default=86400.0, help=argparse.SUPPRESS)
+    # Tests only: the shortest `expires_after` a file may ask, in seconds (OpenAI's: 3600); the
+    # sweep of expired files runs every half of it (at most every 60 s).
+    p.add_argument("--files-min-expiry", type=int, default=3600, help=argparse.SUPPRESS)
     # Tests only: the lengths of the limits' minute and day windows, in seconds.
     p.add_argument("--limit-windows", default=None, help=argparse.SUPPRESS)
     p.add_argument("--allowed-origins", type=_json_or_csv, default=["*"])

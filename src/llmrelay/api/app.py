@@ -24,7 +24,9 @@ from llmrelay.api.arena.routes import mount as mount_console
 from llmrelay.api.arena.store import VoteStore
 from llmrelay.api.auth import guard, may_load
 from llmrelay.api.batch.execute import Doors
+from llmrelay.api.batch.natsstore import NatsStore
 from llmrelay.api.batch.state import BatchLimits
+from llmrelay.api.batch.storage import LocalStore, Store
 from llmrelay.api.batch.store import BatchStore
 from llmrelay.api.body import CheckedRoute
 from llmrelay.api.chat.serving import ChatServing
@@ -81,7 +83,7 @@ def create_app(
     model_grace: float = DEFAULT_GRACE,
     expected_models: Iterable[str] = (),
     public_docs: bool = False,
-    batch_store: BatchStore | None = None,
+    batch_store: Store | None = None,
     batch_limits: BatchLimits | None = None,
     votes: VoteStore | None = None,
     host_admin_key: str | None = None,
@@ -109,7 +111,7 @@ def create_app(
     images = ImageFetcher(image_policy)
     pipeline = Pipeline(transport, Limits(request_timeout, sse_keepalive), images)
     stored = responses_store or SqliteResponseStore(":memory:")
-    files = batch_store or BatchStore(":memory:")
+    files = batch_store or LocalStore(BatchStore(":memory:"))
     limits_of_batches = batch_limits or BatchLimits()
     metrics = ApiMetrics(table)
     access = Access(keys or KeyStore(), limits, usage, metrics)
@@ -130,8 +132,7 @@ def create_app(
         await feed.aclose()
         await transport.aclose()
         await images.aclose()
-        stored.close()
-        files.close()
+        stored.close()  # (the runner closed the files' store)
         voted.close()
         if usage is not None:
             usage.close()
@@ -169,7 +170,7 @@ def create_app(
     runner = batch.mount(app, guard(access), table, Doors(
         ChatServing(table, pipeline), CompletionServing(table, pipeline),
         EmbeddingServing(table, transport), ResponsesServing(table, pipeline, stored)),
-        files, limits_of_batches, usage)
+        files, limits_of_batches, usage, me=address or "")
     mount_console(app, guard(access), access, voted, sampler, loads, side, host_admin_key)
     return app
 
@@ -203,17 +204,24 @@ def responses_store(args: argparse.Namespace, folder: Path) -> SqliteResponseSto
     except Exception as e:  # sqlite3.Error, OSError
         raise SystemExit(f"error: cannot open the responses database in {folder} ({e}); "
                          "choose another folder with --data-dir") from e
-def batch_store(args: argparse.Namespace, folder: Path) -> tuple[BatchStore, BatchLimits]:
+
+
+def batch_store(args: argparse.Namespace, folder: Path, registry: RegistryConfig | None,
+                address: str) -> tuple[Store, BatchLimits]:
     """Files and batches in the responses' database (`responses.sqlite`), the files' bytes in
-    `files/` beside it; the limits of the flags."""
+    `files/` beside it; with the NATS registry, in its JetStream (every API server shares
+    them); the limits of the flags."""
+    mib = 1024 * 1024
+    limits = BatchLimits(int(args.files_max_mb * mib), int(args.files_max_mb_per_key * mib),
+                         args.max_open_batches, args.batch_window, args.files_min_expiry)
+    if registry is not None:
+        return NatsStore(registry, folder / "files", f"llmrelay API server {address}"), limits
     try:
         store = BatchStore(folder / "responses.sqlite")
     except Exception as e:  # sqlite3.Error, OSError
         raise SystemExit(f"error: cannot open the files and batches in {folder} ({e}); "
                          "choose another folder with --data-dir") from e
-    mib = 1024 * 1024
-    return store, BatchLimits(int(args.files_max_mb * mib), int(args.files_max_mb_per_key * mib),
-                              args.max_open_batches, args.batch_window)
+    return LocalStore(store), limits
 
 
 def key_store(args: argparse.Namespace) -> KeyStore:
@@ -255,7 +263,6 @@ def run(args: argparse.Namespace) -> None:
     keys = key_store(args)
     folder = data_dir(args)
     stored = responses_store(args, folder)
-    files, limits_of_batches = batch_store(args, folder)
     try:
         votes = VoteStore(folder / "votes.sqlite", log_prompts=args.arena_prompt_log)
     except Exception as e:  # sqlite3.Error, OSError
@@ -271,6 +278,8 @@ def run(args: argparse.Namespace) -> None:
         registry = RegistryConfig.from_args(args)
     except RegistryError as e:
         raise SystemExit(f"error: {e}") from e
+    address = public_address(args.host, args.port, registry, args.ssl)
+    files, limits_of_batches = batch_store(args, folder, registry, address)
     app = create_app(
         split_csv(args.controller_address), keys, args.allowed_origins, args.allowed_methods,
         args.allowed_headers, args.allow_credentials, args.table_refresh,
@@ -280,7 +289,7 @@ def run(args: argparse.Namespace) -> None:
         responses_store=stored,
         usage=usage,
         limits=limiter(args, usage),
-        registry=registry, address=public_address(args.host, args.port, registry, args.ssl),
+        registry=registry, address=address,
         dispatch_method=getattr(args, "dispatch_method", None),
         load_queue=args.load_queue,
         model_grace=args.model_grace,

@@ -9,9 +9,9 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.params import Depends
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from fastapi.routing import APIRoute
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from llmrelay.api.auth import authorization, caller
 from llmrelay.api.batch.serving import BatchServing, FileServing
@@ -21,6 +21,16 @@ from llmrelay.api.pipeline import respond
 from llmrelay.api.responses.serving import owner_of
 
 CHUNK = 1024 * 1024
+
+
+def expires_after(form: FormData) -> Any:
+    """An upload's `expires_after` as the SDK sends it in a form (`expires_after[anchor]`,
+    `expires_after[seconds]`), as its JSON would be; None when absent."""
+    anchor, seconds = form.get("expires_after[anchor]"), form.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        return None
+    return {"anchor": anchor,
+            "seconds": int(seconds) if isinstance(seconds, str) and seconds.isdigit() else seconds}
 
 
 def mount(app: FastAPI, guarded: list[Depends], files: FileServing,
@@ -39,7 +49,7 @@ def mount(app: FastAPI, guarded: list[Depends], files: FileServing,
                                 "with the file's bytes).", None)
             if not isinstance(purpose, str):
                 raise bad_param("purpose", "Missing required parameter: 'purpose'.", None)
-            staged = await files.store.call(files.store.staging)
+            staged = files.store.staging()
             size = 0
             with open(staged, "wb") as out:
                 while chunk := await file.read(CHUNK):
@@ -48,7 +58,7 @@ def mount(app: FastAPI, guarded: list[Depends], files: FileServing,
                         break  # create() refuses it by its size
                     out.write(chunk)
             return respond(await files.create(owner(request), file.filename or "upload",
-                                              purpose, staged, size))
+                                              purpose, staged, size, expires_after(form)))
         finally:
             await form.close()
 
@@ -66,8 +76,10 @@ def mount(app: FastAPI, guarded: list[Depends], files: FileServing,
 
     @router.get("/v1/files/{file_id}/content")
     async def file_content(request: Request, file_id: str) -> Any:
-        return FileResponse(await files.content(owner(request), file_id),
-                            media_type="application/octet-stream")
+        content = await files.content(owner(request), file_id)
+        if isinstance(content, bytes):  # from NATS object storage
+            return Response(content, media_type="application/octet-stream")
+        return FileResponse(content, media_type="application/octet-stream")
 
     @router.delete("/v1/files/{file_id}")
     async def delete_file(request: Request, file_id: str) -> Any:

@@ -20,6 +20,12 @@ workers, each answer committed before the next is counted; then the output and e
   `batch_expired`).
 - **Usage**: each line's tokens go to the batch's `usage` and to the usage store under its
   key, with the model named `MODEL (batch)` so `llmrelay usage` shows batch tokens apart.
+- **Several API servers** (a shared store, storage.py): a batch runs on the server holding its
+  lease, renewed every `RENEW` seconds (`tend`); every server takes over the unfinished batches
+  whose lease has lapsed (`LEASE` seconds without renewal: their server died), and a server
+  that finds its lease taken stops its lines without finalizing. A cancel made on another
+  server reaches the runner at its next renewal.
+- **Files expire**: every `sweep` seconds the files past their `expires_at` are deleted.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import Any
 from llmrelay.api.batch.execute import Doors
 from llmrelay.api.batch.lines import Line, read
 from llmrelay.api.batch.state import BatchRecord, FileRecord, new_id
-from llmrelay.api.batch.store import BatchStore
+from llmrelay.api.batch.storage import Store
 from llmrelay.api.keys import Key
 from llmrelay.api.table import WorkerTable
 from llmrelay.api.usage import UsageStore
@@ -49,6 +55,9 @@ RETRIES = 3
 BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)
 DEFAULT_CONCURRENCY = 5  # a worker that does not say its limit (FastChat's)
 HOLD = 2.0  # seconds a batch stays narrow after the last interactive request was seen
+LEASE = 8.0  # seconds a shared store's batch stays with its server without a renewal
+RENEW = 2.0  # seconds between renewals (and looks for batches to take over)
+SWEEP = 60.0  # seconds between two sweeps of expired files
 
 
 def widths(table: WorkerTable, model: str, ours: int = 0) -> tuple[int, int, bool]:
@@ -119,13 +128,17 @@ def unanswered_line(custom_id: str, ending: str) -> dict[str, Any]:
 
 
 class BatchRunner:
-    def __init__(self, store: BatchStore, table: WorkerTable, doors: Doors,
-                 usage: UsageStore | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, table: WorkerTable, doors: Doors,
+                 usage: UsageStore | None = None, clock: Callable[[], float] = time.time,
+                 me: str = "", sweep: float = SWEEP) -> None:
         self.store = store
         self.table = table
         self.doors = doors
         self.usage = usage
         self.clock = clock
+        self.me = me  # this API server (its address), the runner named in a shared lease
+        self.sweep = sweep
+        self._tending: asyncio.Task[None] | None = None
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.records: dict[str, BatchRecord] = {}  # the running batches' records
         self.stopping: dict[str, str] = {}  # batch id -> cancelled | expired
@@ -135,11 +148,60 @@ class BatchRunner:
     # ---- control ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Resume every batch not yet ended (after a restart)."""
-        for rec in await self.store.call(self.store.unfinished):
-            log.info("batch %s: resuming (%s, %d of %d lines answered)", rec.id, rec.status,
-                     rec.completed + rec.failed, rec.total)
-            self.launch(rec)
+        """Open the store, resume every batch not yet ended (after a restart; with a shared
+        store, those of this server and those whose lease lapsed) and start `tend`."""
+        await self.store.open()
+        await self._take_over()
+        self._tending = asyncio.create_task(self.tend(), name="batch runner")
+
+    async def _take_over(self) -> None:
+        now = self.clock()
+        for rec in await self.store.unfinished():
+            if rec.id in self.tasks or (self.store.shared and rec.runner not in (None, self.me)
+                                        and rec.lease_until > now):
+                continue
+            taken = await self.store.lease(rec, self.me, now, LEASE, True)
+            if taken is None:
+                continue
+            log.info("batch %s: resuming (%s, %d of %d lines answered%s)", taken.id,
+                     taken.status, taken.completed + taken.failed, taken.total,
+                     f", after {rec.runner}" if rec.runner not in (None, self.me) else "")
+            self.launch(taken)
+
+    async def tend(self) -> None:
+        """Forever: with a shared store, renew this server's leases (a cancel made elsewhere
+        shows then; a lease another server holds now stops the batch here) and take over the
+        lapsed ones; every `sweep` seconds, delete the files that expired."""
+        period = min(RENEW, self.sweep) if self.store.shared else self.sweep
+        next_sweep = 0.0
+        while True:
+            try:
+                now = self.clock()
+                if self.store.shared:
+                    for rec in list(self.records.values()):
+                        await self._renew(rec, now)
+                    await self._take_over()
+                if now >= next_sweep:
+                    next_sweep = now + self.sweep
+                    for file_id in await self.store.expire(now):
+                        log.info("file %s expired: deleted", file_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("batch runner: tending failed; trying again")
+            await asyncio.sleep(period)
+
+    async def _renew(self, rec: BatchRecord, now: float) -> None:
+        if rec.status not in ("in_progress", "cancelling"):
+            return  # finalizing: its last writes are under way
+        stored = await self.store.lease(rec, self.me, now, LEASE, False)
+        if stored is None:
+            log.warning("batch %s: another API server holds it now; stopping here", rec.id)
+            self.stop(rec.id, "lost")
+            return
+        rec.adopt(stored)
+        if stored.status == "cancelling":
+            self.stop(rec.id, "cancelled")
 
     def launch(self, rec: BatchRecord) -> None:
         if rec.id not in self.tasks:
@@ -150,14 +212,18 @@ class BatchRunner:
     async def cancel(self, rec: BatchRecord) -> BatchRecord:
         """Its owner cancels a batch (`rec` as just read from the store): `cancelling`, its
         lines stopped, then `cancelled` once finalized. 409 for a batch that has ended."""
-        running = self.records.get(rec.id, rec)
-        running.cancel(self.clock())
-        await self.store.call(self.store.put_batch, running)
-        if rec.id in self.tasks:
+        now = self.clock()
+        stored = await self.store.update_batch(rec.owner, rec.id, lambda r: r.cancel(now))
+        running = self.records.get(rec.id)
+        if running is not None:
+            running.cancel(now)
             self.stop(rec.id, "cancelled")
-        elif running.status == "cancelling":
-            self.launch(running)
-        return running
+            return running
+        if stored is None:
+            return rec
+        if stored.status == "cancelling" and not self.store.shared:
+            self.launch(stored)  # with a shared store: its runner (or a taker-over) ends it
+        return stored
 
     def stop(self, batch_id: str, why: str) -> None:
         """Stop a running batch's lines (`why`: cancelled or expired); it then finalizes."""
@@ -169,11 +235,14 @@ class BatchRunner:
     async def aclose(self) -> None:
         """Shutting down: stop the tasks, leaving every batch as stored (resumed at start)."""
         tasks = list(self.tasks.values())
+        if self._tending is not None:
+            tasks.append(self._tending)
         for t in tasks:
             t.cancel()
         for t in tasks:
             with contextlib.suppress(BaseException):
                 await t
+        await self.store.aclose()
 
     # ---- one batch -------------------------------------------------------------------------
 
@@ -181,8 +250,10 @@ class BatchRunner:
         try:
             if rec.status in ("in_progress", "cancelling"):
                 ending = await self._lines(rec)
-                rec.finalize(ending, self.clock())
-                await self.store.call(self.store.put_batch, rec)
+                if ending == "lost":
+                    return
+                now = self.clock()
+                await self._change(rec, lambda r: r.finalize(ending, now))
             if rec.status == "finalizing":
                 await self._finalize(rec)
             log.info("batch %s: %s (%d completed, %d failed of %d)", rec.id, rec.status,
@@ -191,16 +262,24 @@ class BatchRunner:
             raise
         except Exception:
             log.exception("batch %s failed", rec.id)
-            rec.fail([{"code": "server_error", "message": "The server had an error while "
-                       "running this batch.", "param": None, "line": None}], self.clock())
-            await self.store.call(self.store.put_batch, rec)
+            now = self.clock()
+            await self._change(rec, lambda r: r.fail(
+                [{"code": "server_error", "message": "The server had an error while running "
+                  "this batch.", "param": None, "line": None}], now))
         finally:
             self.tasks.pop(rec.id, None)
             self.records.pop(rec.id, None)
             self._stop.pop(rec.id, None)
             self.stopping.pop(rec.id, None)
 
+    async def _change(self, rec: BatchRecord, change: Callable[[BatchRecord], None]) -> None:
+        stored = await self.store.update_batch(rec.owner, rec.id, change)
+        if stored is not None:
+            rec.adopt(stored)
+
     def _ending(self, rec: BatchRecord) -> str | None:
+        if self.stopping.get(rec.id) == "lost":
+            return "lost"
         if rec.status == "cancelling" or self.stopping.get(rec.id) == "cancelled":
             return "cancelled"
         if self.stopping.get(rec.id) == "expired" or self.clock() >= rec.expires_at:
@@ -212,8 +291,8 @@ class BatchRunner:
         ending = self._ending(rec)
         if ending is not None:
             return ending
-        data = await self.store.call(self.store.read_file, rec.input_file_id)
-        answered = await self.store.call(self.store.answered, rec.id)
+        data = await self.store.read_file(rec.input_file_id)
+        answered = await self.store.answered(rec.id)
         todo = [line for line in read(data) if line.number not in answered]
         stop = self._stop[rec.id]
         loop = asyncio.get_running_loop()
@@ -267,8 +346,8 @@ class BatchRunner:
                     continue
                 break
             result = output_line(line.custom_id, status, body, request_id)
-            new = await self.store.call(self.store.record_line, rec, line.number, status == 200,
-                                        result, prompt, completion)
+            new = await self.store.record_line(rec, line.number, status == 200, result, prompt,
+                                               completion)
             if new and self.usage is not None and prompt + completion:
                 await self.usage.record(rec.key_name, f"{rec.model} (batch)", prompt, completion)
         finally:
@@ -277,8 +356,8 @@ class BatchRunner:
     async def _finalize(self, rec: BatchRecord) -> None:
         """Write the output and error files (input order), then end the batch."""
         ending = rec.ending or "completed"
-        data = await self.store.call(self.store.read_file, rec.input_file_id)
-        results = await self.store.call(lambda: list(self.store.results(rec.id)))
+        data = await self.store.read_file(rec.input_file_id)
+        results = await self.store.results(rec.id)
         by_line = {n: (ok, body) for n, ok, body in results}
         out: list[bytes] = []
         err: list[bytes] = []
@@ -296,11 +375,12 @@ class BatchRunner:
                 ids.append(None)
                 continue
             content = b"\n".join(rows) + b"\n"
-            staged = await self.store.call(self.store.staging)
-            await self.store.call(staged.write_bytes, content)
+            staged = self.store.staging()
+            await asyncio.to_thread(staged.write_bytes, content)
+            expires = None if rec.output_expires_after is None else now + rec.output_expires_after
             f = FileRecord(new_id("file-"), rec.owner, f"{rec.id}_{kind}.jsonl", "batch_output",
-                           len(content), now)
+                           len(content), now, expires)
             files.append((f, staged))
             ids.append(f.id)
         rec.finish(ids[0], ids[1], self.clock())
-        await self.store.call(self.store.finish_batch, rec, files)
+        await self.store.finish_batch(rec, files)

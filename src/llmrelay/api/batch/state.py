@@ -26,6 +26,8 @@ PURPOSES = ("batch", "batch_output", "assistants", "assistants_output", "fine-tu
             "fine-tune-results", "vision", "user_data", "evals")
 UPLOAD_PURPOSES = tuple(p for p in PURPOSES if not p.endswith(("_output", "-results")))
 MAX_METADATA = 16  # pairs, as OpenAI
+MIN_EXPIRY = 3600  # seconds: the shortest `expires_after` OpenAI accepts (one hour) ...
+MAX_EXPIRY = 30 * 86400  # ... and the longest (30 days)
 
 
 def new_id(prefix: str) -> str:
@@ -41,12 +43,17 @@ class FileRecord:
     purpose: str
     bytes: int
     created_at: int
+    expires_at: int | None = None  # deleted by the sweep after this (None: kept)
 
     def to_object(self) -> dict[str, Any]:
         return {"id": self.id, "object": "file", "bytes": self.bytes,
                 "created_at": self.created_at, "filename": self.filename,
                 "purpose": self.purpose, "status": "processed", "status_details": None,
-                "expires_at": None}
+                "expires_at": self.expires_at}
+
+    def gone(self, now: float) -> bool:
+        """Past its `expires_at`: reads as deleted even before the sweep removes it."""
+        return self.expires_at is not None and now >= self.expires_at
 
 
 @dataclass
@@ -72,6 +79,9 @@ class BatchRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ending: str | None = None  # what `finalizing` ends as: completed, expired, cancelled
+    output_expires_after: int | None = None  # seconds: its output and error files' lifetime
+    runner: str | None = None  # several API servers: the one running it (its address) ...
+    lease_until: float = 0.0  # ... until then unless renewed (then another may take it over)
 
     # ---- moving on -------------------------------------------------------------------------
 
@@ -120,6 +130,10 @@ class BatchRecord:
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
 
+    def adopt(self, stored: BatchRecord) -> None:
+        """Become `stored` (the same batch as the store has it now), in place."""
+        self.__dict__.update(stored.__dict__)
+
     # ---- as stored and as shown ------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
@@ -159,13 +173,15 @@ class BatchRecord:
 @dataclass(frozen=True)
 class BatchLimits:
     """`--files-max-mb` (one upload), `--files-max-mb-per-key` (all of a key's files, outputs
-    included), `--max-open-batches` (a key's batches not yet ended), and how long a
-    completion window of "24h" lasts (`--batch-window`, for tests)."""
+    included), `--max-open-batches` (a key's batches not yet ended), how long a
+    completion window of "24h" lasts (`--batch-window`, for tests) and the shortest
+    `expires_after` a file may ask (`--files-min-expiry`: OpenAI's 3600 s; lower for tests)."""
 
     max_file_bytes: int = 200 * 1024 * 1024  # OpenAI's limit for a batch's input file
     max_key_bytes: int = 2 * 1024 * 1024 * 1024
     max_open_batches: int = 16
     window_seconds: float = WINDOWS["24h"]
+    min_expiry_seconds: int = MIN_EXPIRY
 
     def check_upload(self, size: int, stored: int) -> None:
         """413 for a file over the upload limit, 400 when the key's files would pass theirs."""
@@ -192,6 +208,22 @@ class BatchLimits:
                            f"{', '.join(WINDOWS)}.", param="completion_window",
                            code="invalid_value")
         return self.window_seconds
+
+    def expiry(self, value: Any, param: str) -> int | None:
+        """OpenAI's `{"anchor": "created_at", "seconds": N}` (`expires_after` of an upload,
+        `output_expires_after` of a batch): N seconds, from the minimum to 30 days; None when
+        absent."""
+        if value is None:
+            return None
+        seconds = value.get("seconds") if isinstance(value, dict) else None
+        if (not isinstance(value, dict) or value.get("anchor") != "created_at"
+                or isinstance(seconds, bool) or not isinstance(seconds, int)
+                or not self.min_expiry_seconds <= seconds <= MAX_EXPIRY):
+            raise APIError(400, f"Invalid value for '{param}': it must be {{\"anchor\": "
+                           f"\"created_at\", \"seconds\": N}} with N from "
+                           f"{self.min_expiry_seconds} to {MAX_EXPIRY}.", param=param,
+                           code="invalid_value")
+        return seconds
 
 
 def check_metadata(metadata: Any) -> dict[str, str] | None:

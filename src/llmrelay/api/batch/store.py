@@ -2,8 +2,9 @@
 same file as the stored Responses, `responses.sqlite`, WAL mode) and the files' bytes beside it
 (`files/<id>`).
 
-- `files`: one row per file (its owner, name, purpose, size); its bytes are written to disk and
-  renamed into place before the row is committed, so a row always has its bytes.
+- `files`: one row per file (its owner, name, purpose, size, when it expires); its bytes are
+  written to disk and renamed into place before the row is committed, so a row always has its
+  bytes. `expire` (the runner's sweep) deletes the files past their `expires_at`.
 - `batches`: one row per batch: the record (state.BatchRecord) as JSON, with its owner and
   status as columns for the lists.
 - `batch_lines`: each answered line of a running batch, committed in the same transaction as
@@ -14,7 +15,9 @@ same file as the stored Responses, `responses.sqlite`, WAL mode) and the files' 
 
 An owner is the SHA-256 of the API key (never the key), "" on a server without keys; a file or
 batch is found only by its owner (`owner=None`: the server itself, e.g. the runner). Database
-work runs on one dedicated thread, never on the event loop (`call`).
+work runs on one dedicated thread, never on the event loop (`call`); storage.py's `LocalStore`
+is the async face the runner and the endpoints use (with the NATS registry, natsstore.py
+replaces both).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ CREATE TABLE IF NOT EXISTS files (
     filename TEXT NOT NULL,
     purpose TEXT NOT NULL,
     bytes INTEGER NOT NULL,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER            -- NULL: kept until deleted
 );
 CREATE INDEX IF NOT EXISTS files_by_owner ON files (owner, created_at);
 CREATE TABLE IF NOT EXISTS batches (
@@ -61,6 +65,7 @@ CREATE TABLE IF NOT EXISTS batch_lines (
 );
 """
 TERMINAL_SQL = "(" + ", ".join(f"'{s}'" for s in TERMINAL) + ")"
+FILE_COLUMNS = "id, owner, filename, purpose, bytes, created_at, expires_at"
 
 
 class BatchStore:
@@ -80,6 +85,9 @@ class BatchStore:
         self.path = path
         # the responses' connection shares the file: a write waits for theirs
         self._db = open_database(path, SCHEMA, busy_timeout_ms=5000)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
+        if "expires_at" not in columns:  # a database from before files expired
+            self._db.execute("ALTER TABLE files ADD COLUMN expires_at INTEGER")
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="batch-db")
 
@@ -111,22 +119,21 @@ class BatchStore:
             os.fsync(f.fileno())
         os.replace(staged, self.file_path(record.id))
         with self._lock:
-            self._db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)",
+            self._db.execute(f"INSERT INTO files ({FILE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                              (record.id, record.owner, record.filename, record.purpose,
-                              record.bytes, record.created_at))
+                              record.bytes, record.created_at, record.expires_at))
 
     def get_file(self, owner: str | None, file_id: str) -> FileRecord | None:
         with self._lock:
-            row = self._db.execute("SELECT id, owner, filename, purpose, bytes, created_at FROM "
-                                   "files WHERE id = ?", (file_id,)).fetchone()
+            row = self._db.execute(f"SELECT {FILE_COLUMNS} FROM files WHERE id = ?",
+                                   (file_id,)).fetchone()
         if row is None or (owner is not None and row[1] != owner):
             return None
         return FileRecord(*row)
 
     def list_files(self, owner: str, purpose: str | None = None) -> list[FileRecord]:
         """Every file of `owner`, oldest first."""
-        query = ("SELECT id, owner, filename, purpose, bytes, created_at FROM files "
-                 "WHERE owner = ?")
+        query = f"SELECT {FILE_COLUMNS} FROM files WHERE owner = ?"
         args: list[Any] = [owner]
         if purpose:
             query += " AND purpose = ?"
@@ -143,6 +150,17 @@ class BatchStore:
             return False
         self.file_path(file_id).unlink(missing_ok=True)
         return True
+
+    def expire(self, now: float) -> list[str]:
+        """Delete every file past its `expires_at` (rows, then bytes); their ids."""
+        with self._lock:
+            ids = [r[0] for r in self._db.execute(
+                "SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ?",
+                (int(now),)).fetchall()]
+            self._db.executemany("DELETE FROM files WHERE id = ?", [(i,) for i in ids])
+        for file_id in ids:
+            self.file_path(file_id).unlink(missing_ok=True)
+        return ids
 
     def stored_bytes(self, owner: str) -> int:
         with self._lock:
@@ -164,10 +182,24 @@ class BatchStore:
                          (record.id, record.owner, record.status, record.created_at,
                           dumps(record.to_json())))
 
+    def update_batch(self, owner: str, batch_id: str, change: Callable[[BatchRecord], None]
+                     ) -> BatchRecord | None:
+        """`change` applied to the batch as stored, and saved (None: no such batch of `owner`);
+        what `change` raises leaves it as it was."""
+        with self._lock:
+            record = self._get(owner, batch_id)
+            if record is not None:
+                change(record)
+                self._save(record)
+        return record
+
     def get_batch(self, owner: str | None, batch_id: str) -> BatchRecord | None:
         with self._lock:
-            row = self._db.execute("SELECT owner, record FROM batches WHERE id = ?",
-                                   (batch_id,)).fetchone()
+            return self._get(owner, batch_id)
+
+    def _get(self, owner: str | None, batch_id: str) -> BatchRecord | None:
+        row = self._db.execute("SELECT owner, record FROM batches WHERE id = ?",
+                               (batch_id,)).fetchone()
         if row is None or (owner is not None and row[0] != owner):
             return None
         return BatchRecord.from_json(loads(row[1]))
@@ -237,9 +269,10 @@ class BatchStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for f, _ in files:
-                    self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
-                                     (f.id, f.owner, f.filename, f.purpose, f.bytes,
-                                      f.created_at))
+                    self._db.execute(f"INSERT OR REPLACE INTO files ({FILE_COLUMNS}) VALUES "
+                                     "(?, ?, ?, ?, ?, ?, ?)", (f.id, f.owner, f.filename,
+                                                               f.purpose, f.bytes, f.created_at,
+                                                               f.expires_at))
                 self._save(record)
                 self._db.execute("DELETE FROM batch_lines WHERE batch_id = ?", (record.id,))
                 self._db.execute("COMMIT")
