@@ -1,18 +1,22 @@
-"""N-gram speculative decoding (`--speculative ngram`) against the same engine without it.
+"""Speculative decoding (`--speculative ngram|draft`) against the same engine without it.
 
 Side by side in one run, in alternating rounds, the same greedy prompts through
 (a) raw llama-cpp-python (`Llama.create_completion`, one request at a time: it does not batch),
-(b) the worker's llama.cpp engine without speculation, (c) the same engine with `ngram`, both
-in this process (the worker's engine, without its HTTP layer), on two task sets: edit tasks
+(b) the worker's llama.cpp engine without speculation, (c) the same engine with `ngram`,
+(d) with a draft model (`--draft-model-path`, default the bundled SmolLM2 as its own draft: a
+functional check, not a speed claim, since such a draft costs as much as the target), all in
+this process (the worker's engine, without its HTTP layer), on two task sets: edit tasks
 (rewrite a given 40-80 line code file or JSON document with one small change; quote a given
 text) and free chat; 1 client and 8 clients (8 requests at once). Before that it measures the
 verification cost on this machine: a step of k+1 rows of one sequence against one of 1 row,
 and prints the ceiling that gives at the acceptance the edit tasks show.
 
     .venv/bin/python benchmarks/bench_speculative.py [--rounds 2] [--tokens 128] [--n-threads 2]
+        [--draft-model-path smollm2 | --no-draft]
 
-The last line: `speculative: edit 1c X.XXx, chat 1c Y.YYx, edit 8c Z.ZZx, chat 8c W.WWx`
-(tokens/s of (c) over (b)).
+The line before the last: `draft: ...` the same ratios for (d); the last line:
+`speculative: edit 1c X.XXx, chat 1c Y.YYx, edit 8c Z.ZZx, chat 8c W.WWx` (tokens/s of (c)
+over (b)).
 """
 
 from __future__ import annotations
@@ -127,13 +131,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128, help="max new tokens per request")
     ap.add_argument("--n-threads", type=int, default=2)
+    ap.add_argument("--draft-model-path", default="smollm2",
+                    help="(d)'s draft model (default: SmolLM2 itself, a functional check)")
+    ap.add_argument("--no-draft", action="store_true", help="leave (d) out")
     args = ap.parse_args()
     from llama_cpp import Llama
 
     path = resolve("smollm2").path
+    modes = ["off", "ngram"] + ([] if args.no_draft else ["draft"])
+    draft = None if args.no_draft else resolve(args.draft_model_path).path
     engines = {mode: load(Options(path, context_length=2048, n_threads=args.n_threads,
-                                  parallel=8, speculation=Settings(mode, K)))
-               for mode in ("off", "ngram")}
+                                  parallel=8, speculation=Settings(
+                                      mode, K, draft_model=draft if mode == "draft" else None)))
+               for mode in modes}
+    if draft is not None:
+        print(f"(d) draft model: {draft.name}")
     sets = {"edit": [chat(engines["off"], p) for p in EDIT],
             "chat": [chat(engines["off"], p) for p in CHAT]}
     raw = Llama(model_path=str(path), n_ctx=2048, n_batch=512, n_threads=args.n_threads,
@@ -143,43 +155,51 @@ def main() -> None:
           f"({many / one:.2f}x a 1-row step for {K + 1} rows)")
 
     results: dict[tuple[str, str, int], list[float]] = {}
-    drafted = {name: [0, 0] for name in sets}  # (c)'s draft tokens proposed, accepted per set
+    # draft tokens proposed, accepted per speculating mode and set
+    drafted = {(mode, name): [0, 0] for mode in modes[1:] for name in sets}
     for rnd in range(args.rounds):
         for name, prompts in sets.items():
             for clients in (1, 8):
                 batch = prompts * (2 if clients == 8 else 1)
-                order = ["off", "ngram"] if rnd % 2 == 0 else ["ngram", "off"]
+                order = modes if rnd % 2 == 0 else modes[::-1]
                 if clients == 1:
                     order = ["raw", *order]
                 for what in order:
                     if what == "raw":
                         tps = run_raw(raw, batch, args.tokens)
                     else:
-                        before = list(engines["ngram"].drafted)
+                        before = list(engines[what].drafted)
                         tps = asyncio.run(run_engine(engines[what], batch, clients, args.tokens))
-                        for i in (0, 1):
-                            drafted[name][i] += engines["ngram"].drafted[i] - before[i]
+                        if what != "off":
+                            for i in (0, 1):
+                                drafted[(what, name)][i] += engines[what].drafted[i] - before[i]
                     results.setdefault((what, name, clients), []).append(tps)
                     print(f"round {rnd + 1} {name} {clients}c {what}: {tps:.1f} tokens/s",
                           flush=True)
-    for name, (proposed, accepted) in drafted.items():
-        print(f"ngram drafts, {name}: {accepted}/{proposed} accepted")
+    for (mode, name), (proposed, accepted) in drafted.items():
+        print(f"{mode} drafts, {name}: {accepted}/{proposed} accepted")
 
+    d_head, d_line = (" (d) worker, draft | (d)/(b) |", "---|---|") if draft else ("", "")
     print("\n| task | clients | (a) raw llama-cpp-python | (b) worker, off | (c) worker, ngram "
-          "| (c)/(b) | (c)/(a) |")
-    print("|---|---|---|---|---|---|---|")
-    ratios = {}
+          f"| (c)/(b) | (c)/(a) |{d_head}")
+    print(f"|---|---|---|---|---|---|---|{d_line}")
+    ratios, d_ratios = {}, {}
     for name in sets:
         for clients in (1, 8):
             b = statistics.median(results[("off", name, clients)])
             c = statistics.median(results[("ngram", name, clients)])
             a = statistics.median(results[("raw", name, 1)]) if clients == 1 else None
             ratios[(name, clients)] = c / b
+            d_cells = ""
+            if draft:
+                d = statistics.median(results[("draft", name, clients)])
+                d_ratios[(name, clients)] = d / b
+                d_cells = f" {d:.1f} | {d / b:.2f}x |"
             print(f"| {name} | {clients} | {f'{a:.1f}' if a else '-'} | {b:.1f} | {c:.1f} "
-                  f"| {c / b:.2f}x | {f'{c / a:.2f}x' if a else '-'} |")
+                  f"| {c / b:.2f}x | {f'{c / a:.2f}x' if a else '-'} |{d_cells}")
     # The ceiling at the edit tasks' acceptance: a draft of K tokens of which a fraction r is
     # accepted gives 1 + r * K tokens per verification step of K+1 rows.
-    proposed, accepted = drafted["edit"]
+    proposed, accepted = drafted[("ngram", "edit")]
     rate = accepted / proposed if proposed else 0.0
     per_step = 1 + rate * K
     print(f"ceiling at acceptance {rate:.2f} with {K} draft tokens: {per_step:.2f} tokens per "
@@ -187,6 +207,10 @@ def main() -> None:
     for e in engines.values():
         e.close()
     raw.close()
+    if draft:
+        print(f"draft ({draft.name}): edit 1c {d_ratios[('edit', 1)]:.2f}x, chat 1c "
+              f"{d_ratios[('chat', 1)]:.2f}x, edit 8c {d_ratios[('edit', 8)]:.2f}x, chat 8c "
+              f"{d_ratios[('chat', 8)]:.2f}x")
     print(f"speculative: edit 1c {ratios[('edit', 1)]:.2f}x, chat 1c {ratios[('chat', 1)]:.2f}x, "
           f"edit 8c {ratios[('edit', 8)]:.2f}x, chat 8c {ratios[('chat', 8)]:.2f}x")
 
