@@ -21,7 +21,7 @@ from llmrelay.api.observe import ObserveMiddleware, RequestRecord, _current, not
 from llmrelay.api.plan import Caller
 from llmrelay.api.table import WorkerTable
 from llmrelay.api.transport import WorkerTransport
-from llmrelay.api.usage import UsageStore
+from llmrelay.api.usage import UsageStore, utc_day
 from llmrelay.metrics import ApiMetrics
 from llmrelay.protocol import EXT_FAIRNESS, OUR_EXTENSIONS
 
@@ -121,6 +121,31 @@ def test_limits_answer_429_naming_the_limit_with_retry_after_and_recover() -> No
         await access.enter(key, "smol", t)
 
     asyncio.run(main())
+
+
+def test_429s_are_counted_per_key_limit_and_day_in_the_usage_store(tmp_path: Path) -> None:
+    clock = Clock()
+    usage = UsageStore(tmp_path / "usage.sqlite")
+    access = Access(KeyStore(), LocalLimits(Limiter(clock)), usage)
+    key = Key("alice", requests_per_minute=1)
+
+    async def main() -> None:
+        await access.enter(key, "smol", table())
+        for _ in range(2):
+            with pytest.raises(APIError) as e:
+                await access.enter(key, "smol", table())
+            assert e.value.status == 429
+        # committed when the 429 is raised: another connection reads it
+        reader = UsageStore(tmp_path / "usage.sqlite")
+        assert reader.refusals(utc_day()) == {"alice": {"requests": 2}}
+        reader.close()
+
+    asyncio.run(main())
+    usage.close()
+    again = UsageStore(tmp_path / "usage.sqlite")
+    assert again.refusals(utc_day()) == {"alice": {"requests": 2}}
+    assert again.refusals("2000-01-01") == {} and again.report() == []  # 429s are not requests
+    again.close()
 
 
 def test_finish_charges_the_billed_usage_to_limits_store_and_metrics(tmp_path: Path) -> None:

@@ -513,6 +513,8 @@ def test_admin_endpoints_need_the_admin_key(cluster: Cluster) -> None:
     for key in (None, "wrong", KEY):  # no key, a wrong one, a user's API key
         for method, path, body in (("POST", "/admin/load", {"model": "keyed"}),
                                    ("POST", "/admin/unload", {"model": "keyed"}),
+                                   ("POST", "/admin/pin", {"model": "keyed"}),
+                                   ("POST", "/admin/unpin", {"model": "keyed"}),
                                    ("GET", "/admin/models", None)):
             r = h.admin(method, path, body, key=key)
             assert r.status_code == 401, (key, path, r.text)
@@ -527,6 +529,11 @@ def test_admin_endpoints_need_the_admin_key(cluster: Cluster) -> None:
     out = subprocess.run([*cli, "list", "--host-address", h.url], capture_output=True, text=True,
                          env=env, timeout=60)
     assert out.returncode == 0 and "budget" in out.stdout and "manual" in out.stdout
+    for action, said in (("pin", "manual: loaded, pinned"), ("unpin", "manual: loaded, not pinned")):
+        out = subprocess.run([*cli, action, "manual", "--host-address", h.url],
+                             capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 0 and said in out.stdout, out.stderr
+        assert h.models()["manual"]["pin"] is (action == "pin")
     out = subprocess.run([*cli, "unload", "manual", "--host-address", h.url, "--admin-key",
                           "wrong"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "Incorrect admin key" in out.stderr
@@ -579,6 +586,13 @@ n_threads = 1
                                 capture_output=True, text=True, env=env, timeout=60)
         assert listed.returncode == 0, listed.stderr  # the admin key from the state folder
         assert any(line.split()[:2] == ["tiny", "loaded"] for line in listed.stdout.splitlines())
+        # `up` gave its API server the host's admin key: the web console's buttons work
+        r = httpx.post(api + "/api/ops/models/pin", json={"model": "tiny"}, timeout=30)
+        assert r.status_code == 200 and r.json()["pin"] is True, r.text
+        wait_for(lambda: next(m for m in httpx.get(api + "/api/ops/models").json()["models"]
+                              if m["model"] == "tiny")["pin"], 30, "the pin in the console")
+        assert httpx.post(api + "/api/ops/models/unpin", json={"model": "tiny"},
+                          timeout=30).json()["pin"] is False
     finally:
         proc.send_signal(2)
         proc.wait(60)

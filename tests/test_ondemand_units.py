@@ -239,6 +239,48 @@ def test_pinned_model_is_never_evicted() -> None:
     assert r.value.code == "model_too_large"
 
 
+def test_an_admins_pin_keeps_a_model_loaded_and_unpin_lets_it_go() -> None:
+    clock = Clock()
+    p = pool(("a", 40), ("b", 40), ("c", 40), capacity=100, clock=clock,
+             a={"idle_unload": 60.0})
+    load(p, "a", used_at=clock.t)  # the least recently used...
+    load(p, "b", used_at=clock.t + 1)
+    p.hint("a", 5)
+    p.pin("a")  # ... but pinned at run time: never the one evicted, nor unloaded for idling
+    assert p.get("a").spec.pin and p.get("a").keep is None
+    assert [d["pin"] for d in p.declared()] == [True, False, False]
+    clock.t += 10_000
+    assert p.idle() == []
+    p.want("c")
+    assert p.step() == Evict("b")
+    p.unloading("b", evicted=True)
+    p.unloaded("b")
+    assert p.step() == Load("c")
+    p.started("c")
+    p.loaded("c", "http://c", 3)
+    p.release("c")
+    p.hint("a", 5)  # pinned: deaf to keep_alive
+    assert p.get("a").keep is None
+    p.pin("a", False)  # unpinned: an idle model again, its idle time counted from now
+    assert not p.get("a").spec.pin and p.idle() == []
+    clock.t += 60
+    assert p.idle() == ["a"]
+    # pinning an unloaded model, even one an admin unloaded, has the host load it
+    p.unloading("a")
+    p.unloaded("a")
+    p.hold_down("a")
+    assert p.pinned_missing() == []
+    p.pin("a")
+    assert p.pinned_missing() == ["a"]
+    # a model that cannot fit beside the pinned ones cannot be pinned
+    big = pool(("pin", 60), ("b", 50), capacity=100, pin={"pin": True})
+    load(big, "pin")
+    with pytest.raises(Refusal, match="Cannot pin.*beside the pinned pin") as r:
+        big.pin("b")
+    assert r.value.status == 409 and r.value.code == "model_too_large"
+    assert not big.get("b").spec.pin
+
+
 def test_too_big_is_refused_with_both_figures_and_the_flags_that_help() -> None:
     p = pool(("a", 10))
     e = Entry(ModelSpec("huge", {"model_path": "x"}),
@@ -525,6 +567,9 @@ pin = true
     assert "--max-memory" in host.argv and "2GiB" in host.argv
     assert "secret-admin" not in " ".join(host.argv)  # the key travels in the environment
     assert host.env["LLMRELAY_ADMIN_KEY"] == "secret-admin" == stack.admin_key
+    # the API server gets it too (its --host-admin-key): the console's load/unload/pin buttons
+    assert stack.api.env["LLMRELAY_ADMIN_KEY"] == "secret-admin"
+    assert "secret-admin" not in " ".join(stack.api.argv)
     assert stack.on_demand == ["gemma", "pinned-smol"]
 
     bad = tmp_path / "bad.toml"
@@ -545,7 +590,7 @@ def test_up_models_dir_alone(tmp_path: Path) -> None:
                     f"[host]\nport = {free_port()}\n")
     stack, _ = load_stack(str(path), str(tmp_path / "logs"), str(models))
     assert [w.name for w in stack.workers] == ["host"] and stack.on_demand == ["tiny"]
-    assert stack.admin_key  # generated
+    assert stack.admin_key == stack.api.env["LLMRELAY_ADMIN_KEY"]  # generated, for both
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(StackError, match="no .gguf file or HF folder"):

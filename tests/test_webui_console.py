@@ -1,8 +1,10 @@
 """The web console beside the chat, in a real headless Chromium against the session stack
 (`smol` and `gemma`): two answers streamed side by side, continued and regenerated, a vote that
 is stored and moves the leaderboard, random two with the names hidden until the vote, the export
-in FastChat's battle-log shape, the operations view's charts from live traffic; and, over HTTP,
-votes per key and prompt logging off (hashes only)."""
+in FastChat's battle-log shape, the operations view's charts from live traffic, a model on
+demand loaded, pinned, unpinned and unloaded from the page with its host's memory against the
+budget; and, over HTTP, votes per key and prompt logging off (hashes only), and the day's 429s
+per key surviving a restart of the API server."""
 
 from __future__ import annotations
 
@@ -219,10 +221,40 @@ def test_votes_per_key_and_hashes_without_prompt_logging(stack: Stack, procs: Pr
     assert httpx.get(api + "/api/ops/series", headers=as_key(admin)).status_code == 200
 
 
-def test_operations_view_loads_and_unloads_a_model_on_demand(procs: Procs, tmp_path: Path) -> None:
+def test_429s_of_the_day_per_key_survive_a_restart(stack: Stack, procs: Procs,
+                                                   tmp_path: Path) -> None:
+    """The keys table's 429s are today's, per key and limit, kept in the usage store: an API
+    server killed (SIGKILL) and started again on the same data folder shows them still."""
+    keys = tmp_path / "keys.toml"
+    admin, carol = add_key(keys, "admin", admin=True), add_key(keys, "carol",
+                                                               requests_per_minute=1)
+    args = ("--api-keys-file", str(keys), "--data-dir", str(tmp_path / "data"))
+    server, api = procs.api(stack.controller, extra=args)
+    ask = {"model": "smol", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    carol_h, admin_h = {"Authorization": f"Bearer {carol}"}, {"Authorization": f"Bearer {admin}"}
+    assert httpx.post(api + "/v1/chat/completions", json=ask, headers=carol_h,
+                      timeout=60).status_code == 200
+    for _ in range(2):
+        assert httpx.post(api + "/v1/chat/completions", json=ask, headers=carol_h).status_code == 429
+
+    def carols(url: str) -> dict:  # type: ignore[type-arg]
+        data = httpx.get(url + "/api/ops/keys", headers=admin_h).json()
+        return next(k for k in data["keys"] if k["key"] == "carol")
+
+    row = carols(api)
+    assert (row["requests"], row["rate_limited"], row["limits"]) == (
+        1, {"requests": 2}, {"requests_per_minute": 1})
+    server.kill()  # nothing gets to write at exit: the 429s were committed as they were sent
+    _, api = procs.api(stack.controller, extra=args)
+    assert carols(api)["rate_limited"] == {"requests": 2}
+
+
+def test_operations_view_loads_pins_and_unloads_a_model_on_demand(procs: Procs,
+                                                                   tmp_path: Path) -> None:
     """A host of its own (so the shared stack's model list stays two): the model's row says
-    unloaded, the page's load button loads it through the host's admin endpoint, unload
-    unloads it."""
+    unloaded, the page's load button loads it through the host's admin endpoint, the host's
+    memory against its budget follows, pin pins it (the row and the host say so), unpin
+    unpins it, unload unloads it."""
     from llmrelay.worker.managed import free_port
 
     _, controller = procs.controller()
@@ -244,11 +276,12 @@ def test_operations_view_loads_and_unloads_a_model_on_demand(procs: Procs, tmp_p
                                     "'#ondemand-table tr[data-model=od-smol]');"
                                     "return r && r.dataset.state;")
 
-        def press(action: str) -> bool:
+        def press(action: str, label: str | None = None) -> bool:
             return d.execute_script("const b = document.querySelector("
                                     "'tr[data-model=od-smol] button.' + arguments[0]);"
-                                    "if (!b || b.disabled) return false; b.click(); return true;",
-                                    action)
+                                    "if (!b || b.disabled || arguments[1] && b.textContent !== "
+                                    "arguments[1]) return false; b.click(); return true;",
+                                    action, label)
 
         until(d, lambda: state() == "unloaded", "the declared model, unloaded", 60)
         until(d, lambda: press("load"), "the load button", 30)
@@ -256,6 +289,39 @@ def test_operations_view_loads_and_unloads_a_model_on_demand(procs: Procs, tmp_p
         assert httpx.post(api + "/v1/chat/completions", json={
             "model": "od-smol", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
             timeout=60).status_code == 200
+        admin = {"Authorization": "Bearer adm-web"}
+        listing = httpx.get(host + "/admin/models", headers=admin, timeout=10).json()
+        held = listing["models"][0]["estimate_bytes"]
+        assert held > 0 and listing["budget_bytes"] > held
+
+        def memory() -> tuple[str, str, str] | None:  # the host's line: held, budget, text
+            return d.execute_script("const p = document.querySelector('.host-memory');"
+                                    "return p && [p.dataset.held, p.dataset.budget, p.textContent];")
+
+        until(d, lambda: (memory() or [""])[0] == str(held), "the loaded model's memory held", 30)
+        _, budget, text = memory()  # type: ignore[misc]
+        assert budget == str(listing["budget_bytes"])
+        assert f"{host}: " in text and f"{held / 1048576:.0f} MiB held of a " in text, text
+
+        def pinned() -> list[str] | None:  # the row's pin, and its Pinned cell
+            return d.execute_script("const r = document.querySelector("
+                                    "'#ondemand-table tr[data-model=od-smol]');"
+                                    "return r && [r.dataset.pin, r.cells[4].textContent];")
+
+        def host_pin() -> bool:
+            return httpx.get(host + "/admin/models", headers=admin).json()["models"][0]["pin"]
+
+        assert pinned() == ["false", "no"]
+        r = httpx.post(host + "/admin/pin", json={"model": "od-smol"})  # the host's admin key only
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_admin_key"
+        until(d, lambda: press("pin", "pin"), "the pin button", 30)
+        until(d, lambda: pinned() == ["true", "yes"], "the row to say pinned", 30)
+        assert host_pin() is True
+        d.execute_script("document.getElementById('ondemand-table').scrollIntoView();")
+        shot(d, "console-ondemand.png")
+        until(d, lambda: press("pin", "unpin"), "the unpin button", 30)
+        until(d, lambda: pinned() == ["false", "no"], "the row to say not pinned", 30)
+        assert host_pin() is False
         until(d, lambda: press("unload"), "the unload button", 30)
         until(d, lambda: state() == "unloaded", "the model unloaded from the page", 120)
     finally:

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
                        "budget (one worker process per model)")
     from llmrelay.ondemand.main import add_host_args
     add_host_args(p)
-    p = sub.add_parser("models", help="list, load or unload models on demand (a host's admin "
+    p = sub.add_parser("models", help="list, load, unload or pin models on demand (a host's admin "
                        "endpoints); list also shows the models in the Hugging Face cache")
     from llmrelay.ondemand.admin_cli import add_args as add_models_args
     add_models_args(p)

@@ -305,7 +305,7 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
                    "answers, not their text (default: kept; docs/web-console.md)")
     p.add_argument("--host-admin-key", default=os.environ.get("LLMRELAY_ADMIN_KEY"),
                    help="the on-demand hosts' admin key (default: env LLMRELAY_ADMIN_KEY), for "
-                   "the web console's load and unload buttons")
+                   "the web console's load, unload and pin buttons")
     p.add_argument("--files-max-mb", type=float, default=200.0,
                    help="largest file an upload may hold, in MiB (default 200, as OpenAI's "
                    "batch input); see docs/batch-api.md")

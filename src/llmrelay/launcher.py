@@ -212,6 +212,8 @@ def load_stack(path: str | None, log_dir: str | None,
     api_env = dict(secret_env)
     if keys:
         api_env["LLMRELAY_API_KEYS"] = ",".join(keys) if isinstance(keys, list) else str(keys)
+    if host is not None:  # the host's admin key (LLMRELAY_ADMIN_KEY), the API server's
+        api_env.update(host.env)  # --host-admin-key: the web console's load/unload/pin buttons
     a_argv = _argv(a, "[api]")
     a_args = _parse(add_api_args, a_argv, "[api]")
     if a_args.port in used_ports:

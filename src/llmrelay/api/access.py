@@ -7,7 +7,8 @@
 - `enter`: before a request runs: a model the key may not use is a 404 exactly as if it did not
   exist (the message lists only the models the key may use); then the key's limits, a 429 in
   OpenAI's shape naming the limit (`type`: requests, tokens or concurrent) with `Retry-After`
-  (whole seconds) and `retry-after-ms` (which the openai SDKs read first).
+  (whole seconds) and `retry-after-ms` (which the openai SDKs read first), counted per key, limit
+  and day in the usage store.
 - `finish`: once per request, as its answer ends (observe.py awaits it before the answer's last
   bytes): the tokens the answer's `usage` reported go to the limits, the usage store (committed
   to SQLite before it returns) and the per-key counters.
@@ -83,6 +84,11 @@ class Access:
         if refusal is not None:
             if self.metrics is not None:
                 self.metrics.key_rate_limited.labels(key.name, refusal.limit).inc()
+            if self.usage is not None:  # the day's 429s, committed before the 429 leaves
+                try:
+                    await self.usage.refused(key.name, refusal.limit)
+                except Exception:  # accounting must not change the answer
+                    log.exception("could not count a 429")
             raise APIError(429, refusal.message, type=refusal.limit, code="rate_limit_exceeded",
                            headers={"Retry-After": retry_after_header(refusal.retry_after),
                                     "retry-after-ms": str(max(1, round(refusal.retry_after

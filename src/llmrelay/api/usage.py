@@ -1,5 +1,6 @@
-"""Usage per API key: requests, prompt and completion tokens, by model and day, kept in an
-embedded SQLite database in the API server's data folder (WAL mode; survives restarts).
+"""Usage per API key: requests, prompt and completion tokens, by model and day, and the
+requests refused at a limit (429s), by limit and day, kept in an embedded SQLite database in the
+API server's data folder (WAL mode; survives restarts).
 
 `record` is awaited once per answered request, before the answer's last bytes leave (observe.py
 and access.py see to that): it hands the counts to a dedicated writer thread and returns once
@@ -8,7 +9,8 @@ it was busy in one transaction (group commit): a lone request waits for one shor
 fixed delay; many concurrent requests share one. A commit survives a crash of the process
 (kill -9): WAL mode with `synchronous=NORMAL` hands each commit to the operating system before
 it returns (a power cut may still lose the last commits; see docs/keys-and-limits.md).
-`report` is what `GET /v1/usage` and `llmrelay usage` show.
+`report` is what `GET /v1/usage` and `llmrelay usage` show. `refused` counts a 429 the same
+way (committed before the 429 leaves); `refusals` is what the web console's keys table shows.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ CREATE TABLE IF NOT EXISTS usage (
     prompt_tokens INTEGER NOT NULL DEFAULT 0,
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (day, key, model)
+);
+CREATE TABLE IF NOT EXISTS rate_limited (
+    day TEXT NOT NULL,            -- UTC date, YYYY-MM-DD
+    key TEXT NOT NULL,            -- the key's name
+    kind TEXT NOT NULL,           -- the limit: requests, tokens, concurrent, ...
+    count INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, key, kind)
 )
 """
 
@@ -41,10 +50,18 @@ UPSERT = ("INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (day, key, mo
           "SET requests = requests + excluded.requests, prompt_tokens = prompt_tokens + "
           "excluded.prompt_tokens, completion_tokens = completion_tokens + "
           "excluded.completion_tokens")
+UPSERT_REFUSED = ("INSERT INTO rate_limited VALUES (?, ?, ?, ?) ON CONFLICT (day, key, kind) DO "
+                  "UPDATE SET count = count + excluded.count")
+
+
+def utc_day(when: float | None = None) -> str:
+    """The UTC date of `when` (default: now), YYYY-MM-DD."""
+    return time.strftime("%Y-%m-%d", time.gmtime(time.time() if when is None else when))
 
 
 class UsageStore:
-    """Counts per (day, key, model) in SQLite, written by one thread with group commit."""
+    """Counts per (day, key, model), and 429s per (day, key, limit), in SQLite, written by one
+    thread with group commit."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -54,6 +71,7 @@ class UsageStore:
         # (day, key, model) -> [requests, prompt tokens, completion tokens] not yet written,
         # and the futures of the requests whose counts they hold (resolved once committed)
         self._pending: dict[tuple[str, str, str], list[int]] = {}
+        self._refused: dict[tuple[str, str, str], int] = {}  # (day, key, limit) -> 429s
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = threading.Condition()
         self._closed = False
@@ -72,6 +90,16 @@ class UsageStore:
             self._wake.notify()
         await done
 
+    async def refused(self, key: str, limit: str) -> None:
+        """Count one request refused at `limit` (a 429); returns once it is committed."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with self._wake:
+            k = (utc_day(), key, limit)
+            self._refused[k] = self._refused.get(k, 0) + 1
+            self._waiters.append(done)
+            self._wake.notify()
+        await done
+
     def record_now(self, key: str, model: str, prompt_tokens: int, completion_tokens: int,
                    when: float | None = None) -> None:
         """Count one request and write it (and anything pending) now, from this thread."""
@@ -82,7 +110,7 @@ class UsageStore:
     def _add(self, key: str, model: str, prompt_tokens: int, completion_tokens: int,
              when: float | None = None) -> None:
         """Add to the pending counts (the caller holds `_wake`)."""
-        day = time.strftime("%Y-%m-%d", time.gmtime(time.time() if when is None else when))
+        day = utc_day(when)
         row = self._pending.setdefault((day, key, model), [0, 0, 0])
         row[0] += 1
         row[1] += prompt_tokens
@@ -92,9 +120,9 @@ class UsageStore:
         """The writer: waits for counts, commits all that gathered, again."""
         while True:
             with self._wake:
-                while not self._pending and not self._closed:
+                while not self._pending and not self._refused and not self._closed:
                     self._wake.wait()
-                if not self._pending:
+                if not self._pending and not self._refused:
                     return  # closed, nothing left
             try:
                 self.flush()
@@ -106,14 +134,17 @@ class UsageStore:
         them (with the error, if the write failed, which is raised here too)."""
         with self._wake:
             rows, self._pending = self._pending, {}
+            refused, self._refused = self._refused, {}
             waiters, self._waiters = self._waiters, []
         error: BaseException | None = None
         try:
-            if rows:
+            if rows or refused:
                 with self._lock:
                     self._db.execute("BEGIN")
                     try:
                         self._db.executemany(UPSERT, [(*k, *v) for k, v in rows.items()])
+                        self._db.executemany(UPSERT_REFUSED,
+                                             [(*k, n) for k, n in refused.items()])
                         self._db.execute("COMMIT")
                         self.commits += 1
                     except BaseException:
@@ -133,7 +164,7 @@ class UsageStore:
     def today(self) -> dict[str, int]:
         """Tokens (prompt + completion) per key today (UTC)."""
         self.flush()
-        day = time.strftime("%Y-%m-%d", time.gmtime())
+        day = utc_day()
         with self._lock:
             rows = self._db.execute("SELECT key, SUM(prompt_tokens + completion_tokens) FROM "
                                     "usage WHERE day = ? GROUP BY key", (day,)).fetchall()
@@ -157,6 +188,20 @@ class UsageStore:
             rows = self._db.execute(query, args).fetchall()
         names = ("day", "key", "model", "requests", "prompt_tokens", "completion_tokens")
         return [dict(zip(names, r, strict=True)) for r in rows]
+
+    def refusals(self, day: str) -> dict[str, dict[str, int]]:
+        """The 429s of `day` (YYYY-MM-DD, UTC): key -> limit -> count."""
+        self.flush()
+        with self._lock:
+            rows = self._db.execute("SELECT key, kind, count FROM rate_limited WHERE day = ?",
+                                    (day,)).fetchall()
+        out: dict[str, dict[str, int]] = {}
+        for key, kind, n in rows:
+            out.setdefault(key, {})[kind] = int(n)
+        return out
+
+    async def refusals_async(self, day: str) -> dict[str, dict[str, int]]:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.refusals, day)
 
     def close(self) -> None:
         """Write what is pending and close the database."""

@@ -1,4 +1,4 @@
-"""`llmrelay models list|load|unload`: a host's admin endpoints from the command line; `list`
+"""`llmrelay models list|load|unload|pin|unpin`: a host's admin endpoints from the command line; `list`
 also shows what the Hugging Face cache holds (models fetched by name, `llmrelay pull`), and
 works without any host for that.
 
@@ -30,7 +30,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     for name, text in (("list", "every declared model: state (downloading: how far), memory, "
                          "idle time, loads; and the models in the Hugging Face cache"),
                        ("load", "load a model now (and wait until it is loaded)"),
-                       ("unload", "unload a model (its running requests finish first)")):
+                       ("unload", "unload a model (its running requests finish first)"),
+                       ("pin", "keep a model loaded (loaded now if it is not; never evicted) "
+                        "until unpinned or the host restarts"),
+                       ("unpin", "let a pinned model be evicted or unloaded when idle again")):
         q = sub.add_parser(name, help=text)
         if name != "list":
             q.add_argument("model", help="the model's name")
@@ -187,7 +190,7 @@ def _list(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if not getattr(args, "action", None):
-        sys.exit("usage: llmrelay models {list,load,unload} ...")
+        sys.exit("usage: llmrelay models {list,load,unload,pin,unpin} ...")
     model = getattr(args, "model", None)
     if args.action == "list":
         _list(args)
@@ -203,5 +206,6 @@ def run(args: argparse.Namespace) -> None:
         print(f"{model}: {data.get('state')}" + (f" at {data['address']}"
                                                  if data.get("address") else ""))
         return
-    data = _call("POST", hosts[0] + "/admin/unload", key, {"model": model})
-    print(f"{model}: {data.get('state')}")
+    data = _call("POST", f"{hosts[0]}/admin/{args.action}", key, {"model": model})
+    pinned = {"pin": ", pinned", "unpin": ", not pinned"}.get(args.action, "")
+    print(f"{model}: {data.get('state')}{pinned}")

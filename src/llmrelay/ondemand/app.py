@@ -6,8 +6,8 @@ and the controller read), `POST /host/ensure` (an API server waits here for a mo
 
 Admin endpoints, guarded by the admin key (`--admin-key` / LLMRELAY_ADMIN_KEY), separate from
 the users' API keys and from the cluster token: `GET /admin/models` (states, estimates, memory
-in use, the budget), `POST /admin/load`, `POST /admin/unload`. A host without an admin key
-refuses them all.
+in use, the budget), `POST /admin/load`, `POST /admin/unload`, `POST /admin/pin`, `POST
+/admin/unpin`. A host without an admin key refuses them all.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from llmrelay.protocol import error_body, loads
 from llmrelay.runtime import ClientGone, until_gone
 from llmrelay.security import TokenGuard
 
-ADMIN_PATHS = frozenset({"/admin/models", "/admin/load", "/admin/unload"})
+ADMIN_PATHS = frozenset({"/admin/models", "/admin/load", "/admin/unload", "/admin/pin",
+                         "/admin/unpin"})
 
 
 def error(status: int, message: str, code: str, retry_after: float | None = None) -> JSONResponse:
@@ -152,5 +153,25 @@ def create_app(service: HostService, token: str | None, admin_key: str | None) -
             return {"success": True, **await service.unload(model)}
         except Refusal as r:
             return refused(r)
+
+    async def pin(request: Request, on: bool) -> Any:
+        denied = admin(request)
+        if denied is not None:
+            return denied
+        model = model_of(await _body(request))
+        if isinstance(model, JSONResponse):
+            return model
+        try:
+            return {"success": True, **service.pin(model, on)}
+        except Refusal as r:
+            return refused(r)
+
+    @app.post("/admin/pin")
+    async def admin_pin(request: Request) -> Any:
+        return await pin(request, True)
+
+    @app.post("/admin/unpin")
+    async def admin_unpin(request: Request) -> Any:
+        return await pin(request, False)
 
     return app

@@ -291,6 +291,18 @@ class HostService:
             raise Refusal(400, f"keep_alive: {err}", "invalid_value") from None
         self.pool.hint(name, seconds)
 
+    def pin(self, name: str, on: bool = True) -> dict[str, Any]:
+        """An admin's pin or unpin (policy.Pool.pin); the scheduler loads a pinned model that
+        is not loaded. Until the host restarts: the stack file's `pin` is the one at start."""
+        e = self._entry(name)
+        self.pool.pin(name, on)
+        if on and self.fetches.needed(e.spec):
+            self._spawn(self._load_pinned(name))  # a hub model: fetched, then loaded
+        log.info("%s %s by an admin", name, "pinned" if on else "unpinned")
+        self.push()
+        self._wake.set()
+        return {"model": name, "pin": e.spec.pin, "state": e.state}
+
     async def unload(self, name: str) -> dict[str, Any]:
         """An admin's unload: stop taking requests, finish the running ones, exit."""
         e = self._entry(name)

@@ -17,7 +17,11 @@ Rules:
 - a load that fails is retried only after a back-off (1 s, 2 s, 4 s ... up to 30 s); requests
   meanwhile are answered with the cause;
 - an idle model unloads after its `idle_unload` time, or after a client's `keep_alive` hint
-  (capped by `keep_alive_max`, the admin's ceiling) when one was given.
+  (capped by `keep_alive_max`, the admin's ceiling) when one was given;
+- a pinned model (`pin = true` in the stack file, or an admin's `pin` at run time) is kept
+  loaded: loaded (again) by itself, never evicted, never unloaded for being idle, deaf to
+  `keep_alive`; only an admin's unload takes it down. Unpinned, it is an ordinary idle model
+  again, its idle time counted from the unpin.
 """
 
 from __future__ import annotations
@@ -355,6 +359,25 @@ class Pool:
         e.sticky = False
         if name in self.queue:
             self.queue.remove(name)
+
+    def pin(self, name: str, on: bool = True) -> None:
+        """An admin pins (or unpins) a model at run time. Pinning keeps it loaded (loads it if it
+        is not, even after an admin's unload) and drops a client's keep_alive; it is refused
+        (409) when the model cannot fit beside the models already pinned. Unpinning lets it go
+        like any idle model, its idle time counted from now."""
+        e = self.get(name)
+        if e.spec.pin == on:
+            return
+        if on:
+            refusal = self.too_big(e) if e.estimate is not None else None  # None: not fetched
+            if refusal is not None:
+                raise Refusal(409, f"Cannot pin: {refusal.message}", refusal.code)
+            e.spec.pin = True
+            e.keep = None
+            e.held_down = False
+        else:
+            e.spec.pin = False
+            e.last_used = max(e.last_used, self.clock())
 
     # ---- views -------------------------------------------------------------------------------
 

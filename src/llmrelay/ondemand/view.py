@@ -29,6 +29,16 @@ class Declared:
     download: dict[str, Any] | None = None  # progress while `downloading` (a hub model)
 
 
+@dataclass(frozen=True)
+class HostMemory:
+    """A host's memory budget and what its loaded, loading and unloading models hold of it
+    (their estimates, as the host's policy counts them)."""
+
+    host: str  # the host's address
+    budget_bytes: int | None  # None: the host could not tell
+    held_bytes: int
+
+
 def is_host(status: Any) -> bool:
     ours = status.get("llmrelay") if isinstance(status, dict) else None
     return isinstance(ours, dict) and ours.get("role") == "host"
@@ -54,6 +64,18 @@ def declared_models(entries: Iterable[tuple[str, Any, float]]) -> dict[str, Decl
             if old is None or _RANK[item.state] < _RANK[old.state]:
                 out[item.name] = item
     return out
+
+
+def host_memory(entries: Iterable[tuple[str, Any]]) -> list[HostMemory]:
+    """Each host's budget and held memory, from (address, status) of every table entry."""
+    out = []
+    for address, status in entries:
+        if is_host(status):
+            ours = status["llmrelay"]
+            budget = ours.get("budget_bytes")
+            out.append(HostMemory(address, int(budget) if isinstance(budget, (int, float)) else None,
+                                  int(ours.get("held_bytes") or 0)))
+    return sorted(out, key=lambda h: h.host)
 
 
 def from_table(table: dict[str, Any]) -> dict[str, Declared]:

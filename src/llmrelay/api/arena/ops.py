@@ -22,6 +22,7 @@ from typing import Any
 
 from llmrelay.api.table import WorkerTable
 from llmrelay.metrics import ApiMetrics
+from llmrelay.ondemand.view import is_host
 
 log = logging.getLogger("llmrelay.api")
 
@@ -93,6 +94,8 @@ class Sampler:
         workers = []
         models: dict[str, dict[str, Any]] = {}
         for w in self.table.workers.values():
+            if is_host(w.status):
+                continue  # a host of models on demand serves nothing itself
             running = w.ours.running if w.ours is not None else 0
             here = self.table.inflight.get(w.name, 0)
             workers.append({"address": w.name, "models": list(w.model_names),

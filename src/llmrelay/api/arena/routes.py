@@ -6,8 +6,8 @@
 - `GET /api/arena/battles?since=&until=&key=`: the votes as JSONL in FastChat's battle-log shape.
   With keys on, a key that is not an admin key sees only its own votes (`key` is ignored).
 - `GET /api/ops/series?since=T`, `GET /api/ops/keys`, `GET /api/ops/models`, `POST
-  /api/ops/models/{load|unload}`: the operations view (admin keys only when keys are on); load
-  and unload go to the model's host's admin endpoints with `--host-admin-key`.
+  /api/ops/models/{load|unload|pin|unpin}`: the operations view (admin keys only when keys are
+  on); the actions go to the model's host's admin endpoints with `--host-admin-key`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from llmrelay.api.arena.store import Vote, VoteStore
 from llmrelay.api.auth import caller, operator_guard
 from llmrelay.api.errors import APIError
 from llmrelay.api.ondemand.loads import Loads
+from llmrelay.api.usage import utc_day
+from llmrelay.ondemand.view import host_memory
 
 MAX_TURNS = 200
 
@@ -117,15 +119,10 @@ def mount(app: FastAPI, guarded: list[Depends], access: Access, votes: VoteStore
 
     @app.get("/api/ops/keys", dependencies=ops)
     async def keys_today() -> Any:
-        """Each key's usage today (UTC), its limits, and its 429s since this server started."""
-        day = time.strftime("%Y-%m-%d", time.gmtime())
+        """Each key's usage today (UTC), its limits, and its 429s today (by limit)."""
+        day = utc_day()
         rows = await access.usage.report_async(day) if access.usage is not None else []
-        refused: dict[str, dict[str, float]] = {}
-        if access.metrics is not None:
-            for family in access.metrics.key_rate_limited.collect():
-                for s in family.samples:
-                    if s.name.endswith("_total"):
-                        refused.setdefault(s.labels["key"], {})[s.labels["limit"]] = s.value
+        refused = await access.usage.refusals_async(day) if access.usage is not None else {}
         out: dict[str, dict[str, Any]] = {}
         for r in rows:
             row = out.setdefault(r["key"], {"key": r["key"], "requests": 0, "prompt_tokens": 0,
@@ -140,20 +137,26 @@ def mount(app: FastAPI, guarded: list[Depends], access: Access, votes: VoteStore
             row["limits"] = {n: getattr(k, n) for n in ("requests_per_minute", "tokens_per_minute",
                                                          "concurrent", "tokens_per_day")
                              if getattr(k, n) is not None}
+        for name in refused:
+            out.setdefault(name, {"key": name, "requests": 0, "prompt_tokens": 0,
+                                  "completion_tokens": 0, "models": {}})
         for name, row in out.items():
             row["rate_limited"] = refused.get(name, {})
         return {"day": day, "keys": sorted(out.values(), key=lambda r: r["key"])}
 
     @app.get("/api/ops/models", dependencies=ops)
     async def declared() -> Any:
+        hosts = host_memory((w.name, w.status) for w in loads.table.workers.values())
         return {"admin_buttons": bool(host_admin_key), "models": [
             {"model": d.name, "state": d.state, "bytes": d.bytes, "pin": d.pin, "load": d.load,
              "error": d.error, "download": d.download, "host": d.host}
-            for d in sorted(loads.declared().values(), key=lambda d: d.name)]}
+            for d in sorted(loads.declared().values(), key=lambda d: d.name)],
+            "hosts": [{"host": h.host, "budget_bytes": h.budget_bytes, "held_bytes": h.held_bytes}
+                      for h in hosts]}
 
     @app.post("/api/ops/models/{action}", dependencies=ops)
-    async def load_or_unload(action: str, body: dict[str, Any]) -> Any:
-        if action not in ("load", "unload"):
+    async def model_action(action: str, body: dict[str, Any]) -> Any:
+        if action not in ("load", "unload", "pin", "unpin"):
             raise APIError(404, f"Unknown path /api/ops/models/{action}.")
         d = loads.declared().get(str(body.get("model", "")))
         if d is None:
@@ -161,8 +164,9 @@ def mount(app: FastAPI, guarded: list[Depends], access: Access, votes: VoteStore
                            code="model_not_found")
         if not host_admin_key:
             raise APIError(403, "This API server has no host admin key: start it with "
-                           "--host-admin-key (or LLMRELAY_ADMIN_KEY) to load and unload from "
-                           "the page.", code="admin_disabled")
-        r = await client.post(f"{d.host}/admin/{action}", json={"model": d.name, "wait": False},
+                           "--host-admin-key (or LLMRELAY_ADMIN_KEY) to load, unload and pin "
+                           "from the page.", code="admin_disabled")
+        ask = {"model": d.name, "wait": False} if action == "load" else {"model": d.name}
+        r = await client.post(f"{d.host}/admin/{action}", json=ask,
                               headers={"Authorization": f"Bearer {host_admin_key}"}, timeout=30)
         return Response(r.content, status_code=r.status_code, media_type="application/json")

@@ -1,5 +1,6 @@
 // llmrelay's web console, part 3: the operations view's live charts (plain SVG), the models
-// loaded on demand with load / unload buttons, and each API key's usage today. Reads
+// loaded on demand with load / unload / pin buttons and each host's memory against its budget,
+// and each API key's usage and 429s today. Reads
 // GET /api/ops/series (the API server samples its table and metrics every few seconds),
 // /api/ops/models and /api/ops/keys; app.js's Operations tab calls loadOpsLive every 2 s.
 "use strict";
@@ -103,14 +104,38 @@ function cellRow(cells) {
   return tr;
 }
 
-function mib(bytes) { return bytes ? (bytes / 1048576).toFixed(0) + " MiB" : "-"; }
+function mib(bytes) {  // MiB below a GiB, GiB with one decimal from there
+  if (!bytes) return "-";
+  return bytes < 1073741824 ? (bytes / 1048576).toFixed(0) + " MiB" : (bytes / 1073741824).toFixed(1) + " GiB";
+}
+
+// One line per host: the estimated memory its models hold against its budget, with a bar.
+function drawHostMemory(hosts) {
+  const lines = hosts.map((h) => {
+    const p = document.createElement("p");
+    p.className = "host-memory";
+    p.dataset.host = h.host;
+    p.dataset.held = String(h.held_bytes);
+    p.dataset.budget = h.budget_bytes == null ? "" : String(h.budget_bytes);
+    const bar = document.createElement("meter");
+    bar.min = 0; bar.max = h.budget_bytes || 1; bar.value = Math.min(h.held_bytes, bar.max);
+    bar.optimum = 0; bar.high = bar.max * 0.9;
+    const text = h.budget_bytes == null
+      ? mib(h.held_bytes) + " held (budget unknown)"
+      : (h.held_bytes ? mib(h.held_bytes) : "0 MiB") + " held of a " + mib(h.budget_bytes) +
+        " budget (the models' estimates), " + mib(Math.max(0, h.budget_bytes - h.held_bytes)) + " free";
+    p.append(document.createTextNode("Host " + h.host + ": "), bar, document.createTextNode(" " + text));
+    return p;
+  });
+  $("host-memory").replaceChildren(...lines);
+}
 
 async function modelAction(action, model) {
   const resp = await fetch("/api/ops/models/" + action, {
     method: "POST", headers: authHeaders(), body: JSON.stringify({ model }),
   });
-  $("ondemand-summary").textContent = resp.ok ? action + " " + model + ": asked"
-    : action + " " + model + ": " + await errorMessage(resp);
+  $("ondemand-summary").textContent = !resp.ok ? action + " " + model + ": " + await errorMessage(resp)
+    : action + " " + model + (action.endsWith("pin") ? ": done" : ": asked");
   loadOpsLive();
 }
 
@@ -121,7 +146,7 @@ async function loadDeclared() {
   if (!data.models.length) $("ondemand-summary").textContent = "No model is declared on demand.";
   else if (!data.admin_buttons && !$("ondemand-summary").textContent) {
     $("ondemand-summary").textContent = "Start the API server with --host-admin-key (or " +
-      "LLMRELAY_ADMIN_KEY) to load and unload from here.";
+      "LLMRELAY_ADMIN_KEY) to load, unload and pin from here.";
   }
   const rows = data.models.map((m) => {
     const buttons = document.createElement("span");
@@ -132,16 +157,30 @@ async function loadDeclared() {
       b.addEventListener("click", () => modelAction(action, m.model));
       buttons.append(b);
     }
+    const pin = document.createElement("button");  // a pinned model stays loaded, never evicted
+    pin.type = "button"; pin.textContent = m.pin ? "unpin" : "pin"; pin.className = "small pin";
+    pin.disabled = !data.admin_buttons;
+    pin.addEventListener("click", () => modelAction(m.pin ? "unpin" : "pin", m.model));
+    buttons.append(pin);
     let state = m.state;
     if (m.download) state += " " + Math.round(m.download.percent || 0) + "% of " + mib(m.download.total_bytes);
     if (m.error) state += " (" + m.error + ")";
     const tr = cellRow([m.model, state, mib(m.bytes), m.load, m.pin ? "yes" : "no", m.host, buttons]);
     tr.dataset.model = m.model;
     tr.dataset.state = m.state;
+    tr.dataset.pin = String(m.pin);
     return tr;
   });
+  drawHostMemory(data.hosts || []);
   document.querySelector("#ondemand-table tbody").replaceChildren(...rows);
   $("ondemand-table").hidden = !rows.length;
+}
+
+// Today's 429s of a key: the total, and by limit when there are any ("3 (requests 2, tokens 1)").
+function refusals(byLimit) {
+  const parts = Object.entries(byLimit || {});
+  const total = parts.reduce((sum, [, n]) => sum + n, 0);
+  return total ? total + " (" + parts.map(([limit, n]) => limit + " " + n).join(", ") + ")" : "0";
 }
 
 async function loadKeys() {
@@ -151,7 +190,7 @@ async function loadKeys() {
   const rows = data.keys.map((k) => cellRow([
     k.key, k.requests, k.prompt_tokens, k.completion_tokens,
     Object.entries(k.limits || {}).map(([n, v]) => n + " " + v).join(", ") || "none",
-    Object.values(k.rate_limited).reduce((a, b) => a + b, 0)]));
+    refusals(k.rate_limited)]));
   document.querySelector("#keys-table tbody").replaceChildren(...rows);
 }
 
