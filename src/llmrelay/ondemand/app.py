@@ -119,15 +119,21 @@ def create_app(service: HostService, token: str | None, admin_key: str | None) -
     async def admin_models(request: Request) -> Any:
         return admin(request) or service.listing()
 
-    @app.post("/admin/load")
-    async def admin_load(request: Request) -> Any:
+    async def admin_request(request: Request) -> tuple[dict[str, Any], str] | JSONResponse:
+        """An admin route's body and model, or the refusal to answer (key, body, model)."""
         denied = admin(request)
         if denied is not None:
             return denied
         body = await _body(request)
         model = model_of(body)
-        if isinstance(model, JSONResponse):
-            return model
+        return model if isinstance(model, JSONResponse) else (body, model)
+
+    @app.post("/admin/load")
+    async def admin_load(request: Request) -> Any:
+        asked = await admin_request(request)
+        if isinstance(asked, JSONResponse):
+            return asked
+        body, model = asked
         try:
             if not body.get("wait", True):
                 if service.begin(model, admin=True) is not None:
@@ -143,24 +149,20 @@ def create_app(service: HostService, token: str | None, admin_key: str | None) -
 
     @app.post("/admin/unload")
     async def admin_unload(request: Request) -> Any:
-        denied = admin(request)
-        if denied is not None:
-            return denied
-        model = model_of(await _body(request))
-        if isinstance(model, JSONResponse):
-            return model
+        asked = await admin_request(request)
+        if isinstance(asked, JSONResponse):
+            return asked
+        _, model = asked
         try:
             return {"success": True, **await service.unload(model)}
         except Refusal as r:
             return refused(r)
 
     async def pin(request: Request, on: bool) -> Any:
-        denied = admin(request)
-        if denied is not None:
-            return denied
-        model = model_of(await _body(request))
-        if isinstance(model, JSONResponse):
-            return model
+        asked = await admin_request(request)
+        if isinstance(asked, JSONResponse):
+            return asked
+        _, model = asked
         try:
             return {"success": True, **service.pin(model, on)}
         except Refusal as r:
