@@ -21,6 +21,8 @@ of 3 or more servers).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import tempfile
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from llmrelay.api.batch.state import TERMINAL, BatchRecord, FileRecord
+from llmrelay.api.errors import APIError
 from llmrelay.protocol import dumps, loads
 from llmrelay.registry.base import RegistryConfig
 from llmrelay.registry.natskv import cluster_size, connect_until_done
@@ -57,17 +60,41 @@ class NatsStore:
         self.nc: Any = None
         self.js: Any = None
         self.rows = f"{cfg.bucket}-batches"
+        self._opening: asyncio.Task[None] | None = None
 
     # ---- connection ------------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Connect in the background (retrying, as the registry feed does): until connected,
+        every call is a 503 and the API server serves all else."""
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        if self._opening is None:
+            self._opening = asyncio.create_task(self._connect(), name="files and batches")
+
+    def _need(self) -> None:
+        if self.obs is None:
+            raise APIError(503, "Files and batches are not reachable yet: this API server has "
+                           "no connection to the registry's NATS (see its log).",
+                           type="server_error", code="store_unavailable")
+
+    async def _connect(self) -> None:
+        nc = self.nc = await connect_until_done(self.cfg, self.name, "files and batches")
+        self.js = nc.jetstream(timeout=TIMEOUT)
+        while True:
+            try:
+                await self._buckets(nc)
+                return
+            except Exception as e:  # JetStream not ready yet (no meta leader), no permission
+                log.warning("files and batches: the NATS buckets cannot be opened yet (%s: %s); "
+                            "retrying in 2 s", type(e).__name__, e)
+                await asyncio.sleep(2.0)
+
+    async def _buckets(self, nc: Any) -> None:
+        """Open both buckets, creating those missing."""
         from nats.js.api import ObjectStoreConfig
         from nats.js.errors import BucketNotFoundError
 
-        self.staging_dir.mkdir(parents=True, exist_ok=True)
-        self.nc = await connect_until_done(self.cfg, self.name, "files and batches")
-        self.js = self.nc.jetstream(timeout=TIMEOUT)
-        replicas = self.cfg.replicas or (3 if cluster_size(self.nc) >= 3 else 1)
+        replicas = self.cfg.replicas or (3 if cluster_size(nc) >= 3 else 1)
         rows, objects = self.rows, f"{self.cfg.bucket}-files"
         try:
             self.kv = await self.js.key_value(rows)
@@ -76,13 +103,18 @@ class NatsStore:
                 bucket=rows, history=1, replicas=replicas,
                 description="llmrelay files and batches (rows)")
         try:
-            self.obs = await self.js.object_store(objects)
+            obs = await self.js.object_store(objects)
         except BucketNotFoundError:
-            self.obs = await self.js.create_object_store(objects, config=ObjectStoreConfig(
+            obs = await self.js.create_object_store(objects, config=ObjectStoreConfig(
                 replicas=replicas, description="llmrelay files (bytes)"))
+        self.obs = obs  # (set last: the store is usable from now on)
         log.info("files and batches in the NATS buckets %r and %r", rows, objects)
 
     async def aclose(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()
+            with contextlib.suppress(BaseException):
+                await self._opening
         if self.nc is not None:
             await self.nc.close()
 
@@ -90,6 +122,7 @@ class NatsStore:
 
     async def _values(self, pattern: str) -> list[Any]:
         """Every live entry whose key matches `pattern` (a subject wildcard)."""
+        self._need()
         watcher = await self.kv.watch(pattern, ignore_deletes=True)
         entries = []
         try:
@@ -105,6 +138,7 @@ class NatsStore:
     async def _get(self, key: str) -> Any:
         from nats.js.errors import KeyNotFoundError
 
+        self._need()
         try:
             return await self.kv.get(key)
         except KeyNotFoundError:
@@ -119,6 +153,7 @@ class NatsStore:
 
     async def add_file(self, record: FileRecord, staged: Path) -> None:
         """The bytes into the object store first, then the row."""
+        self._need()
         with open(staged, "rb") as f:
             await self.obs.put(record.id, f)
         staged.unlink(missing_ok=True)
@@ -152,6 +187,7 @@ class NatsStore:
         return sum(f.bytes for f in await self.list_files(owner, None))
 
     async def read_file(self, file_id: str) -> bytes:
+        self._need()
         return bytes((await self.obs.get(file_id)).data)
 
     async def content(self, file_id: str) -> Path | bytes:
@@ -173,6 +209,7 @@ class NatsStore:
         return f"batch.{_owner(owner)}.{batch_id}"
 
     async def put_batch(self, record: BatchRecord) -> None:
+        self._need()
         await self.kv.put(self._key(record.owner, record.id), dumps(record.to_json()))
         if record.status not in TERMINAL:
             await self.kv.put(f"open.{record.id}", record.owner.encode() or b"-")
@@ -260,6 +297,7 @@ class NatsStore:
                           completion_tokens: int) -> bool:
         from nats.js.errors import KeyWrongLastSequenceError
 
+        self._need()
         try:
             await self.kv.create(f"line.{record.id}.{line}", dumps(
                 {"ok": ok, "prompt": prompt_tokens, "completion": completion_tokens,

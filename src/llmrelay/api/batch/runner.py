@@ -42,6 +42,7 @@ from llmrelay.api.batch.execute import Doors
 from llmrelay.api.batch.lines import Line, read
 from llmrelay.api.batch.state import BatchRecord, FileRecord, new_id
 from llmrelay.api.batch.storage import Store
+from llmrelay.api.errors import APIError
 from llmrelay.api.keys import Key
 from llmrelay.api.table import WorkerTable
 from llmrelay.api.usage import UsageStore
@@ -148,10 +149,9 @@ class BatchRunner:
     # ---- control ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the store, resume every batch not yet ended (after a restart; with a shared
-        store, those of this server and those whose lease lapsed) and start `tend`."""
+        """Open the store and start `tend`, which resumes every batch not yet ended (after a
+        restart; with a shared store, those of this server and those whose lease lapsed)."""
         await self.store.open()
-        await self._take_over()
         self._tending = asyncio.create_task(self.tend(), name="batch runner")
 
     async def _take_over(self) -> None:
@@ -169,39 +169,46 @@ class BatchRunner:
             self.launch(taken)
 
     async def tend(self) -> None:
-        """Forever: with a shared store, renew this server's leases (a cancel made elsewhere
-        shows then; a lease another server holds now stops the batch here) and take over the
-        lapsed ones; every `sweep` seconds, delete the files that expired."""
+        """Forever: resume the unfinished batches (at first; with a shared store, every turn:
+        those whose lease lapsed), after renewing this server's leases (a cancel made elsewhere
+        shows then; a lease another server holds now stops the batch here); every `sweep`
+        seconds, delete the files that expired."""
         period = min(RENEW, self.sweep) if self.store.shared else self.sweep
         next_sweep = 0.0
+        resumed = False
         while True:
             try:
                 now = self.clock()
                 if self.store.shared:
                     for rec in list(self.records.values()):
                         await self._renew(rec, now)
+                if self.store.shared or not resumed:
                     await self._take_over()
+                    resumed = True
                 if now >= next_sweep:
-                    next_sweep = now + self.sweep
                     for file_id in await self.store.expire(now):
                         log.info("file %s expired: deleted", file_id)
+                    next_sweep = now + self.sweep
             except asyncio.CancelledError:
                 raise
+            except APIError as e:  # the store is not reachable yet (NATS): next turn
+                log.debug("batch runner: %s", e.message)
             except Exception:
                 log.exception("batch runner: tending failed; trying again")
-            await asyncio.sleep(period)
+            await asyncio.sleep(min(period, 1.0) if not resumed else period)
 
     async def _renew(self, rec: BatchRecord, now: float) -> None:
-        if rec.status not in ("in_progress", "cancelling"):
-            return  # finalizing: its last writes are under way
-        stored = await self.store.lease(rec, self.me, now, LEASE, False)
+        running = rec.status in ("in_progress", "cancelling")  # else finalizing: its own
+        stored = await self.store.lease(rec, self.me, now, LEASE, False)  # writes go on
         if stored is None:
-            log.warning("batch %s: another API server holds it now; stopping here", rec.id)
-            self.stop(rec.id, "lost")
+            if running:
+                log.warning("batch %s: another API server holds it now; stopping here", rec.id)
+                self.stop(rec.id, "lost")
             return
-        rec.adopt(stored)
-        if stored.status == "cancelling":
-            self.stop(rec.id, "cancelled")
+        if running:
+            rec.adopt(stored)
+            if stored.status == "cancelling":
+                self.stop(rec.id, "cancelled")
 
     def launch(self, rec: BatchRecord) -> None:
         if rec.id not in self.tasks:
