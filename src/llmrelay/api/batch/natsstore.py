@@ -6,7 +6,8 @@ it serves every file and batch and any of them finishes a batch whose server die
   `file.<owner>.<id>` (a FileRecord), `batch.<owner>.<id>` (a BatchRecord), `open.<id>` (the
   owner of each batch not yet ended: what a server scans to take batches over) and
   `line.<batch>.<n>` (an answered line: its output line, status and tokens). The owner in a
-  key (the key's hash, `-` without keys) makes another key's id simply absent.
+  key (a SHA-256 of the owner, itself the API key's hash) makes another key's id simply
+  absent.
 - Exactly once: a line is written with `create` (it fails if the line exists), then the
   batch's counts with compare-and-set; a server taking the batch over (`lease`, `fresh`)
   recounts from the lines, so a crash between the two writes loses no count.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import tempfile
@@ -42,7 +44,8 @@ TIMEOUT = 10.0  # a JetStream call (an object's chunk, a put)
 
 
 def _owner(owner: str) -> str:
-    return owner or "-"
+    """An owner as a key's token: its SHA-256 in hex (owners hold `:`, which keys may not)."""
+    return hashlib.sha256(owner.encode()).hexdigest()
 
 
 class NatsStore:
@@ -212,7 +215,7 @@ class NatsStore:
         self._need()
         await self.kv.put(self._key(record.owner, record.id), dumps(record.to_json()))
         if record.status not in TERMINAL:
-            await self.kv.put(f"open.{record.id}", record.owner.encode() or b"-")
+            await self.kv.put(f"open.{record.id}", dumps({"owner": record.owner}))
 
     async def update_batch(self, owner: str, batch_id: str,
                            change: Callable[[BatchRecord], None]) -> BatchRecord | None:
@@ -246,15 +249,16 @@ class NatsStore:
 
     async def _open(self) -> list[tuple[str, str]]:
         """(batch id, owner) of every batch not yet ended."""
-        return [(e.key.split(".", 1)[1], e.value.decode()) for e in await self._values("open.*")]
+        return [(e.key.split(".", 1)[1], loads(e.value)["owner"])
+                for e in await self._values("open.*")]
 
     async def open_batches(self, owner: str) -> int:
-        return sum(o == _owner(owner) for _, o in await self._open())
+        return sum(o == owner for _, o in await self._open())
 
     async def unfinished(self) -> list[BatchRecord]:
         found = []
         for batch_id, owner in await self._open():
-            record = await self.get_batch("" if owner == "-" else owner, batch_id)
+            record = await self.get_batch(owner, batch_id)
             if record is None or record.status in TERMINAL:
                 await self.kv.delete(f"open.{batch_id}")
             else:
