@@ -302,10 +302,19 @@ class NatsStore:
         from nats.js.errors import KeyWrongLastSequenceError
 
         self._need()
+        value = dumps({"ok": ok, "prompt": prompt_tokens, "completion": completion_tokens,
+                       "result": result})
+        limit = self.nc.max_payload - 4096  # (room for the headers)
+        if len(value) > limit:  # a NATS message cannot hold it: the line's answer says so
+            ok = False
+            value = dumps({"ok": ok, "prompt": prompt_tokens, "completion": completion_tokens,
+                           "result": {**result, "response": None, "error": {
+                               "code": "response_too_large", "message": (
+                                   f"The answer ({len(value)} bytes) is larger than a message "
+                                   f"of the NATS servers may be ({limit} bytes): it could not "
+                                   "be stored.")}}})
         try:
-            await self.kv.create(f"line.{record.id}.{line}", dumps(
-                {"ok": ok, "prompt": prompt_tokens, "completion": completion_tokens,
-                 "result": result}))
+            await self.kv.create(f"line.{record.id}.{line}", value)
         except KeyWrongLastSequenceError:
             return False
         stored = await self.update_batch(record.owner, record.id, lambda r: r.count(
