@@ -211,12 +211,14 @@ def test_greedy_and_seeded_answers_are_the_same_with_a_draft_model(without: Outp
     for (asked, kw), a, b in zip(cases, plain, spec, strict=True):
         assert a[:4] == b[:4], (asked, kw)
     assert on["mode"] == "draft" and on["draft_model"].startswith("SmolLM2")
-    # greedy, with no stop sequence or penalty: the draft is the target, so nearly all kept
-    # (sampled answers reject greedy drafts often; a stop sequence cuts a draft short)
-    greedy = [r[4] for r in spec[:len(EDITS + CHATS[:4])]]
-    assert all(d and d[1] > 0 for d in greedy)  # chat too, not only where n-grams hit
+    # Greedy, with no stop sequence or penalty, every draft token is checked (none is drafted
+    # past the length limit or an end token) and, the draft being the target, nearly all are
+    # kept; sampled answers reject greedy drafts often, a stop sequence cuts a draft short. (How
+    # many tokens are drafted depends on the measured step costs; the first case's first step
+    # drafts before any is measured.)
+    greedy = [r[4] for r in spec[:len(EDITS + CHATS[:4])] if r[4]]
     proposed, accepted = sum(d[0] for d in greedy), sum(d[1] for d in greedy)
-    assert proposed > 100 and accepted >= 0.9 * proposed
+    assert proposed > 0 and accepted >= 0.9 * proposed
     assert all(r[4] is None for r, (_, kw) in zip(spec, cases, strict=True) if "logprobs" in kw)
 
 
@@ -269,15 +271,18 @@ def test_a_worker_with_a_draft_model_gives_the_plain_workers_answers(
         lps = [(e.token, e.logprob) for e in (c.logprobs.content or [])] if c.logprobs else None
         return c.message.content, c.finish_reason, calls, lps
 
-    for messages, kw in asks:
+    for i, (messages, kw) in enumerate(asks):
         assert ask("smol-draft", messages, kw) == ask("smol", messages, kw), (messages, kw)
+        if i == 2:  # greedy answers with no stop sequence: the draft is the target's own
+            spec = httpx.post(worker + "/worker_get_status", timeout=10).json()["llmrelay"][
+                "speculative"]
+            assert spec["mode"] == "draft" and spec["proposed"] > 0
+            assert spec["acceptance_rate"] >= 0.9
     got = ask("smol-draft", *asks[5])
     assert set(json.loads(got[0])) == {"city"}
     assert ask("smol-draft", *asks[6])[2][0][0] == "get_weather"
     assert ask("smol-draft", *asks[7])[3]
 
-    spec = httpx.post(worker + "/worker_get_status", timeout=10).json()["llmrelay"]["speculative"]
-    assert spec["mode"] == "draft" and spec["proposed"] > 0 and spec["acceptance_rate"] >= 0.9
     metrics = httpx.get(worker + "/metrics", timeout=10).text
     accepted = [line for line in metrics.splitlines()
                 if line.startswith("llmrelay_worker_speculative_accepted_tokens_total")]
@@ -288,10 +293,16 @@ def test_a_worker_with_a_draft_model_gives_the_plain_workers_answers(
 def test_llmrelay_status_shows_the_draft_workers_acceptance_rate(
         stack: Stack, draft_worker: tuple[Any, str]) -> None:
     """`llmrelay status` against the stack's controller: the draft worker's row says `draft`
-    and its acceptance rate (from its heartbeat); the plain workers' rows say nothing."""
+    and its acceptance so far, as the worker's own status has it (from its heartbeat); the
+    plain workers' rows say nothing."""
+    _, worker = draft_worker
     client = stack.client()
     client.chat.completions.create(model="smol-draft", messages=EDITS[3], temperature=0,
                                    max_tokens=24)
+    spec = httpx.post(worker + "/worker_get_status", timeout=10).json()["llmrelay"]["speculative"]
+    assert spec["proposed"] > 0
+    expected = (f"draft {spec['accepted'] / spec['proposed']:.0%} "
+                f"({spec['accepted']}/{spec['proposed']})")
     found: list[str] = []
 
     def shown() -> bool:
@@ -303,12 +314,9 @@ def test_llmrelay_status_shows_the_draft_workers_acceptance_rate(
         found[:] = lines
         header = next(line for line in lines if line.startswith("MODELS"))
         row = next(line for line in lines if line.startswith("smol-draft "))
-        return "SPECULATIVE" in header and bool(re.search(r"draft \d+% \(\d+/\d+\)$", row))
+        return "SPECULATIVE" in header and row.endswith(expected)
 
-    wait_for(shown, 30, "the draft worker's speculation in `llmrelay status`")
-    rate = re.search(r"draft (\d+)% \((\d+)/(\d+)\)$",
-                     next(line for line in found if line.startswith("smol-draft ")))
-    assert rate is not None and int(rate.group(1)) >= 90 and int(rate.group(3)) > 0
+    wait_for(shown, 30, f"`{expected}` in `llmrelay status`")
     for line in found:
         if line.startswith("smol ") or line.startswith("gemma "):
             assert line.rstrip().endswith("-")
