@@ -193,8 +193,9 @@ class BatchRunner:
                 raise
             except APIError as e:  # the store is not reachable yet (NATS): next turn
                 log.debug("batch runner: %s", e.message)
-            except Exception:
-                log.exception("batch runner: tending failed; trying again")
+            except Exception as e:  # e.g. NATS electing a leader: next turn
+                log.warning("batch runner: tending failed (%s: %s); trying again",
+                            type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
             await asyncio.sleep(min(period, 1.0) if not resumed else period)
 
     async def _renew(self, rec: BatchRecord, now: float) -> None:
