@@ -295,6 +295,54 @@ def tiny_vlm(smol_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_mmproj(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight projector GGUF for the bundled SmolLM2 GGUF, for the llama.cpp
+    engine's `--mmproj` (made once per session with the `gguf` package): a LLaVA `mlp` projector
+    (576 wide, SmolLM2's embeddings) over a one-layer CLIP vision tower of 64x64 pixels in 8x8
+    patches, so TINY_VLM_IMAGE_TOKENS tokens per image. Weights drawn with a large spread
+    (seeded) so that different images give different greedy answers."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    out = tmp_path_factory.mktemp("mmproj") / "mmproj-tiny.gguf"
+    w = gguf.GGUFWriter(str(out), "clip")
+    keys, vision = gguf.Keys.Clip, gguf.Keys.ClipVision
+    width, ff, size, patch, n_text = 32, 64, 64, 8, 576
+    w.add_bool(keys.HAS_VISION_ENCODER, True)
+    w.add_bool(keys.HAS_LLAVA_PROJECTOR, True)
+    w.add_string(keys.PROJECTOR_TYPE, "mlp")
+    for key, value in ((vision.IMAGE_SIZE, size), (vision.PATCH_SIZE, patch),
+                       (vision.EMBEDDING_LENGTH, width), (vision.FEED_FORWARD_LENGTH, ff),
+                       (vision.BLOCK_COUNT, 1), (vision.PROJECTION_DIM, n_text),
+                       (vision.Attention.HEAD_COUNT, 2)):
+        w.add_uint32(key, value)
+    w.add_float32(vision.Attention.LAYERNORM_EPS, 1e-5)
+    w.add_array(vision.IMAGE_MEAN, [0.5, 0.5, 0.5])
+    w.add_array(vision.IMAGE_STD, [0.5, 0.5, 0.5])
+    w.add_bool(vision.USE_GELU, True)
+    rng = np.random.default_rng(0)
+    shapes: dict[str, tuple[int, ...]] = {
+        "v.patch_embd.weight": (width, 3, patch, patch), "v.class_embd": (width,),
+        "v.position_embd.weight": ((size // patch) ** 2 + 1, width),
+        "v.pre_ln.weight": (width,), "v.pre_ln.bias": (width,)}
+    for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+        shapes |= {f"v.blk.0.{name}.weight": (width, width), f"v.blk.0.{name}.bias": (width,)}
+    for name in ("ln1", "ln2"):
+        shapes |= {f"v.blk.0.{name}.weight": (width,), f"v.blk.0.{name}.bias": (width,)}
+    shapes |= {"v.blk.0.ffn_up.weight": (ff, width), "v.blk.0.ffn_up.bias": (ff,),
+               "v.blk.0.ffn_down.weight": (width, ff), "v.blk.0.ffn_down.bias": (width,),
+               "mm.0.weight": (n_text, width), "mm.0.bias": (n_text,),
+               "mm.2.weight": (n_text, n_text), "mm.2.bias": (n_text,)}
+    for name, shape in shapes.items():
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.5).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
 def tiny_vlm_png(color: str) -> bytes:
     """The 80x60 PNG of one colour that `tiny_vlm`'s reference answers saw."""
     buf = io.BytesIO()

@@ -182,6 +182,10 @@ def add_worker_args(p: argparse.ArgumentParser, default_concurrency: int = 5) ->
                    "the default: greedy answers the same alone and batched) or one pool for all "
                    "(unified: answers depend on the batch, and every step attends over the "
                    "cached prompts of idle slots too)")
+    p.add_argument("--mmproj", default=None,
+                   help="llamacpp engine: the projector GGUF of a vision model, so that it reads "
+                   "images (default: an mmproj*.gguf file next to the model, if any; "
+                   "docs/images.md)")
     p.add_argument(
         "--limit-worker-concurrency",
         type=int,

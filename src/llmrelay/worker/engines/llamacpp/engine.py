@@ -12,6 +12,11 @@ seconds; with nothing generating it takes the whole batch. What every threaded e
 (prompt rules, stop handling, the hand-off of chunks to the event loop) is
 `threaded.ThreadedEngine`'s; this module is the llama.cpp side.
 
+With a vision model's projector (`--mmproj`: vision.py) a chat prompt with images is tokenized
+by llama.cpp's mtmd; each image is evaluated into its sequence's cells between steps (not in
+the batch), the text around it in the steps; its positions hold ids made from the image's
+content, so a slot's cached prefix is reused only by the same image.
+
 The KV cache has `context_length` cells per slot. By default each sequence has a stream of its
 own (llama.cpp's non-unified cache, `--kv-cache per-sequence`): a sequence attends only over
 its own cells, so a greedy request gives the same text alone and inside any batch (a prompt
@@ -69,6 +74,7 @@ from llmrelay.worker.engines.llamacpp.draft import DraftModel, DraftProposer
 from llmrelay.worker.engines.llamacpp.options import KV_CACHE_LAYOUTS, Options
 from llmrelay.worker.engines.llamacpp.prefill import PrefillBudget
 from llmrelay.worker.engines.llamacpp.speculate import RowCost, Speculator
+from llmrelay.worker.engines.llamacpp.vision import Projector, Prompt, images_of, marked
 from llmrelay.worker.engines.threaded import Generation, Mailbox, ThreadedEngine
 
 log = logging.getLogger("llmrelay.worker")
@@ -126,6 +132,7 @@ class _Seq(Generation):
         self.sampler: Any = None
         self.guide: Guide | None = None  # its constraint's matcher, if any
         self.speculator: Speculator | None = None  # its drafts (--speculative ngram|draft)
+        self.prompt: Prompt | None = None  # a prompt with images: its mtmd chunks (vision.py)
 
 
 class LlamaCppEngine(ThreadedEngine):
@@ -182,12 +189,27 @@ class LlamaCppEngine(ThreadedEngine):
         self.speculation = options.speculation
         self.row_cost = RowCost()  # decode-only steps' time by rows: when a draft row pays
         self.drafted = [0, 0]  # draft tokens proposed, accepted (every request so far)
+        self.reused = [0, 0]  # requests that reused a slot's cached prefix, and its tokens
+        self.projector: Projector | None = None  # --mmproj: vision.py
+        self.pending = threading.local()  # a prompt with images, from prompt_tokens to prepare
+        if options.mmproj is not None:
+            try:
+                self.projector = Projector(options.mmproj, self.llm._model.model, n_threads,
+                                           options.device == "cuda")
+            except EngineError:
+                llama_cpp.llama_batch_free(self.batch)
+                llama_cpp.llama_free(self.ctx)
+                self.llm.close()
+                raise
+            log.info("reads images with %s", options.mmproj.name)
         self.draft_model: DraftModel | None = None  # --speculative draft: draft.py
         if self.speculation.mode == "draft" and self.speculation.draft_model is not None:
             try:
                 self.draft_model = DraftModel(self.speculation.draft_model, self.llm, path,
                                               self._n_ctx, n_threads, options.device == "cuda")
             except EngineError:
+                if self.projector is not None:
+                    self.projector.close()
                 llama_cpp.llama_batch_free(self.batch)
                 llama_cpp.llama_free(self.ctx)
                 self.llm.close()
@@ -232,11 +254,14 @@ class LlamaCppEngine(ThreadedEngine):
     def features(self) -> Features:
         return Features(chat=True, completions=True, prompt_token_ids=True, logprobs=True,
                         top_logprobs=20, seed=True, penalties=True, tools=True, json_schema=True,
-                        logit_bias=True, continuation=True, tokenize=True)
+                        logit_bias=True, continuation=True, tokenize=True,
+                        vision=self.projector is not None)
 
     def status(self) -> dict[str, Any]:
+        hits, tokens = self.reused
         return {"ready": True, "grammars_compiled": self.grammars.compiled,
-                "prefill": self.prefill_status(), "speculative": self.speculation_status()}
+                "prefill": self.prefill_status(), "speculative": self.speculation_status(),
+                "prefix_cache": {"enabled": True, "hits": hits, "tokens": tokens}}
 
     def speculation_status(self) -> dict[str, Any]:
         """--speculative and its draft tokens so far (speculate.py)."""
@@ -266,7 +291,36 @@ class LlamaCppEngine(ThreadedEngine):
         return tokens
 
     def detokenize(self, tokens: list[int]) -> str:
+        tokens = [t for t in tokens if t >= 0]  # (an image's ids are not text: vision.py)
         return self.llm.detokenize(tokens, special=True).decode("utf-8", "replace")
+
+    def render_chat(self, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None,
+                    variables: dict[str, Any] | None = None) -> str:
+        if self.projector is not None:
+            messages = marked(messages)  # each image part as mtmd's marker, in its place
+        return super().render_chat(messages, tools, variables)
+
+    def prompt_tokens(self, req: GenerationRequest) -> list[int]:
+        """A chat prompt with images is tokenized by mtmd (vision.py); its tokens hold the
+        images' ids, its chunks wait for `prepare` (the same thread, see ThreadedEngine._admit)."""
+        images = (images_of(req.messages) if self.projector is not None and req.messages
+                  and req.prompt_token_ids is None else [])
+        if not images:
+            return super().prompt_tokens(req)
+        assert self.projector is not None and req.messages is not None
+        text = self.render_chat(req.messages, req.template_tools, req.template_kwargs)
+        bos = self._piece(self.bos_id) if self.bos_id >= 0 else ""
+        # (a template that writes the BOS text itself gets no second one, as in tokenize)
+        prompt = self.projector.tokenize(text, images, add_special=not (bos and text.startswith(bos)))
+        self._stash(prompt)
+        return prompt.tokens
+
+    def _stash(self, prompt: Prompt | None) -> None:
+        old = getattr(self.pending, "prompt", None)
+        if old is not None and old is not prompt:
+            old.free()
+        self.pending.prompt = prompt
 
     def vocab_size(self) -> int:
         return int(self.n_vocab)
@@ -287,6 +341,10 @@ class LlamaCppEngine(ThreadedEngine):
         assert isinstance(gen, _Seq)
         if gen.req.constraint is not None:
             gen.guide = self.grammars.guide(gen.req.constraint)
+        prompt = getattr(self.pending, "prompt", None)
+        if prompt is not None and prompt.tokens is gen.tokens:
+            self.pending.prompt = None
+            gen.prompt = prompt
 
     def submit(self, gen: Generation) -> None:
         assert isinstance(gen, _Seq)
@@ -306,6 +364,8 @@ class LlamaCppEngine(ThreadedEngine):
                 self._admit_waiting(active)
             for seq in [s for s in active if s.gone]:
                 self._end(seq, "abort", active)
+            for seq in [s for s in active if s.prompt is not None]:
+                self._read_images(seq, active)
             if not active:
                 continue
             try:
@@ -327,6 +387,8 @@ class LlamaCppEngine(ThreadedEngine):
         """Move waiting requests into free slots (called with the condition held)."""
         for seq in [s for s in self.inbox if s.gone]:
             self.inbox.remove(seq)
+            if seq.prompt is not None:
+                seq.prompt.free()
             self.finish(seq, "abort")
         while self.inbox:
             free = [s for s in self.slots if not s.busy]
@@ -337,9 +399,14 @@ class LlamaCppEngine(ThreadedEngine):
             n_keep = min(common_prefix(slot.cached, seq.tokens), len(seq.tokens) - 1)
             if n_keep < MIN_PREFIX_REUSE:
                 n_keep = min(n_keep, slot.exact)  # see "Same numbers" in the module docstring
+            if seq.prompt is not None:
+                n_keep = seq.prompt.reusable(n_keep)  # an image is evaluated whole
             if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, n_keep, -1):
                 llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
                 n_keep = 0
+            if n_keep > 0:
+                self.reused[0] += 1
+                self.reused[1] += n_keep
             log.debug("request %s: slot %d, %d of %d prompt tokens cached", seq.req.request_id,
                       slot.seq_id, n_keep, len(seq.tokens))
             slot.cached = seq.tokens[:n_keep]
@@ -368,10 +435,11 @@ class LlamaCppEngine(ThreadedEngine):
     def _sampler(self, seq: _Seq) -> None:
         req = seq.req
         seed = req.seed if req.seed is not None else self.default_seed
-        seq.sampler = sampling.chain(req, self.n_vocab, seed, seq.tokens)
+        seq.sampler = sampling.chain(req, self.n_vocab, seed, [t for t in seq.tokens if t >= 0])
         # Constrained and logprobs requests are never speculated on: their matcher and their
         # logprobs would have to follow draft tokens that may be rolled back.
-        if self.speculation.on and seq.guide is None and req.logprobs is None:
+        # Nor are prompts with images: their image ids are no tokens to look up or draft from.
+        if self.speculation.on and seq.guide is None and req.logprobs is None and seq.prompt is None:
             seq.speculator = (Speculator(DraftProposer(self.draft_model, seq.tokens),
                                          self.speculation.tokens) if self.draft_model
                               else Speculator.of(self.speculation, seq.tokens))
@@ -402,9 +470,9 @@ class LlamaCppEngine(ThreadedEngine):
         decode_rows = decoding + sum(len(d) for d in drafts.values())
         reading = [s for s in active if s.n_past < len(s.tokens)]
         takes = {id(s): n for s, n in zip(reading, self.prefill.split(
-            decode_rows, [len(s.tokens) - s.n_past for s in reading]), strict=True) if n}
+            decode_rows, [self._text_left(s) for s in reading]), strict=True) if n}
         prompt_rows = sum(takes.values())
-        waiting = sum(len(s.tokens) - s.n_past for s in active if s.n_past < len(s.tokens))
+        waiting = sum(self._text_left(s) for s in reading)
         if decoding and prompt_rows < min(waiting, BATCH_TOKENS - decode_rows):
             self.split_steps += 1  # the time budget, not the batch's size, cut the prompts
         # The batch is written in sequence-id order: with a KV stream per sequence, llama.cpp
@@ -441,6 +509,31 @@ class LlamaCppEngine(ThreadedEngine):
         # (not a step in which the draft model read a prompt: a one-off, not a row's cost)
         if decoding and not prompt_rows and not (self.draft_model and self.draft_model.read > 2):
             self.row_cost.observe(decode_rows, seconds)
+
+    def _text_left(self, seq: _Seq) -> int:
+        """The prompt rows `seq` can take in a batched step: up to its next image, if any."""
+        end = seq.prompt.text_until(seq.n_past) if seq.prompt is not None else len(seq.tokens)
+        return end - seq.n_past
+
+    def _read_images(self, seq: _Seq, active: list[_Seq]) -> None:
+        """Evaluate the images that come next in `seq`'s prompt into its slot's cells, between
+        the batched steps (mtmd decodes an image's embeddings for one sequence: vision.py)."""
+        assert seq.prompt is not None and seq.slot is not None and self.projector is not None
+        while seq.n_past < len(seq.tokens):
+            span = seq.prompt.image_at(seq.n_past)
+            if span is None:
+                return
+            seq.slot.computing(span.start, span.n)
+            try:
+                self.projector.evaluate(self.ctx, span, seq.slot.seq_id, BATCH_TOKENS)
+            except RuntimeError as e:
+                log.warning("request %s: %s", seq.req.request_id, e)
+                self._release(seq, active, keep_cache=False)
+                self.fail(seq, EngineError(f"llama.cpp failed: {e}"))
+                return
+            seq.n_past = span.end
+            if span is seq.prompt.images[-1]:
+                seq.prompt.free()  # every image read: its chunks are no longer needed
 
     def _drafts(self, active: list[_Seq], decoding: int) -> dict[int, list[int]]:
         """The draft tokens of this step's generating sequences (by id(seq)): only for those
@@ -544,6 +637,9 @@ class LlamaCppEngine(ThreadedEngine):
             seq.sampler = None
         seq.guide = None
         seq.speculator = None
+        if seq.prompt is not None:
+            seq.prompt.free()
+            seq.prompt = None
         slot = seq.slot
         if slot is not None:
             if not keep_cache:
@@ -579,4 +675,6 @@ class LlamaCppEngine(ThreadedEngine):
             llama_cpp.llama_free(self.ctx)
             if self.draft_model is not None:
                 self.draft_model.close()
+            if self.projector is not None:
+                self.projector.close()
         self.llm.close()

@@ -29,6 +29,7 @@ class Options:
     kv_cache: str = "per-sequence"
     prefill_slowdown: float = 2.0  # prefill.py: a step with prompt rows vs decode rows alone
     speculation: Speculation = Speculation()  # speculate.py: --speculative and its sizes
+    mmproj: Path | None = None  # a vision model's projector GGUF (vision.py)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: ResolvedModel | None) -> Options:
@@ -51,7 +52,25 @@ class Options:
                    parallel=args.limit_worker_concurrency + getattr(args, "fair_reserve", 0),
                    kv_cache=args.kv_cache or "per-sequence",
                    prefill_slowdown=getattr(args, "prefill_slowdown", None) or 2.0,
-                   speculation=speculation(args))
+                   speculation=speculation(args), mmproj=projector(args, model.path))
+
+
+def projector(args: argparse.Namespace, model: Path) -> Path | None:
+    """--mmproj (refused when it is no file), else an `mmproj*.gguf` file next to the model (the
+    first by name when there are several)."""
+    given = getattr(args, "mmproj", None)
+    if given:
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise EngineError(f"--mmproj: no such file: {path}")
+        return path
+    found = sorted(p for p in model.parent.glob("mmproj*.gguf") if p.is_file() and p != model)
+    if len(found) > 1:
+        log.warning("several projectors next to %s; using %s (choose one with --mmproj)",
+                    model.name, found[0].name)
+    if found:
+        log.info("found the projector %s next to the model", found[0].name)
+    return found[0] if found else None
 
 
 def speculation(args: argparse.Namespace) -> Speculation:
