@@ -295,3 +295,39 @@ def test_worker_loads_an_hf_folder_repository(hub: dict, tmp_path: Path) -> None
     finally:
         w.terminate()
         w.wait(30)
+
+
+def test_a_vision_repository_brings_its_projector(hub: dict, procs: Procs, tmp_path: Path,
+                                                  tiny_mmproj: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GGUF repository with a vision projector (`mmproj*.gguf`): a worker started by its name
+    fetches the projector with the model and reads images with it (no --mmproj)."""
+    import base64
+
+    from conftest import TINY_VLM_IMAGE_TOKENS, tiny_vlm_png
+
+    commit(hub["mirror"].root / "models" / "test-org" / "vision-GGUF",
+           {"vision-Q4_1.gguf": hub["smol"], "mmproj-vision-f16.gguf": tiny_mmproj}, "vision")
+    for k, v in hub_env(hub["url"], tmp_path / "hf").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    _, controller = procs.controller()
+    _, api = procs.api(controller)
+    procs.worker(controller, names="vision", model="test-org/vision-GGUF", load_timeout=180)
+    wait_for(lambda: any(m["id"] == "vision" and "vision" in m.get("features", [])
+                         for m in httpx.get(api + "/v1/models").json()["data"]), 60,
+             "the model served, reading images")
+    assert list(snapshot_files(tmp_path / "hf", "test-org/vision-GGUF").values()) == \
+        [["mmproj-vision-f16.gguf", "vision-Q4_1.gguf"]]
+    client = openai.OpenAI(base_url=api + "/v1", api_key="none", max_retries=0, timeout=120)
+    url = "data:image/png;base64," + base64.b64encode(tiny_vlm_png("red")).decode()
+
+    def prompt(content: object) -> int:
+        r = client.chat.completions.create(model="vision", max_tokens=1, temperature=0,
+                                           messages=[{"role": "user", "content": content}])  # type: ignore[misc]
+        assert r.usage is not None
+        return r.usage.prompt_tokens
+
+    text = [{"type": "text", "text": "What is this?"}]
+    assert prompt([{"type": "image_url", "image_url": {"url": url}}, *text]) > \
+        prompt(text) + TINY_VLM_IMAGE_TOKENS - 1

@@ -35,11 +35,27 @@ def test_quantization_from_a_file_name(path: str, quant: str | None) -> None:
 
 def test_default_is_q4_k_m_else_the_smallest() -> None:
     files = {"m-Q8_0.gguf": 8 * MiB, "m-Q4_K_M.gguf": 5 * MiB, "m-Q2_K.gguf": 3 * MiB,
-             "mmproj-m-f16.gguf": MiB, "README.md": 10}
+             "README.md": 10}
     assert hub.plan(hub.HubRef("o/m"), files).main == "m-Q4_K_M.gguf"
     del files["m-Q4_K_M.gguf"]
     assert hub.plan(hub.HubRef("o/m"), files).main == "m-Q2_K.gguf"
     assert hub.plan(hub.HubRef("o/m", "q8_0"), files).files == {"m-Q8_0.gguf": 8 * MiB}
+
+
+def test_a_vision_projector_comes_with_the_model() -> None:
+    """A GGUF repository's `mmproj*.gguf` in the model's folder is fetched with it (F16 first,
+    else the model's own quantization, else the first by name); it is never the model."""
+    files = {"m-Q8_0.gguf": 8 * MiB, "m-Q4_K_M.gguf": 5 * MiB, "mmproj-m-f16.gguf": MiB,
+             "mmproj-m-Q8_0.gguf": MiB // 2, "README.md": 10}
+    plan = hub.plan(hub.HubRef("o/m"), files)
+    assert plan.main == "m-Q4_K_M.gguf"
+    assert plan.files == {"m-Q4_K_M.gguf": 5 * MiB, "mmproj-m-f16.gguf": MiB}
+    assert plan.patterns == ["m-Q4_K_M.gguf", "mmproj-m-f16.gguf"]
+    del files["mmproj-m-f16.gguf"]
+    assert set(hub.plan(hub.HubRef("o/m", "Q8_0"), files).files) == {"m-Q8_0.gguf",
+                                                                      "mmproj-m-Q8_0.gguf"}
+    nested = {"Q4_K_M/m-Q4_K_M.gguf": 5 * MiB, "mmproj-f16.gguf": MiB}  # not in its folder
+    assert set(hub.plan(hub.HubRef("o/m"), nested).files) == {"Q4_K_M/m-Q4_K_M.gguf"}
 
 
 def test_split_parts_go_together_and_must_all_be_there() -> None:

@@ -4,7 +4,9 @@ the standard cache, before an engine loads it.
 - What to fetch is planned from the repository's file list (`plan`): an HF folder (config.json
   and safetensors or PyTorch weights: the folder, without other formats' weights) or one
   quantization of a GGUF repository (`:QUANT`, its split parts included; with none, Q4_K_M,
-  else the smallest). A repository with neither says what it holds.
+  else the smallest), with the vision projector beside it when the repository has one
+  (`mmproj*.gguf` in the model's folder, F16 preferred: the llama.cpp engine finds it next to
+  the model). A repository with neither says what it holds.
 - `huggingface_hub` does the download, so HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE and HF_HOME mean
   what they mean to every other tool, the cache is shared with them, and an interrupted
   download resumes from its `.incomplete` blob (a file appears in a snapshot only once whole:
@@ -173,7 +175,32 @@ def plan(ref: HubRef, files: dict[str, int], where: str = "the hub") -> Plan:
         raise HubError(f"{ref.repo}: the split GGUF {parts[0]} has {len(parts)} of its "
                        f"{int(m.group(2))} parts in the repository")
     quant = key if quant_of(parts[0]) else None
-    return Plan(ref.repo, "gguf", chosen, main=parts[0], quant=quant, patterns=parts)
+    projector = _projector(files, parts[0], key)
+    if projector is not None:
+        chosen = {**chosen, projector: files[projector]}
+    return Plan(ref.repo, "gguf", chosen, main=parts[0], quant=quant,
+                patterns=parts + ([projector] if projector else []))
+
+
+# A vision projector's precision, most wanted first (a projector is small; F16 is the usual).
+PROJECTOR_QUANTS = ("F16", "BF16", "F32", "Q8_0")
+
+
+def _projector(files: dict[str, int], main: str, quant: str) -> str | None:
+    """The vision projector to fetch with the GGUF `main` (quantization `quant`): an
+    `mmproj*.gguf` file in its folder; F16 first, then BF16, F32, Q8_0, the model's own
+    quantization, else the first by name. None when there is none."""
+    folder = main.rsplit("/", 1)[0] if "/" in main else ""
+    found = sorted(p for p in files if p.lower().endswith(".gguf")
+                   and p.split("/")[-1].lower().startswith("mmproj")
+                   and (p.rsplit("/", 1)[0] if "/" in p else "") == folder)
+    if not found:
+        return None
+    for want in (*PROJECTOR_QUANTS, quant.upper()):
+        for p in found:
+            if quant_of(p) == want:
+                return p
+    return found[0]
 
 
 # ---- the cache --------------------------------------------------------------------------------
