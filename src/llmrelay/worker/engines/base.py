@@ -13,6 +13,7 @@ partial stop string, chat rendering, and what an engine declares it honours (`Fe
 from __future__ import annotations
 
 import asyncio
+import base64
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,23 @@ class EngineError(Exception):
         super().__init__(message)
         self.code = int(code)
         self.param = param
+
+
+def images_of(messages: list[dict[str, Any]]) -> list[bytes]:
+    """The images of chat messages (our `images` extension's parts, `{"type": "image", "data":
+    <base64>, ...}`), in the order a chat template meets them; EngineError (a bad request) for
+    one that is not base64."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "image":
+                try:
+                    out.append(base64.b64decode(str(part.get("data", "")), validate=True))
+                except ValueError as e:
+                    raise EngineError(f"an image part is not base64: {e}",
+                                      ErrorCode.VALIDATION_TYPE_ERROR) from e
+    return out
 
 
 def refused(e: Exception) -> EngineError:

@@ -45,7 +45,7 @@ from transformers import (
 
 from llmrelay.protocol import ErrorCode, Features, LogprobEntry
 from llmrelay.worker import templates
-from llmrelay.worker.engines.base import EngineError, GenerationRequest
+from llmrelay.worker.engines.base import EngineError, GenerationRequest, images_of
 from llmrelay.worker.engines.hf import compat
 from llmrelay.worker.engines.hf.constraints import Constrained, LogitBias, load_grammars
 from llmrelay.worker.engines.hf.options import (
@@ -57,7 +57,7 @@ from llmrelay.worker.engines.hf.options import (
     torch_dtype,
 )
 from llmrelay.worker.engines.hf.sampling import Forced, request_processors, seeded
-from llmrelay.worker.engines.hf.vision import Uses, Vision, images_of, is_vision_model, template_messages
+from llmrelay.worker.engines.hf.vision import Uses, Vision, is_vision_model, template_messages
 from llmrelay.worker.engines.threaded import Generation, Mailbox, ThreadedEngine
 from llmrelay.worker.templates import ChatTemplateError
 

@@ -29,7 +29,6 @@ prefill and are not served exactly by this scheme; `TransformersEngine` refuses 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import inspect
 import io
@@ -61,23 +60,6 @@ def is_vision_model(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and isinstance(config.get("vision_config"), dict)
-
-
-def images_of(messages: list[dict[str, Any]]) -> list[bytes]:
-    """The images of chat messages (our `images` extension's parts), in the order a chat
-    template meets them."""
-    out = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and part.get("type") == "image":
-                    try:
-                        out.append(base64.b64decode(str(part.get("data", "")), validate=True))
-                    except ValueError as e:
-                        raise EngineError(f"an image part is not base64: {e}",
-                                          ErrorCode.VALIDATION_TYPE_ERROR) from e
-    return out
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -67,14 +67,14 @@ from llama_cpp import Llama
 
 from llmrelay.protocol import Features, LogprobEntry, logprob_entry
 from llmrelay.worker import templates
-from llmrelay.worker.engines.base import EngineError, GenerationRequest
+from llmrelay.worker.engines.base import EngineError, GenerationRequest, images_of
 from llmrelay.worker.engines.guidance import Guide
 from llmrelay.worker.engines.llamacpp import sampling
 from llmrelay.worker.engines.llamacpp.draft import DraftModel, DraftProposer
 from llmrelay.worker.engines.llamacpp.options import KV_CACHE_LAYOUTS, Options
 from llmrelay.worker.engines.llamacpp.prefill import PrefillBudget
 from llmrelay.worker.engines.llamacpp.speculate import RowCost, Speculator
-from llmrelay.worker.engines.llamacpp.vision import Projector, Prompt, images_of, marked
+from llmrelay.worker.engines.llamacpp.vision import Projector, Prompt, marked
 from llmrelay.worker.engines.threaded import Generation, Mailbox, ThreadedEngine
 
 log = logging.getLogger("llmrelay.worker")

@@ -21,7 +21,6 @@ refused at load; audio projectors are not used.
 
 from __future__ import annotations
 
-import base64
 import ctypes
 import hashlib
 import io
@@ -42,21 +41,6 @@ from llmrelay.worker.engines.base import EngineError
 log = logging.getLogger("llmrelay.worker")
 
 MARKER = mtmd.mtmd_default_marker().decode()  # where the chat template puts an image
-
-
-def images_of(messages: list[dict[str, Any]]) -> list[bytes]:
-    """The images of chat messages (our `images` extension's parts), in their order."""
-    out = []
-    for m in messages:
-        content = m.get("content")
-        for part in content if isinstance(content, list) else []:
-            if isinstance(part, dict) and part.get("type") == "image":
-                try:
-                    out.append(base64.b64decode(str(part.get("data", "")), validate=True))
-                except ValueError as e:
-                    raise EngineError(f"an image part is not base64: {e}",
-                                      ErrorCode.VALIDATION_TYPE_ERROR) from e
-    return out
 
 
 def marked(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
