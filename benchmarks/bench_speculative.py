@@ -4,9 +4,10 @@ Side by side in one run, in alternating rounds, the same greedy prompts through
 (a) raw llama-cpp-python (`Llama.create_completion`, one request at a time: it does not batch),
 (b) the worker's llama.cpp engine without speculation, (c) the same engine with `ngram`,
 (d) with a draft model (`--draft-model-path`, default the bundled SmolLM2 as its own draft: a
-functional check, not a speed claim, since such a draft costs as much as the target), all in
-this process (the worker's engine, without its HTTP layer), on two task sets: edit tasks
-(rewrite a given 40-80 line code file or JSON document with one small change; quote a given
+functional check, not a speed claim, since such a draft costs as much as the target), the
+worker's engine without its HTTP layer, each round in a process of its own with the engines
+loaded in an order turned by the round (in one process the engine loaded first ran faster), on
+two task sets: edit tasks (rewrite a given 40-80 line code file or JSON document with one small change; quote a given
 text) and free chat; 1 client and 8 clients (8 requests at once). Before that it measures the
 verification cost on this machine: a step of k+1 rows of one sequence against one of 1 row,
 and prints the ceiling that gives at the acceptance the edit tasks show.
@@ -25,6 +26,8 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -126,6 +129,53 @@ def verify_cost(llm: Any, prompt: list[int], k: int, repeat: int = 20) -> tuple[
     return statistics.median(one), statistics.median(many)
 
 
+def one_round(args: argparse.Namespace, rnd: int) -> dict[str, Any]:
+    """Round `rnd` in this process: the engines loaded in an order turned by the round (in one
+    process the engine loaded first ran faster: two identical engines differed by 20 %), each
+    set through each side in turn. Returns tokens/s per (side, set, clients), the draft tokens
+    proposed and accepted per (mode, set), and, in round 0, the verification cost."""
+    from llama_cpp import Llama
+
+    path = resolve("smollm2").path
+    modes = ["off", "ngram"] + ([] if args.no_draft else ["draft"])
+    draft = None if args.no_draft else resolve(args.draft_model_path).path
+    turned = modes[rnd % len(modes):] + modes[:rnd % len(modes)]
+    engines = {mode: load(Options(path, context_length=2048, n_threads=args.n_threads,
+                                  parallel=8, speculation=Settings(
+                                      mode, K, draft_model=draft if mode == "draft" else None)))
+               for mode in turned}
+    sets = {"edit": [chat(engines["off"], p) for p in EDIT],
+            "chat": [chat(engines["off"], p) for p in CHAT]}
+    raw = Llama(model_path=str(path), n_ctx=2048, n_batch=512, n_threads=args.n_threads,
+                verbose=False)
+    out: dict[str, Any] = {"results": {}, "drafted": {}}
+    if rnd == 0:
+        out["verify"] = verify_cost(raw, sets["edit"][0], K)
+    for name, prompts in sets.items():
+        for clients in (1, 8):
+            batch = prompts * (2 if clients == 8 else 1)
+            order = modes if rnd % 2 == 0 else modes[::-1]
+            if clients == 1:
+                order = ["raw", *order]
+            for what in order:
+                if what == "raw":
+                    tps = run_raw(raw, batch, args.tokens)
+                else:
+                    before = list(engines[what].drafted)
+                    tps = asyncio.run(run_engine(engines[what], batch, clients, args.tokens))
+                    if what != "off":
+                        got = out["drafted"].setdefault(f"{what}|{name}", [0, 0])
+                        for i in (0, 1):
+                            got[i] += engines[what].drafted[i] - before[i]
+                out["results"][f"{what}|{name}|{clients}"] = tps
+                print(f"round {rnd + 1} {name} {clients}c {what}: {tps:.1f} tokens/s",
+                      file=sys.stderr, flush=True)
+    for e in engines.values():
+        e.close()
+    raw.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
@@ -134,48 +184,37 @@ def main() -> None:
     ap.add_argument("--draft-model-path", default="smollm2",
                     help="(d)'s draft model (default: SmolLM2 itself, a functional check)")
     ap.add_argument("--no-draft", action="store_true", help="leave (d) out")
+    ap.add_argument("--one-round", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from llama_cpp import Llama
+    if args.one_round is not None:  # a child: one round, its results as JSON
+        print(json.dumps(one_round(args, args.one_round)))
+        return
 
-    path = resolve("smollm2").path
     modes = ["off", "ngram"] + ([] if args.no_draft else ["draft"])
     draft = None if args.no_draft else resolve(args.draft_model_path).path
-    engines = {mode: load(Options(path, context_length=2048, n_threads=args.n_threads,
-                                  parallel=8, speculation=Settings(
-                                      mode, K, draft_model=draft if mode == "draft" else None)))
-               for mode in modes}
     if draft is not None:
         print(f"(d) draft model: {draft.name}")
-    sets = {"edit": [chat(engines["off"], p) for p in EDIT],
-            "chat": [chat(engines["off"], p) for p in CHAT]}
-    raw = Llama(model_path=str(path), n_ctx=2048, n_batch=512, n_threads=args.n_threads,
-                verbose=False)
-    one, many = verify_cost(raw, sets["edit"][0], K)
-    print(f"verification cost: 1 row {one * 1000:.1f} ms, {K + 1} rows {many * 1000:.1f} ms "
-          f"({many / one:.2f}x a 1-row step for {K + 1} rows)")
-
+    # Each round in a process of its own, the engines loaded in turns (see one_round).
     results: dict[tuple[str, str, int], list[float]] = {}
-    # draft tokens proposed, accepted per speculating mode and set
-    drafted = {(mode, name): [0, 0] for mode in modes[1:] for name in sets}
+    drafted = {(mode, name): [0, 0] for mode in modes[1:] for name in ("edit", "chat")}
+    one = many = 0.0
     for rnd in range(args.rounds):
-        for name, prompts in sets.items():
-            for clients in (1, 8):
-                batch = prompts * (2 if clients == 8 else 1)
-                order = modes if rnd % 2 == 0 else modes[::-1]
-                if clients == 1:
-                    order = ["raw", *order]
-                for what in order:
-                    if what == "raw":
-                        tps = run_raw(raw, batch, args.tokens)
-                    else:
-                        before = list(engines[what].drafted)
-                        tps = asyncio.run(run_engine(engines[what], batch, clients, args.tokens))
-                        if what != "off":
-                            for i in (0, 1):
-                                drafted[(what, name)][i] += engines[what].drafted[i] - before[i]
-                    results.setdefault((what, name, clients), []).append(tps)
-                    print(f"round {rnd + 1} {name} {clients}c {what}: {tps:.1f} tokens/s",
-                          flush=True)
+        child = [sys.executable, __file__, "--one-round", str(rnd), "--tokens", str(args.tokens),
+                 "--n-threads", str(args.n_threads), "--draft-model-path", args.draft_model_path]
+        done = subprocess.run(child + (["--no-draft"] if args.no_draft else []), check=True,
+                              stdout=subprocess.PIPE, text=True)
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        if "verify" in got:
+            one, many = got["verify"]
+            print(f"verification cost: 1 row {one * 1000:.1f} ms, {K + 1} rows "
+                  f"{many * 1000:.1f} ms ({many / one:.2f}x a 1-row step for {K + 1} rows)")
+        for key, tps in got["results"].items():
+            what, name, clients = key.split("|")
+            results.setdefault((what, name, int(clients)), []).append(tps)
+        for key, (p, a) in got["drafted"].items():
+            mode, name = key.split("|")
+            drafted[(mode, name)][0] += p
+            drafted[(mode, name)][1] += a
     for (mode, name), (proposed, accepted) in drafted.items():
         print(f"{mode} drafts, {name}: {accepted}/{proposed} accepted")
 
@@ -184,7 +223,7 @@ def main() -> None:
           f"| (c)/(b) | (c)/(a) |{d_head}")
     print(f"|---|---|---|---|---|---|---|{d_line}")
     ratios, d_ratios = {}, {}
-    for name in sets:
+    for name in ("edit", "chat"):
         for clients in (1, 8):
             b = statistics.median(results[("off", name, clients)])
             c = statistics.median(results[("ngram", name, clients)])
@@ -204,9 +243,6 @@ def main() -> None:
     per_step = 1 + rate * K
     print(f"ceiling at acceptance {rate:.2f} with {K} draft tokens: {per_step:.2f} tokens per "
           f"step of {many / one:.2f}x the cost: {per_step * one / many:.2f}x")
-    for e in engines.values():
-        e.close()
-    raw.close()
     if draft:
         print(f"draft ({draft.name}): edit 1c {d_ratios[('edit', 1)]:.2f}x, chat 1c "
               f"{d_ratios[('chat', 1)]:.2f}x, edit 8c {d_ratios[('edit', 8)]:.2f}x, chat 8c "
