@@ -7,10 +7,10 @@ Side by side in one run, in alternating rounds, the same greedy prompts through
 functional check, not a speed claim, since such a draft costs as much as the target), the
 worker's engine without its HTTP layer, each round in a process of its own with the engines
 loaded in an order turned by the round (in one process the engine loaded first ran faster), on
-two task sets: edit tasks (rewrite a given 40-80 line code file or JSON document with one small change; quote a given
-text) and free chat; 1 client and 8 clients (8 requests at once). Before that it measures the
-verification cost on this machine: a step of k+1 rows of one sequence against one of 1 row,
-and prints the ceiling that gives at the acceptance the edit tasks show.
+two task sets: edit tasks (rewrite a given 40-80 line code file or JSON document with one small
+change; quote a given text) and free chat; 1 client and 8 clients (8 requests at once). The
+first round also measures the verification cost on this machine: a step of k+1 rows of one
+sequence against one of 1 row, and the ceiling that gives at the acceptance the edit tasks show.
 
     .venv/bin/python benchmarks/bench_speculative.py [--rounds 2] [--tokens 128] [--n-threads 2]
         [--draft-model-path smollm2 | --no-draft]
