@@ -7,6 +7,7 @@ their own with `Procs`.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import signal
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -348,6 +350,32 @@ def tiny_vlm_png(color: str) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (80, 60), color).save(buf, "PNG")
     return buf.getvalue()
+
+
+def tiny_vlm_url(color: str) -> str:
+    """`tiny_vlm_png(color)` as a data URL."""
+    return "data:image/png;base64," + base64.b64encode(tiny_vlm_png(color)).decode()
+
+
+def greedy_chat(client: openai.OpenAI, model: str, content: Any, max_tokens: int,
+                stream: bool = False) -> tuple[str, int]:
+    """(answer, prompt tokens) of one greedy user message through chat completions, whole or
+    streamed (usage from the stream's last chunk)."""
+    messages: Any = [{"role": "user", "content": content}]
+    if not stream:
+        r = client.chat.completions.create(model=model, messages=messages, temperature=0,
+                                           max_tokens=max_tokens)
+        assert r.usage is not None
+        return r.choices[0].message.content or "", r.usage.prompt_tokens
+    text, prompt = "", -1
+    for chunk in client.chat.completions.create(model=model, messages=messages, temperature=0,
+                                                max_tokens=max_tokens, stream=True,
+                                                stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.usage is not None:
+            prompt = chunk.usage.prompt_tokens
+    return text, prompt
 
 
 @pytest.fixture()

@@ -302,9 +302,7 @@ def test_a_vision_repository_brings_its_projector(hub: dict, procs: Procs, tmp_p
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A GGUF repository with a vision projector (`mmproj*.gguf`): a worker started by its name
     fetches the projector with the model and reads images with it (no --mmproj)."""
-    import base64
-
-    from conftest import TINY_VLM_IMAGE_TOKENS, tiny_vlm_png
+    from conftest import TINY_VLM_IMAGE_TOKENS, tiny_vlm_url
 
     commit(hub["mirror"].root / "models" / "test-org" / "vision-GGUF",
            {"vision-Q4_1.gguf": hub["smol"], "mmproj-vision-f16.gguf": tiny_mmproj}, "vision")
@@ -320,7 +318,7 @@ def test_a_vision_repository_brings_its_projector(hub: dict, procs: Procs, tmp_p
     assert list(snapshot_files(tmp_path / "hf", "test-org/vision-GGUF").values()) == \
         [["mmproj-vision-f16.gguf", "vision-Q4_1.gguf"]]
     client = openai.OpenAI(base_url=api + "/v1", api_key="none", max_retries=0, timeout=120)
-    url = "data:image/png;base64," + base64.b64encode(tiny_vlm_png("red")).decode()
+    url = tiny_vlm_url("red")
 
     def prompt(content: object) -> int:
         r = client.chat.completions.create(model="vision", max_tokens=1, temperature=0,

@@ -25,8 +25,10 @@ from conftest import (
     TINY_VLM_PROMPT,
     Procs,
     api_models,
+    greedy_chat,
     registered,
     tiny_vlm_png,
+    tiny_vlm_url,
     wait_for,
 )
 
@@ -67,32 +69,14 @@ def vlm(tiny_vlm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VL
         procs.stop_all()
 
 
-def data_url(color: str) -> str:
-    return "data:image/png;base64," + base64.b64encode(tiny_vlm_png(color)).decode()
-
-
 def chat_content(color: str | None) -> list[dict[str, Any]]:
     text = {"type": "text", "text": TINY_VLM_PROMPT}
-    return [text] if color is None else [{"type": "image_url", "image_url": {"url": data_url(color)}}, text]
+    image = {"type": "image_url", "image_url": {"url": tiny_vlm_url(color)}}
+    return [text] if color is None else [image, text]
 
 
 def ask_chat(vlm: VLM, color: str | None, stream: bool = False) -> tuple[str, int]:
-    client = vlm.openai()
-    messages: Any = [{"role": "user", "content": chat_content(color)}]
-    if not stream:
-        r = client.chat.completions.create(model="vlm", messages=messages, temperature=0,
-                                           max_tokens=MAX_TOKENS)
-        assert r.usage is not None
-        return r.choices[0].message.content or "", r.usage.prompt_tokens
-    text, prompt = "", -1
-    for chunk in client.chat.completions.create(model="vlm", messages=messages, temperature=0,
-                                                max_tokens=MAX_TOKENS, stream=True,
-                                                stream_options={"include_usage": True}):
-        if chunk.choices and chunk.choices[0].delta.content:
-            text += chunk.choices[0].delta.content
-        if chunk.usage is not None:
-            prompt = chunk.usage.prompt_tokens
-    return text, prompt
+    return greedy_chat(vlm.openai(), "vlm", chat_content(color), MAX_TOKENS, stream)
 
 
 def test_the_model_says_it_reads_images(vlm: VLM) -> None:
@@ -132,7 +116,7 @@ def test_responses_images(vlm: VLM) -> None:
     ref = vlm.reference
 
     def content(color: str) -> Any:
-        return [{"role": "user", "content": [{"type": "input_image", "image_url": data_url(color)},
+        return [{"role": "user", "content": [{"type": "input_image", "image_url": tiny_vlm_url(color)},
                                              {"type": "input_text", "text": TINY_VLM_PROMPT}]}]
 
     r = client.responses.create(model="vlm", input=content("blue"), temperature=0,

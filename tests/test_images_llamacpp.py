@@ -27,8 +27,10 @@ from conftest import (
     TINY_VLM_PROMPT,
     Procs,
     api_models,
+    greedy_chat,
     registered,
     tiny_vlm_png,
+    tiny_vlm_url,
     wait_for,
 )
 
@@ -73,30 +75,11 @@ def served(tiny_mmproj: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         procs.stop_all()
 
 
-def data_url(color: str) -> str:
-    return "data:image/png;base64," + base64.b64encode(tiny_vlm_png(color)).decode()
-
-
 def ask_chat(s: Served, color: str | None, stream: bool = False, model: str = "vlm") -> tuple[str, int]:
     text_part = {"type": "text", "text": TINY_VLM_PROMPT}
     content: Any = (TINY_VLM_PROMPT if color is None else
-                    [{"type": "image_url", "image_url": {"url": data_url(color)}}, text_part])
-    messages: Any = [{"role": "user", "content": content}]
-    client = s.openai()
-    if not stream:
-        r = client.chat.completions.create(model=model, messages=messages, temperature=0,
-                                           max_tokens=MAX_TOKENS)
-        assert r.usage is not None
-        return r.choices[0].message.content or "", r.usage.prompt_tokens
-    text, prompt = "", -1
-    for chunk in client.chat.completions.create(model=model, messages=messages, temperature=0,
-                                                max_tokens=MAX_TOKENS, stream=True,
-                                                stream_options={"include_usage": True}):
-        if chunk.choices and chunk.choices[0].delta.content:
-            text += chunk.choices[0].delta.content
-        if chunk.usage is not None:
-            prompt = chunk.usage.prompt_tokens
-    return text, prompt
+                    [{"type": "image_url", "image_url": {"url": tiny_vlm_url(color)}}, text_part])
+    return greedy_chat(s.openai(), model, content, MAX_TOKENS, stream)
 
 
 def test_the_worker_reads_images(served: Served) -> None:
