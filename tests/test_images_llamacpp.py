@@ -164,3 +164,19 @@ def test_text_only_is_unchanged_by_the_projector(served: Served) -> None:
     texts = [client.completions.create(model=m, prompt="The capital of France is", temperature=0,
                                        max_tokens=MAX_TOKENS).choices[0].text for m in ("vlm", "plain")]
     assert texts[0] == texts[1]
+
+
+def test_a_bad_projector_stops_the_worker_with_the_reason(procs: Procs, tmp_path: Path) -> None:
+    """`--mmproj` naming no file, or a GGUF that is no projector (a language model): the worker
+    exits non-zero at start and its log says why."""
+    from llmrelay.worker.models import resolve
+
+    _, controller = procs.controller()
+    for given, says in ((str(tmp_path / "missing.gguf"), "--mmproj: no such file"),
+                        (str(resolve("gemma3-270m").path), "--mmproj: llama.cpp could not load")):
+        proc, _ = procs.worker(controller, names="bad-projector", wait=False,
+                               extra=("--mmproj", given))
+        assert proc.proc is not None
+        rc = proc.proc.wait(timeout=120)
+        log = proc.log()
+        assert rc != 0 and "cannot start the worker" in log and says in log, log[-2000:]
