@@ -5,8 +5,8 @@ Side by side in one run, in alternating rounds, the same greedy prompts through
 (b) the worker's llama.cpp engine without speculation, (c) the same engine with `ngram`,
 (d) with a draft model (`--draft-model-path`, default the bundled SmolLM2 as its own draft: a
 functional check, not a speed claim, since such a draft costs as much as the target), the
-worker's engine without its HTTP layer, each round in a process of its own with the engines
-loaded in an order turned by the round (in one process the engine loaded first ran faster), on
+worker's engine without its HTTP layer, each side of each round in a process of its own (see
+`one_side`: two llama.cpp contexts run from two threads of one process slow each other), on
 two task sets: edit tasks (rewrite a given 40-80 line code file or JSON document with one small
 change; quote a given text) and free chat; 1 client and 8 clients (8 requests at once). The
 first round also measures the verification cost on this machine: a step of k+1 rows of one
@@ -83,6 +83,10 @@ def chat(engine: Any, text: str) -> list[int]:
     return engine.prompt_tokens(GenerationRequest(messages=[{"role": "user", "content": text}]))
 
 
+def prompt_sets(engine: Any) -> dict[str, list[list[int]]]:
+    return {"edit": [chat(engine, p) for p in EDIT], "chat": [chat(engine, p) for p in CHAT]}
+
+
 async def run_engine(engine: Any, prompts: list[list[int]], clients: int, tokens: int) -> float:
     """Tokens/s of the prompts through `engine`, `clients` at a time."""
     queue = list(prompts)
@@ -129,50 +133,49 @@ def verify_cost(llm: Any, prompt: list[int], k: int, repeat: int = 20) -> tuple[
     return statistics.median(one), statistics.median(many)
 
 
-def one_round(args: argparse.Namespace, rnd: int) -> dict[str, Any]:
-    """Round `rnd` in this process: the engines loaded in an order turned by the round (in one
-    process the engine loaded first ran faster: two identical engines differed by 20 %), each
-    set through each side in turn. Returns tokens/s per (side, set, clients), the draft tokens
-    proposed and accepted per (mode, set), and, in round 0, the verification cost."""
+def one_side(args: argparse.Namespace, side: str) -> dict[str, Any]:
+    """One side (raw, off, ngram or draft) in this process, alone: every set at 1 and 8
+    clients (raw: 1 client only, and the verification cost). Returns tokens/s per
+    "set|clients", the draft tokens proposed and accepted per set, and, for raw, the
+    verification cost.
+
+    A process holds one side only: llama.cpp's CPU backend runs each calling thread's work on a
+    thread team of its own (OpenMP), and once two contexts had run in one process from two
+    threads (raw from the main thread, an engine from its scheduler), every later step of
+    either ran about 25 % slower on this 2-core machine (raw alone 58 tokens/s, then beside an
+    engine 36; two identical engines 54, then 41 and 42), which had made the worker look 0.6x
+    raw and biased whichever side ran after another."""
     from llama_cpp import Llama
 
     path = resolve("smollm2").path
-    modes = ["off", "ngram"] + ([] if args.no_draft else ["draft"])
-    draft = None if args.no_draft else resolve(args.draft_model_path).path
-    turned = modes[rnd % len(modes):] + modes[:rnd % len(modes)]
-    engines = {mode: load(Options(path, context_length=2048, n_threads=args.n_threads,
-                                  parallel=8, speculation=Settings(
-                                      mode, K, draft_model=draft if mode == "draft" else None)))
-               for mode in turned}
-    sets = {"edit": [chat(engines["off"], p) for p in EDIT],
-            "chat": [chat(engines["off"], p) for p in CHAT]}
-    raw = Llama(model_path=str(path), n_ctx=2048, n_batch=512, n_threads=args.n_threads,
-                verbose=False)
     out: dict[str, Any] = {"results": {}, "drafted": {}}
-    if rnd == 0:
+    if side == "raw":
+        engine = load(Options(path, context_length=2048, n_threads=args.n_threads))
+        sets = prompt_sets(engine)  # the engine's prompt tokens (its context never runs)
+        engine.close()
+        raw = Llama(model_path=str(path), n_ctx=2048, n_batch=512, n_threads=args.n_threads,
+                    verbose=False)
         out["verify"] = verify_cost(raw, sets["edit"][0], K)
-    for name, prompts in sets.items():
+        raw.reset()
+        for name, prompts in sets.items():
+            out["results"][f"{name}|1"] = tps = run_raw(raw, prompts, args.tokens)
+            print(f"{side} {name} 1c: {tps:.1f} tokens/s", file=sys.stderr, flush=True)
+        raw.close()
+        return out
+    draft = resolve(args.draft_model_path).path if side == "draft" else None
+    engine = load(Options(path, context_length=2048, n_threads=args.n_threads, parallel=8,
+                          speculation=Settings(side, K, draft_model=draft)))
+    for name, prompts in prompt_sets(engine).items():
         for clients in (1, 8):
             batch = prompts * (2 if clients == 8 else 1)
-            order = modes if rnd % 2 == 0 else modes[::-1]
-            if clients == 1:
-                order = ["raw", *order]
-            for what in order:
-                if what == "raw":
-                    tps = run_raw(raw, batch, args.tokens)
-                else:
-                    before = list(engines[what].drafted)
-                    tps = asyncio.run(run_engine(engines[what], batch, clients, args.tokens))
-                    if what != "off":
-                        got = out["drafted"].setdefault(f"{what}|{name}", [0, 0])
-                        for i in (0, 1):
-                            got[i] += engines[what].drafted[i] - before[i]
-                out["results"][f"{what}|{name}|{clients}"] = tps
-                print(f"round {rnd + 1} {name} {clients}c {what}: {tps:.1f} tokens/s",
-                      file=sys.stderr, flush=True)
-    for e in engines.values():
-        e.close()
-    raw.close()
+            before = list(engine.drafted)
+            tps = asyncio.run(run_engine(engine, batch, clients, args.tokens))
+            got = out["drafted"].setdefault(name, [0, 0])
+            for i in (0, 1):
+                got[i] += engine.drafted[i] - before[i]
+            out["results"][f"{name}|{clients}"] = tps
+            print(f"{side} {name} {clients}c: {tps:.1f} tokens/s", file=sys.stderr, flush=True)
+    engine.close()
     return out
 
 
@@ -184,37 +187,39 @@ def main() -> None:
     ap.add_argument("--draft-model-path", default="smollm2",
                     help="(d)'s draft model (default: SmolLM2 itself, a functional check)")
     ap.add_argument("--no-draft", action="store_true", help="leave (d) out")
-    ap.add_argument("--one-round", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.one_round is not None:  # a child: one round, its results as JSON
-        print(json.dumps(one_round(args, args.one_round)))
+    if args.side is not None:  # a child: one side, its results as JSON
+        print(json.dumps(one_side(args, args.side)))
         return
 
     modes = ["off", "ngram"] + ([] if args.no_draft else ["draft"])
     draft = None if args.no_draft else resolve(args.draft_model_path).path
     if draft is not None:
         print(f"(d) draft model: {draft.name}")
-    # Each round in a process of its own, the engines loaded in turns (see one_round).
+    # Each side of each round in a process of its own (see one_side), in alternating order.
     results: dict[tuple[str, str, int], list[float]] = {}
     drafted = {(mode, name): [0, 0] for mode in modes[1:] for name in ("edit", "chat")}
     one = many = 0.0
+    sides = ["raw", *modes]
     for rnd in range(args.rounds):
-        child = [sys.executable, __file__, "--one-round", str(rnd), "--tokens", str(args.tokens),
-                 "--n-threads", str(args.n_threads), "--draft-model-path", args.draft_model_path]
-        done = subprocess.run(child + (["--no-draft"] if args.no_draft else []), check=True,
-                              stdout=subprocess.PIPE, text=True)
-        got = json.loads(done.stdout.strip().splitlines()[-1])
-        if "verify" in got:
-            one, many = got["verify"]
-            print(f"verification cost: 1 row {one * 1000:.1f} ms, {K + 1} rows "
-                  f"{many * 1000:.1f} ms ({many / one:.2f}x a 1-row step for {K + 1} rows)")
-        for key, tps in got["results"].items():
-            what, name, clients = key.split("|")
-            results.setdefault((what, name, int(clients)), []).append(tps)
-        for key, (p, a) in got["drafted"].items():
-            mode, name = key.split("|")
-            drafted[(mode, name)][0] += p
-            drafted[(mode, name)][1] += a
+        for side in sides if rnd % 2 == 0 else sides[::-1]:
+            child = [sys.executable, __file__, "--side", side, "--tokens", str(args.tokens),
+                     "--n-threads", str(args.n_threads), "--draft-model-path",
+                     args.draft_model_path]
+            done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True)
+            got = json.loads(done.stdout.strip().splitlines()[-1])
+            if "verify" in got and rnd == 0:
+                one, many = got["verify"]
+                print(f"verification cost: 1 row {one * 1000:.1f} ms, {K + 1} rows "
+                      f"{many * 1000:.1f} ms ({many / one:.2f}x a 1-row step for {K + 1} rows)")
+            for key, tps in got["results"].items():
+                name, clients = key.split("|")
+                results.setdefault((side, name, int(clients)), []).append(tps)
+            for name, (p, a) in got["drafted"].items():
+                if side != "off":
+                    drafted[(side, name)][0] += p
+                    drafted[(side, name)][1] += a
     for (mode, name), (proposed, accepted) in drafted.items():
         print(f"{mode} drafts, {name}: {accepted}/{proposed} accepted")
 
