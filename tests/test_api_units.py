@@ -23,7 +23,7 @@ from llmrelay.api.completions.serving import CompletionServing
 from llmrelay.api.errors import APIError
 from llmrelay.api.fastchat import CumulativeToDelta, FastChatAdapter, WorkerUnsuitable
 from llmrelay.api.frames import Delta
-from llmrelay.api.pipeline import Limits, Pipeline, Streamed, sse_stream
+from llmrelay.api.pipeline import Limits, Pipeline, Streamed, merged, sse_stream
 from llmrelay.api.table import Worker, WorkerTable
 from llmrelay.api.transport import WorkerTransport
 from llmrelay.protocol import OUR_EXTENSIONS, dumps, logprob_entry
@@ -459,6 +459,49 @@ def test_stream_error_frame_becomes_an_error_event() -> None:
         assert events[2] == b"[DONE]"
 
     asyncio.run(main())
+
+class PacedStream:
+    """A worker stream whose frames come one by one, `gap` seconds apart, or when `turns` is
+    given, that many turns of the event loop apart (a burst read from a socket piece by piece:
+    microseconds apart, too close for a timer)."""
+
+    worker = None
+
+    def __init__(self, texts: list[str], gap: float = 0.0, turns: int = 0) -> None:
+        self.texts, self.gap, self.turns = texts, gap, turns
+
+    async def batches(self) -> AsyncIterator[list[Delta]]:
+        for t in self.texts:
+            if self.turns:
+                for _ in range(self.turns):
+                    await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(self.gap)
+            yield [Delta(text=t)]
+
+    async def aclose(self) -> None:
+        pass
+
+
+def writes_of(stream: PacedStream) -> list[str]:
+    """What `merged` gives to write, each write's texts joined."""
+    async def main() -> list[str]:
+        return ["".join(f.text for _, f in out) async for out in merged([stream])]
+
+    return asyncio.run(main())
+
+
+def test_a_burst_of_frames_goes_out_in_a_few_writes_in_order() -> None:
+    texts = [f"t{i} " for i in range(16)]
+    writes = writes_of(PacedStream(texts, turns=20))
+    assert "".join(writes) == "".join(texts)
+    assert len(writes) <= 4  # the first at once, the rest of the burst together (not 16)
+
+
+def test_frames_far_apart_are_each_written_when_they_come() -> None:
+    texts = ["a", "b", "c"]
+    assert writes_of(PacedStream(texts, 0.1)) == texts  # 100 ms apart: nothing held back
+
 
 
 # ---- the transport: failover and in-flight counting, embeddings included -----------------------

@@ -59,7 +59,11 @@ T = TypeVar("T")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_DONE = b"data: [DONE]\n\n"
 NO_USAGE = TokenUsage()
-BURST_TURNS = 4  # loop turns a merged stream waits for more frames of a burst
+# Frames that come within this many seconds of a streamed answer's last write go out together
+# in the next write, at most this much later (as Nagle's algorithm, by time): a burst of frames
+# (a worker that fell behind, a replay after failover) costs two writes, not one per frame,
+# while a model's tokens, milliseconds apart, are each written the moment they come.
+GATHER_S = 0.001
 
 
 def sse(obj: Any) -> bytes:
@@ -225,18 +229,15 @@ async def merged(streams: list[Stream], deadline: float | None = None
     # The deadline is one timer that drops a marker in the queue (a wait_for per frame cost a
     # timer and a task per frame).
     late = object()
-    timer = (asyncio.get_running_loop().call_at(deadline, queue.put_nowait, (-1, late))
-             if deadline is not None else None)
+    loop = asyncio.get_running_loop()
+    timer = loop.call_at(deadline, queue.put_nowait, (-1, late)) if deadline is not None else None
+    written = float("-inf")  # event-loop time of the last write
     try:
         while remaining:
             ready = [await queue.get()]
-            for _ in range(BURST_TURNS):
-                # frames that arrive in a burst (a worker's frames already in the socket) are
-                # written together: turns of the loop let their readers queue them
-                size = queue.qsize()
-                await asyncio.sleep(0)
-                if queue.qsize() == size:
-                    break
+            wait = written + GATHER_S - loop.time()
+            if wait > 0:  # close on the heels of the last write: the rest of a burst joins it
+                await asyncio.sleep(wait)
             while not queue.empty():
                 ready.append(queue.get_nowait())
             out: Frames = []
@@ -262,6 +263,7 @@ async def merged(streams: list[Stream], deadline: float | None = None
                     break
             if out:
                 yield out
+                written = loop.time()
             if error is not None:
                 raise error
         note_complete()  # what the answer sends from here on waits for its accounting
