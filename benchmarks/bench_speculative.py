@@ -10,7 +10,9 @@ worker's engine without its HTTP layer, each side of each round in a process of 
 two task sets: edit tasks (rewrite a given 40-80 line code file or JSON document with one small
 change; quote a given text) and free chat; 1 client and 8 clients (8 requests at once). The
 first round also measures the verification cost on this machine: a step of k+1 rows of one
-sequence against one of 1 row, and the ceiling that gives at the acceptance the edit tasks show.
+sequence against one of 1 row, and the ceiling that gives at the acceptance the edit tasks show;
+and the edit prompts' own time (one new token each): drafts cannot speed up reading a prompt, so
+the edit tasks' ceiling at one client is Amdahl's, from the share of (b)'s time the prompts take.
 
     .venv/bin/python benchmarks/bench_speculative.py [--rounds 2] [--tokens 128] [--n-threads 2]
         [--draft-model-path smollm2 | --no-draft]
@@ -87,8 +89,9 @@ def prompt_sets(engine: Any) -> dict[str, list[list[int]]]:
     return {"edit": [chat(engine, p) for p in EDIT], "chat": [chat(engine, p) for p in CHAT]}
 
 
-async def run_engine(engine: Any, prompts: list[list[int]], clients: int, tokens: int) -> float:
-    """Tokens/s of the prompts through `engine`, `clients` at a time."""
+async def run_engine(engine: Any, prompts: list[list[int]], clients: int, tokens: int
+                     ) -> tuple[int, float]:
+    """The prompts through `engine`, `clients` at a time: tokens generated, seconds."""
     queue = list(prompts)
     done = 0
 
@@ -103,7 +106,7 @@ async def run_engine(engine: Any, prompts: list[list[int]], clients: int, tokens
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
-    return done / (time.perf_counter() - t0)
+    return done, time.perf_counter() - t0
 
 
 def run_raw(llm: Any, prompts: list[list[int]], tokens: int) -> float:
@@ -162,6 +165,12 @@ def one_side(args: argparse.Namespace, side: str) -> dict[str, Any]:
             print(f"{side} {name} 1c: {tps:.1f} tokens/s", file=sys.stderr, flush=True)
         raw.close()
         return out
+    if side == "prompts":  # the edit prompts' own time: each with one new token
+        engine = load(Options(path, context_length=2048, n_threads=args.n_threads, parallel=8))
+        out["prompt_seconds"] = asyncio.run(run_engine(engine, prompt_sets(engine)["edit"], 1,
+                                                       1))[1]
+        engine.close()
+        return out
     draft = resolve(args.draft_model_path).path if side == "draft" else None
     engine = load(Options(path, context_length=2048, n_threads=args.n_threads, parallel=8,
                           speculation=Settings(side, K, draft_model=draft)))
@@ -169,7 +178,10 @@ def one_side(args: argparse.Namespace, side: str) -> dict[str, Any]:
         for clients in (1, 8):
             batch = prompts * (2 if clients == 8 else 1)
             before = list(engine.drafted)
-            tps = asyncio.run(run_engine(engine, batch, clients, args.tokens))
+            tokens, seconds = asyncio.run(run_engine(engine, batch, clients, args.tokens))
+            tps = tokens / seconds
+            if name == "edit" and clients == 1:
+                out["edit_seconds"] = seconds
             got = out["drafted"].setdefault(name, [0, 0])
             for i in (0, 1):
                 got[i] += engine.drafted[i] - before[i]
@@ -200,10 +212,11 @@ def main() -> None:
     # Each side of each round in a process of its own (see one_side), in alternating order.
     results: dict[tuple[str, str, int], list[float]] = {}
     drafted = {(mode, name): [0, 0] for mode in modes[1:] for name in ("edit", "chat")}
-    one = many = 0.0
+    one = many = prompt_seconds = 0.0
+    edit_seconds: list[float] = []  # (b)'s, edit tasks at one client
     sides = ["raw", *modes]
     for rnd in range(args.rounds):
-        for side in sides if rnd % 2 == 0 else sides[::-1]:
+        for side in (["prompts"] if rnd == 0 else []) + (sides if rnd % 2 == 0 else sides[::-1]):
             child = [sys.executable, __file__, "--side", side, "--tokens", str(args.tokens),
                      "--n-threads", str(args.n_threads), "--draft-model-path",
                      args.draft_model_path]
@@ -213,6 +226,9 @@ def main() -> None:
                 one, many = got["verify"]
                 print(f"verification cost: 1 row {one * 1000:.1f} ms, {K + 1} rows "
                       f"{many * 1000:.1f} ms ({many / one:.2f}x a 1-row step for {K + 1} rows)")
+            prompt_seconds = got.get("prompt_seconds", prompt_seconds)
+            if side == "off":
+                edit_seconds.append(got["edit_seconds"])
             for key, tps in got["results"].items():
                 name, clients = key.split("|")
                 results.setdefault((side, name, int(clients)), []).append(tps)
@@ -242,12 +258,21 @@ def main() -> None:
             print(f"| {name} | {clients} | {f'{a:.1f}' if a else '-'} | {b:.1f} | {c:.1f} "
                   f"| {c / b:.2f}x | {f'{c / a:.2f}x' if a else '-'} |{d_cells}")
     # The ceiling at the edit tasks' acceptance: a draft of K tokens of which a fraction r is
-    # accepted gives 1 + r * K tokens per verification step of K+1 rows.
+    # accepted gives 1 + r * K tokens per verification step of K+1 rows. It bounds the decode
+    # steps only: the prompts take as long with drafts as without, so the edit tasks' own
+    # ceiling is Amdahl's, from the share of (b)'s time its prompts take.
     proposed, accepted = drafted[("ngram", "edit")]
     rate = accepted / proposed if proposed else 0.0
     per_step = 1 + rate * K
+    step_ceiling = per_step * one / many
     print(f"ceiling at acceptance {rate:.2f} with {K} draft tokens: {per_step:.2f} tokens per "
-          f"step of {many / one:.2f}x the cost: {per_step * one / many:.2f}x")
+          f"step of {many / one:.2f}x the cost: {step_ceiling:.2f}x")
+    whole = statistics.median(edit_seconds)
+    share = min(prompt_seconds / whole, 1.0)
+    task_ceiling = 1 / (share + (1 - share) / step_ceiling)
+    target = 1.8 if task_ceiling >= 1.8 else 0.85 * task_ceiling
+    print(f"edit tasks at one client: prompts {prompt_seconds:.2f} s of (b)'s {whole:.2f} s "
+          f"({share:.0%}), so their ceiling is {task_ceiling:.2f}x; target {target:.2f}x")
     if draft:
         print(f"draft ({draft.name}): edit 1c {d_ratios[('edit', 1)]:.2f}x, chat 1c "
               f"{d_ratios[('chat', 1)]:.2f}x, edit 8c {d_ratios[('edit', 8)]:.2f}x, chat 8c "
