@@ -60,9 +60,10 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_DONE = b"data: [DONE]\n\n"
 NO_USAGE = TokenUsage()
 # Frames that come within this many seconds of a streamed answer's last write go out together
-# in the next write, at most this much later (as Nagle's algorithm, by time): a burst of frames
-# (a worker that fell behind, a replay after failover) costs two writes, not one per frame,
-# while a model's tokens, milliseconds apart, are each written the moment they come.
+# in the next write, at most this much later (as Nagle's algorithm, by time; sooner when a
+# stream ends): a burst of frames (a worker that fell behind, a replay after failover) costs two
+# writes, not one per frame, while a model's tokens, milliseconds apart, are each written the
+# moment they come.
 GATHER_S = 0.001
 
 
@@ -212,6 +213,12 @@ async def merged(streams: list[Stream], deadline: float | None = None
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
     end = object()
 
+    gathering: asyncio.Future[None] | None = None  # while a burst is gathered (below)
+
+    def stop_gathering() -> None:
+        if gathering is not None and not gathering.done():
+            gathering.set_result(None)
+
     async def pump(i: int, s: Stream) -> None:
         try:
             async for batch in s.batches():
@@ -222,6 +229,7 @@ async def merged(streams: list[Stream], deadline: float | None = None
                 type="server_error")))
         finally:
             queue.put_nowait((i, end))
+            stop_gathering()  # nothing more comes from this stream: no reason to wait for it
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     remaining = len(tasks)
@@ -236,8 +244,16 @@ async def merged(streams: list[Stream], deadline: float | None = None
         while remaining:
             ready = [await queue.get()]
             wait = written + GATHER_S - loop.time()
-            if wait > 0:  # close on the heels of the last write: the rest of a burst joins it
-                await asyncio.sleep(wait)
+            if wait > 0 and ready[0][1] is not end:
+                # close on the heels of the last write: the rest of the burst joins it, until
+                # GATHER_S after that write or until a stream ends
+                gathering = loop.create_future()
+                timer_of_gathering = loop.call_later(wait, stop_gathering)
+                try:
+                    await gathering
+                finally:
+                    timer_of_gathering.cancel()
+                    gathering = None
             while not queue.empty():
                 ready.append(queue.get_nowait())
             out: Frames = []
