@@ -460,6 +460,7 @@ def test_stream_error_frame_becomes_an_error_event() -> None:
 
     asyncio.run(main())
 
+
 class PacedStream:
     """A worker stream whose frames come one by one, `gap` seconds apart, or when `turns` is
     given, that many turns of the event loop apart (a burst read from a socket piece by piece:
@@ -501,7 +502,6 @@ def test_a_burst_of_frames_goes_out_in_a_few_writes_in_order() -> None:
 def test_frames_far_apart_are_each_written_when_they_come() -> None:
     texts = ["a", "b", "c"]
     assert writes_of(PacedStream(texts, 0.1)) == texts  # 100 ms apart: nothing held back
-
 
 
 # ---- the transport: failover and in-flight counting, embeddings included -----------------------
