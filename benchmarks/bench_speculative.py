@@ -15,7 +15,7 @@ and the edit prompts' own time (one new token each): drafts cannot speed up read
 the edit tasks' ceiling at one client is Amdahl's, from the share of (b)'s time the prompts take.
 
     .venv/bin/python benchmarks/bench_speculative.py [--rounds 2] [--tokens 128] [--n-threads 2]
-        [--draft-model-path smollm2 | --no-draft]
+        [--draft-model-path smollm2 | --no-draft] [--ngram-max 4]
 
 The line before the last: `draft: ...` the same ratios for (d); the last line:
 `speculative: edit 1c X.XXx, chat 1c Y.YYx, edit 8c Z.ZZx, chat 8c W.WWx` (tokens/s of (c)
@@ -173,7 +173,8 @@ def one_side(args: argparse.Namespace, side: str) -> dict[str, Any]:
         return out
     draft = resolve(args.draft_model_path).path if side == "draft" else None
     engine = load(Options(path, context_length=2048, n_threads=args.n_threads, parallel=8,
-                          speculation=Settings(side, K, draft_model=draft)))
+                          speculation=Settings(side, K, ngram_max=args.ngram_max,
+                                               draft_model=draft)))
     for name, prompts in prompt_sets(engine).items():
         for clients in (1, 8):
             batch = prompts * (2 if clients == 8 else 1)
@@ -199,6 +200,8 @@ def main() -> None:
     ap.add_argument("--draft-model-path", default="smollm2",
                     help="(d)'s draft model (default: SmolLM2 itself, a functional check)")
     ap.add_argument("--no-draft", action="store_true", help="leave (d) out")
+    ap.add_argument("--ngram-max", type=int, default=Settings.ngram_max,
+                    help="(c)'s --ngram-max (longest n-gram looked up)")
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side is not None:  # a child: one side, its results as JSON
@@ -219,7 +222,7 @@ def main() -> None:
         for side in (["prompts"] if rnd == 0 else []) + (sides if rnd % 2 == 0 else sides[::-1]):
             child = [sys.executable, __file__, "--side", side, "--tokens", str(args.tokens),
                      "--n-threads", str(args.n_threads), "--draft-model-path",
-                     args.draft_model_path]
+                     args.draft_model_path, "--ngram-max", str(args.ngram_max)]
             done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True)
             got = json.loads(done.stdout.strip().splitlines()[-1])
             if "verify" in got and rnd == 0:
