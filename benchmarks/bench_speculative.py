@@ -138,9 +138,9 @@ def verify_cost(llm: Any, prompt: list[int], k: int, repeat: int = 20) -> tuple[
 
 def one_side(args: argparse.Namespace, side: str) -> dict[str, Any]:
     """One side (raw, off, ngram or draft) in this process, alone: every set at 1 and 8
-    clients (raw: 1 client only, and the verification cost). Returns tokens/s per
-    "set|clients", the draft tokens proposed and accepted per set, and, for raw, the
-    verification cost.
+    clients (raw: 1 client only, and with --verify the verification cost). Returns tokens/s
+    per "set|clients", the draft tokens proposed and accepted per set, and the verification
+    cost when measured.
 
     A process holds one side only: llama.cpp's CPU backend runs each calling thread's work on a
     thread team of its own (OpenMP), and once two contexts had run in one process from two
@@ -158,8 +158,9 @@ def one_side(args: argparse.Namespace, side: str) -> dict[str, Any]:
         engine.close()
         raw = Llama(model_path=str(path), n_ctx=2048, n_batch=512, n_threads=args.n_threads,
                     verbose=False)
-        out["verify"] = verify_cost(raw, sets["edit"][0], K)
-        raw.reset()
+        if args.verify:
+            out["verify"] = verify_cost(raw, sets["edit"][0], K)
+            raw.reset()
         for name, prompts in sets.items():
             out["results"][f"{name}|1"] = tps = run_raw(raw, prompts, args.tokens)
             print(f"{side} {name} 1c: {tps:.1f} tokens/s", file=sys.stderr, flush=True)
@@ -203,6 +204,7 @@ def main() -> None:
     ap.add_argument("--ngram-max", type=int, default=Settings.ngram_max,
                     help="(c)'s --ngram-max (longest n-gram looked up)")
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--verify", action="store_true", help=argparse.SUPPRESS)  # raw side, round 1
     args = ap.parse_args()
     if args.side is not None:  # a child: one side, its results as JSON
         print(json.dumps(one_side(args, args.side)))
@@ -223,9 +225,11 @@ def main() -> None:
             child = [sys.executable, __file__, "--side", side, "--tokens", str(args.tokens),
                      "--n-threads", str(args.n_threads), "--draft-model-path",
                      args.draft_model_path, "--ngram-max", str(args.ngram_max)]
+            if side == "raw" and rnd == 0:
+                child.append("--verify")
             done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True)
             got = json.loads(done.stdout.strip().splitlines()[-1])
-            if "verify" in got and rnd == 0:
+            if "verify" in got:
                 one, many = got["verify"]
                 print(f"verification cost: 1 row {one * 1000:.1f} ms, {K + 1} rows "
                       f"{many * 1000:.1f} ms ({many / one:.2f}x a 1-row step for {K + 1} rows)")
