@@ -192,28 +192,19 @@ class LlamaCppEngine(ThreadedEngine):
         self.reused = [0, 0]  # requests that reused a slot's cached prefix, and its tokens
         self.projector: Projector | None = None  # --mmproj: vision.py
         self.pending = threading.local()  # a prompt with images, from prompt_tokens to prepare
-        if options.mmproj is not None:
-            try:
+        self.draft_model: DraftModel | None = None  # --speculative draft: draft.py
+        try:
+            if options.mmproj is not None:
                 self.projector = Projector(options.mmproj, self.llm._model.model, n_threads,
                                            options.device == "cuda")
-            except EngineError:
-                llama_cpp.llama_batch_free(self.batch)
-                llama_cpp.llama_free(self.ctx)
-                self.llm.close()
-                raise
-            log.info("reads images with %s", options.mmproj.name)
-        self.draft_model: DraftModel | None = None  # --speculative draft: draft.py
-        if self.speculation.mode == "draft" and self.speculation.draft_model is not None:
-            try:
+                log.info("reads images with %s", options.mmproj.name)
+            if self.speculation.mode == "draft" and self.speculation.draft_model is not None:
                 self.draft_model = DraftModel(self.speculation.draft_model, self.llm, path,
                                               self._n_ctx, n_threads, options.device == "cuda")
-            except EngineError:
-                if self.projector is not None:
-                    self.projector.close()
-                llama_cpp.llama_batch_free(self.batch)
-                llama_cpp.llama_free(self.ctx)
-                self.llm.close()
-                raise
+        except EngineError:
+            self._free_native()
+            self.llm.close()
+            raise
         self.thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self.thread.start()
         log.info(
@@ -435,7 +426,8 @@ class LlamaCppEngine(ThreadedEngine):
     def _sampler(self, seq: _Seq) -> None:
         req = seq.req
         seed = req.seed if req.seed is not None else self.default_seed
-        seq.sampler = sampling.chain(req, self.n_vocab, seed, [t for t in seq.tokens if t >= 0])
+        history = seq.tokens if seq.prompt is None else [t for t in seq.tokens if t >= 0]
+        seq.sampler = sampling.chain(req, self.n_vocab, seed, history)
         # Constrained and logprobs requests are never speculated on: their matcher and their
         # logprobs would have to follow draft tokens that may be rolled back.
         # Nor are prompts with images: their image ids are no tokens to look up or draft from.
@@ -671,10 +663,15 @@ class LlamaCppEngine(ThreadedEngine):
             return
         self.thread.join(timeout=30)
         if not self.thread.is_alive():
-            llama_cpp.llama_batch_free(self.batch)
-            llama_cpp.llama_free(self.ctx)
-            if self.draft_model is not None:
-                self.draft_model.close()
-            if self.projector is not None:
-                self.projector.close()
+            self._free_native()
         self.llm.close()
+
+    def _free_native(self) -> None:
+        """Free the context, its batch, and the draft model and projector if any (the model
+        itself goes with `self.llm`)."""
+        if self.draft_model is not None:
+            self.draft_model.close()
+        if self.projector is not None:
+            self.projector.close()
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
