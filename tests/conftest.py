@@ -357,6 +357,15 @@ def tiny_vlm_url(color: str) -> str:
     return "data:image/png;base64," + base64.b64encode(tiny_vlm_png(color)).decode()
 
 
+def tiny_vlm_messages(color: str) -> Any:
+    """A Messages API conversation of one user turn: `tiny_vlm_png(color)` as a base64 image
+    block, then TINY_VLM_PROMPT."""
+    data = base64.b64encode(tiny_vlm_png(color)).decode()
+    return [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
+        {"type": "text", "text": TINY_VLM_PROMPT}]}]
+
+
 def greedy_chat(client: openai.OpenAI, model: str, content: Any, max_tokens: int,
                 stream: bool = False) -> tuple[str, int]:
     """(answer, prompt tokens) of one greedy user message through chat completions, whole or

@@ -27,6 +27,7 @@ from conftest import (
     api_models,
     greedy_chat,
     registered,
+    tiny_vlm_messages,
     tiny_vlm_png,
     tiny_vlm_url,
     wait_for,
@@ -139,17 +140,11 @@ def test_messages_images(vlm: VLM) -> None:
     client = vlm.anthropic()
     ref = vlm.reference
 
-    def messages(color: str) -> Any:
-        data = base64.b64encode(tiny_vlm_png(color)).decode()
-        return [{"role": "user", "content": [
-            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
-            {"type": "text", "text": TINY_VLM_PROMPT}]}]
-
-    m = client.messages.create(model="vlm", messages=messages("red"), extra_body=GREEDY,
+    m = client.messages.create(model="vlm", messages=tiny_vlm_messages("red"), extra_body=GREEDY,
                                max_tokens=MAX_TOKENS)
     assert "".join(b.text for b in m.content if b.type == "text") == ref["red"]["text"]
     assert m.usage.input_tokens == ref["red"]["prompt_tokens"]
-    with client.messages.stream(model="vlm", messages=messages("blue"), extra_body=GREEDY,
+    with client.messages.stream(model="vlm", messages=tiny_vlm_messages("blue"), extra_body=GREEDY,
                                 max_tokens=MAX_TOKENS) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()

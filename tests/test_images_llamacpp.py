@@ -29,6 +29,7 @@ from conftest import (
     api_models,
     greedy_chat,
     registered,
+    tiny_vlm_messages,
     tiny_vlm_png,
     tiny_vlm_url,
     wait_for,
@@ -118,17 +119,11 @@ def test_messages_images(served: Served) -> None:
     red, red_prompt = ask_chat(served, "red")
     blue, _ = ask_chat(served, "blue")
 
-    def messages(color: str) -> Any:
-        data = base64.b64encode(tiny_vlm_png(color)).decode()
-        return [{"role": "user", "content": [
-            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
-            {"type": "text", "text": TINY_VLM_PROMPT}]}]
-
-    m = client.messages.create(model="vlm", messages=messages("red"), extra_body=GREEDY,
+    m = client.messages.create(model="vlm", messages=tiny_vlm_messages("red"), extra_body=GREEDY,
                                max_tokens=MAX_TOKENS)
     assert "".join(b.text for b in m.content if b.type == "text") == red
     assert m.usage.input_tokens == red_prompt
-    with client.messages.stream(model="vlm", messages=messages("blue"), extra_body=GREEDY,
+    with client.messages.stream(model="vlm", messages=tiny_vlm_messages("blue"), extra_body=GREEDY,
                                 max_tokens=MAX_TOKENS) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
