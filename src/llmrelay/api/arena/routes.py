@@ -124,22 +124,23 @@ def mount(app: FastAPI, guarded: list[Depends], access: Access, votes: VoteStore
         rows = await access.usage.report_async(day) if access.usage is not None else []
         refused = await access.usage.refusals_async(day) if access.usage is not None else {}
         out: dict[str, dict[str, Any]] = {}
+
+        def row_of(name: str) -> dict[str, Any]:
+            return out.setdefault(name, {"key": name, "requests": 0, "prompt_tokens": 0,
+                                         "completion_tokens": 0, "models": {}})
+
         for r in rows:
-            row = out.setdefault(r["key"], {"key": r["key"], "requests": 0, "prompt_tokens": 0,
-                                            "completion_tokens": 0, "models": {}})
+            row = row_of(r["key"])
             row["requests"] += r["requests"]
             row["prompt_tokens"] += r["prompt_tokens"]
             row["completion_tokens"] += r["completion_tokens"]
             row["models"][r["model"]] = r["requests"]
         for k in access.keys.keys() if access.enabled else ():
-            row = out.setdefault(k.name, {"key": k.name, "requests": 0, "prompt_tokens": 0,
-                                          "completion_tokens": 0, "models": {}})
-            row["limits"] = {n: getattr(k, n) for n in ("requests_per_minute", "tokens_per_minute",
-                                                         "concurrent", "tokens_per_day")
-                             if getattr(k, n) is not None}
+            row_of(k.name)["limits"] = {n: getattr(k, n) for n in (
+                "requests_per_minute", "tokens_per_minute", "concurrent", "tokens_per_day")
+                if getattr(k, n) is not None}
         for name in refused:
-            out.setdefault(name, {"key": name, "requests": 0, "prompt_tokens": 0,
-                                  "completion_tokens": 0, "models": {}})
+            row_of(name)
         for name, row in out.items():
             row["rate_limited"] = refused.get(name, {})
         return {"day": day, "keys": sorted(out.values(), key=lambda r: r["key"])}
