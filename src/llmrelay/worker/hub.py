@@ -126,7 +126,7 @@ def plan(ref: HubRef, files: dict[str, int], where: str = "the hub") -> Plan:
     """What to fetch of `ref` given the repository's files (path -> size); HubError when the
     repository holds nothing loadable or `:QUANT` names nothing there."""
     ggufs = {p: s for p, s in files.items() if p.lower().endswith(".gguf")
-             and not p.split("/")[-1].lower().startswith("mmproj")}
+             and not _is_projector(p)}
     hf_ok = "config.json" in files and any(
         any(Path(p).match(pat) for pat in HF_WEIGHTS) for p in files if "/" not in p)
     if hf_ok and not (ref.quant and ggufs):
@@ -182,6 +182,12 @@ def plan(ref: HubRef, files: dict[str, int], where: str = "the hub") -> Plan:
                 patterns=parts + ([projector] if projector else []))
 
 
+def _is_projector(path: str) -> bool:
+    """A vision model's projector GGUF (`mmproj*.gguf`), not a model to load."""
+    name = path.split("/")[-1].lower()
+    return name.startswith("mmproj") and name.endswith(".gguf")
+
+
 # A vision projector's precision, most wanted first (a projector is small; F16 is the usual).
 PROJECTOR_QUANTS = ("F16", "BF16", "F32", "Q8_0")
 
@@ -191,9 +197,8 @@ def _projector(files: dict[str, int], main: str, quant: str) -> str | None:
     `mmproj*.gguf` file in its folder; F16 first, then BF16, F32, Q8_0, the model's own
     quantization, else the first by name. None when there is none."""
     folder = main.rsplit("/", 1)[0] if "/" in main else ""
-    found = sorted(p for p in files if p.lower().endswith(".gguf")
-                   and p.split("/")[-1].lower().startswith("mmproj")
-                   and (p.rsplit("/", 1)[0] if "/" in p else "") == folder)
+    found = sorted(p for p in files
+                   if _is_projector(p) and (p.rsplit("/", 1)[0] if "/" in p else "") == folder)
     if not found:
         return None
     for want in (*PROJECTOR_QUANTS, quant.upper()):
